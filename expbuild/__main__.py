@@ -1,0 +1,3 @@
+from expbuild.cli.main import main
+
+main()

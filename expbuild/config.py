@@ -1,0 +1,360 @@
+"""Typed settings, read once from TOML (dynaconf) and `EXPBUILD_...` environment variables.
+
+Keys follow the original ExpBuild guide (`[server] address`, `[execution] backend`,
+`[worker] server_url`, ...). Nested keys are overridden from the environment with a
+double underscore: `EXPBUILD_SERVER__ADDRESS=0.0.0.0:8980`,
+`EXPBUILD_DATABASE__URL=postgresql://...`, `EXPBUILD_WORKER__MAX_CONCURRENT_TASKS=8`.
+
+`load_settings` is the only place that touches dynaconf; everything else receives the
+frozen dataclasses below. A bad value raises `ConfigError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+DEFAULT_ADDRESS = "127.0.0.1:8980"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    address: str = DEFAULT_ADDRESS
+    # Prometheus /metrics; empty string switches the endpoint off.
+    metrics_address: str = "127.0.0.1:9464"
+    instance_names: tuple[str, ...] = ("",)
+    # How long a lease lasts without a heartbeat extending it (the original's 5 minutes).
+    lease_duration: timedelta = timedelta(minutes=5)
+    # The interval the server asks workers to heartbeat at.
+    heartbeat_interval: timedelta = timedelta(seconds=30)
+    # A worker silent this long is marked offline and its leases are requeued.
+    worker_offline_timeout: timedelta = timedelta(seconds=90)
+    # Longest time a PollTasks call waits for work before answering empty.
+    poll_timeout: timedelta = timedelta(seconds=30)
+    # How often each replica runs the reaper.
+    reap_interval: timedelta = timedelta(seconds=5)
+    # Attempts before a task whose leases keep expiring is failed.
+    max_attempts: int = 3
+    # Pollers and operation waiters re-check the database this often even without NOTIFY.
+    notify_fallback_interval: timedelta = timedelta(seconds=2)
+    max_batch_total_size_bytes: int = 4 * 1024 * 1024
+    allow_action_cache_updates: bool = True
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    backend: str = "scheduler"  # "scheduler": remote workers; "local": the server runs its own
+    local_workers: int = 1
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    # Empty: start the embedded PostgreSQL (expbuild up / expbuild server on a laptop).
+    url: str = ""
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    embedded_data_dir: str = ""
+
+
+@dataclass(frozen=True)
+class CasSettings:
+    root: str = ""
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    type: str = "host"
+    work_dir: str = "/tmp/expbuild-worker"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    server_url: str = f"http://{DEFAULT_ADDRESS}"
+    cas_url: str = ""  # empty: same as server_url
+    max_concurrent_tasks: int = 4
+    name: str = ""
+    platform: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    heartbeat_interval: timedelta | None = None  # None: what the server asks for
+    poll_timeout: timedelta = timedelta(seconds=30)
+    backend: BackendSettings = field(default_factory=BackendSettings)
+
+    @property
+    def server_target(self) -> str:
+        return grpc_target(self.server_url, "worker.server_url")
+
+    @property
+    def cas_target(self) -> str:
+        return grpc_target(self.cas_url or self.server_url, "worker.cas_url")
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    cas: CasSettings = field(default_factory=CasSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    source: str = "defaults"
+
+    def cas_root(self) -> Path:
+        return Path(self.cas.root) if self.cas.root else data_dir() / "cas"
+
+
+EXECUTION_BACKENDS = ("scheduler", "local")
+WORKER_BACKENDS = ("host",)
+
+
+def data_dir() -> Path:
+    """Where ExpBuild keeps local state when not told otherwise.
+
+    As root, `/var/lib/expbuild`: its ancestors are world-traversable already, so the
+    embedded Postgres (which runs as an unprivileged user) can reach its data without
+    anyone loosening the permissions of /root.
+    """
+    if os.environ.get("EXPBUILD_HOME"):
+        return Path(os.environ["EXPBUILD_HOME"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/expbuild")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "expbuild"
+
+
+def parse_address(value: str, key: str) -> tuple[str, int]:
+    """Parse `host:port` (IPv6 as `[::1]:8980`) and return (host, port)."""
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{key} = {value!r}: expected host:port, e.g. 127.0.0.1:8980")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ConfigError(f"{key} = {value!r}: port {port!r} is not a number") from None
+    if not 0 <= port_number <= 65535:
+        raise ConfigError(f"{key} = {value!r}: port {port_number} is out of range 0-65535")
+    return host.strip("[]"), port_number
+
+
+def grpc_target(url: str, key: str) -> str:
+    """Turn the guide's `http://host:port` (or plain `host:port`) into a gRPC target."""
+    text = str(url).strip()
+    if "://" in text:
+        parsed = urlparse(text)
+        if parsed.scheme not in ("http", "grpc"):
+            raise ConfigError(
+                f"{key} = {url!r}: scheme {parsed.scheme!r} is not supported (use http:// or grpc://)"
+            )
+        if not parsed.hostname or not parsed.port:
+            raise ConfigError(f"{key} = {url!r}: expected http://host:port")
+        host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+        return f"{host}:{parsed.port}"
+    parse_address(text, key)
+    return text
+
+
+def _duration(value: Any, key: str) -> timedelta:
+    """Seconds as a number, or a string with a unit: "500ms", "30s", "5m", "1h"."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected a duration such as 30 or \"30s\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+        for suffix, scale in units:
+            if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
+                seconds = float(text[: -len(suffix)]) * scale
+                break
+        else:
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{key} = {value!r}: expected a duration such as 30, \"30s\", \"5m\""
+                ) from None
+    if seconds <= 0:
+        raise ConfigError(f"{key} = {value!r}: must be positive")
+    return timedelta(seconds=seconds)
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected a positive integer")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} = {value!r}: expected a positive integer") from None
+    if number < 1 or str(number) != str(value).strip() and not isinstance(value, int):
+        raise ConfigError(f"{key} = {value!r}: expected a positive integer")
+    return number
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{key} = {value!r}: expected true or false")
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ConfigError(
+            f"{key} = {value!r}: unknown value; expected one of {', '.join(choices)}"
+        )
+    return text
+
+
+def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
+    """`{OSFamily = "Linux", ISA = ["x86-64", "x86_64"]}` -> {"OSFamily": ("Linux",), ...}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a table of property = value")
+    result: dict[str, tuple[str, ...]] = {}
+    for name, value in raw.items():
+        if not str(name).strip():
+            raise ConfigError(f"{key}: a property has an empty name")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        result[str(name)] = tuple(str(v) for v in values)
+    return result
+
+
+def detected_platform() -> dict[str, tuple[str, ...]]:
+    """What a worker advertises when its configuration does not say."""
+    machine = _platform.machine()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
+    return {"OSFamily": (_platform.system(),), "Arch": (arch,)}
+
+
+def _section(raw: dict, name: str) -> dict:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return {str(k).lower(): v for k, v in value.items()}
+
+
+def _get(section: dict, name: str, default: Any) -> Any:
+    value = section.get(name)
+    return default if value is None or value == "" and default != "" else value
+
+
+def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
+    """Build and validate typed settings from a plain nested mapping."""
+    raw = {str(k).lower(): v for k, v in raw.items()}
+    s, e, d, c, w = (_section(raw, n) for n in ("server", "execution", "database", "cas", "worker"))
+    defaults_server = ServerSettings()
+
+    address = str(_get(s, "address", defaults_server.address))
+    parse_address(address, "server.address")
+    metrics_address = str(_get(s, "metrics_address", defaults_server.metrics_address))
+    if metrics_address:
+        parse_address(metrics_address, "server.metrics_address")
+    instance_names = _get(s, "instance_names", list(defaults_server.instance_names))
+    if isinstance(instance_names, str):
+        instance_names = [instance_names]
+    server = ServerSettings(
+        address=address,
+        metrics_address=metrics_address,
+        instance_names=tuple(str(n) for n in instance_names),
+        lease_duration=_duration(_get(s, "lease_duration", defaults_server.lease_duration), "server.lease_duration"),
+        heartbeat_interval=_duration(_get(s, "heartbeat_interval", defaults_server.heartbeat_interval), "server.heartbeat_interval"),
+        worker_offline_timeout=_duration(_get(s, "worker_offline_timeout", defaults_server.worker_offline_timeout), "server.worker_offline_timeout"),
+        poll_timeout=_duration(_get(s, "poll_timeout", defaults_server.poll_timeout), "server.poll_timeout"),
+        reap_interval=_duration(_get(s, "reap_interval", defaults_server.reap_interval), "server.reap_interval"),
+        max_attempts=_positive_int(_get(s, "max_attempts", defaults_server.max_attempts), "server.max_attempts"),
+        notify_fallback_interval=_duration(_get(s, "notify_fallback_interval", defaults_server.notify_fallback_interval), "server.notify_fallback_interval"),
+        max_batch_total_size_bytes=_positive_int(_get(s, "max_batch_total_size_bytes", defaults_server.max_batch_total_size_bytes), "server.max_batch_total_size_bytes"),
+        allow_action_cache_updates=_bool(_get(s, "allow_action_cache_updates", True), "server.allow_action_cache_updates"),
+    )
+    if server.lease_duration <= server.heartbeat_interval:
+        raise ConfigError(
+            f"server.lease_duration ({server.lease_duration.total_seconds():g}s) must be longer than "
+            f"server.heartbeat_interval ({server.heartbeat_interval.total_seconds():g}s)"
+        )
+
+    execution = ExecutionSettings(
+        backend=_choice(_get(e, "backend", "scheduler"), "execution.backend", EXECUTION_BACKENDS),
+        local_workers=_positive_int(_get(e, "local_workers", 1), "execution.local_workers"),
+    )
+    database = DatabaseSettings(
+        url=str(_get(d, "url", "")),
+        pool_min_size=_positive_int(_get(d, "pool_min_size", 2), "database.pool_min_size"),
+        pool_max_size=_positive_int(_get(d, "pool_max_size", 10), "database.pool_max_size"),
+        embedded_data_dir=str(_get(d, "embedded_data_dir", "")),
+    )
+    if database.url and urlparse(database.url).scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"database.url = {database.url!r}: expected postgresql://user@host:port/dbname")
+    cas = CasSettings(root=str(_get(c, "root", "")))
+
+    b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
+    backend = BackendSettings(
+        type=_choice(_get(b, "type", "host"), "worker.backend.type", WORKER_BACKENDS),
+        work_dir=str(_get(b, "work_dir", BackendSettings.work_dir)),
+    )
+    server_url = str(_get(w, "server_url", WorkerSettings.server_url))
+    cas_url = str(_get(w, "cas_url", ""))
+    grpc_target(server_url, "worker.server_url")
+    if cas_url:
+        grpc_target(cas_url, "worker.cas_url")
+    heartbeat = w.get("heartbeat_interval")
+    worker = WorkerSettings(
+        server_url=server_url,
+        cas_url=cas_url,
+        max_concurrent_tasks=_positive_int(_get(w, "max_concurrent_tasks", 4), "worker.max_concurrent_tasks"),
+        name=str(_get(w, "name", "")) or socket.gethostname(),
+        platform=parse_platform(w.get("platform"), "worker.platform"),
+        heartbeat_interval=_duration(heartbeat, "worker.heartbeat_interval") if heartbeat else None,
+        poll_timeout=_duration(_get(w, "poll_timeout", 30), "worker.poll_timeout"),
+        backend=backend,
+    )
+    return Settings(server=server, execution=execution, database=database, cas=cas, worker=worker, source=source)
+
+
+def _find_config(path: str) -> Path:
+    """Accept the guide's bare names (`expbuild-worker.toml`) as well as paths."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    for folder in (Path("configs"), Path(__file__).resolve().parent.parent / "configs"):
+        if (folder / candidate.name).exists():
+            return folder / candidate.name
+    raise ConfigError(f"config file {path!r} not found (looked in ., ./configs)")
+
+
+def load_settings(config_path: str | None = None) -> Settings:
+    """Read the TOML file (if any) and `EXPBUILD_*` overrides into validated settings."""
+    from dynaconf import Dynaconf
+
+    files: list[str] = []
+    source = "defaults"
+    if config_path:
+        found = _find_config(config_path)
+        files.append(str(found))
+        source = str(found)
+    try:
+        raw = Dynaconf(
+            envvar_prefix="EXPBUILD",
+            settings_files=files,
+            environments=False,
+            load_dotenv=False,
+            merge_enabled=True,
+        ).as_dict()
+    except Exception as exc:  # dynaconf surfaces TOML syntax errors as various types
+        raise ConfigError(f"cannot read {source}: {exc}") from None
+    return settings_from_mapping(raw, source=source)

@@ -1,0 +1,61 @@
+"""Operations: the names clients hold while they wait for an execution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from expbuild.db.queries import sql
+from expbuild.db.queue import Executor
+from expbuild.digest import Digest
+from expbuild.errors import NotFound
+
+DONE_STATES = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class OperationRecord:
+    name: str
+    instance_name: str
+    action_digest: Digest
+    task_id: int | None
+    cached_result: bytes | None  # ExecuteResponse when answered from the action cache
+    task_state: str | None
+    result: bytes | None  # the worker's ExecuteResponse
+    error_code: int | None
+    error: str | None
+    worker_id: str | None
+    queued_at: datetime | None
+    leased_at: datetime | None
+    completed_at: datetime | None
+
+    @property
+    def done(self) -> bool:
+        return self.cached_result is not None or self.task_state in DONE_STATES
+
+
+async def insert_cached_operation(
+    db: Executor, name: str, instance_name: str, action_digest: Digest, response: bytes
+) -> None:
+    await db.execute(sql("insert_cached_operation"), name, instance_name, str(action_digest), response)
+
+
+async def get_operation(db: Executor, name: str) -> OperationRecord:
+    r = await db.fetchrow(sql("get_operation"), name)
+    if r is None:
+        raise NotFound(f"operation {name!r} does not exist")
+    return OperationRecord(
+        name=r["name"],
+        instance_name=r["instance_name"],
+        action_digest=Digest.parse(r["action_digest"]),
+        task_id=r["task_id"],
+        cached_result=r["cached_result"],
+        task_state=r["state"],
+        result=r["result"],
+        error_code=r["error_code"],
+        error=r["error"],
+        worker_id=r["worker_id"],
+        queued_at=r["queued_at"],
+        leased_at=r["leased_at"],
+        completed_at=r["completed_at"],
+    )

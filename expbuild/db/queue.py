@@ -1,0 +1,232 @@
+"""The task queue: enqueue, lease, complete, release and reap.
+
+Every function is one SQL statement (one round trip), safe to call from any number of
+replicas at once. Fencing: a lease carries a fresh token, and completion or release under
+any other token changes nothing and raises `Aborted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from expbuild.db.queries import sql
+from expbuild.digest import Digest
+from expbuild.errors import Aborted, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+Executor = asyncpg.Pool | asyncpg.Connection
+# {"OSFamily": ["Linux"], "Arch": ["x86_64"]}: property name -> every value required/offered.
+PlatformSpec = dict[str, list[str]]
+
+_ENQUEUE_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class NewTask:
+    instance_name: str
+    action_digest: Digest
+    platform: PlatformSpec
+    priority: int = 0
+    do_not_cache: bool = False
+    timeout: timedelta | None = None
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    task_id: int
+    is_new: bool  # False: joined an identical in-flight action
+
+
+@dataclass(frozen=True)
+class LeasedTask:
+    task_id: int
+    lease_token: str
+    instance_name: str
+    action_digest: Digest
+    attempt: int
+    queued_at: datetime
+    timeout: timedelta | None
+    do_not_cache: bool
+    priority: int
+
+
+@dataclass(frozen=True)
+class ReapedTask:
+    task_id: int
+    state: str  # 'queued' again, or 'failed' after max_attempts
+    attempts: int
+    reason: str
+    worker_id: str | None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: int
+    instance_name: str
+    action_digest: Digest
+    state: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    worker_id: str | None
+    queued_at: datetime
+    leased_at: datetime | None
+    completed_at: datetime | None
+    result: bytes | None
+    error_code: int | None
+    error: str | None
+
+
+def normalize_platform(properties: dict[str, Any]) -> PlatformSpec:
+    """Canonical jsonb shape: names kept, values as sorted unique lists of strings."""
+    spec: PlatformSpec = {}
+    for name, values in properties.items():
+        items = values if isinstance(values, (list, tuple, set)) else [values]
+        spec[str(name)] = sorted({str(v) for v in items})
+    return spec
+
+
+async def enqueue(db: Executor, task: NewTask, operation_name: str) -> Enqueued:
+    """Queue `task` (or join its identical in-flight twin) and record `operation_name`."""
+    timeout = task.timeout if task.timeout else None
+    for _ in range(_ENQUEUE_RETRIES):
+        row = await db.fetchrow(
+            sql("enqueue_task"),
+            task.instance_name,
+            str(task.action_digest),
+            normalize_platform(task.platform),
+            task.priority,
+            task.do_not_cache,
+            timeout,
+            task.max_attempts,
+            operation_name,
+        )
+        if row is not None:
+            return Enqueued(task_id=row["task_id"], is_new=row["is_new"])
+        # The in-flight twin finished between our insert attempt and the lookup: try again.
+    raise RuntimeError(f"could not enqueue {task.action_digest} after {_ENQUEUE_RETRIES} tries")
+
+
+async def lease_tasks(
+    db: Executor, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
+) -> list[LeasedTask]:
+    """Lease up to `limit` matching tasks to the worker in one statement."""
+    if limit <= 0:
+        return []
+    rows = await db.fetch(
+        sql("lease_tasks"), worker_id, normalize_platform(platform), limit, lease_duration
+    )
+    return [
+        LeasedTask(
+            task_id=r["id"],
+            lease_token=str(r["lease_token"]),
+            instance_name=r["instance_name"],
+            action_digest=Digest.parse(r["action_digest"]),
+            attempt=r["attempts"],
+            queued_at=r["queued_at"],
+            timeout=r["timeout"],
+            do_not_cache=r["do_not_cache"],
+            priority=r["priority"],
+        )
+        for r in rows
+    ]
+
+
+async def _refusal(db: Executor, task_id: int, worker_id: str, verb: str) -> Exception:
+    row = await db.fetchrow(sql("describe_task_lease"), task_id)
+    if row is None:
+        return NotFound(f"task {task_id} does not exist")
+    if row["state"] == "leased" and row["worker_id"] != worker_id:
+        why = f"it is now leased to worker {row['worker_id']} (attempt {row['attempts']})"
+    elif row["state"] == "leased":
+        why = f"its lease was renewed (attempt {row['attempts']}) and the token is stale"
+    elif row["state"] == "queued":
+        why = "its lease expired and it was queued again"
+    else:
+        why = f"it is already {row['state']}"
+    return Aborted(f"cannot {verb} task {task_id} with this lease token: {why}")
+
+
+def _uuid(token: str, task_id: int) -> uuid.UUID:
+    try:
+        return uuid.UUID(token)
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidArgument(f"lease token {token!r} for task {task_id} is not a UUID") from None
+
+
+async def complete_task(
+    db: Executor,
+    task_id: int,
+    lease_token: str,
+    worker_id: str,
+    *,
+    succeeded: bool,
+    response: bytes,
+    cache_result: bytes | None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Store the worker's ExecuteResponse; put `cache_result` in the action cache if given.
+
+    Raises `Aborted` (and changes nothing) unless `lease_token` is the task's current lease.
+    """
+    row = await db.fetchrow(
+        sql("complete_task"),
+        task_id,
+        _uuid(lease_token, task_id),
+        worker_id,
+        "completed" if succeeded else "failed",
+        response,
+        cache_result,
+        detail or {},
+    )
+    if row is None:
+        raise await _refusal(db, task_id, worker_id, "complete")
+
+
+async def release_task(
+    db: Executor, task_id: int, lease_token: str, worker_id: str, reason: str
+) -> None:
+    """Hand a lease back unrun: the task is queued again at once, its attempt not counted."""
+    row = await db.fetchrow(
+        sql("release_task"), task_id, _uuid(lease_token, task_id), worker_id, reason
+    )
+    if row is None:
+        raise await _refusal(db, task_id, worker_id, "release")
+
+
+async def reap_expired_leases(db: Executor, batch_size: int = 500) -> list[ReapedTask]:
+    rows = await db.fetch(sql("reap_expired_leases"), batch_size)
+    return [
+        ReapedTask(r["id"], r["state"], r["attempts"], r["reason"], r["worker_id"]) for r in rows
+    ]
+
+
+async def get_task(db: Executor, task_id: int) -> TaskRecord:
+    r = await db.fetchrow(sql("get_task"), task_id)
+    if r is None:
+        raise NotFound(f"task {task_id} does not exist")
+    return TaskRecord(
+        task_id=r["id"],
+        instance_name=r["instance_name"],
+        action_digest=Digest.parse(r["action_digest"]),
+        state=r["state"],
+        priority=r["priority"],
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        worker_id=r["worker_id"],
+        queued_at=r["queued_at"],
+        leased_at=r["leased_at"],
+        completed_at=r["completed_at"],
+        result=r["result"],
+        error_code=r["error_code"],
+        error=r["error"],
+    )
+

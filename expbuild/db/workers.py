@@ -1,0 +1,126 @@
+"""Workers: registration, heartbeats that extend leases, deregistration, liveness."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from expbuild.db.queries import sql
+from expbuild.db.queue import Executor, PlatformSpec, normalize_platform
+from expbuild.errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    name: str
+    hostname: str
+    platform: PlatformSpec
+    max_concurrent: int
+    state: str
+    version: str
+    registered_at: datetime
+    last_heartbeat_at: datetime
+    running: int = 0
+
+
+@dataclass
+class HeartbeatOutcome:
+    known: bool  # False: the server has no such worker; it must register again
+    worker_state: str | None = None
+    running: list[int] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+
+
+def new_worker_id() -> str:
+    return f"worker-{uuid.uuid4().hex[:12]}"
+
+
+async def register_worker(
+    db: Executor,
+    *,
+    worker_id: str,
+    name: str,
+    hostname: str,
+    platform: PlatformSpec,
+    max_concurrent: int,
+    version: str = "",
+) -> str:
+    if max_concurrent < 1:
+        raise InvalidArgument(f"max_concurrent_tasks must be at least 1, got {max_concurrent}")
+    row = await db.fetchrow(
+        sql("register_worker"),
+        worker_id or new_worker_id(),
+        name,
+        hostname,
+        normalize_platform(platform),
+        max_concurrent,
+        version,
+    )
+    return row["id"]
+
+
+async def heartbeat(
+    db: Executor,
+    worker_id: str,
+    running: list[tuple[int, str]],
+    lease_duration: timedelta,
+) -> HeartbeatOutcome:
+    """Extend the leases of `running` (task id, lease token) and report each one's fate."""
+    ids = [task_id for task_id, _ in running]
+    tokens = []
+    for task_id, token in running:
+        try:
+            tokens.append(uuid.UUID(token))
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"lease token {token!r} for task {task_id} is not a UUID") from None
+    rows = await db.fetch(sql("heartbeat"), worker_id, ids, tokens, lease_duration)
+    if not rows:
+        return HeartbeatOutcome(known=False)
+    outcome = HeartbeatOutcome(known=True, worker_state=rows[0]["worker_state"])
+    for row in rows:
+        if row["task_id"] is None:
+            continue
+        getattr(outcome, row["fate"]).append(row["task_id"])
+    return outcome
+
+
+async def deregister_worker(db: Executor, worker_id: str) -> int:
+    """Mark the worker offline and requeue its leases; returns how many were requeued."""
+    row = await db.fetchrow(sql("deregister_worker"), worker_id)
+    if not row["found"]:
+        raise NotFound(f"worker {worker_id} is not registered")
+    return row["requeued"]
+
+
+async def mark_silent_workers_offline(db: Executor, offline_timeout: timedelta) -> list[str]:
+    rows = await db.fetch(sql("mark_silent_workers_offline"), offline_timeout)
+    return [r["id"] for r in rows]
+
+
+def _record(r) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=r["id"],
+        name=r["name"],
+        hostname=r["hostname"],
+        platform=r["platform"],
+        max_concurrent=r["max_concurrent"],
+        state=r["state"],
+        version=r["version"],
+        registered_at=r["registered_at"],
+        last_heartbeat_at=r["last_heartbeat_at"],
+        running=r.get("running", 0),
+    )
+
+
+async def get_worker(db: Executor, worker_id: str) -> WorkerRecord:
+    row = await db.fetchrow(sql("get_worker"), worker_id)
+    if row is None:
+        raise NotFound(f"worker {worker_id} is not registered")
+    return _record(row)
+
+
+async def list_workers(db: Executor) -> list[WorkerRecord]:
+    return [_record(r) for r in await db.fetch(sql("list_workers"))]

@@ -1,0 +1,150 @@
+import datetime
+
+from expbuild.proto import remote_execution_pb2 as _remote_execution_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterWorkerRequest(_message.Message):
+    __slots__ = ("worker_id", "name", "hostname", "platform", "max_concurrent_tasks", "version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_TASKS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    name: str
+    hostname: str
+    platform: _remote_execution_pb2.Platform
+    max_concurrent_tasks: int
+    version: str
+    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., hostname: _Optional[str] = ..., platform: _Optional[_Union[_remote_execution_pb2.Platform, _Mapping]] = ..., max_concurrent_tasks: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class RegisterWorkerResponse(_message.Message):
+    __slots__ = ("worker_id", "heartbeat_interval", "lease_duration", "poll_timeout")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DURATION_FIELD_NUMBER: _ClassVar[int]
+    POLL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    heartbeat_interval: _duration_pb2.Duration
+    lease_duration: _duration_pb2.Duration
+    poll_timeout: _duration_pb2.Duration
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., poll_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class TaskLease(_message.Message):
+    __slots__ = ("task_id", "lease_token")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    lease_token: str
+    def __init__(self, task_id: _Optional[str] = ..., lease_token: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "running")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    running: _containers.RepeatedCompositeFieldContainer[TaskLease]
+    def __init__(self, worker_id: _Optional[str] = ..., running: _Optional[_Iterable[_Union[TaskLease, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("cancelled_task_ids", "lost_task_ids", "drain", "reregister")
+    CANCELLED_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOST_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    cancelled_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    lost_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    drain: bool
+    reregister: bool
+    def __init__(self, cancelled_task_ids: _Optional[_Iterable[str]] = ..., lost_task_ids: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ..., reregister: _Optional[bool] = ...) -> None: ...
+
+class PollTasksRequest(_message.Message):
+    __slots__ = ("worker_id", "max_tasks", "timeout")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    max_tasks: int
+    timeout: _duration_pb2.Duration
+    def __init__(self, worker_id: _Optional[str] = ..., max_tasks: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "lease_token", "instance_name", "action_digest", "action", "command", "attempt", "queued_at", "timeout", "do_not_cache")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_AT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    DO_NOT_CACHE_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    lease_token: str
+    instance_name: str
+    action_digest: _remote_execution_pb2.Digest
+    action: _remote_execution_pb2.Action
+    command: _remote_execution_pb2.Command
+    attempt: int
+    queued_at: _timestamp_pb2.Timestamp
+    timeout: _duration_pb2.Duration
+    do_not_cache: bool
+    def __init__(self, task_id: _Optional[str] = ..., lease_token: _Optional[str] = ..., instance_name: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., action: _Optional[_Union[_remote_execution_pb2.Action, _Mapping]] = ..., command: _Optional[_Union[_remote_execution_pb2.Command, _Mapping]] = ..., attempt: _Optional[int] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., do_not_cache: _Optional[bool] = ...) -> None: ...
+
+class PollTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+
+class CompleteTaskRequest(_message.Message):
+    __slots__ = ("worker_id", "task_id", "lease_token", "response")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    task_id: str
+    lease_token: str
+    response: _remote_execution_pb2.ExecuteResponse
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_token: _Optional[str] = ..., response: _Optional[_Union[_remote_execution_pb2.ExecuteResponse, _Mapping]] = ...) -> None: ...
+
+class CompleteTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReleaseTaskRequest(_message.Message):
+    __slots__ = ("worker_id", "task_id", "lease_token", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    task_id: str
+    lease_token: str
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeregisterWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterWorkerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,159 @@
+-- The task queue. Every statement here is one round trip; the CTEs keep the task row,
+-- its audit event, its operation and its NOTIFY in the same transaction.
+
+-- name: enqueue_task
+-- Insert a task, or join the in-flight task of the same cacheable action, and record the
+-- operation that waits on it. Returns no row when the in-flight task finished between the
+-- insert attempt and the lookup; the caller retries. NOTIFY only when a task was added.
+-- $1 instance_name, $2 action_digest, $3 platform, $4 priority, $5 do_not_cache,
+-- $6 timeout, $7 max_attempts, $8 operation name
+WITH inserted AS (
+    INSERT INTO tasks (instance_name, action_digest, platform, priority, do_not_cache,
+                       timeout, max_attempts)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT (instance_name, action_digest)
+        WHERE state IN ('queued', 'leased') AND NOT do_not_cache
+        DO NOTHING
+    RETURNING id, priority
+), joined AS (
+    SELECT id, priority FROM tasks
+    WHERE instance_name = $1 AND action_digest = $2
+      AND state IN ('queued', 'leased') AND NOT do_not_cache
+      AND NOT EXISTS (SELECT 1 FROM inserted)
+), chosen AS (
+    SELECT id, priority, true AS is_new FROM inserted
+    UNION ALL
+    SELECT id, priority, false FROM joined
+), event AS (
+    INSERT INTO task_events (task_id, event, attempt, detail)
+    SELECT id, 'queued', 0, jsonb_build_object('priority', priority) FROM inserted
+), operation AS (
+    INSERT INTO operations (name, instance_name, action_digest, task_id)
+    SELECT $8, $1, $2, id FROM chosen
+    RETURNING task_id
+)
+SELECT c.id AS task_id, c.is_new,
+       CASE WHEN c.is_new THEN pg_notify('expbuild_task_queued', '') END AS notified
+FROM chosen c JOIN operation o ON o.task_id = c.id;
+
+-- name: lease_tasks
+-- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1, oldest of
+-- the most urgent first. SKIP LOCKED lets any number of pollers run this at once.
+-- $1 worker_id, $2 worker platform, $3 limit, $4 lease duration
+WITH picked AS (
+    SELECT id FROM tasks
+    WHERE state = 'queued' AND platform <@ $2::jsonb
+    ORDER BY priority, id
+    FOR UPDATE SKIP LOCKED
+    LIMIT $3
+), leased AS (
+    UPDATE tasks t
+    SET state = 'leased', worker_id = $1, lease_token = gen_random_uuid(),
+        lease_expires_at = now() + $4::interval, leased_at = now(),
+        attempts = t.attempts + 1
+    FROM picked
+    WHERE t.id = picked.id
+    RETURNING t.id, t.lease_token, t.instance_name, t.action_digest, t.attempts,
+              t.queued_at, t.timeout, t.do_not_cache, t.priority
+), event AS (
+    INSERT INTO task_events (task_id, event, worker_id, attempt)
+    SELECT id, 'leased', $1, attempts FROM leased
+)
+SELECT * FROM leased ORDER BY priority, id;
+
+-- name: complete_task
+-- Accept a worker's result only under the current lease. No row back means the token is
+-- stale (re-leased, reaped, cancelled or already completed) and nothing was changed.
+-- $1 task_id, $2 lease_token, $3 worker_id, $4 final state, $5 ExecuteResponse bytes,
+-- $6 ActionResult bytes to cache (NULL: do not cache; ignored for do_not_cache tasks),
+-- $7 event detail
+WITH done AS (
+    UPDATE tasks
+    SET state = $4, result = $5, completed_at = now(), lease_expires_at = NULL
+    WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased'
+    RETURNING id, instance_name, action_digest, attempts, worker_id, do_not_cache
+), event AS (
+    INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
+    SELECT id, $4, worker_id, attempts, $7::jsonb FROM done
+), cached AS (
+    INSERT INTO action_cache (instance_name, action_digest, result)
+    SELECT instance_name, action_digest, $6 FROM done
+    WHERE $6::bytea IS NOT NULL AND NOT do_not_cache
+    ON CONFLICT (instance_name, action_digest)
+        DO UPDATE SET result = excluded.result, created_at = now()
+)
+SELECT id, pg_notify('expbuild_task_done', id::text) AS notified FROM done;
+
+-- name: release_task
+-- A worker hands back a lease it will not finish (shutdown): the task is queued again at
+-- once and the attempt is not counted against it.
+-- $1 task_id, $2 lease_token, $3 worker_id, $4 reason
+WITH released AS (
+    UPDATE tasks
+    SET state = 'queued', worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+        attempts = greatest(attempts - 1, 0)
+    WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased'
+    RETURNING id, attempts
+), event AS (
+    INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
+    SELECT id, 'released', $3, attempts, jsonb_build_object('reason', $4::text) FROM released
+)
+SELECT id, pg_notify('expbuild_task_queued', '') AS notified FROM released;
+
+-- name: describe_task_lease
+-- Why a completion or release was refused: the task's current state.
+SELECT id, state, worker_id, attempts, lease_token FROM tasks WHERE id = $1;
+
+-- name: reap_expired_leases
+-- Requeue leased tasks whose lease ran out or whose worker went offline or vanished; fail
+-- those that used up their attempts. Idempotent and safe on every replica at once.
+-- $1 batch size
+WITH expired AS (
+    SELECT t.id, t.worker_id,
+           CASE WHEN w.id IS NULL THEN 'worker-gone'
+                WHEN w.state = 'offline' THEN 'heartbeat-missed'
+                ELSE 'lease-expired' END AS reason
+    FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id
+    WHERE t.state = 'leased'
+      AND (t.lease_expires_at < now() OR w.id IS NULL OR w.state = 'offline')
+    FOR UPDATE OF t SKIP LOCKED
+    LIMIT $1
+), reaped AS (
+    UPDATE tasks t
+    SET state = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'queued' END,
+        completed_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END,
+        error_code = CASE WHEN t.attempts >= t.max_attempts THEN 14 END,  -- UNAVAILABLE
+        error = CASE WHEN t.attempts >= t.max_attempts THEN
+            format('task failed after %s attempts; last attempt on worker %s: %s',
+                   t.attempts, t.worker_id, replace(e.reason, '-', ' ')) END,
+        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
+    FROM expired e
+    WHERE t.id = e.id
+    RETURNING t.id, t.state, t.attempts, e.reason, e.worker_id
+), event AS (
+    -- Why the lease ended, then what became of the task, in that order.
+    INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
+    SELECT id, event, worker_id, attempts, jsonb_build_object('reason', reason)
+    FROM (
+        SELECT id, worker_id, attempts, reason, 1 AS step,
+               CASE WHEN reason = 'lease-expired' THEN 'lease-expired'
+                    ELSE 'heartbeat-missed' END AS event
+        FROM reaped
+        UNION ALL
+        SELECT id, worker_id, attempts, reason, 2,
+               CASE WHEN state = 'failed' THEN 'failed' ELSE 'requeued' END
+        FROM reaped
+    ) steps
+    ORDER BY id, step
+)
+SELECT id, state, attempts, reason, worker_id,
+       CASE WHEN state = 'failed' THEN pg_notify('expbuild_task_done', id::text)
+            ELSE pg_notify('expbuild_task_queued', '') END AS notified
+FROM reaped;
+
+-- name: get_task
+SELECT id, instance_name, action_digest, state, priority, attempts, max_attempts,
+       worker_id, queued_at, leased_at, completed_at, result, error_code, error,
+       do_not_cache, timeout
+FROM tasks WHERE id = $1;
+

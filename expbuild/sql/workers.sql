@@ -1,0 +1,75 @@
+-- Workers: registration, heartbeats, liveness.
+
+-- name: register_worker
+-- Insert or revive a worker. A worker re-registering under its old id comes back online.
+-- $1 id, $2 name, $3 hostname, $4 platform, $5 max_concurrent, $6 version
+INSERT INTO workers (id, name, hostname, platform, max_concurrent, version)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (id) DO UPDATE
+SET name = excluded.name, hostname = excluded.hostname, platform = excluded.platform,
+    max_concurrent = excluded.max_concurrent, version = excluded.version,
+    state = 'online', last_heartbeat_at = now()
+RETURNING id, state;
+
+-- name: heartbeat
+-- Record that the worker lives, extend the leases it still holds, and tell it the fate of
+-- each task it reports: 'running' (lease extended), 'cancelled' (stop it) or 'lost'
+-- (leased elsewhere, reaped or finished: stop it and do not report it).
+-- Only lease_expires_at and last_heartbeat_at change; neither is indexed, so these
+-- updates are HOT. $1 worker_id, $2 task ids, $3 lease tokens, $4 lease duration
+WITH alive AS (
+    UPDATE workers SET last_heartbeat_at = now(),
+                       state = CASE WHEN state = 'offline' THEN 'online' ELSE state END
+    WHERE id = $1
+    RETURNING id, state
+), reported AS (
+    SELECT * FROM unnest($2::bigint[], $3::uuid[]) AS r(task_id, lease_token)
+), extended AS (
+    UPDATE tasks t SET lease_expires_at = now() + $4::interval
+    FROM reported r, alive
+    WHERE t.id = r.task_id AND t.lease_token = r.lease_token
+      AND t.worker_id = alive.id AND t.state = 'leased' AND NOT t.cancel_requested
+    RETURNING t.id
+)
+SELECT r.task_id,
+       CASE WHEN r.task_id IN (SELECT id FROM extended) THEN 'running'
+            WHEN t.state = 'cancelled' OR (t.cancel_requested AND t.lease_token = r.lease_token)
+                THEN 'cancelled'
+            ELSE 'lost' END AS fate,
+       (SELECT state FROM alive) AS worker_state
+FROM reported r LEFT JOIN tasks t ON t.id = r.task_id
+UNION ALL
+SELECT NULL, NULL, state FROM alive WHERE NOT EXISTS (SELECT 1 FROM reported);
+
+-- name: deregister_worker
+-- The worker leaves cleanly. Leases it still holds go back to the queue at once.
+WITH gone AS (
+    UPDATE workers SET state = 'offline' WHERE id = $1 RETURNING id
+), requeued AS (
+    UPDATE tasks t
+    SET state = 'queued', worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+        attempts = greatest(attempts - 1, 0)
+    FROM gone WHERE t.worker_id = gone.id AND t.state = 'leased'
+    RETURNING t.id, t.attempts
+), event AS (
+    INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
+    SELECT id, 'released', $1, attempts, '{"reason": "worker deregistered"}' FROM requeued
+)
+SELECT (SELECT count(*) FROM gone) AS found, (SELECT count(*) FROM requeued) AS requeued;
+
+-- name: mark_silent_workers_offline
+-- $1 offline timeout
+UPDATE workers SET state = 'offline'
+WHERE state <> 'offline' AND last_heartbeat_at < now() - $1::interval
+RETURNING id, name, last_heartbeat_at;
+
+-- name: get_worker
+SELECT id, name, hostname, platform, max_concurrent, state, version,
+       registered_at, last_heartbeat_at
+FROM workers WHERE id = $1;
+
+-- name: list_workers
+SELECT w.id, w.name, w.hostname, w.platform, w.max_concurrent, w.state, w.version,
+       w.registered_at, w.last_heartbeat_at,
+       (SELECT count(*) FROM tasks t WHERE t.worker_id = w.id AND t.state = 'leased') AS running
+FROM workers w ORDER BY w.registered_at;

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real PostgreSQL for the session, a fresh migrated database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+import pytest
+
+from expbuild.db.migrate import migrate
+from expbuild.db.pool import create_pool
+from tests.postgres import find_postgres
+
+TEMPLATE = "expbuild_template"
+_counter = itertools.count()
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlparse(url)
+    return urlunparse(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url():
+    with find_postgres() as (source, url):
+        os.environ.setdefault("EXPBUILD_TEST_POSTGRES_SOURCE", source)
+        asyncio.run(_build_template(url))
+        yield url
+
+
+async def _build_template(admin_url: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(with_database(admin_url, TEMPLATE))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def database_url(postgres_admin_url):
+    """A fresh database cloned from the migrated template; dropped after the test."""
+    name = f"expbuild_test_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    finally:
+        await admin.close()
+    yield with_database(postgres_admin_url, name)
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def pool(database_url):
+    pool = await create_pool(database_url, min_size=1, max_size=20)
+    yield pool
+    await pool.close()

