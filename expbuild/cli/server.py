@@ -1,0 +1,132 @@
+"""`expbuild server` (alias `re-server`) and `expbuild db migrate`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
+from expbuild.config import Settings, data_dir
+
+log = logging.getLogger("expbuild.server")
+
+
+def resolve_database_url(settings: Settings, stack: contextlib.ExitStack) -> str:
+    """The configured database, or the embedded one started (and stopped) on `stack`."""
+    if settings.database.url:
+        return settings.database.url
+    from expbuild.embedded import start_embedded_postgres
+
+    folder = settings.database.embedded_data_dir or str(data_dir() / "postgres")
+    log.info("No [database] url configured; using the embedded PostgreSQL")
+    embedded = start_embedded_postgres(Path(folder))
+    stack.callback(embedded.stop)
+    return embedded.url
+
+
+async def serve(settings: Settings, database_url: str, *, local_workers: int = 0) -> None:
+    """Run one replica (and optionally in-process workers) until SIGINT/SIGTERM."""
+    from expbuild.server.app import ServerApp
+
+    app = ServerApp(settings, database_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("Initializing remote worker scheduler...")
+    await app.start()
+    agents, agent_tasks = [], []
+    if local_workers:
+        from dataclasses import replace
+
+        from expbuild.worker.agent import WorkerAgent
+
+        target = f"http://127.0.0.1:{app.port}"
+        for index in range(local_workers):
+            worker_settings = replace(
+                settings.worker, server_url=target, cas_url=target,
+                name=f"{settings.worker.name}-local-{index + 1}",
+            )
+            agent = WorkerAgent(worker_settings)
+            agents.append(agent)
+            agent_tasks.append(asyncio.create_task(agent.run(), name=f"local-worker-{index + 1}"))
+        log.info("Started %d local worker(s)", local_workers)
+    try:
+        await stop.wait()
+        log.info("Shutting down")
+    finally:
+        for agent in agents:
+            agent.request_stop()
+        if agent_tasks:
+            await asyncio.gather(*agent_tasks, return_exceptions=True)
+        await app.stop()
+
+
+@click.command("server")
+@config_option
+@verbose_option
+@click.option("--address", metavar="HOST:PORT", help="Listen address (overrides [server] address).")
+def server_command(config: str | None, verbose: bool, address: str | None) -> None:
+    """Run an ExpBuild server replica: REAPI, the Worker API, health and /metrics.
+
+    Several replicas may share one database and one CAS directory. Without a
+    [database] url the embedded PostgreSQL is started.
+
+    \b
+    Examples:
+      expbuild server --config configs/expbuild-server-remote-workers.toml --verbose
+      EXPBUILD_DATABASE__URL=postgresql://expbuild@db/expbuild expbuild server
+    """
+    setup_logging(verbose)
+    settings = settings_or_exit(config)
+    if address:
+        from dataclasses import replace
+
+        from expbuild.config import ConfigError, parse_address
+
+        try:
+            parse_address(address, "--address")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+        settings = replace(settings, server=replace(settings.server, address=address))
+    local = settings.execution.local_workers if settings.execution.backend == "local" else 0
+    with contextlib.ExitStack() as stack:
+        url = resolve_database_url(settings, stack)
+        asyncio.run(serve(settings, url, local_workers=local))
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database administration."""
+
+
+@db_group.command("migrate")
+@config_option
+@verbose_option
+def migrate_command(config: str | None, verbose: bool) -> None:
+    """Apply pending schema migrations (the server also does this at start)."""
+    setup_logging(verbose)
+    settings = settings_or_exit(config)
+
+    async def run(url: str) -> None:
+        from expbuild.db.migrate import migrate
+        from expbuild.db.pool import connect
+
+        conn = await connect(url)
+        try:
+            applied = await migrate(conn)
+        finally:
+            await conn.close()
+        if applied:
+            for m in applied:
+                click.echo(f"applied {m.version:04d}_{m.name}")
+        else:
+            click.echo("database is up to date")
+
+    with contextlib.ExitStack() as stack:
+        asyncio.run(run(resolve_database_url(settings, stack)))

@@ -1,0 +1,445 @@
+"""Merkle trees of REAPI `Directory` messages: building input roots, checking and
+materializing trees fetched from the CAS.
+
+Directories are serialized deterministically with entries sorted by name, so the same
+files, modes and symlinks always give the same root digest, on any machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import shutil
+import stat
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from expbuild.client.cas import CasClient, gather_or_cancel
+from expbuild.digest import Digest, digest_of, new_hasher
+from expbuild.errors import InvalidArgument, NotFound
+from expbuild.proto import remote_execution_pb2 as re_pb2
+
+_HASH_CHUNK = 1024 * 1024
+# How many small files materialize fetches in one read_many call, by total size: bounds
+# the memory held while still amortizing round trips.
+_SMALL_FILE_GROUP_BYTES = 16 * 1024 * 1024
+_PARALLEL_DOWNLOADS = 8
+
+
+@dataclass
+class MerkleTree:
+    """An input tree ready to upload.
+
+    `blobs` holds every Directory (serialized, as bytes) and every file (as the local Path
+    to read it from) that the tree references, keyed by digest; identical contents appear
+    once. Pass it to `CasClient.upload`.
+    """
+
+    root_digest: Digest
+    blobs: dict[Digest, bytes | Path]
+
+
+def serialize(message: re_pb2.Directory | re_pb2.Tree) -> bytes:
+    """The canonical bytes of a message, the ones its digest is computed over."""
+    return message.SerializeToString(deterministic=True)
+
+
+# -- building ---------------------------------------------------------------------------
+
+
+@dataclass
+class _DirectoryUnderConstruction:
+    files: dict[str, re_pb2.FileNode] = field(default_factory=dict)
+    directories: dict[str, _DirectoryUnderConstruction] = field(default_factory=dict)
+    symlinks: dict[str, re_pb2.SymlinkNode] = field(default_factory=dict)
+
+    def has(self, name: str) -> bool:
+        return name in self.files or name in self.directories or name in self.symlinks
+
+
+def _hash_file(path: Path) -> Digest:
+    hasher = new_hasher()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return Digest(hasher.hexdigest(), size)
+
+
+def _utf8_name(name: str, path: Path) -> str:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            f"{path}: the name is not valid UTF-8, which REAPI paths must be"
+        ) from None
+    return name
+
+
+class _TreeBuilder:
+    def __init__(self) -> None:
+        self.blobs: dict[Digest, bytes | Path] = {}
+
+    def file_node(self, name: str, path: Path, st: os.stat_result) -> re_pb2.FileNode:
+        digest = _hash_file(path)
+        self.blobs.setdefault(digest, path)
+        return re_pb2.FileNode(
+            name=name,
+            digest=digest.to_proto(),
+            is_executable=bool(st.st_mode & stat.S_IXUSR),
+        )
+
+    def scan(self, path: Path, into: _DirectoryUnderConstruction) -> None:
+        """Add the contents of local directory `path` to `into`, recursively."""
+        with os.scandir(path) as entries:
+            for entry in entries:
+                name = _utf8_name(entry.name, Path(entry.path))
+                child = Path(entry.path)
+                if into.has(name):
+                    raise InvalidArgument(f"input {child} collides with another input of that name")
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    into.symlinks[name] = self.symlink_node(name, child)
+                elif stat.S_ISDIR(st.st_mode):
+                    sub = into.directories[name] = _DirectoryUnderConstruction()
+                    self.scan(child, sub)
+                elif stat.S_ISREG(st.st_mode):
+                    into.files[name] = self.file_node(name, child, st)
+                else:
+                    raise InvalidArgument(
+                        f"input {child} is not a regular file, directory or symlink "
+                        "(sockets, pipes and devices cannot be sent)"
+                    )
+
+    @staticmethod
+    def symlink_node(name: str, path: Path) -> re_pb2.SymlinkNode:
+        target = os.readlink(path)
+        if os.path.isabs(target):
+            # Such a link would point into the worker's filesystem, not the input tree;
+            # materialize refuses it, so refuse it here where the user can fix it.
+            raise InvalidArgument(
+                f"input symlink {path} points to the absolute path {target}; only relative "
+                "symlinks can be sent (pass the target itself as an input instead)"
+            )
+        return re_pb2.SymlinkNode(name=name, target=target)
+
+    def finish(self, directory: _DirectoryUnderConstruction) -> Digest:
+        """Serialize `directory` and its descendants, record them in blobs, return its digest."""
+        message = re_pb2.Directory(
+            files=[directory.files[n] for n in sorted(directory.files)],
+            directories=[
+                re_pb2.DirectoryNode(
+                    name=n, digest=self.finish(directory.directories[n]).to_proto()
+                )
+                for n in sorted(directory.directories)
+            ],
+            symlinks=[directory.symlinks[n] for n in sorted(directory.symlinks)],
+        )
+        data = serialize(message)
+        digest = digest_of(data)
+        self.blobs.setdefault(digest, data)
+        return digest
+
+
+def _components(key: str) -> list[str]:
+    parts = key.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or "\0" in part:
+            raise InvalidArgument(
+                f"input name {key!r} is not a relative path of plain names "
+                "(no leading '/', no empty, '.' or '..' parts)"
+            )
+    return parts
+
+
+def merkle_tree_from_paths(entries: Mapping[str, Path]) -> MerkleTree:
+    """An input root where each key (a relative name like "src" or "a/b.txt") holds the
+    local file or directory it maps to.
+
+    Directories are added recursively; files keep their owner-executable bit; symlinks
+    inside directories become SymlinkNodes with their relative target unchanged, while a
+    key's own path is followed if it is a symlink. Parent directories of nested keys are
+    created. Raises `NotFound` for a path that does not exist and `InvalidArgument` for a
+    bad key, two inputs claiming the same name, an absolute symlink, or a special file.
+    Reads every file to hash it: call it via `asyncio.to_thread` from async code.
+    """
+    builder = _TreeBuilder()
+    root = _DirectoryUnderConstruction()
+    for key in sorted(entries):
+        path = Path(entries[key])
+        parts = _components(key)
+        parent = root
+        for i, part in enumerate(parts[:-1]):
+            if part in parent.files or part in parent.symlinks:
+                raise InvalidArgument(
+                    f"input {key!r} needs {'/'.join(parts[: i + 1])!r} to be a directory, "
+                    "but another input is a file there"
+                )
+            parent = parent.directories.setdefault(part, _DirectoryUnderConstruction())
+        name = parts[-1]
+        if parent.has(name):
+            raise InvalidArgument(f"two inputs are named {key!r}; give them different names")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise NotFound(f"input {path} does not exist") from None
+        if stat.S_ISDIR(st.st_mode):
+            sub = parent.directories[name] = _DirectoryUnderConstruction()
+            builder.scan(path, sub)
+        elif stat.S_ISREG(st.st_mode):
+            parent.files[name] = builder.file_node(name, path, st)
+        else:
+            raise InvalidArgument(f"input {path} is not a regular file or directory")
+    root_digest = builder.finish(root)
+    return MerkleTree(root_digest=root_digest, blobs=builder.blobs)
+
+
+def merkle_tree_from_directory(path: Path) -> MerkleTree:
+    """The tree whose root is local directory `path` itself (same rules as
+    `merkle_tree_from_paths`)."""
+    if not path.exists():
+        raise NotFound(f"directory {path} does not exist")
+    if not path.is_dir():
+        raise InvalidArgument(f"{path} is not a directory")
+    builder = _TreeBuilder()
+    root = _DirectoryUnderConstruction()
+    builder.scan(path, root)
+    root_digest = builder.finish(root)
+    return MerkleTree(root_digest=root_digest, blobs=builder.blobs)
+
+
+# -- checking ---------------------------------------------------------------------------
+
+
+def _place(where: str) -> str:
+    return f"directory {where!r}" if where else "the root directory"
+
+
+def validate_directory(directory: re_pb2.Directory, where: str) -> None:
+    """Raise `InvalidArgument` unless `directory` is safe to lay out on disk.
+
+    Refuses names that are empty, ".", "..", or contain "/" or NUL; a name used twice
+    (across files, directories and symlinks); entries not sorted by name; malformed
+    digests; empty symlink targets. `where` is the directory's path inside the tree ("" for
+    the root) and appears in the message along with the offending entry.
+    """
+    seen: dict[str, str] = {}
+    groups: list[tuple[str, list[str]]] = [
+        ("file", [n.name for n in directory.files]),
+        ("directory", [n.name for n in directory.directories]),
+        ("symlink", [n.name for n in directory.symlinks]),
+    ]
+    for kind, names in groups:
+        previous: str | None = None
+        for name in names:
+            if name in ("", ".", "..") or "/" in name or "\0" in name:
+                raise InvalidArgument(
+                    f"{_place(where)}: {kind} name {name!r} is not allowed (names must be "
+                    "non-empty, not '.' or '..', without '/' or NUL)"
+                )
+            if name in seen:
+                clash = (
+                    "appears twice" if seen[name] == kind else f"is also the name of a {seen[name]}"
+                )
+                raise InvalidArgument(f"{_place(where)}: {kind} {name!r} {clash}")
+            if previous is not None and name < previous:
+                raise InvalidArgument(
+                    f"{_place(where)}: {kind} {name!r} comes after {previous!r}; entries must "
+                    "be sorted by name"
+                )
+            seen[name] = kind
+            previous = name
+    for node in (*directory.files, *directory.directories):
+        try:
+            Digest.from_proto(node.digest)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{_place(where)}: entry {node.name!r}: {e}") from None
+    for link in directory.symlinks:
+        if not link.target:
+            raise InvalidArgument(f"{_place(where)}: symlink {link.name!r} has an empty target")
+
+
+def _check_symlink(link_path: str, target: str) -> None:
+    if os.path.isabs(target) or target.startswith("/"):
+        raise InvalidArgument(
+            f"symlink {link_path!r} points to the absolute path {target!r}; only targets "
+            "inside the tree are allowed"
+        )
+    # Lexical check: the tree is laid out fresh, so no other symlink can redirect `..`.
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise InvalidArgument(
+            f"symlink {link_path!r} points to {target!r}, which is outside the tree"
+        )
+
+
+# -- materializing ----------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    directories: list[str] = field(default_factory=list)
+    # digest -> every (relative path, executable) that holds that content
+    files: dict[Digest, list[tuple[str, bool]]] = field(default_factory=lambda: defaultdict(list))
+    symlinks: list[tuple[str, str]] = field(default_factory=list)
+
+
+DirectoryLoader = Callable[[list[Digest]], Awaitable[dict[Digest, re_pb2.Directory]]]
+
+
+async def _plan(root_digest: Digest, load: DirectoryLoader, location: str) -> _Layout:
+    """Walk the tree level by level, validating each Directory once.
+
+    Symlinks are checked as if the tree sat at `location` inside the tree of allowed
+    targets.
+    """
+    layout = _Layout()
+    level: dict[Digest, list[str]] = {root_digest: [""]}
+    while level:
+        loaded = await load(list(level))
+        next_level: dict[Digest, list[str]] = defaultdict(list)
+        for digest, places in level.items():
+            directory = loaded[digest]
+            validate_directory(directory, places[0])
+            for where in places:
+                layout.directories.append(where)
+                for f in directory.files:
+                    path = posixpath.join(where, f.name)
+                    layout.files[Digest.from_proto(f.digest)].append((path, f.is_executable))
+                for d in directory.directories:
+                    next_level[Digest.from_proto(d.digest)].append(posixpath.join(where, d.name))
+                for link in directory.symlinks:
+                    path = posixpath.join(where, link.name)
+                    _check_symlink(posixpath.join(location, path), link.target)
+                    layout.symlinks.append((path, link.target))
+        level = next_level
+    return layout
+
+
+def _parse_directory(digest: Digest, data: bytes) -> re_pb2.Directory:
+    directory = re_pb2.Directory()
+    try:
+        directory.ParseFromString(data)
+    except DecodeError:
+        raise InvalidArgument(f"blob {digest} is not a Directory message") from None
+    return directory
+
+
+def _write_files(target: Path, items: list[tuple[str, bool, bytes]]) -> None:
+    for relative, executable, data in items:
+        path = target / relative
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o755 if executable else 0o644)
+
+
+def _copy_file(source: Path, destination: Path, executable: bool) -> None:
+    shutil.copyfile(source, destination)
+    os.chmod(destination, 0o755 if executable else 0o644)
+
+
+async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
+    def make_directories() -> None:
+        for where in layout.directories:
+            (target / where).mkdir(parents=True, exist_ok=True)
+
+    await asyncio.to_thread(make_directories)
+
+    slots = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
+
+    async def fetch_small(group: list[Digest]) -> None:
+        async with slots:
+            contents = await cas.read_many(group)
+            items = [
+                (path, executable, contents[digest])
+                for digest in group
+                for path, executable in layout.files[digest]
+            ]
+            await asyncio.to_thread(_write_files, target, items)
+
+    async def fetch_large(digest: Digest) -> None:
+        async with slots:
+            (first, first_executable), *others = layout.files[digest]
+            await cas.read_to_file(digest, target / first, first_executable)
+            for path, executable in others:
+                await asyncio.to_thread(_copy_file, target / first, target / path, executable)
+
+    groups: list[list[Digest]] = []
+    group: list[Digest] = []
+    group_bytes = 0
+    large: list[Digest] = []
+    for digest in layout.files:
+        if not cas.fits_in_batch(digest):
+            large.append(digest)
+            continue
+        if group and group_bytes + digest.size_bytes > _SMALL_FILE_GROUP_BYTES:
+            groups.append(group)
+            group, group_bytes = [], 0
+        group.append(digest)
+        group_bytes += digest.size_bytes
+    if group:
+        groups.append(group)
+
+    await gather_or_cancel([*(fetch_small(g) for g in groups), *(fetch_large(d) for d in large)])
+
+    def make_symlinks() -> None:
+        for relative, link_target in layout.symlinks:
+            os.symlink(link_target, target / relative)
+
+    await asyncio.to_thread(make_symlinks)
+
+
+async def materialize(
+    cas: CasClient, root_digest: Digest, target: Path, *, location: str = ""
+) -> None:
+    """Lay out the tree rooted at Directory `root_digest` under `target`.
+
+    Fetches the root and every descendant Directory level by level, validating each
+    (`validate_directory`), then creates the directories, downloads the files (each
+    distinct content once; small ones batched, large ones streamed) with mode 0o755 or
+    0o644, and creates the symlinks. Refuses (InvalidArgument) symlinks with absolute
+    targets or targets outside the tree. `target` is created if needed and should be
+    empty: files already there with the same names are overwritten, others are kept.
+
+    `location` is where `target` sits inside the tree symlinks may point into (e.g.
+    "out/dir" for an output directory, whose symlinks may point to sibling outputs);
+    the default "" means the tree itself is that root.
+    """
+
+    async def load(digests: list[Digest]) -> dict[Digest, re_pb2.Directory]:
+        blobs = await cas.read_many(digests)
+        return {d: _parse_directory(d, blobs[d]) for d in digests}
+
+    layout = await _plan(root_digest, load, location)
+    await _lay_out(cas, layout, target)
+
+
+async def materialize_tree(
+    cas: CasClient, tree: re_pb2.Tree, target: Path, *, location: str = ""
+) -> None:
+    """Lay out an output directory given as a REAPI `Tree` (root plus all children) under
+    `target`; same guarantees and `location` as `materialize`, but only file contents are
+    fetched.
+
+    Raises `InvalidArgument` if a DirectoryNode refers to a directory the Tree lacks.
+    """
+    by_digest = {digest_of(serialize(child)): child for child in tree.children}
+    root_digest = digest_of(serialize(tree.root))
+    by_digest[root_digest] = tree.root
+
+    async def load(digests: list[Digest]) -> dict[Digest, re_pb2.Directory]:
+        missing = [d for d in digests if d not in by_digest]
+        if missing:
+            raise InvalidArgument(
+                f"output tree refers to directory {missing[0]} it does not contain"
+            )
+        return {d: by_digest[d] for d in digests}
+
+    layout = await _plan(root_digest, load, location)
+    await _lay_out(cas, layout, target)

@@ -1,0 +1,249 @@
+"""ContentAddressableStorage: FindMissingBlobs, the batch calls and GetTree over a `FileStore`.
+
+A thin adapter: it validates and translates messages; storing, reading, verifying and
+(de)compressing blobs is `expbuild.cas.store`'s job. SplitBlob and SpliceBlob are not
+offered (the capabilities say so) and answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import logging
+from collections.abc import AsyncIterator
+
+from google.protobuf.message import DecodeError
+
+from expbuild.cas.store import ZSTD, FileStore
+from expbuild.digest import Digest
+from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
+from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.server.instances import InstanceNames
+from expbuild.server.status import ok_status, rpc, rpc_status
+
+log = logging.getLogger(__name__)
+
+MAX_TREE_PAGE_SIZE = 10_000
+"""Most directories in one GetTreeResponse, whatever page_size the client asks for."""
+MAX_TREE_PAGE_BYTES = 2 * 1024 * 1024
+"""A GetTreeResponse is cut before it grows past this (unless one directory alone is larger)."""
+_TREE_READ_BATCH = 1000
+_PAGE_TOKEN_VERSION = "t1"
+
+_COMPRESSOR_NAMES = {re_pb2.Compressor.IDENTITY: None, re_pb2.Compressor.ZSTD: ZSTD}
+
+
+def check_digest_function(value: int) -> None:
+    """Only SHA-256 is served; UNKNOWN (unset) means SHA-256 too."""
+    if value not in (re_pb2.DigestFunction.UNKNOWN, re_pb2.DigestFunction.SHA256):
+        try:
+            name = re_pb2.DigestFunction.Value.Name(value)
+        except ValueError:
+            name = f"#{value}"
+        raise InvalidArgument(f"digest_function {name} is not supported; this server uses SHA256")
+
+
+def compressor_name(value: int) -> str | None:
+    """Compressor enum -> the store's spelling; an unsupported one keeps its name for the error."""
+    if value in _COMPRESSOR_NAMES:
+        return _COMPRESSOR_NAMES[value]
+    try:
+        return re_pb2.Compressor.Value.Name(value).lower()
+    except ValueError:
+        return f"compressor #{value}"
+
+
+def _field_digest(message: re_pb2.Digest, field: str) -> Digest:
+    try:
+        return Digest.from_proto(message)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
+
+
+def _blob_status(error: Exception | None, digest: Digest | None = None):
+    """The per-blob google.rpc.Status for a batch entry."""
+    if error is None:
+        return ok_status()
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        error = ResourceExhausted(f"no disk space left to store blob {digest}")
+    elif isinstance(error, OSError):
+        log.error("disk error on blob %s: %s", digest, error)
+    return rpc_status(error)
+
+
+def _page_token(root: Digest, offset: int) -> str:
+    text = f"{_PAGE_TOKEN_VERSION}:{root}:{offset}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _page_offset(token: str, root: Digest) -> int:
+    """Where a page token says to continue; 0 for no token."""
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        version, tree, offset = text.split(":")
+        if version == _PAGE_TOKEN_VERSION and tree == str(root) and offset.isdigit():
+            return int(offset)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidArgument(
+        f"page_token {token!r} is not a next_page_token this server returned for root_digest {root}"
+    )
+
+
+class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageServicer):
+    def __init__(
+        self, store: FileStore, instances: InstanceNames, max_batch_total_size_bytes: int
+    ) -> None:
+        self._store = store
+        self._instances = instances
+        self._max_batch = max_batch_total_size_bytes
+
+    def _check_batch_size(self, total: int, count: int, verb: str, alternative: str) -> None:
+        if total > self._max_batch:
+            raise InvalidArgument(
+                f"batch to {verb} {count} blobs totals {total} bytes, more than the server's "
+                f"max_batch_total_size_bytes of {self._max_batch}; split the batch or use "
+                f"ByteStream {alternative} for large blobs"
+            )
+
+    @rpc
+    async def FindMissingBlobs(self, request, context):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        digests = [
+            _field_digest(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)
+        ]
+        missing = await self._store.find_missing(digests, touch=True)
+        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
+
+    @rpc
+    async def BatchUpdateBlobs(self, request, context):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        total = sum(max(len(r.data), r.digest.size_bytes, 0) for r in request.requests)
+        self._check_batch_size(total, len(request.requests), "upload", "Write")
+
+        statuses: list = [None] * len(request.requests)
+        items: list[tuple[Digest, bytes, str | None]] = []
+        slots: list[int] = []
+        for i, r in enumerate(request.requests):
+            try:
+                digest = _field_digest(r.digest, f"requests[{i}].digest")
+            except InvalidArgument as exc:
+                statuses[i] = rpc_status(exc)
+                continue
+            items.append((digest, r.data, compressor_name(r.compressor)))
+            slots.append(i)
+        for slot, item, error in zip(slots, items, await self._store.put_many(items)):
+            statuses[slot] = _blob_status(error, item[0])
+        return re_pb2.BatchUpdateBlobsResponse(
+            responses=[
+                re_pb2.BatchUpdateBlobsResponse.Response(digest=r.digest, status=status)
+                for r, status in zip(request.requests, statuses)
+            ]
+        )
+
+    @rpc
+    async def BatchReadBlobs(self, request, context):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        total = sum(max(d.size_bytes, 0) for d in request.digests)
+        self._check_batch_size(total, len(request.digests), "read", "Read")
+        compressor = ZSTD if re_pb2.Compressor.ZSTD in request.acceptable_compressors else None
+        wire_compressor = re_pb2.Compressor.ZSTD if compressor else re_pb2.Compressor.IDENTITY
+
+        responses = [re_pb2.BatchReadBlobsResponse.Response(digest=d) for d in request.digests]
+        digests: list[Digest] = []
+        slots: list[int] = []
+        for i, d in enumerate(request.digests):
+            try:
+                digests.append(_field_digest(d, f"digests[{i}]"))
+            except InvalidArgument as exc:
+                responses[i].status.CopyFrom(rpc_status(exc))
+                continue
+            slots.append(i)
+        results = await self._store.get_many(digests, compressor=compressor)
+        for slot, digest, result in zip(slots, digests, results):
+            response = responses[slot]
+            if isinstance(result, Exception):
+                response.status.CopyFrom(_blob_status(result, digest))
+            else:
+                response.data = result
+                response.compressor = wire_compressor
+                response.status.CopyFrom(ok_status())
+        return re_pb2.BatchReadBlobsResponse(responses=responses)
+
+    @rpc
+    async def GetTree(self, request, context):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        root = _field_digest(request.root_digest, "root_digest")
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size {request.page_size} is negative")
+        page_size = min(request.page_size or MAX_TREE_PAGE_SIZE, MAX_TREE_PAGE_SIZE)
+        start = _page_offset(request.page_token, root)
+
+        page: list[re_pb2.Directory] = []
+        page_bytes = 0
+        async for position, directory, size in self._walk(root):
+            if position < start:
+                continue
+            if page and (len(page) >= page_size or page_bytes + size > MAX_TREE_PAGE_BYTES):
+                yield re_pb2.GetTreeResponse(
+                    directories=page, next_page_token=_page_token(root, position)
+                )
+                page, page_bytes = [], 0
+            page.append(directory)
+            page_bytes += size
+        yield re_pb2.GetTreeResponse(directories=page)
+
+    async def _walk(self, root: Digest) -> AsyncIterator[tuple[int, re_pb2.Directory, int]]:
+        """Breadth-first, each directory once: (position, Directory, encoded size).
+
+        The order is stable for unchanged CAS content, which page tokens rely on.
+        Directories missing from the CAS (other than the root) are left out with
+        everything below them, as REAPI asks.
+        """
+        level = [root]
+        seen = {root}
+        position = 0
+        while level:
+            following: list[Digest] = []
+            for start in range(0, len(level), _TREE_READ_BATCH):
+                batch = level[start : start + _TREE_READ_BATCH]
+                for digest, blob in zip(batch, await self._store.get_many(batch)):
+                    is_root = position == 0 and digest == root
+                    if isinstance(blob, NotFound):
+                        if is_root:
+                            raise NotFound(f"root directory {root} is not in the CAS")
+                        continue
+                    if isinstance(blob, Exception):
+                        raise blob
+                    directory = re_pb2.Directory()
+                    try:
+                        directory.ParseFromString(blob)
+                    except DecodeError:
+                        if is_root:
+                            raise InvalidArgument(
+                                f"root_digest {root} names a blob that is not a Directory message"
+                            ) from None
+                        log.warning("GetTree %s: blob %s is not a Directory; skipped", root, digest)
+                        continue
+                    for node in directory.directories:
+                        try:
+                            child = Digest.from_proto(node.digest)
+                        except InvalidArgument as exc:
+                            log.warning(
+                                "GetTree %s: directory %r: %s; skipped", root, node.name, exc
+                            )
+                            continue
+                        if child not in seen:
+                            seen.add(child)
+                            following.append(child)
+                    yield position, directory, len(blob)
+                    position += 1
+            level = following

@@ -1,0 +1,52 @@
+"""Prometheus metrics: an HTTP /metrics endpoint on its own port (prometheus-client).
+
+Counters count what this replica did; gauges describe the shared queue and are the same
+on every replica (scrape any one of them, or aggregate with max()).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import prometheus_client
+from prometheus_client import Counter, Gauge
+
+from expbuild.db.metrics import queue_gauges
+
+log = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 5.0
+
+EXECUTE_REQUESTS = Counter("expbuild_execute_requests", "Execute calls", ["outcome"])
+TASK_COMPLETIONS = Counter("expbuild_task_completions", "Results reported by workers", ["outcome"])
+REAPED_TASKS = Counter("expbuild_reaped_tasks", "Leases ended by the reaper", ["outcome"])
+
+QUEUE_GAUGES = {
+    "queued": Gauge("expbuild_tasks_queued", "Tasks waiting for a worker"),
+    "leased": Gauge("expbuild_tasks_leased", "Tasks leased to a worker"),
+    "workers_online": Gauge("expbuild_workers_online", "Workers heartbeating"),
+    "workers_draining": Gauge("expbuild_workers_draining", "Workers finishing up before leaving"),
+    "oldest_queued_seconds": Gauge(
+        "expbuild_oldest_queued_task_age_seconds", "Age of the oldest queued task"
+    ),
+}
+
+
+def start_http_server(host: str, port: int) -> int:
+    """Serve /metrics in a background thread; returns the bound port (port 0 picks one)."""
+    server, _thread = prometheus_client.start_http_server(port, addr=host)
+    return server.server_port
+
+
+async def refresh_forever(pool: asyncpg.Pool) -> None:
+    while True:
+        try:
+            for name, value in (await queue_gauges(pool)).items():
+                QUEUE_GAUGES[name].set(value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - metrics must never take the server down
+            log.debug("metrics refresh failed: %s", exc)
+        await asyncio.sleep(REFRESH_SECONDS)

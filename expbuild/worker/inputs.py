@@ -1,0 +1,111 @@
+"""The per-task action directory: input root, output parents, log files.
+
+Layout of `<work_dir>/<task_id>-<attempt>-<random>/`:
+
+    root/      the input root, materialized from the CAS; the command runs in here
+    stdout     the command's standard output
+    stderr     the command's standard error
+
+The random part keeps two attempts of one task (or two workers sharing a work_dir) apart.
+The directory is removed after the task whatever happened (`remove_action_directory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import stat
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from expbuild.client.cas import CasClient
+from expbuild.client.tree import materialize
+from expbuild.digest import Digest
+from expbuild.errors import InvalidArgument
+from expbuild.proto import worker_pb2
+from expbuild.worker.outputs import output_parent_directories, working_directory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActionDirectory:
+    path: Path
+    input_root: Path
+    working_directory: Path
+    stdout_path: Path
+    stderr_path: Path
+
+
+def create_action_directory(work_dir: Path, task_id: str, attempt: int) -> Path:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)
+    path = work_dir / f"{safe_id}-{attempt}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+async def prepare_inputs(
+    cas: CasClient, task: worker_pb2.Task, action_path: Path
+) -> ActionDirectory:
+    """Materialize the task's input root in `action_path` and create its output parents.
+
+    Raises the client's errors for missing or invalid inputs (NotFound,
+    FailedPrecondition, InvalidArgument) and InvalidArgument for bad Command paths.
+    """
+    action, command = task.action, task.command
+    log.info("Downloading action %s", Digest.from_proto(task.action_digest))
+    # The server inlines Action and Command in the Task; only the input root is fetched.
+    log.info("Downloading command %s", Digest.from_proto(action.command_digest))
+    if not command.arguments:
+        raise InvalidArgument("the Command has no arguments; there is nothing to run")
+    input_root = action_path / "root"
+    input_root.mkdir()
+    input_root_digest = Digest.from_proto(action.input_root_digest)
+    log.info("Downloading input root %s", input_root_digest)
+    await materialize(cas, input_root_digest, input_root)
+    await asyncio.to_thread(_create_output_parents, command, input_root)
+    return ActionDirectory(
+        path=action_path,
+        input_root=input_root,
+        working_directory=working_directory(command, input_root),
+        stdout_path=action_path / "stdout",
+        stderr_path=action_path / "stderr",
+    )
+
+
+def _create_output_parents(command, input_root: Path) -> None:
+    for directory in output_parent_directories(command, input_root):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            relative = directory.relative_to(input_root)
+            raise InvalidArgument(
+                f"cannot create output directory {str(relative)!r}: a file in the input root is in the way"
+            ) from None
+
+
+async def remove_action_directory(path: Path) -> None:
+    await asyncio.to_thread(_remove_tree, path)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that also copes with read-only directories an action (or its inputs) made."""
+    if not path.exists():
+        return
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            try:
+                mode = os.lstat(child).st_mode
+                if stat.S_ISDIR(mode) and mode & stat.S_IRWXU != stat.S_IRWXU:
+                    os.chmod(child, mode | stat.S_IRWXU)
+            except OSError:
+                pass
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        log.warning("Could not remove action directory %s: %s", path, exc)

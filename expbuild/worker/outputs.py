@@ -1,0 +1,254 @@
+"""Turn what an action left in its working directory into ActionResult outputs.
+
+`collect_outputs` is pure with respect to the network: it walks the declared outputs and
+returns the output fields of an ActionResult together with the blobs they name (files
+as paths, Tree/Directory messages as bytes). The caller uploads the blobs; only after
+that upload succeeds may the result be reported.
+
+Rules (REAPI v2):
+- Command.output_paths (v2.1) wins over output_files/output_directories (v2.0).
+- Paths are relative to the working directory; a missing output is simply absent.
+- A symlink at an output path is reported as a symlink with its target text, never
+  followed; inside an output directory it becomes a SymlinkNode.
+- Only regular files, directories and symlinks can be outputs; anything else (FIFO,
+  socket, device) fails the action with a message naming the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from expbuild.digest import Digest, digest_of
+from expbuild.errors import FailedPrecondition, InvalidArgument
+from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.worker.paths import check_inside, join_inside
+
+_CHUNK = 1024 * 1024
+
+Blob = bytes | Path
+
+
+class OutputKind(Enum):
+    ANY = "output path"  # v2.1 output_paths: whatever is there
+    FILE = "output file"  # v2.0 output_files
+    DIRECTORY = "output directory"  # v2.0 output_directories
+
+
+@dataclass(frozen=True)
+class DeclaredOutput:
+    path: str
+    kind: OutputKind
+
+
+@dataclass
+class CollectedOutputs:
+    # Only the output_* fields are set; exit code, logs and metadata are the caller's.
+    result: re_pb2.ActionResult = field(default_factory=re_pb2.ActionResult)
+    # Every non-empty blob the result names (the empty blob is always present in a CAS).
+    blobs: dict[Digest, Blob] = field(default_factory=dict)
+
+    def add_blob(self, digest: Digest, content: Blob) -> None:
+        if not digest.is_empty:
+            self.blobs.setdefault(digest, content)
+
+
+def declared_outputs(command: re_pb2.Command) -> list[DeclaredOutput]:
+    """The outputs the command declares, without duplicates, in declaration order."""
+    if command.output_paths:
+        declared = [DeclaredOutput(p, OutputKind.ANY) for p in command.output_paths]
+    else:
+        declared = [DeclaredOutput(p, OutputKind.FILE) for p in command.output_files]
+        declared += [DeclaredOutput(p, OutputKind.DIRECTORY) for p in command.output_directories]
+    seen: set[str] = set()
+    unique = []
+    for output in declared:
+        if output.path not in seen:
+            seen.add(output.path)
+            unique.append(output)
+    return unique
+
+
+def working_directory(command: re_pb2.Command, input_root: Path) -> Path:
+    path = join_inside(input_root, command.working_directory, "working directory")
+    check_inside(input_root, path, "working directory", follow_last=True)
+    return path
+
+
+def output_parent_directories(command: re_pb2.Command, input_root: Path) -> list[Path]:
+    """The directories the worker creates before the run (REAPI: parents of every output).
+
+    Validates every declared path, so a bad one fails the task before it runs.
+    """
+    workdir = working_directory(command, input_root)
+    parents = [workdir]
+    for output in declared_outputs(command):
+        path = join_inside(workdir, output.path, output.kind.value)
+        check_inside(input_root, path, output.kind.value)
+        if path != workdir:
+            parents.append(path.parent)
+    return parents
+
+
+def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutputs:
+    """Read the declared outputs of a finished action (blocking; run it in a thread)."""
+    workdir = working_directory(command, input_root)
+    tree_format = command.output_directory_format
+    collected = CollectedOutputs()
+    result = collected.result
+    for output in declared_outputs(command):
+        what = f"{output.kind.value} {output.path!r}"
+        path = join_inside(workdir, output.path, output.kind.value)
+        check_inside(input_root, path, output.kind.value)
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # REAPI: outputs the action did not produce are omitted
+        if stat.S_ISLNK(mode):
+            symlink = re_pb2.OutputSymlink(path=output.path, target=_text(os.readlink(path), what))
+            {
+                OutputKind.ANY: result.output_symlinks,
+                OutputKind.FILE: result.output_file_symlinks,
+                OutputKind.DIRECTORY: result.output_directory_symlinks,
+            }[output.kind].append(symlink)
+        elif stat.S_ISREG(mode):
+            if output.kind is OutputKind.DIRECTORY:
+                raise FailedPrecondition(f"{what} is a regular file, not a directory")
+            digest = file_digest(path)
+            collected.add_blob(digest, path)
+            result.output_files.append(
+                re_pb2.OutputFile(
+                    path=output.path, digest=digest.to_proto(), is_executable=_is_executable(mode)
+                )
+            )
+        elif stat.S_ISDIR(mode):
+            if output.kind is OutputKind.FILE:
+                raise FailedPrecondition(f"{what} is a directory, not a regular file")
+            result.output_directories.append(
+                _output_directory(output.path, path, what, tree_format, collected)
+            )
+        else:
+            raise InvalidArgument(
+                f"{what} is a {file_type(mode)}; only regular files, directories and "
+                "symlinks can be outputs"
+            )
+    return collected
+
+
+def file_digest(path: Path) -> Digest:
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return Digest(hasher.hexdigest(), size)
+
+
+def file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISREG, "regular file"),
+    ):
+        if test(mode):
+            return name
+    return f"file of unknown type (mode {mode:o})"
+
+
+def directory_digest(directory: re_pb2.Directory) -> Digest:
+    return digest_of(directory.SerializeToString(deterministic=True))
+
+
+def _output_directory(
+    declared: str, path: Path, what: str, tree_format: int, collected: CollectedOutputs
+) -> re_pb2.OutputDirectory:
+    """Build the directory's Tree (root plus every distinct descendant) and its blobs."""
+    descendants: dict[Digest, re_pb2.Directory] = {}
+    root = _directory_message(path, path, what, collected, descendants)
+    output = re_pb2.OutputDirectory(path=declared)
+    Format = re_pb2.Command.OutputDirectoryFormat
+    if tree_format in (Format.TREE_ONLY, Format.TREE_AND_DIRECTORY):
+        tree = re_pb2.Tree(root=root, children=list(descendants.values()))
+        tree_blob = tree.SerializeToString(deterministic=True)
+        tree_digest = digest_of(tree_blob)
+        collected.add_blob(tree_digest, tree_blob)
+        output.tree_digest.CopyFrom(tree_digest.to_proto())
+    if tree_format in (Format.DIRECTORY_ONLY, Format.TREE_AND_DIRECTORY):
+        root_blob = root.SerializeToString(deterministic=True)
+        collected.add_blob(digest_of(root_blob), root_blob)
+        for digest, directory in descendants.items():
+            collected.add_blob(digest, directory.SerializeToString(deterministic=True))
+        output.root_directory_digest.CopyFrom(digest_of(root_blob).to_proto())
+    return output
+
+
+def _directory_message(
+    path: Path,
+    top: Path,
+    what: str,
+    collected: CollectedOutputs,
+    descendants: dict[Digest, re_pb2.Directory],
+) -> re_pb2.Directory:
+    """The canonical Directory for `path` (inside output directory `top`); its
+    subdirectories are added to `descendants`.
+
+    Canonical: files, directories and symlinks each sorted by name (scandir order is
+    arbitrary), so equal trees always hash the same.
+    """
+    directory = re_pb2.Directory()
+    for entry in _sorted_entries(path):
+        name = _text(entry.name, f"{what}: entry {entry.path!r}")
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            directory.symlinks.append(
+                re_pb2.SymlinkNode(name=name, target=_text(os.readlink(entry.path), what))
+            )
+        elif stat.S_ISREG(mode):
+            digest = file_digest(Path(entry.path))
+            collected.add_blob(digest, Path(entry.path))
+            directory.files.append(
+                re_pb2.FileNode(
+                    name=name, digest=digest.to_proto(), is_executable=_is_executable(mode)
+                )
+            )
+        elif stat.S_ISDIR(mode):
+            child = _directory_message(Path(entry.path), top, what, collected, descendants)
+            digest = directory_digest(child)
+            descendants.setdefault(digest, child)
+            directory.directories.append(re_pb2.DirectoryNode(name=name, digest=digest.to_proto()))
+        else:
+            inside = os.path.relpath(entry.path, top)
+            raise InvalidArgument(
+                f"{what} contains {inside!r}, a {file_type(mode)}; only regular files, "
+                "directories and symlinks can be outputs"
+            )
+    return directory
+
+
+def _sorted_entries(path: Path) -> Iterator[os.DirEntry[str]]:
+    with os.scandir(path) as entries:
+        # Code point order equals the UTF-8 byte order REAPI specifies.
+        return iter(sorted(entries, key=lambda e: e.name))
+
+
+def _is_executable(mode: int) -> bool:
+    return bool(mode & stat.S_IXUSR)
+
+
+def _text(name: str, what: str) -> str:
+    """Proto strings must be UTF-8; os functions return undecodable bytes as surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what}: name {name!r} is not valid UTF-8") from None
+    return name

@@ -1,0 +1,251 @@
+"""One task end to end: inputs, execution, outputs, and the ExecuteResponse to report.
+
+`TaskRunner.run` never raises for a problem with the task itself: a missing input, a
+bad path, an unsupported output or a CAS failure becomes an ExecuteResponse with the
+matching status, so the worker keeps serving. Only cancellation propagates (the
+backend has stopped the process by then), and the action directory is removed in
+every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from expbuild import errors
+from expbuild.client.cas import CasClient
+from expbuild.client.errors import RemoteError
+from expbuild.digest import Digest
+from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.proto import worker_pb2
+from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest, Executor
+from expbuild.worker.inputs import (
+    ActionDirectory,
+    create_action_directory,
+    prepare_inputs,
+    remove_action_directory,
+)
+from expbuild.worker.outputs import CollectedOutputs, collect_outputs, file_digest
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[errors.ExpBuildError], int] = {
+    errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,
+    errors.NotFound: code_pb2.NOT_FOUND,
+    errors.OutOfRange: code_pb2.OUT_OF_RANGE,
+    errors.AlreadyExists: code_pb2.ALREADY_EXISTS,
+    errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
+    errors.Aborted: code_pb2.ABORTED,
+    errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
+}
+_DIGEST_IN_TEXT = re.compile(r"\b([0-9a-f]{64})/(\d+)\b")
+
+
+@dataclass
+class TaskRunner:
+    executor: Executor
+    work_dir: Path
+    worker_name: str
+    # The CAS client for a task's instance name.
+    cas_for: Callable[[str], CasClient]
+
+    async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
+        log.info("Starting execution of task %s", task.task_id)
+        metadata = re_pb2.ExecutedActionMetadata(worker=self.worker_name)
+        _stamp(metadata.worker_start_timestamp)
+        if task.HasField("queued_at"):
+            metadata.queued_timestamp.CopyFrom(task.queued_at)
+        cas = self.cas_for(task.instance_name)
+        # Synchronous on purpose (two mkdirs): no await between creating the directory
+        # and the try whose finally removes it, so a cancellation cannot leak it.
+        try:
+            action_path = create_action_directory(self.work_dir, task.task_id, task.attempt)
+        except OSError as exc:
+            log.error("Task %s: cannot create its action directory: %s", task.task_id, exc)
+            return failure_response(
+                RuntimeError(f"worker cannot create an action directory in {self.work_dir}: {exc}")
+            )
+        try:
+            return await self._run_in(action_path, task, cas, metadata)
+        except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
+            return failure_response(exc)
+        except Exception as exc:  # a bug must fail this task, not the worker
+            log.exception("Task %s: internal error", task.task_id)
+            return failure_response(exc)
+        finally:
+            await remove_action_directory(action_path)
+
+    async def _run_in(
+        self,
+        action_path: Path,
+        task: worker_pb2.Task,
+        cas: CasClient,
+        metadata: re_pb2.ExecutedActionMetadata,
+    ) -> re_pb2.ExecuteResponse:
+        _stamp(metadata.input_fetch_start_timestamp)
+        try:
+            directory = await prepare_inputs(cas, task, action_path)
+        except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
+            log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
+            return failure_response(exc, fetching_inputs=True)
+        _stamp(metadata.input_fetch_completed_timestamp)
+
+        command = task.command
+        timeout = task_timeout(task)
+        log.info("Executing command: %s", json.dumps(list(command.arguments)))
+        outcome = await self.executor.execute(
+            ExecutionRequest(
+                arguments=list(command.arguments),
+                environment={v.name: v.value for v in command.environment_variables},
+                working_directory=directory.working_directory,
+                stdout_path=directory.stdout_path,
+                stderr_path=directory.stderr_path,
+                timeout=timeout,
+            )
+        )
+        metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
+        metadata.execution_completed_timestamp.FromDatetime(outcome.completed_at)
+        if outcome.timed_out:
+            log.warning("Command timed out after %gs (exit code %d)", timeout, outcome.exit_code)
+        else:
+            log.info("Command exited with code: %d", outcome.exit_code)
+
+        _stamp(metadata.output_upload_start_timestamp)
+        result, output_error = await self._upload_outputs(cas, command, directory, outcome)
+        _stamp(metadata.output_upload_completed_timestamp)
+        _stamp(metadata.worker_completed_timestamp)
+        result.execution_metadata.CopyFrom(metadata)
+
+        response = re_pb2.ExecuteResponse(result=result)
+        if outcome.timed_out:
+            response.status.code = code_pb2.DEADLINE_EXCEEDED
+            response.status.message = f"action timed out after {timeout:g}s"
+            if output_error is not None:
+                response.status.message += f"; its outputs could not be collected: {output_error}"
+        elif output_error is not None:
+            response.status.CopyFrom(error_status(output_error))
+        else:
+            response.status.code = code_pb2.OK
+        response.message = response.status.message
+        return response
+
+    async def _upload_outputs(
+        self,
+        cas: CasClient,
+        command: re_pb2.Command,
+        directory: ActionDirectory,
+        outcome: ExecutionOutcome,
+    ) -> tuple[re_pb2.ActionResult, errors.ExpBuildError | None]:
+        """Collect and upload outputs plus stdout/stderr.
+
+        An unusable output (bad type, path escaping the root) does not lose the logs:
+        the result then carries exit code and stdout/stderr only, plus the error.
+        """
+        output_error: errors.ExpBuildError | None = None
+        try:
+            collected = await asyncio.to_thread(collect_outputs, command, directory.input_root)
+        except errors.ExpBuildError as exc:
+            log.warning("Outputs cannot be collected: %s", exc)
+            output_error = exc
+            collected = CollectedOutputs()
+        result = collected.result
+        result.exit_code = outcome.exit_code
+        for path, digest_field in (
+            (directory.stdout_path, result.stdout_digest),
+            (directory.stderr_path, result.stderr_digest),
+        ):
+            digest = await asyncio.to_thread(file_digest, path)
+            collected.add_blob(digest, path)
+            digest_field.CopyFrom(digest.to_proto())
+        sent = await cas.upload(collected.blobs)
+        log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(collected.blobs), sent)
+        return result, output_error
+
+
+def task_timeout(task: worker_pb2.Task) -> float | None:
+    """The server's effective timeout, else the Action's; neither set means no limit."""
+    for duration in (task.timeout, task.action.timeout):
+        seconds = duration.ToTimedelta().total_seconds()
+        if seconds > 0:
+            return seconds
+    return None
+
+
+def failure_response(
+    exc: BaseException, *, fetching_inputs: bool = False
+) -> re_pb2.ExecuteResponse:
+    status = error_status(exc, fetching_inputs=fetching_inputs)
+    return re_pb2.ExecuteResponse(status=status, message=status.message)
+
+
+def error_status(exc: BaseException, *, fetching_inputs: bool = False) -> status_pb2.Status:
+    """The google.rpc.Status to report for `exc`.
+
+    A blob missing while fetching inputs is FAILED_PRECONDITION with a MISSING
+    violation per blob: that is what makes Bazel upload the blob and retry.
+    """
+    code, message = _code_and_message(exc)
+    violations: list[errors.Violation] = list(getattr(exc, "violations", []))
+    if fetching_inputs and code == code_pb2.NOT_FOUND:
+        code = code_pb2.FAILED_PRECONDITION
+        violations += [
+            errors.Violation("MISSING", f"blobs/{hash_}/{size}")
+            for hash_, size in dict.fromkeys(_DIGEST_IN_TEXT.findall(message))
+        ]
+    status = status_pb2.Status(code=code, message=message)
+    if violations:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=v.type, subject=v.subject, description=v.description
+                )
+                for v in violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(failure)
+        status.details.append(detail)
+    return status
+
+
+def _code_and_message(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().value[0], exc.details() or exc.code().name
+    if isinstance(exc, RemoteError):  # the client's error for codes without a domain class
+        return exc.code.value[0], str(exc)
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            return _CODES[cls], str(exc)
+    return code_pb2.INTERNAL, f"internal worker error: {type(exc).__name__}: {exc}"
+
+
+def _describe(exc: BaseException) -> str:
+    code, message = _code_and_message(exc)
+    return f"{code_pb2.Code.Name(code)}: {message}"
+
+
+def missing_digests(status: status_pb2.Status) -> list[Digest]:
+    """The blobs a FAILED_PRECONDITION status reports as MISSING (for logs and tests)."""
+    found = []
+    for detail in status.details:
+        failure = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(failure):
+            for violation in failure.violations:
+                if violation.type == "MISSING":
+                    found.append(Digest.parse(violation.subject.removeprefix("blobs/")))
+    return found
+
+
+def _stamp(timestamp) -> None:
+    timestamp.FromDatetime(datetime.now(UTC))

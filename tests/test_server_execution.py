@@ -1,0 +1,249 @@
+"""Execution and the Worker API through real gRPC against real Postgres.
+
+The "worker" here is a plain Worker API client driven by the test, so each step of the
+protocol (poll, heartbeat, complete with a stale token) can be checked on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from expbuild.digest import digest_of
+from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.proto import worker_pb2, worker_pb2_grpc
+from tests.serving import running_server, server_settings
+
+
+@pytest.fixture
+async def server(database_url, tmp_path):
+    async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
+        yield app
+
+
+def channel_to(app) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+
+
+async def put_action(store, argv=("echo", "hi"), *, do_not_cache=False, platform=()):
+    command = re_pb2.Command(arguments=list(argv))
+    for name, value in platform:
+        command.platform.properties.add(name=name, value=value)
+    root = re_pb2.Directory()
+    blobs = {}
+    for message in (command, root):
+        data = message.SerializeToString()
+        blobs[digest_of(data)] = data
+    command_digest, root_digest = list(blobs)
+    action = re_pb2.Action(command_digest=command_digest.to_proto(),
+                           input_root_digest=root_digest.to_proto(), do_not_cache=do_not_cache)
+    data = action.SerializeToString()
+    blobs[digest_of(data)] = data
+    for digest, payload in blobs.items():
+        await store.put(digest, payload)
+    return digest_of(data)
+
+
+async def register(stub, name="w1", **platform) -> str:
+    request = worker_pb2.RegisterWorkerRequest(name=name, max_concurrent_tasks=2)
+    for key, value in (platform or {"OSFamily": "Linux"}).items():
+        request.platform.properties.add(name=key, value=value)
+    return (await stub.RegisterWorker(request)).worker_id
+
+
+def result_response(exit_code=0, stdout=b"") -> re_pb2.ExecuteResponse:
+    return re_pb2.ExecuteResponse(
+        result=re_pb2.ActionResult(exit_code=exit_code, stdout_raw=stdout),
+        status=status_pb2.Status(code=code_pb2.OK),
+    )
+
+
+def unpack_response(operation) -> re_pb2.ExecuteResponse:
+    response = re_pb2.ExecuteResponse()
+    operation.response.Unpack(response)
+    return response
+
+
+def stage(operation) -> int:
+    metadata = re_pb2.ExecuteOperationMetadata()
+    operation.metadata.Unpack(metadata)
+    return metadata.stage
+
+
+async def test_execute_runs_through_the_worker_api_and_then_hits_the_cache(server):
+    digest = await put_action(server.store)
+    async with channel_to(server) as channel:
+        execution = re_grpc.ExecutionStub(channel)
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        worker_id = await register(workers)
+
+        stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        first = await stream.read()
+        assert not first.done and stage(first) == re_pb2.ExecutionStage.QUEUED
+
+        polled = await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2))
+        [task] = polled.tasks
+        assert task.action_digest.hash == digest.hash and list(task.command.arguments) == ["echo", "hi"]
+        await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
+            worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
+            response=result_response(0, b"hi\n")))
+
+        operations = await _rest(stream)
+        assert operations[-1].done
+        response = unpack_response(operations[-1])
+        assert response.result.stdout_raw == b"hi\n" and not response.cached_result
+
+        again = [op async for op in execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))]
+        assert len(again) == 1 and again[0].done
+        assert unpack_response(again[0]).cached_result
+
+        got = await operations_pb2_grpc.OperationsStub(channel).GetOperation(
+            operations_pb2.GetOperationRequest(name=operations[-1].name))
+        assert got.done and unpack_response(got).result.stdout_raw == b"hi\n"
+
+
+async def test_missing_inputs_fail_with_precondition_failure(server):
+    action = re_pb2.Action(command_digest=digest_of(b"nope").to_proto(),
+                           input_root_digest=digest_of(b"").to_proto())
+    data = action.SerializeToString()
+    await server.store.put(digest_of(data), data)
+    async with channel_to(server) as channel:
+        execution = re_grpc.ExecutionStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in execution.Execute(re_pb2.ExecuteRequest(action_digest=digest_of(data).to_proto())):
+                pass
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = dict(info.value.trailing_metadata())["grpc-status-details-bin"]
+        status = status_pb2.Status.FromString(details)
+        failure = error_details_pb2.PreconditionFailure()
+        status.details[0].Unpack(failure)
+        subjects = [(v.type, v.subject) for v in failure.violations]
+        assert subjects == [("MISSING", f"blobs/{digest_of(b'nope').hash}/4")]
+
+        # The action itself missing, and a malformed digest: each a clear error; server serves on.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in execution.Execute(re_pb2.ExecuteRequest(action_digest=digest_of(b"x").to_proto())):
+                pass
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in execution.Execute(re_pb2.ExecuteRequest(
+                    action_digest=re_pb2.Digest(hash="abc", size_bytes=-1))):
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "action_digest" in info.value.details()
+
+
+async def test_identical_executes_share_one_task(server):
+    digest = await put_action(server.store)
+    async with channel_to(server) as channel:
+        execution = re_grpc.ExecutionStub(channel)
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        worker_id = await register(workers)
+        streams = [execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())) for _ in range(3)]
+        firsts = [await s.read() for s in streams]
+        assert len({op.name for op in firsts}) == 3
+        polled = await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2))
+        assert len(polled.tasks) == 1
+        task = polled.tasks[0]
+        await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
+            worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
+            response=result_response(0, b"once")))
+        for stream in streams:
+            last = await _last(stream)
+            assert unpack_response(last).result.stdout_raw == b"once"
+
+
+async def test_stale_lease_token_is_aborted_and_the_server_keeps_serving(server):
+    digest = await put_action(server.store, do_not_cache=True)
+    async with channel_to(server) as channel:
+        execution = re_grpc.ExecutionStub(channel)
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        worker_id = await register(workers)
+        stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        await stream.read()
+        [task] = (await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))).tasks
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
+                worker_id=worker_id, task_id=task.task_id,
+                lease_token="00000000-0000-0000-0000-000000000000", response=result_response()))
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        assert "lease token" in info.value.details()
+        await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
+            worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
+            response=result_response(3)))
+        last = await _last(stream)
+        assert unpack_response(last).result.exit_code == 3
+
+
+async def test_poll_wakes_on_notify_without_waiting_for_the_timeout(server):
+    digest = await put_action(server.store)
+    async with channel_to(server) as channel:
+        execution = re_grpc.ExecutionStub(channel)
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        worker_id = await register(workers)
+        poll = asyncio.ensure_future(workers.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1)))
+        await asyncio.sleep(0.3)
+        assert not poll.done()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        await stream.read()
+        polled = await poll
+        assert len(polled.tasks) == 1
+        assert loop.time() - started < 0.9  # the fallback interval is 1 s: NOTIFY woke it
+        stream.cancel()
+
+
+async def test_a_client_on_one_replica_sees_completion_through_another(database_url, tmp_path):
+    cas = tmp_path / "cas"
+    async with running_server(server_settings(cas), database_url) as a, \
+            running_server(server_settings(cas), database_url) as b:
+        digest = await put_action(a.store)
+        async with channel_to(a) as ca, channel_to(b) as cb:
+            stream = re_grpc.ExecutionStub(ca).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+            await stream.read()
+            workers = worker_pb2_grpc.WorkerServiceStub(cb)
+            worker_id = await register(workers)
+            [task] = (await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))).tasks
+            await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
+                worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
+                response=result_response(0, b"via b")))
+            last = await asyncio.wait_for(_last(stream), timeout=5)
+            assert unpack_response(last).result.stdout_raw == b"via b"
+
+
+async def _last(stream):
+    return (await _rest(stream))[-1]
+
+
+async def _rest(stream) -> list:
+    """The operations left on a stream already read from (grpc.aio forbids mixing read() and
+    async iteration on one call)."""
+    found = []
+    while True:
+        operation = await stream.read()
+        if operation is grpc.aio.EOF:
+            return found
+        found.append(operation)
+
+
+async def test_heartbeat_reports_lost_tasks_and_unknown_workers(server):
+    async with channel_to(server) as channel:
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        reply = await workers.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="worker-ghost"))
+        assert reply.reregister
+        worker_id = await register(workers)
+        reply = await workers.Heartbeat(worker_pb2.HeartbeatRequest(
+            worker_id=worker_id,
+            running=[worker_pb2.TaskLease(task_id="task-999", lease_token="00000000-0000-0000-0000-000000000000")]))
+        assert list(reply.lost_task_ids) == ["task-999"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await workers.Heartbeat(worker_pb2.HeartbeatRequest(
+                worker_id=worker_id, running=[worker_pb2.TaskLease(task_id="bogus", lease_token="x")]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

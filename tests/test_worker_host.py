@@ -1,0 +1,268 @@
+"""The `host` execution backend, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.host import DEFAULT_PATH, HostExecutor, exit_code
+
+SH = "/bin/sh"
+
+
+def request(
+    tmp_path: Path,
+    *arguments: str,
+    environment: dict[str, str] | None = None,
+    working_directory: Path | None = None,
+    timeout: float | None = None,
+) -> ExecutionRequest:
+    return ExecutionRequest(
+        arguments=list(arguments),
+        environment=environment if environment is not None else {},
+        working_directory=working_directory or tmp_path,
+        stdout_path=tmp_path / "stdout",
+        stderr_path=tmp_path / "stderr",
+        timeout=timeout,
+    )
+
+
+def stdout(tmp_path: Path) -> str:
+    return (tmp_path / "stdout").read_text()
+
+
+def stderr(tmp_path: Path) -> str:
+    return (tmp_path / "stderr").read_text()
+
+
+def is_gone(pid: int) -> bool:
+    """True once `pid` no longer runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] in ("Z", "X")
+
+
+async def wait_until_gone(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if is_gone(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return is_gone(pid)
+
+
+async def read_pid(path: Path, seconds: float = 5.0) -> int:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{path} was never written")
+
+
+async def test_exit_code_zero_and_output_to_files(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, SH, "-c", "echo out; echo err >&2"))
+    assert outcome.exit_code == 0
+    assert not outcome.timed_out
+    assert outcome.started_at <= outcome.completed_at
+    assert stdout(tmp_path) == "out\n"
+    assert stderr(tmp_path) == "err\n"
+
+
+async def test_nonzero_exit_code(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, SH, "-c", "exit 3"))
+    assert outcome.exit_code == 3
+    assert not outcome.timed_out
+
+
+async def test_death_by_signal_reported_as_128_plus_signal(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, SH, "-c", "kill -TERM $$"))
+    assert outcome.exit_code == 128 + 15
+    assert exit_code(-9) == 137
+
+
+async def test_large_output_goes_to_file(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, SH, "-c", "head -c 5000000 /dev/zero"))
+    assert outcome.exit_code == 0
+    assert (tmp_path / "stdout").stat().st_size == 5_000_000
+
+
+async def test_environment_is_exactly_the_commands(tmp_path):
+    outcome = await HostExecutor().execute(
+        request(tmp_path, "env", environment={"GREETING": "hello world", "PATH": "/usr/bin:/bin"})
+    )
+    assert outcome.exit_code == 0
+    lines = sorted(stdout(tmp_path).splitlines())
+    assert lines == ["GREETING=hello world", "PATH=/usr/bin:/bin"]
+
+
+async def test_default_path_when_command_sets_none(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, "env", environment={"A": "1"}))
+    assert outcome.exit_code == 0
+    assert sorted(stdout(tmp_path).splitlines()) == ["A=1", f"PATH={DEFAULT_PATH}"]
+
+
+async def test_working_directory_is_honoured(tmp_path):
+    workdir = tmp_path / "root" / "sub" / "dir"
+    workdir.mkdir(parents=True)
+    (workdir / "data.txt").write_text("here\n")
+    outcome = await HostExecutor().execute(
+        request(tmp_path, SH, "-c", "pwd; cat data.txt", working_directory=workdir)
+    )
+    assert outcome.exit_code == 0
+    assert stdout(tmp_path) == f"{workdir}\nhere\n"
+
+
+async def test_program_found_on_relative_path_entry(tmp_path):
+    workdir = tmp_path / "root"
+    (workdir / "tools").mkdir(parents=True)
+    tool = workdir / "tools" / "greet"
+    tool.write_text('#!/bin/sh\necho greeted "$@"\n')
+    tool.chmod(0o755)
+    outcome = await HostExecutor().execute(
+        request(
+            tmp_path,
+            "greet",
+            "you",
+            environment={"PATH": "tools:/usr/bin:/bin"},
+            working_directory=workdir,
+        )
+    )
+    assert outcome.exit_code == 0
+    assert stdout(tmp_path) == "greeted you\n"
+
+
+async def test_relative_program_path_is_relative_to_working_directory(tmp_path):
+    workdir = tmp_path / "root"
+    workdir.mkdir()
+    script = workdir / "run.sh"
+    script.write_text("#!/bin/sh\necho argv0=$0\n")
+    script.chmod(0o755)
+    outcome = await HostExecutor().execute(request(tmp_path, "./run.sh", working_directory=workdir))
+    assert outcome.exit_code == 0
+    assert stdout(tmp_path) == "argv0=./run.sh\n"
+
+
+async def test_missing_program_is_127_with_a_message(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, "no-such-program-xyz", "arg"))
+    assert outcome.exit_code == 127
+    assert not outcome.timed_out
+    message = stderr(tmp_path)
+    assert "no-such-program-xyz: command not found" in message
+    assert DEFAULT_PATH in message
+
+
+async def test_missing_program_with_slash_is_127(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, "./missing.sh"))
+    assert outcome.exit_code == 127
+    assert "./missing.sh: cannot execute" in stderr(tmp_path)
+
+
+async def test_non_executable_program_is_126(tmp_path):
+    script = tmp_path / "plain.sh"
+    script.write_text("echo hi\n")
+    script.chmod(0o644)
+    outcome = await HostExecutor().execute(request(tmp_path, "./plain.sh"))
+    assert outcome.exit_code == 126
+    assert "./plain.sh: cannot execute: Permission denied" in stderr(tmp_path)
+
+
+async def test_bare_name_that_is_not_executable_is_not_found(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tool").write_text("echo hi\n")
+    outcome = await HostExecutor().execute(request(tmp_path, "tool", environment={"PATH": "bin"}))
+    assert outcome.exit_code == 127
+
+
+async def test_empty_arguments_fail_cleanly(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path))
+    assert outcome.exit_code == 127
+    assert "no arguments" in stderr(tmp_path)
+
+
+async def test_stdin_is_empty(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, "cat"))
+    assert outcome.exit_code == 0
+    assert stdout(tmp_path) == ""
+
+
+async def test_timeout_kills_the_whole_process_group(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    started = time.monotonic()
+    outcome = await HostExecutor().execute(
+        request(
+            tmp_path,
+            SH,
+            "-c",
+            f"sleep 300 & echo $! > {pid_file}; echo started; wait",
+            timeout=0.5,
+        )
+    )
+    assert outcome.timed_out
+    assert time.monotonic() - started < 10
+    assert outcome.exit_code != 0
+    assert stdout(tmp_path) == "started\n"
+    grandchild = await read_pid(pid_file)
+    assert await wait_until_gone(grandchild), f"grandchild sleep {grandchild} survived the timeout"
+
+
+async def test_timeout_escalates_to_sigkill(tmp_path):
+    pid_file = tmp_path / "pid"
+    outcome = await HostExecutor(terminate_grace=0.3).execute(
+        request(
+            tmp_path,
+            SH,
+            "-c",
+            f"trap '' TERM; echo $$ > {pid_file}; while :; do sleep 0.1; done",
+            timeout=0.3,
+        )
+    )
+    assert outcome.timed_out
+    assert outcome.exit_code == 128 + 9
+    assert await wait_until_gone(await read_pid(pid_file))
+
+
+async def test_background_process_does_not_outlive_the_action(tmp_path):
+    pid_file = tmp_path / "background.pid"
+    outcome = await HostExecutor().execute(
+        request(tmp_path, SH, "-c", f"sleep 300 > /dev/null 2>&1 & echo $! > {pid_file}")
+    )
+    assert outcome.exit_code == 0
+    assert await wait_until_gone(await read_pid(pid_file))
+
+
+async def test_cancellation_kills_the_process_group(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    job = asyncio.create_task(
+        HostExecutor().execute(
+            request(tmp_path, SH, "-c", f"sleep 300 & echo $! > {pid_file}; wait")
+        )
+    )
+    grandchild = await read_pid(pid_file)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert await wait_until_gone(grandchild)
+
+
+async def test_actions_run_concurrently(tmp_path):
+    executor = HostExecutor()
+    dirs = [tmp_path / str(i) for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    started = time.monotonic()
+    outcomes = await asyncio.gather(*(executor.execute(request(d, "sleep", "0.5")) for d in dirs))
+    assert [o.exit_code for o in outcomes] == [0, 0, 0]
+    assert time.monotonic() - started < 1.4
+
+
+def test_default_path_is_documented_value():
+    assert DEFAULT_PATH == "/usr/local/bin:/usr/bin:/bin"
+    assert os.pathsep == ":"
