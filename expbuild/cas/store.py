@@ -573,7 +573,15 @@ class FileStore:
         key = _upload_key(upload_id, digest, compressor)
         await self._drop_idle_uploads()
         session = self._uploads.get(key)
-        if await asyncio.to_thread(self._present, digest, touch=True):
+
+        def present() -> bool:
+            if not self._present(digest, touch=True):
+                return False
+            if session is None:
+                _unlink_quiet(self._upload_path(key))  # left by an earlier process
+            return True
+
+        if await asyncio.to_thread(present):
             if session is not None and not session.busy:
                 await session.abort()
             return UploadSession(self, key, digest, compressor, complete=True)
@@ -918,7 +926,7 @@ class UploadSession:
         self._pending_size = 0
         self._hasher = new_hasher()
         self._written = 0  # uncompressed bytes hashed and in the file
-        self._decoder = _ZstdDecoder(digest) if compressor == ZSTD else None
+        self._decoder = _ZstdDecoder(digest) if compressor == ZSTD and not complete else None
         self._state = "complete" if complete else "open"  # open -> complete | failed
         self._already_stored = complete
         self._error: BaseException | None = None
@@ -969,7 +977,7 @@ class UploadSession:
                 return self.digest.size_bytes
             if self._state != "open":
                 return 0
-            if self._decoder is None:
+            if self.compressor is None:
                 return self._next_offset
             if self._pending:
                 with contextlib.suppress(InvalidArgument):
@@ -994,7 +1002,7 @@ class UploadSession:
             if self._state == "complete":
                 return True
             self._check_open()
-            if first and self._decoder is not None:
+            if first and self.compressor is not None:
                 await self._start_compressed_stream()
                 if self._state == "complete":
                     return True
@@ -1002,7 +1010,7 @@ class UploadSession:
                 raise self._offset_error(offset, first)
             if data:
                 end = self._next_offset + len(data)
-                if self._decoder is None and end > self.digest.size_bytes:
+                if self.compressor is None and end > self.digest.size_bytes:
                     error = _overflow_error(self.digest, end)
                     self._take_pending()
                     await self._run(self._discard_blocking, error)
@@ -1035,7 +1043,7 @@ class UploadSession:
         self._next_offset = self._written
 
     def _offset_error(self, offset: int, first: bool) -> InvalidArgument:
-        if first or self._decoder is None:
+        if first or self.compressor is None:
             return InvalidArgument(
                 f"blob {self.digest}: write_offset {offset} does not match the "
                 f"{self._next_offset} bytes committed so far (resume at {self._next_offset})"
@@ -1099,7 +1107,7 @@ class UploadSession:
 
     def _consume(self, f: BinaryIO, chunks: list[bytes]) -> None:
         size = self.digest.size_bytes
-        compressed = self._decoder is not None
+        compressed = self.compressor is not None
 
         def out(piece) -> None:
             received = self._written + len(piece)
@@ -1140,7 +1148,7 @@ class UploadSession:
         try:
             with open(self.path, "ab") as f:
                 self._consume(f, chunks)
-                if self._decoder is not None and self._written != self.digest.size_bytes:
+                if self.compressor is not None and self._written != self.digest.size_bytes:
                     raise _decompressed_size_error(self.digest, self._written)
                 _verify(self.digest, self._written, self._hasher)
                 present = self.digest.size_bytes == 0 or store._present(self.digest, touch=True)

@@ -1,0 +1,118 @@
+"""End to end with real processes: `expbuild server`, `expbuild worker daemon`, `expbuild run`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.processes import BIN, server_env, start, wait_for_log, wait_healthy
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def cluster(database_url, tmp_path):
+    """A server and one worker as separate processes, like two hosts would run them."""
+    env = server_env(database_url, tmp_path)
+    address = env["EXPBUILD_SERVER__ADDRESS"]
+    server = start("server", ["re-server", "--config",
+                              "configs/expbuild-server-remote-workers.toml", "--verbose"],
+                   tmp_path, env)
+    worker = None
+    try:
+        wait_healthy(address, server)
+        worker = start("worker", ["expbuild-worker", "daemon", "--config",
+                                  "configs/expbuild-worker.toml", "--verbose"], tmp_path, {
+            "EXPBUILD_WORKER__SERVER_URL": f"http://{address}",
+            "EXPBUILD_WORKER__CAS_URL": f"http://{address}",
+            "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
+        })
+        wait_for_log(worker, "registered successfully")
+        yield address, server, worker
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
+
+
+def run(address: str, *args: str, cwd, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "expbuild"), "run", "--server", address, *args],
+                          capture_output=True, cwd=cwd, timeout=timeout)
+
+
+def test_the_readme_examples_work_through_real_processes(cluster, tmp_path):
+    address, server, worker = cluster
+    started = time.monotonic()
+
+    first = run(address, "--", "sh", "-c", "echo hello from remote; echo oops >&2; exit 3",
+                cwd=tmp_path)
+    assert first.stdout == b"hello from remote\n"
+    assert first.stderr == b"oops\n"
+    assert first.returncode == 3
+
+    workdir = tmp_path / "client"
+    (workdir / "some_dir").mkdir(parents=True)
+    (workdir / "some_dir" / "a.txt").write_text("the contents of a\n")
+    second = run(address, "--input", "./some_dir", "--output", "out.txt", "--",
+                 "sh", "-c", "cat some_dir/a.txt > out.txt", cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert (workdir / "out.txt").read_text() == "the contents of a\n"
+
+    as_json = run(address, "--json", "--", "echo", "Hello from remote worker", cwd=tmp_path)
+    report = json.loads(as_json.stdout)
+    assert report["exit_code"] == 0 and report["stdout"] == "Hello from remote worker\n"
+    print(f"\nend-to-end: three remote runs in {time.monotonic() - started:.2f}s")
+
+    # The original guide's log lines, on both sides.
+    for line in ("Initializing remote worker scheduler", "registered with platform",
+                 "submitted to queue", "Leased task task-", "completed on worker"):
+        assert line in server.log(), line
+    for line in ("Starting execution of task task-", "Executing command:",
+                 "Command exited with code: 3", "completed successfully"):
+        assert line in worker.log(), line
+
+
+def test_execute_an_uploaded_action_with_the_cli_alias(cluster, tmp_path):
+    address, _server, _worker = cluster
+    report = json.loads(run(address, "--json", "--", "echo", "again", cwd=tmp_path).stdout)
+    executed = subprocess.run(
+        [str(BIN / "expbuild-cli"), "execute", "--server", address, report["action_digest"]],
+        capture_output=True, timeout=60)
+    assert executed.returncode == 0 and executed.stdout == b"again\n"
+    bad = subprocess.run([str(BIN / "expbuild-cli"), "execute", "--server", address, "abc/-1"],
+                         capture_output=True, timeout=60)
+    assert bad.returncode == 2 and b"abc" in bad.stderr
+
+
+def test_metrics_and_graceful_shutdown(cluster, tmp_path):
+    address, server, worker = cluster
+    run(address, "--", "true", cwd=tmp_path)
+    metrics_address = server.env["EXPBUILD_SERVER__METRICS_ADDRESS"]
+    deadline = time.monotonic() + 15
+    while True:
+        body = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+        if "expbuild_workers_online 1.0" in body or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "expbuild_workers_online 1.0" in body
+    assert 'expbuild_execute_requests_total{outcome="queued"}' in body
+
+    assert worker.stop(signal.SIGTERM) == 0
+    assert "deregistered" in server.log()
+    assert server.stop(signal.SIGTERM) == 0
+
+
+def test_a_bad_config_stops_startup_with_one_clear_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[execution]\nbackend = "magic"\n')
+    result = subprocess.run([str(BIN / "expbuild"), "server", "--config", str(config)],
+                            capture_output=True, timeout=60, text=True)
+    assert result.returncode != 0
+    assert "execution.backend" in result.stderr and "magic" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
