@@ -42,8 +42,7 @@ from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
-from tests.serving import running_server
-from tests.serving import server_settings
+from tests.serving import running_server, server_settings
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import grpc
 from expbuild.client.channel import channel_target
 from expbuild.client.errors import RemoteError, from_rpc_error, from_status
 from expbuild.digest import Digest, new_hasher
-from expbuild.errors import InvalidArgument
+from expbuild.errors import InvalidArgument, NotFound
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -41,6 +41,7 @@ _REQUEST_OVERHEAD = 1024
 # A ByteStream Read broken by UNAVAILABLE after some data arrived is resumed at the
 # offset reached, at most this many times in a row.
 _READ_RESUME_ATTEMPTS = 3
+_NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 
 
 async def gather_or_cancel(aws: Iterable[Awaitable[T]]) -> list[T]:
@@ -327,19 +328,49 @@ class CasClient:
 
         Small blobs are fetched in BatchReadBlobs requests, large ones by ByteStream, all
         concurrently. Holds every blob in memory: use `read_to_file` for big trees.
+        Raises `NotFound` for the first blob found missing (see `read_available`).
         """
+        found, _ = await self._read_all(digests, missing_ok=False)
+        return found
+
+    async def read_available(
+        self, digests: Iterable[Digest]
+    ) -> tuple[dict[Digest, bytes], list[Digest]]:
+        """Like `read_many`, but a blob the CAS lacks does not raise: it is listed in the
+        second element instead (without duplicates, in input order), so the caller learns
+        of every missing blob at once. Other failures raise as in `read_many`."""
+        return await self._read_all(digests, missing_ok=True)
+
+    async def _read_all(
+        self, digests: Iterable[Digest], *, missing_ok: bool
+    ) -> tuple[dict[Digest, bytes], list[Digest]]:
         wanted = list(dict.fromkeys(digests))
         result: dict[Digest, bytes] = {d: b"" for d in wanted if d.is_empty}
         small = [d for d in wanted if not d.is_empty and self.fits_in_batch(d)]
         large = [d for d in wanted if not d.is_empty and not self.fits_in_batch(d)]
-        batch_results = await gather_or_cancel(self._read_batch(b) for b in self._batches(small))
+        batch_results = await gather_or_cancel(
+            self._read_batch(b, missing_ok=missing_ok) for b in self._batches(small)
+        )
         for found in batch_results:
             result.update(found)
-        large_data = await gather_or_cancel(self.read(d) for d in large)
-        result.update(zip(large, large_data, strict=True))
-        return result
+        read_large = self._read_if_present if missing_ok else self.read
+        large_data = await gather_or_cancel(read_large(d) for d in large)
+        for digest, data in zip(large, large_data, strict=True):
+            if data is not None:
+                result[digest] = data
+        return result, [d for d in wanted if d not in result]
 
-    async def _read_batch(self, digests: list[Digest]) -> dict[Digest, bytes]:
+    async def _read_if_present(self, digest: Digest) -> bytes | None:
+        try:
+            return await self.read(digest)
+        except NotFound:
+            return None
+
+    async def _read_batch(
+        self, digests: list[Digest], *, missing_ok: bool = False
+    ) -> dict[Digest, bytes]:
+        """The blobs of one BatchReadBlobs call. With `missing_ok`, blobs the server
+        reports NOT_FOUND are left out of the result instead of raising `NotFound`."""
         request = re_pb2.BatchReadBlobsRequest(
             instance_name=self.instance_name,
             digests=[d.to_proto() for d in digests],
@@ -349,8 +380,12 @@ class CasClient:
             with self._translated_errors():
                 response = await self._cas.BatchReadBlobs(request)
         found: dict[Digest, bytes] = {}
+        absent: set[Digest] = set()
         for entry in response.responses:
             digest = Digest.from_proto(entry.digest)
+            if entry.status.code == _NOT_FOUND and missing_ok:
+                absent.add(digest)
+                continue
             if entry.status.code != 0:
                 raise from_status(entry.status, f"reading blob {digest}")
             if entry.compressor != re_pb2.Compressor.IDENTITY:
@@ -362,7 +397,7 @@ class CasClient:
             _verify(digest, entry.data)
             found[digest] = entry.data
         for digest in digests:
-            if digest not in found:
+            if digest not in found and digest not in absent:
                 raise RemoteError(
                     grpc.StatusCode.INTERNAL,
                     f"reading blob {digest}: the server's BatchReadBlobs response does not "

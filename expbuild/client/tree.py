@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from expbuild.client.cas import CasClient, gather_or_cancel
 from expbuild.digest import Digest, digest_of, new_hasher
-from expbuild.errors import InvalidArgument, NotFound
+from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
 
 _HASH_CHUNK = 1024 * 1024
@@ -290,7 +290,35 @@ class _Layout:
     symlinks: list[tuple[str, str]] = field(default_factory=list)
 
 
+# Loads the Directory messages of one level of the tree; a digest left out of the result
+# is missing from the CAS.
 DirectoryLoader = Callable[[list[Digest]], Awaitable[dict[Digest, re_pb2.Directory]]]
+
+
+def _missing_blobs(missing: list[tuple[str, str, Digest]]) -> FailedPrecondition:
+    """The error for blobs of the tree the CAS lacks: (kind, path in the tree, digest) for
+    each, every digest once.
+
+    FAILED_PRECONDITION with one REAPI MISSING violation per blob is what tells a client
+    (Bazel, `expbuild run`) to upload them and try again.
+    """
+
+    def what(kind: str, path: str) -> str:
+        return "the root directory" if kind == "directory" and not path else f"{kind} {path!r}"
+
+    violations = [
+        Violation(
+            "MISSING",
+            f"blobs/{digest.hash}/{digest.size_bytes}",
+            f"{what(kind, path)} ({digest}) is not in the CAS",
+        )
+        for kind, path, digest in missing
+    ]
+    named = ", ".join(f"{what(kind, path)} ({digest})" for kind, path, digest in missing[:3])
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return FailedPrecondition(
+        f"{len(missing)} blob(s) of the tree are not in the CAS: {named}{more}", violations
+    )
 
 
 async def _plan(root_digest: Digest, load: DirectoryLoader, location: str) -> _Layout:
@@ -303,6 +331,9 @@ async def _plan(root_digest: Digest, load: DirectoryLoader, location: str) -> _L
     level: dict[Digest, list[str]] = {root_digest: [""]}
     while level:
         loaded = await load(list(level))
+        missing = [("directory", places[0], d) for d, places in level.items() if d not in loaded]
+        if missing:
+            raise _missing_blobs(missing)
         next_level: dict[Digest, list[str]] = defaultdict(list)
         for digest, places in level.items():
             directory = loaded[digest]
@@ -352,10 +383,20 @@ async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
     await asyncio.to_thread(make_directories)
 
     slots = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
+    # Blobs found missing, and blobs not fetched because the tree was incomplete already:
+    # those are only checked with FindMissingBlobs, so the error lists every missing blob.
+    missing: list[Digest] = []
+    skipped: list[Digest] = []
 
     async def fetch_small(group: list[Digest]) -> None:
         async with slots:
-            contents = await cas.read_many(group)
+            if missing:
+                skipped.extend(group)
+                return
+            contents, absent = await cas.read_available(group)
+            if absent:
+                missing.extend(absent)
+                return
             items = [
                 (path, executable, contents[digest])
                 for digest in group
@@ -365,8 +406,15 @@ async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
 
     async def fetch_large(digest: Digest) -> None:
         async with slots:
+            if missing:
+                skipped.append(digest)
+                return
             (first, first_executable), *others = layout.files[digest]
-            await cas.read_to_file(digest, target / first, first_executable)
+            try:
+                await cas.read_to_file(digest, target / first, first_executable)
+            except NotFound:
+                missing.append(digest)
+                return
             for path, executable in others:
                 await asyncio.to_thread(_copy_file, target / first, target / path, executable)
 
@@ -387,6 +435,13 @@ async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
         groups.append(group)
 
     await gather_or_cancel([*(fetch_small(g) for g in groups), *(fetch_large(d) for d in large)])
+    if missing:
+        if skipped:
+            missing.extend(await cas.find_missing(skipped))
+        listed = set(missing)
+        raise _missing_blobs(
+            [("file", layout.files[d][0][0], d) for d in layout.files if d in listed]
+        )
 
     def make_symlinks() -> None:
         for relative, link_target in layout.symlinks:
@@ -407,14 +462,19 @@ async def materialize(
     targets or targets outside the tree. `target` is created if needed and should be
     empty: files already there with the same names are overwritten, others are kept.
 
+    Blobs missing from the CAS raise `FailedPrecondition` with one MISSING violation
+    (subject `blobs/<hash>/<size>`) per missing blob: every missing Directory of the
+    first level that has any, or else every missing file. Nothing is downloaded after
+    the first missing file is seen; the rest are checked with FindMissingBlobs.
+
     `location` is where `target` sits inside the tree symlinks may point into (e.g.
     "out/dir" for an output directory, whose symlinks may point to sibling outputs);
     the default "" means the tree itself is that root.
     """
 
     async def load(digests: list[Digest]) -> dict[Digest, re_pb2.Directory]:
-        blobs = await cas.read_many(digests)
-        return {d: _parse_directory(d, blobs[d]) for d in digests}
+        blobs, _ = await cas.read_available(digests)
+        return {d: _parse_directory(d, data) for d, data in blobs.items()}
 
     layout = await _plan(root_digest, load, location)
     await _lay_out(cas, layout, target)

@@ -62,7 +62,7 @@ class Notifications:
                 self._connected.set()
                 delay = 0.5
                 closed = asyncio.Event()
-                self._conn.add_termination_listener(lambda _conn: closed.set())
+                self._conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await closed.wait()
                 log.warning("LISTEN connection closed; reconnecting")
             except asyncio.CancelledError:

@@ -138,12 +138,12 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                 continue
             items.append((digest, r.data, compressor_name(r.compressor)))
             slots.append(i)
-        for slot, item, error in zip(slots, items, await self._store.put_many(items)):
+        for slot, item, error in zip(slots, items, await self._store.put_many(items), strict=True):
             statuses[slot] = _blob_status(error, item[0])
         return re_pb2.BatchUpdateBlobsResponse(
             responses=[
                 re_pb2.BatchUpdateBlobsResponse.Response(digest=r.digest, status=status)
-                for r, status in zip(request.requests, statuses)
+                for r, status in zip(request.requests, statuses, strict=True)
             ]
         )
 
@@ -167,7 +167,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                 continue
             slots.append(i)
         results = await self._store.get_many(digests, compressor=compressor)
-        for slot, digest, result in zip(slots, digests, results):
+        for slot, digest, result in zip(slots, digests, results, strict=True):
             response = responses[slot]
             if isinstance(result, Exception):
                 response.status.CopyFrom(_blob_status(result, digest))
@@ -215,7 +215,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
             following: list[Digest] = []
             for start in range(0, len(level), _TREE_READ_BATCH):
                 batch = level[start : start + _TREE_READ_BATCH]
-                for digest, blob in zip(batch, await self._store.get_many(batch)):
+                for digest, blob in zip(batch, await self._store.get_many(batch), strict=True):
                     is_root = position == 0 and digest == root
                     if isinstance(blob, NotFound):
                         if is_root:

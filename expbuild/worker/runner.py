@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,7 +48,6 @@ _CODES: dict[type[errors.ExpBuildError], int] = {
     errors.Aborted: code_pb2.ABORTED,
     errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
 }
-_DIGEST_IN_TEXT = re.compile(r"\b([0-9a-f]{64})/(\d+)\b")
 
 
 @dataclass
@@ -98,7 +96,7 @@ class TaskRunner:
             directory = await prepare_inputs(cas, task, action_path)
         except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
             log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
-            return failure_response(exc, fetching_inputs=True)
+            return failure_response(exc)
         _stamp(metadata.input_fetch_completed_timestamp)
 
         command = task.command
@@ -182,27 +180,21 @@ def task_timeout(task: worker_pb2.Task) -> float | None:
     return None
 
 
-def failure_response(
-    exc: BaseException, *, fetching_inputs: bool = False
-) -> re_pb2.ExecuteResponse:
-    status = error_status(exc, fetching_inputs=fetching_inputs)
+def failure_response(exc: BaseException) -> re_pb2.ExecuteResponse:
+    status = error_status(exc)
     return re_pb2.ExecuteResponse(status=status, message=status.message)
 
 
-def error_status(exc: BaseException, *, fetching_inputs: bool = False) -> status_pb2.Status:
-    """The google.rpc.Status to report for `exc`.
+def error_status(exc: BaseException) -> status_pb2.Status:
+    """The google.rpc.Status to report for `exc`, with its PreconditionFailure violations.
 
-    A blob missing while fetching inputs is FAILED_PRECONDITION with a MISSING
-    violation per blob: that is what makes Bazel upload the blob and retry.
+    Blobs missing while fetching inputs arrive as `FailedPrecondition` from `materialize`
+    with a MISSING violation per blob: that is what makes Bazel upload them and retry.
     """
     code, message = _code_and_message(exc)
-    violations: list[errors.Violation] = list(getattr(exc, "violations", []))
-    if fetching_inputs and code == code_pb2.NOT_FOUND:
-        code = code_pb2.FAILED_PRECONDITION
-        violations += [
-            errors.Violation("MISSING", f"blobs/{hash_}/{size}")
-            for hash_, size in dict.fromkeys(_DIGEST_IN_TEXT.findall(message))
-        ]
+    violations: list[errors.Violation] = (
+        exc.violations if isinstance(exc, errors.FailedPrecondition) else []
+    )
     status = status_pb2.Status(code=code, message=message)
     if violations:
         failure = error_details_pb2.PreconditionFailure(
