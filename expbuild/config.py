@@ -49,6 +49,11 @@ class ServerSettings:
     notify_fallback_interval: timedelta = timedelta(seconds=2)
     max_batch_total_size_bytes: int = 4 * 1024 * 1024
     allow_action_cache_updates: bool = True
+    # Longest an action may run; also the limit of actions that set no timeout.
+    max_action_timeout: timedelta = timedelta(hours=1)
+    # Refuse at once (FAILED_PRECONDITION) an action whose platform no online worker
+    # offers, instead of queueing it for a worker that may never come.
+    reject_unmatched_platforms: bool = True
 
 
 @dataclass(frozen=True)
@@ -281,6 +286,8 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         notify_fallback_interval=_duration(_get(s, "notify_fallback_interval", defaults_server.notify_fallback_interval), "server.notify_fallback_interval"),
         max_batch_total_size_bytes=_positive_int(_get(s, "max_batch_total_size_bytes", defaults_server.max_batch_total_size_bytes), "server.max_batch_total_size_bytes"),
         allow_action_cache_updates=_bool(_get(s, "allow_action_cache_updates", True), "server.allow_action_cache_updates"),
+        max_action_timeout=_duration(_get(s, "max_action_timeout", defaults_server.max_action_timeout), "server.max_action_timeout"),
+        reject_unmatched_platforms=_bool(_get(s, "reject_unmatched_platforms", True), "server.reject_unmatched_platforms"),
     )
     if server.lease_duration <= server.heartbeat_interval:
         raise ConfigError(

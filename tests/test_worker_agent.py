@@ -1,8 +1,10 @@
-"""WorkerAgent against a small in-process gRPC server: an in-memory CAS and a Worker API
-the test scripts (which tasks to hand out, which to cancel, what CompleteTask answers).
+"""WorkerAgent against the real server: PostgreSQL queue, file CAS, real gRPC, real processes.
 
-Real gRPC, real processes, real files. The end-to-end run against the real server and
-PostgreSQL lives with the server's tests.
+Work is submitted with the client library (upload, Execute) and the agent picks it up
+through the Worker API like any deployed worker. Server-side facts (leases, events,
+workers) are read from Postgres; the few server-side decisions a test needs to provoke
+(cancel a task, expire a lease, forget a worker) are made by writing the rows the server
+itself reads.
 """
 
 from __future__ import annotations
@@ -12,190 +14,146 @@ import contextlib
 import logging
 import socket
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.rpc import code_pb2
+from google.rpc import code_pb2, error_details_pb2
 
-from expbuild.client.tree import merkle_tree_from_directory
-from expbuild.config import BackendSettings, WorkerSettings
+from expbuild.client.actions import build_action, build_command
+from expbuild.client.cas import CasClient
+from expbuild.client.channel import open_channel
+from expbuild.client.execution import ExecutionClient
+from expbuild.client.tree import MerkleTree, merkle_tree_from_directory, serialize
+from expbuild.config import BackendSettings, Settings, WorkerSettings
 from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
-from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.proto import worker_pb2, worker_pb2_grpc
-from expbuild.worker.agent import WorkerAgent
+from expbuild.server.app import ServerApp
+from expbuild.worker.agent import WorkerAgent, platform_message
 from expbuild.worker.runner import missing_digests
+from tests.serving import running_server, server_settings
 
-WORKER_ID = "worker-abc123"
-
-
-class MemoryCas(re_grpc.ContentAddressableStorageServicer):
-    def __init__(self) -> None:
-        self.blobs: dict[Digest, bytes] = {}
-
-    def put(self, data: bytes) -> Digest:
-        digest = digest_of(data)
-        self.blobs[digest] = data
-        return digest
-
-    async def FindMissingBlobs(self, request, context):
-        missing = [d for d in request.blob_digests if Digest.from_proto(d) not in self.blobs]
-        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=missing)
-
-    async def BatchUpdateBlobs(self, request, context):
-        response = re_pb2.BatchUpdateBlobsResponse()
-        for entry in request.requests:
-            digest = Digest.from_proto(entry.digest)
-            assert digest_of(entry.data) == digest
-            self.blobs[digest] = entry.data
-            response.responses.add(digest=entry.digest)
-        return response
-
-    async def BatchReadBlobs(self, request, context):
-        response = re_pb2.BatchReadBlobsResponse()
-        for proto in request.digests:
-            digest = Digest.from_proto(proto)
-            entry = response.responses.add(digest=proto)
-            if digest in self.blobs:
-                entry.data = self.blobs[digest]
-            else:
-                entry.status.code = code_pb2.NOT_FOUND
-                entry.status.message = f"blob {digest} not found"
-        return response
+DEADLINE = 15.0
 
 
-@dataclass
-class ScriptedWorkerApi(worker_pb2_grpc.WorkerServiceServicer):
-    """Hands out queued tasks and records everything the worker says."""
-
-    heartbeat_seconds: float = 0.2
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    registrations: list = field(default_factory=list)
-    heartbeats: list = field(default_factory=list)
-    polls: list = field(default_factory=list)
-    completed: dict[str, worker_pb2.CompleteTaskRequest] = field(default_factory=dict)
-    released: list = field(default_factory=list)
-    deregistered: list = field(default_factory=list)
-    cancel: set[str] = field(default_factory=set)
-    abort_completion: set[str] = field(default_factory=set)
-    forget_worker: bool = False
-
-    async def RegisterWorker(self, request, context):
-        self.registrations.append(request)
-        self.forget_worker = False
-        interval = duration_pb2.Duration()
-        interval.FromTimedelta(timedelta(seconds=self.heartbeat_seconds))
-        return worker_pb2.RegisterWorkerResponse(worker_id=WORKER_ID, heartbeat_interval=interval)
-
-    async def Heartbeat(self, request, context):
-        self.heartbeats.append(request)
-        if self.forget_worker:
-            return worker_pb2.HeartbeatResponse(reregister=True)
-        running = {lease.task_id for lease in request.running}
-        return worker_pb2.HeartbeatResponse(cancelled_task_ids=sorted(running & self.cancel))
-
-    async def PollTasks(self, request, context):
-        self.polls.append(request)
-        tasks = []
-        try:
-            first = await asyncio.wait_for(
-                self.queue.get(), request.timeout.ToTimedelta().total_seconds()
-            )
-        except TimeoutError:
-            return worker_pb2.PollTasksResponse()
-        tasks.append(first)
-        while len(tasks) < request.max_tasks and not self.queue.empty():
-            tasks.append(self.queue.get_nowait())
-        return worker_pb2.PollTasksResponse(tasks=tasks)
-
-    async def CompleteTask(self, request, context):
-        if request.task_id in self.abort_completion:
-            await context.abort(grpc.StatusCode.ABORTED, "lease token is stale")
-        self.completed[request.task_id] = request
-        return worker_pb2.CompleteTaskResponse()
-
-    async def ReleaseTask(self, request, context):
-        self.released.append(request)
-        return worker_pb2.ReleaseTaskResponse()
-
-    async def DeregisterWorker(self, request, context):
-        self.deregistered.append(request.worker_id)
-        return worker_pb2.DeregisterWorkerResponse()
-
-
-@dataclass
-class FakeServer:
-    port: int
-    cas: MemoryCas
-    api: ScriptedWorkerApi
-
-    def task(
-        self,
-        task_id: str,
-        arguments: list[str],
-        *,
-        inputs: Path | None = None,
-        output_paths: tuple[str, ...] = (),
-        timeout: float | None = None,
-        input_root: Digest | None = None,
-    ) -> worker_pb2.Task:
-        command = re_pb2.Command(arguments=arguments, output_paths=list(output_paths))
-        command.environment_variables.add(name="PATH", value="/usr/bin:/bin")
-        if input_root is None:
-            if inputs is None:
-                input_root = self.cas.put(re_pb2.Directory().SerializeToString())
-            else:
-                tree = merkle_tree_from_directory(inputs)
-                for digest, blob in tree.blobs.items():
-                    self.cas.blobs[digest] = blob.read_bytes() if isinstance(blob, Path) else blob
-                input_root = tree.root_digest
-        action = re_pb2.Action(
-            command_digest=self.cas.put(command.SerializeToString()).to_proto(),
-            input_root_digest=input_root.to_proto(),
-        )
-        task = worker_pb2.Task(
-            task_id=task_id,
-            lease_token=str(uuid.uuid4()),
-            action_digest=self.cas.put(action.SerializeToString()).to_proto(),
-            action=action,
-            command=command,
-            attempt=1,
-        )
-        task.queued_at.GetCurrentTime()
-        if timeout is not None:
-            task.timeout.FromTimedelta(timedelta(seconds=timeout))
-        return task
-
-    def submit(self, *args, **kwargs) -> worker_pb2.Task:
-        task = self.task(*args, **kwargs)
-        self.api.queue.put_nowait(task)
-        return task
-
-
-@contextlib.asynccontextmanager
-async def fake_server(port: int = 0) -> AsyncIterator[FakeServer]:
-    server = grpc.aio.server()
-    cas, api = MemoryCas(), ScriptedWorkerApi()
-    re_grpc.add_ContentAddressableStorageServicer_to_server(cas, server)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(api, server)
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    try:
-        yield FakeServer(port, cas, api)
-    finally:
-        await server.stop(0)
+# -- the server, the client, the agent ---------------------------------------------------
 
 
 @pytest.fixture
-async def server():
-    async with fake_server() as running:
-        yield running
+async def server(database_url, tmp_path) -> AsyncIterator[ServerApp]:
+    async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
+        yield app
+
+
+@dataclass
+class Submitted:
+    action_digest: Digest
+    command: re_pb2.Command
+    # The Execute call, running until the operation is done: its final ExecuteResponse.
+    response: asyncio.Task[re_pb2.ExecuteResponse]
+
+
+@dataclass
+class Client:
+    """Submits actions the way `expbuild run` does and looks at what the server recorded."""
+
+    app: ServerApp
+    cas: CasClient
+    execution: ExecutionClient
+    inputs_dir: Path
+    pending: list[asyncio.Task] = field(default_factory=list)
+
+    async def submit(
+        self,
+        argv: list[str],
+        *,
+        files: dict[str, bytes] | None = None,
+        output_paths: tuple[str, ...] = (),
+        timeout: float | None = None,
+        command: re_pb2.Command | None = None,
+        withhold: Callable[[MerkleTree], set[Digest]] | None = None,
+    ) -> Submitted:
+        """Upload the action (inputs given as relative path -> bytes) and Execute it.
+
+        `withhold` picks blobs of the input tree not to upload. Every action is
+        do_not_cache, so identical commands in one test run again.
+        """
+        root = self.inputs_dir / f"inputs-{len(self.pending)}"
+        root.mkdir(parents=True)
+        for relative, data in (files or {}).items():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).write_bytes(data)
+        tree = merkle_tree_from_directory(root)
+        command = command or build_command(argv, output_paths=output_paths)
+        command_bytes = command.SerializeToString(deterministic=True)
+        action = build_action(
+            digest_of(command_bytes),
+            tree.root_digest,
+            timeout=None if timeout is None else timedelta(seconds=timeout),
+            do_not_cache=True,
+        )
+        action_bytes = serialize(action)
+        withheld = withhold(tree) if withhold else set()
+        blobs = {d: b for d, b in tree.blobs.items() if d not in withheld}
+        blobs[digest_of(command_bytes)] = command_bytes
+        blobs[digest_of(action_bytes)] = action_bytes
+        await self.cas.upload(blobs)
+        action_digest = digest_of(action_bytes)
+        job = asyncio.create_task(self.execution.execute(action_digest))
+        self.pending.append(job)
+        return Submitted(action_digest, command, job)
+
+    async def task_id(self, submitted: Submitted) -> int:
+        """The queue's id of the submitted action's task (once Execute has queued it)."""
+        found: list[int] = []
+
+        async def queued() -> bool:
+            found[:] = [
+                row["id"]
+                for row in await self.app.pool.fetch(
+                    "SELECT id FROM tasks WHERE action_digest = $1", str(submitted.action_digest)
+                )
+            ]
+            return bool(found)
+
+        await eventually_async(queued, what=f"the task of {submitted.action_digest}")
+        (task_id,) = found
+        return task_id
+
+    async def response(self, submitted: Submitted) -> re_pb2.ExecuteResponse:
+        return await asyncio.wait_for(asyncio.shield(submitted.response), DEADLINE)
+
+    async def read(self, digest_proto: re_pb2.Digest) -> bytes:
+        return await self.cas.read(Digest.from_proto(digest_proto))
+
+    async def events(self, task_id: int) -> list[str]:
+        rows = await self.app.pool.fetch(
+            "SELECT event FROM task_events WHERE task_id = $1 ORDER BY id", task_id
+        )
+        return [row["event"] for row in rows]
+
+
+@contextlib.asynccontextmanager
+async def client_of(server: ServerApp, tmp_path: Path) -> AsyncIterator[Client]:
+    async with open_channel(f"127.0.0.1:{server.port}") as channel:
+        client = Client(server, CasClient(channel), ExecutionClient(channel), tmp_path / "client")
+        try:
+            yield client
+        finally:
+            # Executes of tasks a test left unfinished on purpose (cancelled, handed back).
+            for job in client.pending:
+                job.cancel()
+            await asyncio.gather(*client.pending, return_exceptions=True)
+
+
+@pytest.fixture
+async def client(server: ServerApp, tmp_path: Path) -> AsyncIterator[Client]:
+    async with client_of(server, tmp_path) as client:
+        yield client
 
 
 def settings_for(port: int, work_dir: Path, **overrides) -> WorkerSettings:
@@ -203,6 +161,7 @@ def settings_for(port: int, work_dir: Path, **overrides) -> WorkerSettings:
         server_url=f"http://127.0.0.1:{port}",
         name="test-worker",
         max_concurrent_tasks=2,
+        heartbeat_interval=timedelta(seconds=0.2),
         poll_timeout=timedelta(seconds=1),
         backend=BackendSettings(type="host", work_dir=str(work_dir)),
     )
@@ -219,9 +178,17 @@ async def running_agent(agent: WorkerAgent) -> AsyncIterator[asyncio.Task]:
         await asyncio.wait_for(job, 20)
 
 
-async def eventually(predicate, seconds: float = 15.0, what: str = "condition") -> None:
+async def eventually(predicate, seconds: float = DEADLINE, what: str = "condition") -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def eventually_async(predicate, seconds: float = DEADLINE, what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while not await predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
@@ -235,35 +202,46 @@ def is_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-async def test_runs_a_task_end_to_end(server, tmp_path, caplog):
+def pid_in(path: Path) -> Callable[[], bool]:
+    return lambda: path.exists() and path.read_text().strip() != ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- running actions ---------------------------------------------------------------------
+
+
+async def test_runs_a_task_end_to_end(server, client, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="expbuild.worker")
-    inputs = tmp_path / "inputs"
-    (inputs / "src").mkdir(parents=True)
-    (inputs / "src" / "in.txt").write_text("hello worker\n")
     work_dir = tmp_path / "work"
     agent = WorkerAgent(settings_for(server.port, work_dir), shutdown_grace=5)
     argv = ["sh", "-c", "tr a-z A-Z < src/in.txt > out/upper.txt; echo done; echo warn >&2"]
-    task = server.submit("task-42", argv, inputs=inputs, output_paths=("out/upper.txt",))
-
     async with running_agent(agent):
-        await eventually(lambda: "task-42" in server.api.completed, what="CompleteTask")
+        submitted = await client.submit(
+            argv, files={"src/in.txt": b"hello worker\n"}, output_paths=("out/upper.txt",)
+        )
+        response = await client.response(submitted)
+        worker_id = agent.worker_id
+    task_id = await client.task_id(submitted)
 
-    request = server.api.completed["task-42"]
-    assert request.worker_id == WORKER_ID
-    assert request.lease_token == task.lease_token
-    response = request.response
     assert response.status.code == code_pb2.OK
+    assert not response.cached_result
     result = response.result
     assert result.exit_code == 0
     (output,) = result.output_files
     assert output.path == "out/upper.txt"
-    assert server.cas.blobs[Digest.from_proto(output.digest)] == b"HELLO WORKER\n"
-    assert server.cas.blobs[Digest.from_proto(result.stdout_digest)] == b"done\n"
-    assert server.cas.blobs[Digest.from_proto(result.stderr_digest)] == b"warn\n"
+    assert await client.read(output.digest) == b"HELLO WORKER\n"
+    assert await client.read(result.stdout_digest) == b"done\n"
+    assert await client.read(result.stderr_digest) == b"warn\n"
 
     metadata = result.execution_metadata
     assert metadata.worker == "test-worker"
-    assert metadata.queued_timestamp == task.queued_at
+    queued_at = await server.pool.fetchval("SELECT queued_at FROM tasks WHERE id = $1", task_id)
+    assert metadata.queued_timestamp.ToDatetime(tzinfo=UTC) == queued_at
     stamps = [
         metadata.worker_start_timestamp,
         metadata.input_fetch_start_timestamp,
@@ -278,210 +256,435 @@ async def test_runs_a_task_end_to_end(server, tmp_path, caplog):
     assert all(s.seconds > 0 for s in stamps)
     assert times == sorted(times)
 
-    (registration,) = server.api.registrations
-    assert registration.name == "test-worker"
-    assert registration.max_concurrent_tasks == 2
-    assert {p.name for p in registration.platform.properties} >= {"OSFamily", "Arch"}
-    assert server.api.deregistered == [WORKER_ID]
+    # Registered as configured, leased once, completed once, deregistered on stop.
+    worker = await server.pool.fetchrow("SELECT * FROM workers WHERE id = $1", worker_id)
+    assert worker["name"] == "test-worker"
+    assert worker["max_concurrent"] == 2
+    assert {"OSFamily", "Arch"} <= set(worker["platform"])
+    assert worker["state"] == "offline"
+    assert await client.events(task_id) == ["queued", "leased", "completed"]
     assert list(work_dir.iterdir()) == []  # the action directory is gone
 
     text = caplog.text
-    action_digest = Digest.from_proto(task.action_digest)
+    action = re_pb2.Action()
+    action.ParseFromString(await client.cas.read(submitted.action_digest))
     for line in (
-        f"Worker {WORKER_ID} registered successfully",
-        "Starting execution of task task-42",
-        f"Downloading action {action_digest}",
-        f"Downloading command {Digest.from_proto(task.action.command_digest)}",
+        f"Worker {worker_id} registered successfully",
+        f"Starting execution of task task-{task_id}",
+        f"Downloading action {submitted.action_digest}",
+        f"Downloading command {Digest.from_proto(action.command_digest)}",
+        f"Downloading input root {Digest.from_proto(action.input_root_digest)}",
         'Executing command: ["sh", "-c", ',
         "Command exited with code: 0",
-        "Task task-42 completed successfully",
+        f"Task task-{task_id} completed successfully",
+        f"Worker {worker_id} deregistered",
     ):
         assert line in text, line
 
 
 async def test_configured_platform_wins_over_detected(server, tmp_path):
     settings = settings_for(
-        server.port, tmp_path / "work", platform={"OSFamily": ("Plan9",), "pool": ("a", "b")}
+        server.port, tmp_path / "work", platform={"OSFamily": ("Plan9",), "pool": ("b", "a")}
     )
-    async with running_agent(WorkerAgent(settings)):
-        await eventually(lambda: server.api.registrations, what="registration")
-    properties = [(p.name, p.value) for p in server.api.registrations[0].platform.properties]
+    agent = WorkerAgent(settings)
+    async with running_agent(agent):
+        await eventually(lambda: agent.worker_id, what="registration")
+        platform = await server.pool.fetchval(
+            "SELECT platform FROM workers WHERE id = $1", agent.worker_id
+        )
+    assert platform["OSFamily"] == ["Plan9"]
+    assert sorted(platform["pool"]) == ["a", "b"]
+    assert "Arch" in platform
+    # What RegisterWorker sends: sorted by name, then value, as REAPI asks.
+    properties = [(p.name, p.value) for p in platform_message(agent.platform()).properties]
     assert ("OSFamily", "Plan9") in properties
-    assert ("pool", "a") in properties and ("pool", "b") in properties
-    assert "Arch" in {name for name, _ in properties}
     assert properties == sorted(properties)
 
 
-async def test_failing_command_and_timeout(server, tmp_path):
-    agent = WorkerAgent(settings_for(server.port, tmp_path / "work"))
-    server.submit("task-1", ["sh", "-c", "echo partial; exit 7"])
-    server.submit("task-2", ["sh", "-c", "echo before; sleep 30"], timeout=0.5)
-    async with running_agent(agent):
-        await eventually(lambda: len(server.api.completed) == 2, what="both tasks")
+async def test_failing_command_and_timeout(server, client, tmp_path):
+    async with running_agent(WorkerAgent(settings_for(server.port, tmp_path / "work"))):
+        failing = await client.submit(["sh", "-c", "echo partial; exit 7"])
+        slow = await client.submit(["sh", "-c", "echo before; sleep 30"], timeout=0.5)
+        failed = await client.response(failing)
+        timed_out = await client.response(slow)
 
-    failed = server.api.completed["task-1"].response
     assert failed.status.code == code_pb2.OK
     assert failed.result.exit_code == 7
-    assert server.cas.blobs[Digest.from_proto(failed.result.stdout_digest)] == b"partial\n"
+    assert await client.read(failed.result.stdout_digest) == b"partial\n"
 
-    timed_out = server.api.completed["task-2"].response
     assert timed_out.status.code == code_pb2.DEADLINE_EXCEEDED
     assert timed_out.status.message == "action timed out after 0.5s"
     assert timed_out.HasField("result")
-    assert server.cas.blobs[Digest.from_proto(timed_out.result.stdout_digest)] == b"before\n"
+    assert await client.read(timed_out.result.stdout_digest) == b"before\n"
 
 
-async def test_missing_input_fails_the_task_and_the_worker_keeps_serving(server, tmp_path):
-    agent = WorkerAgent(settings_for(server.port, tmp_path / "work"))
-    absent_root = digest_of(b"a Directory nobody uploaded")
-    server.submit("task-1", ["true"], input_root=absent_root)
-    server.submit("task-2", ["bad/../path"], output_paths=("../escape",))
-    server.submit("task-3", ["sh", "-c", "echo still here"])
-    async with running_agent(agent):
-        await eventually(lambda: len(server.api.completed) == 3, what="three tasks")
-
-    missing = server.api.completed["task-1"].response
-    assert missing.status.code == code_pb2.FAILED_PRECONDITION
-    assert missing_digests(missing.status) == [absent_root]
-    assert not missing.HasField("result")
-
-    invalid = server.api.completed["task-2"].response
-    assert invalid.status.code == code_pb2.INVALID_ARGUMENT
-    assert "'../escape' contains '..'" in invalid.status.message
-
-    fine = server.api.completed["task-3"].response
-    assert fine.status.code == code_pb2.OK
-    assert server.cas.blobs[Digest.from_proto(fine.result.stdout_digest)] == b"still here\n"
-    assert list((tmp_path / "work").iterdir()) == []
+def violations(response: re_pb2.ExecuteResponse) -> list[tuple[str, str]]:
+    found = []
+    for detail in response.status.details:
+        failure = error_details_pb2.PreconditionFailure()
+        assert detail.Unpack(failure)
+        found += [(v.type, v.subject) for v in failure.violations]
+    return found
 
 
-async def test_unsupported_output_keeps_logs(server, tmp_path):
-    agent = WorkerAgent(settings_for(server.port, tmp_path / "work"))
-    server.submit("task-1", ["sh", "-c", "mkfifo pipe; echo made it"], output_paths=("pipe",))
-    async with running_agent(agent):
-        await eventually(lambda: server.api.completed, what="CompleteTask")
-    response = server.api.completed["task-1"].response
+def subject(digest: Digest) -> str:
+    return f"blobs/{digest.hash}/{digest.size_bytes}"
+
+
+async def test_missing_inputs_fail_with_precondition_failure(server, client, tmp_path):
+    """Blobs of the input tree absent from the CAS: FAILED_PRECONDITION listing every one
+    of them as MISSING (what makes Bazel upload them and retry), and the worker serves on."""
+    work_dir = tmp_path / "work"
+    big = bytes(range(256)) * (5 * 4096)  # 5 MiB: fetched by ByteStream, not in a batch
+    absent_a, absent_b = digest_of(b"first missing\n"), digest_of(b"second missing\n")
+    absent_big = digest_of(big)
+    files = {
+        "present.txt": b"here\n",
+        "a.txt": b"first missing\n",
+        "deep/b.txt": b"second missing\n",
+        "deep/big.bin": big,
+    }
+    absent_dir_content = digest_of(b"in a missing directory\n")
+    async with running_agent(WorkerAgent(settings_for(server.port, work_dir))):
+        missing_files = await client.submit(
+            ["cat", "a.txt"], files=files, withhold=lambda tree: {absent_a, absent_b, absent_big}
+        )
+
+        def directory_of(name: str) -> Callable[[MerkleTree], set[Digest]]:
+            def pick(tree: MerkleTree) -> set[Digest]:
+                root = re_pb2.Directory.FromString(tree.blobs[tree.root_digest])
+                (node,) = [d for d in root.directories if d.name == name]
+                return {Digest.from_proto(node.digest), absent_dir_content}
+
+            return pick
+
+        missing_directory = await client.submit(
+            ["true"],
+            files={"top.txt": b"top\n", "sub/x.txt": b"in a missing directory\n"},
+            withhold=directory_of("sub"),
+        )
+        bad_path = re_pb2.Command(arguments=["true"], output_paths=["../escape"])
+        invalid = await client.submit([], command=bad_path)
+        fine = await client.submit(["sh", "-c", "echo still here"])
+
+        missing_files_response = await client.response(missing_files)
+        missing_directory_response = await client.response(missing_directory)
+        invalid_response = await client.response(invalid)
+        fine_response = await client.response(fine)
+
+    response = missing_files_response
+    assert response.status.code == code_pb2.FAILED_PRECONDITION
+    assert not response.HasField("result")
+    assert sorted(violations(response)) == sorted(
+        ("MISSING", subject(d)) for d in (absent_a, absent_b, absent_big)
+    )
+    assert set(missing_digests(response.status)) == {absent_a, absent_b, absent_big}
+    assert "3 blob(s) of the tree are not in the CAS" in response.status.message
+    assert "'a.txt'" in response.status.message and "'deep/b.txt'" in response.status.message
+    assert response.message == response.status.message
+
+    # A missing Directory is reported (its files are never reached).
+    response = missing_directory_response
+    assert response.status.code == code_pb2.FAILED_PRECONDITION
+    ((kind, missing_subject),) = violations(response)
+    assert kind == "MISSING" and missing_subject.startswith("blobs/")
+    assert missing_subject != subject(absent_dir_content)
+    assert "directory 'sub'" in response.status.message
+
+    assert invalid_response.status.code == code_pb2.INVALID_ARGUMENT
+    assert "'../escape' contains '..'" in invalid_response.status.message
+
+    assert fine_response.status.code == code_pb2.OK
+    assert await client.read(fine_response.result.stdout_digest) == b"still here\n"
+    assert list(work_dir.iterdir()) == []
+
+
+async def test_unsupported_output_keeps_logs(server, client, tmp_path):
+    async with running_agent(WorkerAgent(settings_for(server.port, tmp_path / "work"))):
+        submitted = await client.submit(
+            ["sh", "-c", "mkfifo pipe; echo made it"], output_paths=("pipe",)
+        )
+        response = await client.response(submitted)
     assert response.status.code == code_pb2.INVALID_ARGUMENT
     assert "FIFO" in response.status.message
-    assert server.cas.blobs[Digest.from_proto(response.result.stdout_digest)] == b"made it\n"
+    assert await client.read(response.result.stdout_digest) == b"made it\n"
 
 
-async def test_never_runs_more_than_max_concurrent_tasks(server, tmp_path):
+async def test_unusable_work_dir_fails_the_task_with_a_message(server, client, tmp_path):
+    not_a_directory = tmp_path / "work"
+    not_a_directory.write_text("a file where the work dir should be")
+    async with running_agent(WorkerAgent(settings_for(server.port, not_a_directory))):
+        response = await client.response(await client.submit(["true"]))
+    assert response.status.code == code_pb2.INTERNAL
+    assert f"cannot create an action directory in {not_a_directory}" in response.status.message
+
+
+# -- slots -------------------------------------------------------------------------------
+
+
+async def test_never_runs_more_than_max_concurrent_tasks(server, client, tmp_path):
     agent = WorkerAgent(settings_for(server.port, tmp_path / "work", max_concurrent_tasks=2))
     marker = tmp_path / "running"
     marker.mkdir()
-    script = f"touch {marker}/$$; n=$(ls {marker} | wc -l); echo $n; sleep 0.4; rm {marker}/$$"
-    for i in range(5):
-        server.submit(f"task-{i}", ["sh", "-c", script])
+    # Each action counts the actions running beside it (itself included).
+    script = f"touch {marker}/$$; ls {marker} | wc -l; sleep 0.4; rm {marker}/$$"
+    leased_counts: list[int] = []
     async with running_agent(agent):
-        await eventually(lambda: len(server.api.completed) == 5, what="five tasks")
-    assert all(0 < poll.max_tasks <= 2 for poll in server.api.polls)
-    seen = [
-        int(server.cas.blobs[Digest.from_proto(r.response.result.stdout_digest)])
-        for r in server.api.completed.values()
-    ]
-    assert max(seen) <= 2
-    assert max(seen) == 2  # and it does run them in parallel
+        submitted = [await client.submit(["sh", "-c", f"{script}; echo {i}"]) for i in range(4)]
+        everything = asyncio.gather(*(client.response(s) for s in submitted))
+        while not everything.done():
+            leased_counts.append(
+                await server.pool.fetchval("SELECT count(*) FROM tasks WHERE state = 'leased'")
+            )
+            await asyncio.sleep(0.02)
+        responses = await everything
+
+    assert all(r.status.code == code_pb2.OK for r in responses)
+    seen = [int((await client.read(r.result.stdout_digest)).split()[0]) for r in responses]
+    assert max(seen) == 2  # it does run them in parallel, never three at once
+    assert max(leased_counts) <= 2
+
+    # Replay the leases and completions: never more than two held at once.
+    rows = await server.pool.fetch(
+        "SELECT event FROM task_events WHERE event IN ('leased', 'completed') ORDER BY at, id"
+    )
+    held = peak = 0
+    for row in rows:
+        held += 1 if row["event"] == "leased" else -1
+        peak = max(peak, held)
+    assert peak == 2
+    assert [row["event"] for row in rows].count("completed") == 4
 
 
-async def test_heartbeat_cancellation_kills_the_action_without_reporting(server, tmp_path, caplog):
+# -- cancellation ------------------------------------------------------------------------
+
+
+async def test_heartbeat_cancellation_kills_the_action_without_reporting(
+    server, client, tmp_path, caplog
+):
     caplog.set_level(logging.INFO, logger="expbuild.worker")
     agent = WorkerAgent(settings_for(server.port, tmp_path / "work"))
     pid_file = tmp_path / "pid"
-    server.submit("task-7", ["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"])
     async with running_agent(agent):
-        await eventually(pid_file.exists, what="the action to start")
-        await eventually(lambda: pid_file.read_text().strip() != "", what="pid")
+        submitted = await client.submit(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"])
+        task_id = await client.task_id(submitted)
+        await eventually(pid_in(pid_file), what="the action to start")
         pid = int(pid_file.read_text())
-        await eventually(
-            lambda: any(h.running for h in server.api.heartbeats), what="a heartbeat with the task"
-        )
-        server.api.cancel.add("task-7")
+        # What a cancellation request leaves in the queue; the next heartbeat reports it.
+        await server.pool.execute("UPDATE tasks SET cancel_requested = true WHERE id = $1", task_id)
         await eventually(lambda: is_gone(pid), what="the action to be killed")
         await eventually(lambda: not agent.running_task_ids, what="the task to end")
-        server.submit("task-8", ["true"])
-        await eventually(lambda: "task-8" in server.api.completed, what="the next task")
-    assert "task-7" not in server.api.completed
-    assert not server.api.released
-    assert "Stopping task task-7: cancelled by the server" in caplog.text
+        after = await client.response(await client.submit(["sh", "-c", "echo next"]))
+        assert after.status.code == code_pb2.OK
+        # Neither completed nor handed back by the agent. (Its deregistration on stop
+        # requeues the lease, since only the flag was set: the row stays 'leased'.)
+        assert await client.events(task_id) == ["queued", "leased"]
+        assert not submitted.response.done()
+
+    assert "completed" not in await client.events(task_id)
+    assert f"Stopping task task-{task_id}: cancelled by the server" in caplog.text
+    assert f"Task task-{task_id} stopped (cancelled by the server); not reporting it" in (
+        caplog.text
+    )
     assert list((tmp_path / "work").iterdir()) == []
 
 
-async def test_shutdown_waits_for_running_tasks_within_grace(server, tmp_path):
+# -- shutdown ----------------------------------------------------------------------------
+
+
+async def test_shutdown_waits_for_running_tasks_within_grace(server, client, tmp_path):
     agent = WorkerAgent(settings_for(server.port, tmp_path / "work"), shutdown_grace=10)
-    server.submit("task-1", ["sh", "-c", "sleep 0.5; echo finished"])
     job = asyncio.create_task(agent.run())
+    submitted = await client.submit(["sh", "-c", "sleep 0.5; echo finished"])
     await eventually(lambda: agent.running_task_ids, what="the task to start")
+    worker_id = agent.worker_id
     agent.request_stop()
     await asyncio.wait_for(job, 20)
-    assert server.api.completed["task-1"].response.result.exit_code == 0
-    assert not server.api.released
-    assert server.api.deregistered == [WORKER_ID]
+
+    response = await client.response(submitted)
+    assert response.status.code == code_pb2.OK
+    assert await client.read(response.result.stdout_digest) == b"finished\n"
+    events = await client.events(await client.task_id(submitted))
+    assert events == ["queued", "leased", "completed"]  # completed exactly once
+    state = await server.pool.fetchval("SELECT state FROM workers WHERE id = $1", worker_id)
+    assert state == "offline"
 
 
-async def test_shutdown_hands_back_tasks_still_running_after_grace(server, tmp_path):
+async def test_shutdown_hands_back_tasks_still_running_after_grace(
+    server, client, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="expbuild.worker")
     agent = WorkerAgent(settings_for(server.port, tmp_path / "work"), shutdown_grace=0.3)
     pid_file = tmp_path / "pid"
-    task = server.submit("task-9", ["sh", "-c", f"echo $$ > {pid_file}; sleep 300"])
     job = asyncio.create_task(agent.run())
-    await eventually(lambda: pid_file.exists() and pid_file.read_text().strip(), what="start")
+    submitted = await client.submit(["sh", "-c", f"echo $$ > {pid_file}; sleep 300"])
+    task_id = await client.task_id(submitted)
+    await eventually(pid_in(pid_file), what="the action to start")
     pid = int(pid_file.read_text())
+    worker_id = agent.worker_id
     started = time.monotonic()
     agent.request_stop()
     await asyncio.wait_for(job, 20)
     assert time.monotonic() - started < 5
     assert is_gone(pid)
-    (released,) = server.api.released
-    assert (released.task_id, released.lease_token) == ("task-9", task.lease_token)
-    assert released.reason == "worker shutting down"
-    assert "task-9" not in server.api.completed
-    assert server.api.deregistered == [WORKER_ID]
+
+    task = await server.pool.fetchrow(
+        "SELECT state, attempts, worker_id FROM tasks WHERE id = $1", task_id
+    )
+    assert (task["state"], task["attempts"], task["worker_id"]) == ("queued", 0, None)
+    rows = await server.pool.fetch(
+        "SELECT event, worker_id, detail FROM task_events WHERE task_id = $1 ORDER BY id",
+        task_id,
+    )
+    assert [r["event"] for r in rows] == ["queued", "leased", "released"]
+    assert rows[-1]["worker_id"] == worker_id
+    assert rows[-1]["detail"]["reason"] == "worker shutting down"
+    assert f"Task task-{task_id} handed back to the server (worker shutting down)" in caplog.text
+    state = await server.pool.fetchval("SELECT state FROM workers WHERE id = $1", worker_id)
+    assert state == "offline"
     assert list((tmp_path / "work").iterdir()) == []
 
 
-async def test_stop_cancels_the_long_poll_at_once(server, tmp_path):
-    agent = WorkerAgent(
-        settings_for(server.port, tmp_path / "work", poll_timeout=timedelta(seconds=60))
-    )
-    job = asyncio.create_task(agent.run())
-    await eventually(lambda: server.api.polls, what="a poll")
-    started = time.monotonic()
-    agent.request_stop()
-    await asyncio.wait_for(job, 20)
-    assert time.monotonic() - started < 2
+def long_poll_settings(cas_root: Path) -> Settings:
+    """A server that holds a PollTasks call for up to a minute when there is no work."""
+    settings = server_settings(cas_root)
+    return replace(settings, server=replace(settings.server, poll_timeout=timedelta(minutes=1)))
 
 
-async def test_stale_lease_on_completion_is_logged_and_ignored(server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="expbuild.worker")
-    agent = WorkerAgent(settings_for(server.port, tmp_path / "work"))
-    server.api.abort_completion.add("task-1")
-    server.submit("task-1", ["true"])
-    server.submit("task-2", ["true"])
-    async with running_agent(agent):
-        await eventually(lambda: "task-2" in server.api.completed, what="task-2")
-        await eventually(
-            lambda: "Server refused the result of task task-1" in caplog.text, what="warning"
+async def test_stop_cancels_the_long_poll_at_once(database_url, tmp_path):
+    async with running_server(long_poll_settings(tmp_path / "cas"), database_url) as app:
+        agent = WorkerAgent(
+            settings_for(app.port, tmp_path / "work", poll_timeout=timedelta(minutes=1))
         )
-    warning = next(r for r in caplog.records if "refused the result" in r.getMessage())
-    assert warning.levelno == logging.WARNING
+        job = asyncio.create_task(agent.run())
+        # The agent's long poll is in flight (the server would hold it for a minute).
+        await eventually(lambda: agent._poll_call is not None, what="a poll")
+        started = time.monotonic()
+        agent.request_stop()
+        await asyncio.wait_for(job, 20)
+        assert time.monotonic() - started < 2
 
 
-async def test_reregisters_when_the_server_forgets_it(server, tmp_path):
-    agent = WorkerAgent(settings_for(server.port, tmp_path / "work"))
+async def test_stop_while_server_unreachable_returns(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="expbuild.worker")
+    agent = WorkerAgent(settings_for(free_port(), tmp_path / "work"))
+    job = asyncio.create_task(agent.run())
+    await eventually(lambda: "unreachable" in caplog.text, what="a failed registration")
+    agent.request_stop()
+    await asyncio.wait_for(job, 5)
+    assert "stopped before it could register" in caplog.text
+
+
+# -- leases and registration -------------------------------------------------------------
+
+
+async def test_stale_completion_is_refused_logged_and_the_worker_serves_on(
+    server, client, tmp_path, caplog
+):
+    """The lease ran out while the action ran and another worker holds the task now:
+    the late CompleteTask is ABORTED, changes nothing, and the worker keeps serving."""
+    caplog.set_level(logging.INFO, logger="expbuild.worker")
+    gate, pid_file = tmp_path / "gate", tmp_path / "pid"
+    # No heartbeat during the test: it would report the lease lost and stop the action
+    # before it could report. One slot: no poll of this agent competes for the requeued task.
+    agent = WorkerAgent(
+        settings_for(
+            server.port,
+            tmp_path / "work",
+            heartbeat_interval=timedelta(minutes=5),
+            max_concurrent_tasks=1,
+        )
+    )
+    waiting = f"echo $$ > {pid_file}; while [ ! -e {gate} ]; do sleep 0.02; done; echo late"
     async with running_agent(agent):
-        await eventually(lambda: server.api.heartbeats, what="a heartbeat")
-        server.api.forget_worker = True
-        await eventually(lambda: len(server.api.registrations) == 2, what="registering again")
-    assert server.api.registrations[1].worker_id == WORKER_ID
+        submitted = await client.submit(["sh", "-c", waiting])
+        task_id = await client.task_id(submitted)
+        await eventually(pid_in(pid_file), what="the action to start")
+
+        await server.pool.execute(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+            task_id,
+        )
+        await server.reap_once()
+        async with open_channel(f"127.0.0.1:{server.port}") as channel:
+            other = worker_pb2_grpc.WorkerServiceStub(channel)
+            registered = await other.RegisterWorker(
+                worker_pb2.RegisterWorkerRequest(name="other-worker", max_concurrent_tasks=1)
+            )
+            wait = duration_pb2.Duration(seconds=5)
+            polled = await other.PollTasks(
+                worker_pb2.PollTasksRequest(
+                    worker_id=registered.worker_id, max_tasks=1, timeout=wait
+                )
+            )
+            (stolen,) = polled.tasks
+            assert stolen.task_id == f"task-{task_id}"
+            assert stolen.attempt == 2
+
+            gate.touch()
+            refused = f"Server refused the result of task task-{task_id}"
+            await eventually(lambda: refused in caplog.text, what="the refusal")
+            task = await server.pool.fetchrow(
+                "SELECT state, worker_id FROM tasks WHERE id = $1", task_id
+            )
+            assert (task["state"], task["worker_id"]) == ("leased", registered.worker_id)
+
+            # The worker serves on.
+            after = await client.response(await client.submit(["sh", "-c", "echo next"]))
+            assert after.status.code == code_pb2.OK
+            assert await client.read(after.result.stdout_digest) == b"next\n"
+
+            # The current lease holder's result is the one the client gets.
+            mine = re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=3))
+            await other.CompleteTask(
+                worker_pb2.CompleteTaskRequest(
+                    worker_id=registered.worker_id,
+                    task_id=stolen.task_id,
+                    lease_token=stolen.lease_token,
+                    response=mine,
+                )
+            )
+            assert (await client.response(submitted)).result.exit_code == 3
+
+    warning = next(r for r in caplog.records if refused in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "ABORTED" in warning.getMessage()
+    assert (await client.events(task_id)).count("completed") == 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+async def long_poll_server(database_url, tmp_path) -> AsyncIterator[ServerApp]:
+    async with running_server(long_poll_settings(tmp_path / "cas"), database_url) as app:
+        yield app
 
 
-async def test_retries_registration_until_the_server_is_up(tmp_path, caplog):
+async def test_reregisters_when_the_server_forgets_it(long_poll_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="expbuild.worker")
+    server = long_poll_server
+    # The agent's poll stays in flight meanwhile, so it is the heartbeat that finds out.
+    agent = WorkerAgent(
+        settings_for(server.port, tmp_path / "work", poll_timeout=timedelta(minutes=1))
+    )
+    async with client_of(server, tmp_path) as client, running_agent(agent):
+        await eventually(lambda: agent.worker_id, what="registration")
+        worker_id = agent.worker_id
+        await server.pool.execute("DELETE FROM workers WHERE id = $1", worker_id)
+
+        async def known_again() -> bool:
+            return bool(
+                await server.pool.fetchval("SELECT count(*) FROM workers WHERE id = $1", worker_id)
+            )
+
+        await eventually_async(known_again, what="registering again")
+        response = await client.response(await client.submit(["sh", "-c", "echo again"]))
+        assert response.status.code == code_pb2.OK
+
+    assert agent.worker_id == worker_id  # it came back under its old id
+    assert f"Server does not know worker {worker_id}; registering again" in caplog.text
+    assert caplog.text.count(f"Worker {worker_id} registered successfully") == 2
+
+
+async def test_retries_registration_until_the_server_is_up(database_url, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="expbuild.worker")
     port = free_port()
     agent = WorkerAgent(settings_for(port, tmp_path / "work"))
@@ -489,28 +692,15 @@ async def test_retries_registration_until_the_server_is_up(tmp_path, caplog):
         await eventually(
             lambda: f"Server 127.0.0.1:{port} unreachable" in caplog.text, what="retry warning"
         )
-        async with fake_server(port) as late:
-            await eventually(lambda: late.api.registrations, what="registration", seconds=20)
-            late.submit("task-1", ["true"])
-            await eventually(lambda: late.api.completed, what="the task")
+        settings: Settings = server_settings(tmp_path / "cas")
+        settings = replace(settings, server=replace(settings.server, address=f"127.0.0.1:{port}"))
+        async with running_server(settings, database_url) as late:
+            await eventually(lambda: agent.worker_id, what="registration", seconds=20)
+            async with client_of(late, tmp_path) as client:
+                response = await client.response(await client.submit(["sh", "-c", "echo up"]))
+            assert response.status.code == code_pb2.OK
+            name = await late.pool.fetchval(
+                "SELECT name FROM workers WHERE id = $1", agent.worker_id
+            )
+            assert name == "test-worker"
     assert "retrying in 1s" in caplog.text
-
-
-async def test_stop_while_server_unreachable_returns(tmp_path):
-    agent = WorkerAgent(settings_for(free_port(), tmp_path / "work"))
-    job = asyncio.create_task(agent.run())
-    await asyncio.sleep(0.3)
-    agent.request_stop()
-    await asyncio.wait_for(job, 5)
-
-
-async def test_unusable_work_dir_fails_the_task_with_a_message(server, tmp_path):
-    not_a_directory = tmp_path / "work"
-    not_a_directory.write_text("a file where the work dir should be")
-    agent = WorkerAgent(settings_for(server.port, not_a_directory))
-    server.submit("task-1", ["true"])
-    async with running_agent(agent):
-        await eventually(lambda: server.api.completed, what="CompleteTask")
-    status = server.api.completed["task-1"].response.status
-    assert status.code == code_pb2.INTERNAL
-    assert f"cannot create an action directory in {not_a_directory}" in status.message

@@ -28,10 +28,16 @@ class OperationRecord:
     queued_at: datetime | None
     leased_at: datetime | None
     completed_at: datetime | None
+    cancelled_at: datetime | None = None
+    created_at: datetime | None = None
 
     @property
     def done(self) -> bool:
-        return self.cached_result is not None or self.task_state in DONE_STATES
+        return (
+            self.cached_result is not None
+            or self.cancelled_at is not None
+            or self.task_state in DONE_STATES
+        )
 
 
 async def insert_cached_operation(
@@ -40,10 +46,7 @@ async def insert_cached_operation(
     await db.execute(sql("insert_cached_operation"), name, instance_name, str(action_digest), response)
 
 
-async def get_operation(db: Executor, name: str) -> OperationRecord:
-    r = await db.fetchrow(sql("get_operation"), name)
-    if r is None:
-        raise NotFound(f"operation {name!r} does not exist")
+def _record(r) -> OperationRecord:
     return OperationRecord(
         name=r["name"],
         instance_name=r["instance_name"],
@@ -58,4 +61,39 @@ async def get_operation(db: Executor, name: str) -> OperationRecord:
         queued_at=r["queued_at"],
         leased_at=r["leased_at"],
         completed_at=r["completed_at"],
+        cancelled_at=r["cancelled_at"],
+        created_at=r["created_at"],
     )
+
+
+async def get_operation(db: Executor, name: str) -> OperationRecord:
+    r = await db.fetchrow(sql("get_operation"), name)
+    if r is None:
+        raise NotFound(f"operation {name!r} does not exist")
+    return _record(r)
+
+
+async def cancel_operation(db: Executor, name: str) -> bool:
+    """Cancel the operation; returns True when its task was cancelled with it."""
+    row = await db.fetchrow(sql("cancel_operation"), name)
+    if row is None:
+        raise NotFound(f"operation {name!r} does not exist")
+    return row["task_cancelled"]
+
+
+async def delete_operation(db: Executor, name: str) -> None:
+    if await db.fetchval(sql("delete_operation"), name) is None:
+        raise NotFound(f"operation {name!r} does not exist")
+
+
+async def list_operations(
+    db: Executor,
+    *,
+    stage: str | None,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+) -> list[OperationRecord]:
+    """Newest first; `stage` is 'queued', 'executing', 'completed' or None for all."""
+    created, name = after if after else (None, None)
+    rows = await db.fetch(sql("list_operations"), stage, created, name, limit)
+    return [_record(r) for r in rows]

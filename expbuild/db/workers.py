@@ -124,3 +124,9 @@ async def get_worker(db: Executor, worker_id: str) -> WorkerRecord:
 
 async def list_workers(db: Executor) -> list[WorkerRecord]:
     return [_record(r) for r in await db.fetch(sql("list_workers"))]
+
+
+async def platform_offer(db: Executor, platform: PlatformSpec) -> tuple[bool, bool, list[dict]]:
+    """(some online worker offers `platform`, any worker online, the platforms online)."""
+    row = await db.fetchrow(sql("platform_is_offered"), normalize_platform(platform))
+    return row["offered"], row["any_online"], row["offers"]

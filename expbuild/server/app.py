@@ -86,7 +86,7 @@ class ServerApp:
             ExecutionServicer(self.pool, self.store, tracker, instances, s), server
         )
         re_grpc.add_ActionCacheServicer_to_server(
-            ActionCacheServicer(self.pool, instances, s), server
+            ActionCacheServicer(self.pool, self.store, instances, s), server
         )
         re_grpc.add_ContentAddressableStorageServicer_to_server(
             ContentAddressableStorageServicer(self.store, instances, s.max_batch_total_size_bytes),

@@ -33,7 +33,7 @@ WITH alive AS (
 )
 SELECT r.task_id,
        CASE WHEN r.task_id IN (SELECT id FROM extended) THEN 'running'
-            WHEN t.state = 'cancelled' OR (t.cancel_requested AND t.lease_token = r.lease_token)
+            WHEN (t.state = 'cancelled' OR t.cancel_requested) AND t.lease_token = r.lease_token
                 THEN 'cancelled'
             ELSE 'lost' END AS fate,
        (SELECT state FROM alive) AS worker_state
@@ -73,3 +73,11 @@ SELECT w.id, w.name, w.hostname, w.platform, w.max_concurrent, w.state, w.versio
        w.registered_at, w.last_heartbeat_at,
        (SELECT count(*) FROM tasks t WHERE t.worker_id = w.id AND t.state = 'leased') AS running
 FROM workers w ORDER BY w.registered_at;
+
+-- name: platform_is_offered
+-- Does any online worker offer everything this platform requires? And is any worker
+-- online at all (with none, nothing can be judged unsatisfiable yet)?
+SELECT EXISTS (SELECT 1 FROM workers WHERE state <> 'offline' AND platform @> $1::jsonb) AS offered,
+       EXISTS (SELECT 1 FROM workers WHERE state <> 'offline') AS any_online,
+       (SELECT coalesce(jsonb_agg(DISTINCT platform), '[]'::jsonb)
+          FROM workers WHERE state <> 'offline') AS offers;

@@ -18,6 +18,8 @@ printf 'deeper file\\n' > "$out/sub/deeper/leaf.txt"
 printf '#!/bin/sh\\necho tree-tool\\n' > "$out/sub/tool.sh"
 chmod +x "$out/sub/tool.sh"
 """,
+        # --action_env applies to Starlark actions only with the default shell env.
+        use_default_shell_env = True,
         mnemonic = "MakeTree",
         progress_message = "Making tree artifact %s" % out.short_path,
     )
@@ -45,6 +47,7 @@ done > "$OLDPWD/$2"
 cat sub/deeper/leaf.txt >> "$OLDPWD/$2"
 ./sub/tool.sh >> "$OLDPWD/$2"
 """,
+        use_default_shell_env = True,
         mnemonic = "ListTree",
         progress_message = "Listing tree artifact %s" % tree.short_path,
     )
