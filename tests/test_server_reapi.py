@@ -23,7 +23,7 @@ from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.tree import serialize
 from expbuild.config import BackendSettings, WorkerSettings
-from expbuild.digest import digest_of
+from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.worker.agent import WorkerAgent
@@ -75,7 +75,7 @@ async def worker_running(server, tmp_path, *, slots=2, platform=None, name="w"):
 
 
 async def upload_action(channel, argv, *, timeout=None, do_not_cache=False, platform=None,
-                        outputs=()) -> "digest_of":
+                        outputs=()) -> Digest:
     cas = CasClient(channel)
     command = build_command(argv, output_paths=outputs, platform=platform)
     root = re_pb2.Directory()
