@@ -194,13 +194,14 @@ def _duration(value: Any, key: str) -> timedelta:
 
 
 def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key} = {value!r}: expected a positive integer")
-    try:
+    """An integer >= 1, given as a TOML integer or a decimal string (from the environment)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
         number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} = {value!r}: expected a positive integer") from None
-    if number < 1 or str(number) != str(value).strip() and not isinstance(value, int):
+    else:
+        raise ConfigError(f"{key} = {value!r}: expected a positive integer")
+    if number < 1:
         raise ConfigError(f"{key} = {value!r}: expected a positive integer")
     return number
 
@@ -255,8 +256,9 @@ def _section(raw: dict, name: str) -> dict:
 
 
 def _get(section: dict, name: str, default: Any) -> Any:
+    """The value if the key is present (an empty string counts: it switches things off)."""
     value = section.get(name)
-    return default if value is None or value == "" and default != "" else value
+    return default if value is None else value
 
 
 def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import asyncpg
@@ -43,7 +44,12 @@ from tests.postgres import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
-WORKSPACE = Path(__file__).parent / "bazel" / "workspace"
+BAZEL_DIR = Path(__file__).parent / "bazel"
+WORKSPACE = BAZEL_DIR / "workspace"
+# Stand-ins for the repositories that sh_binary/sh_test make Bazel 4.2.3 fetch.
+STAND_INS = ("rules_cc", "rules_java", "remote_coverage_tools")
+# Commands that load packages, and so take --override_repository.
+LOADING_COMMANDS = {"build", "test", "run", "info", "query", "cquery", "aquery", "fetch"}
 MODES = ("remote_executor", "remote_cache")
 TEST_VAR = "expbuild conformance value: 42"
 FAILURE_LINE = "expbuild-conformance: deliberate failure"
@@ -180,12 +186,15 @@ class BazelResult:
 
 
 class Bazel:
-    """One Bazel server (its own output root) on one copy of the workspace."""
+    """One Bazel server (its own output root) on one copy of tests/bazel."""
 
-    def __init__(self, exe: str, workspace: Path, root: Path):
+    def __init__(self, exe: str, copy: Path, root: Path):
         self.exe = exe
-        self.workspace = workspace
+        self.workspace = copy / "workspace"
         self.root = root
+        self.overrides = [
+            f"--override_repository={name}={copy / 'local_repos' / name}" for name in STAND_INS
+        ]
         home = root / "home"
         home.mkdir(parents=True, exist_ok=True)
         self.env = {
@@ -202,10 +211,11 @@ class Bazel:
             "--max_idle_secs=900",
         ]
 
-    def run(self, *args: str, timeout: float = 900) -> BazelResult:
+    def run(self, command: str, *args: str, timeout: float = 900) -> BazelResult:
+        overrides = self.overrides if command in LOADING_COMMANDS else []
         started = time.monotonic()
         proc = subprocess.run(
-            [self.exe, *self.startup, *args],
+            [self.exe, *self.startup, command, *overrides, *args],
             cwd=self.workspace,
             env=self.env,
             capture_output=True,
@@ -213,13 +223,16 @@ class Bazel:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
-        return BazelResult(list(args), proc.returncode, proc.stdout, proc.stderr,
+        return BazelResult([command, *args], proc.returncode, proc.stdout, proc.stderr,
                            time.monotonic() - started)
 
-    def bazel_bin(self, *flags: str) -> Path:
-        info = self.run("info", *flags, "bazel-bin")
+    def info(self, key: str, *flags: str) -> Path:
+        info = self.run("info", *flags, key)
         assert info.returncode == 0, info.describe()
         return Path(info.stdout.strip().splitlines()[-1])
+
+    def bazel_bin(self, *flags: str) -> Path:
+        return self.info("bazel-bin", *flags)
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):
@@ -234,6 +247,7 @@ def common_flags(extra_env: str) -> list[str]:
         # cache hits in the shared server (--host_action_env: tools built for the host).
         f"--action_env=EXPBUILD_CONFORMANCE_MODE={extra_env}",
         f"--host_action_env=EXPBUILD_CONFORMANCE_MODE={extra_env}",
+        f"--test_env=EXPBUILD_CONFORMANCE_MODE={extra_env}",
         "--verbose_failures",
         "--remote_timeout=120",
     ]
@@ -275,8 +289,9 @@ def check_outputs(files: dict[str, bytes | None], case: str) -> None:
     assert not problems, "\n".join(problems)
 
 
-def copy_workspace(dest: Path) -> Path:
-    shutil.copytree(WORKSPACE, dest, ignore=shutil.ignore_patterns("bazel-*"))
+def copy_tree(dest: Path) -> Path:
+    """tests/bazel (workspace and stand-in repositories) copied: Bazel never writes there."""
+    shutil.copytree(BAZEL_DIR, dest, ignore=shutil.ignore_patterns("bazel-*", "*.md"))
     return dest
 
 
@@ -454,7 +469,7 @@ class ModeRun:
 def mode_run(request, bazel_exe, cluster, tmp_path_factory):
     mode = request.param
     folder = tmp_path_factory.mktemp(f"bazel-{mode}")
-    bazel = Bazel(bazel_exe, copy_workspace(folder / "workspace"), folder)
+    bazel = Bazel(bazel_exe, copy_tree(folder / "bazel"), folder)
     run = ModeRun(mode, bazel, mode_flags(mode, cluster.port), cluster)
     try:
         run.first = bazel.run("build", *run.flags, TARGET)
@@ -531,9 +546,64 @@ def test_deliberate_failure(mode_run: ModeRun):
         assert "Build did NOT complete successfully" in result.stderr, mode_run.context(result)
 
 
+SH_TEST = "//sh:hello_test"
+SH_TEST_LINE = "expbuild-conformance: sh_test passed"
+
+
+def check_sh_test_logs(bazel: Bazel, flags: list[str], result: BazelResult) -> None:
+    testlogs = bazel.info("bazel-testlogs", *flags) / "sh" / "hello_test"
+    log = testlogs / "test.log"
+    assert log.is_file(), f"no {log}\n{result.describe()}"
+    assert SH_TEST_LINE in log.read_text(errors="replace"), log.read_text(errors="replace")
+    assert (testlogs / "test.xml").is_file(), f"no test.xml\n{result.describe()}"
+    outputs = testlogs / "test.outputs" / "outputs.zip"
+    assert outputs.is_file(), f"no undeclared outputs zip\n{result.describe()}"
+    with zipfile.ZipFile(outputs) as archive:
+        assert archive.read("extra.txt") == b"undeclared output\n"
+
+
+def test_sh_test(mode_run: ModeRun):
+    """i. `bazel test` of an sh_test (running an sh_binary), then again after a clean."""
+    bazel, flags = mode_run.bazel, mode_run.flags
+    first = bazel.run("test", *flags, SH_TEST)
+    record_time(f"{mode_run.mode}: bazel test", first.wall, first.elapsed())
+    assert first.returncode == 0, mode_run.context(first)
+    assert re.search(r"//sh:hello_test\s+PASSED", first.output), mode_run.context(first)
+    _, kinds = first.summary()
+    executed = {k: n for k, n in kinds.items() if k != "internal"}
+    if mode_run.mode == "remote_executor":
+        assert set(executed) == {"remote"}, (kinds, mode_run.context(first))
+    else:
+        assert executed and not any("remote" in k for k in executed), (kinds, first.describe())
+    check_sh_test_logs(bazel, flags, first)
+
+    clean = bazel.run("clean")
+    assert clean.returncode == 0, clean.describe()
+    second = bazel.run("test", *flags, SH_TEST)
+    record_time(f"{mode_run.mode}: bazel test after clean", second.wall, second.elapsed())
+    assert second.returncode == 0, mode_run.context(second)
+    assert re.search(r"//sh:hello_test\s+\(cached\) PASSED", second.output), (
+        mode_run.context(second)
+    )
+    _, kinds = second.summary()
+    executed = {k: n for k, n in kinds.items() if k != "internal"}
+    assert set(executed) == {"remote cache hit"}, (kinds, mode_run.context(second))
+    check_sh_test_logs(bazel, flags, second)
+
+
+def test_no_errors_logged(mode_run: ModeRun):
+    """Whatever Bazel saw, the server and the worker logged no error or traceback."""
+    problems = []
+    for process in (mode_run.cluster.server, mode_run.cluster.worker):
+        for line in process.log.read_text(errors="replace").splitlines():
+            if re.search(r"\b(ERROR|CRITICAL)\b|Traceback", line):
+                problems.append(f"{process.name}: {line}")
+    assert not problems, "\n".join(problems[:50]) + "\n" + mode_run.cluster.logs(200)
+
+
 def test_local_build_offline(bazel_exe, tmp_path):
     """The workspace builds with no remote at all: the harness itself works offline."""
-    bazel = Bazel(bazel_exe, copy_workspace(tmp_path / "workspace"), tmp_path)
+    bazel = Bazel(bazel_exe, copy_tree(tmp_path / "bazel"), tmp_path)
     try:
         flags = mode_flags("local", 0)
         result = bazel.run("build", *flags, TARGET)
@@ -546,6 +616,9 @@ def test_local_build_offline(bazel_exe, tmp_path):
             check_outputs(files, case)
         failure = bazel.run("build", *flags, "//:deliberate_failure")
         assert failure.returncode != 0 and FAILURE_LINE in failure.stderr, failure.describe()
+        test = bazel.run("test", *flags, SH_TEST)
+        assert test.returncode == 0, test.describe()
+        check_sh_test_logs(bazel, flags, test)
     finally:
         bazel.shutdown()
 
