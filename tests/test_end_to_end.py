@@ -31,6 +31,8 @@ def cluster(database_url, tmp_path):
             "EXPBUILD_WORKER__SERVER_URL": f"http://{address}",
             "EXPBUILD_WORKER__CAS_URL": f"http://{address}",
             "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
+            "EXPBUILD_WORKER__NAME": "e2e-worker",
+            "EXPBUILD_WORKER__HEARTBEAT_INTERVAL": "0.5",
         })
         wait_for_log(worker, "registered successfully")
         yield address, server, worker
@@ -116,3 +118,60 @@ def test_a_bad_config_stops_startup_with_one_clear_line(tmp_path):
     assert "execution.backend" in result.stderr and "magic" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _background_run(address: str, tmp_path, *command: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "expbuild"), "run", "--server", address, "--json",
+                             "--no-cache", "--", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+
+
+def _completions(database_url: str) -> list[str]:
+    import asyncio
+
+    import asyncpg
+
+    async def fetch():
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch("SELECT event FROM task_events ORDER BY id")
+        finally:
+            await conn.close()
+        return [r["event"] for r in rows]
+
+    return asyncio.run(fetch())
+
+
+def test_sigterm_mid_action_finishes_it_exactly_once(cluster, tmp_path, database_url):
+    address, server, worker = cluster
+    client = _background_run(address, tmp_path, "sh", "-c", "sleep 2; echo finished")
+    wait_for_log(worker, "Executing command:")
+    assert worker.stop(signal.SIGTERM, timeout=30) == 0
+    out, err = client.communicate(timeout=30)
+    report = json.loads(out)
+    assert report["exit_code"] == 0 and report["stdout"] == "finished\n", err
+    events = _completions(database_url)
+    assert events.count("completed") == 1 and events.count("leased") == 1, events
+    assert "deregistered" in server.log()
+
+
+def test_workers_list_and_drain(cluster, tmp_path, database_url):
+    address, server, worker = cluster
+    listed = subprocess.run([str(BIN / "expbuild"), "workers", "list", "--server", address, "--json"],
+                            capture_output=True, timeout=30, check=True)
+    [info] = json.loads(listed.stdout)
+    assert info["name"] == "e2e-worker" and info["state"] == "online"
+    assert info["platform"]["OSFamily"] == ["Linux"]
+
+    client = _background_run(address, tmp_path, "sh", "-c", "sleep 1.5; echo drained")
+    wait_for_log(worker, "Executing command:")
+    drained = subprocess.run([str(BIN / "expbuild"), "workers", "drain", "--server", address,
+                              "e2e-worker"], capture_output=True, timeout=30, text=True)
+    assert drained.returncode == 0 and "is draining" in drained.stdout, drained.stderr
+    assert worker.popen.wait(timeout=30) == 0
+    report = json.loads(client.communicate(timeout=30)[0])
+    assert report["stdout"] == "drained\n"
+    assert _completions(database_url).count("completed") == 1
+    missing = subprocess.run([str(BIN / "expbuild"), "workers", "drain", "--server", address,
+                              "nobody"], capture_output=True, timeout=30, text=True)
+    assert missing.returncode == 1 and "nobody" in missing.stderr

@@ -9,6 +9,7 @@ from expbuild.cli.client_commands import execute, run
 from expbuild.cli.server import db_group, server_command
 from expbuild.cli.up import up_command
 from expbuild.cli.worker import worker_group
+from expbuild.cli.workers import workers_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,11 +22,13 @@ def main() -> None:
     A server replica:    expbuild server --config configs/expbuild-server.toml
     A worker on a host:  expbuild worker daemon --config configs/expbuild-worker.toml
     Run a command:       expbuild run -- sh -c 'echo hello'
+    See the workers:     expbuild workers list
     """
 
 
 main.add_command(server_command)
 main.add_command(worker_group)
+main.add_command(workers_group)
 main.add_command(db_group)
 main.add_command(up_command)
 main.add_command(run)

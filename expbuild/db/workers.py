@@ -122,11 +122,21 @@ async def get_worker(db: Executor, worker_id: str) -> WorkerRecord:
     return _record(row)
 
 
-async def list_workers(db: Executor) -> list[WorkerRecord]:
-    return [_record(r) for r in await db.fetch(sql("list_workers"))]
+async def list_workers(db: Executor, include_offline: bool = False) -> list[WorkerRecord]:
+    return [_record(r) for r in await db.fetch(sql("list_workers"), include_offline)]
 
 
 async def platform_offer(db: Executor, platform: PlatformSpec) -> tuple[bool, bool, list[dict]]:
     """(some online worker offers `platform`, any worker online, the platforms online)."""
     row = await db.fetchrow(sql("platform_is_offered"), normalize_platform(platform))
     return row["offered"], row["any_online"], row["offers"]
+
+
+async def drain_worker(db: Executor, worker: str) -> WorkerRecord:
+    """Mark the worker (id, or unique name) draining; NotFound when no such live worker."""
+    worker_id = await db.fetchval(sql("drain_worker"), worker)
+    if worker_id is None:
+        raise NotFound(
+            f"no online worker has the id or unique name {worker!r}; see `expbuild workers list`"
+        )
+    return await get_worker(db, worker_id)

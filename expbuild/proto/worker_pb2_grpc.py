@@ -319,3 +319,122 @@ class WorkerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerAdminServiceStub:
+    """For operators: which workers exist, and taking one out of service gracefully.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListWorkers = channel.unary_unary(
+                '/expbuild.worker.v1.WorkerAdminService/ListWorkers',
+                request_serializer=expbuild_dot_proto_dot_worker__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=expbuild_dot_proto_dot_worker__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/expbuild.worker.v1.WorkerAdminService/DrainWorker',
+                request_serializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerAdminServiceServicer:
+    """For operators: which workers exist, and taking one out of service gracefully.
+    """
+
+    def ListWorkers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainWorker(self, request, context):
+        """The worker stops taking tasks, finishes (or hands back) what it runs, and leaves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=expbuild_dot_proto_dot_worker__pb2.ListWorkersRequest.FromString,
+                    response_serializer=expbuild_dot_proto_dot_worker__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'expbuild.worker.v1.WorkerAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('expbuild.worker.v1.WorkerAdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerAdminService:
+    """For operators: which workers exist, and taking one out of service gracefully.
+    """
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerAdminService/ListWorkers',
+            expbuild_dot_proto_dot_worker__pb2.ListWorkersRequest.SerializeToString,
+            expbuild_dot_proto_dot_worker__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerAdminService/DrainWorker',
+            expbuild_dot_proto_dot_worker__pb2.DrainWorkerRequest.SerializeToString,
+            expbuild_dot_proto_dot_worker__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -34,6 +34,7 @@ from expbuild.server.cas import ContentAddressableStorageServicer
 from expbuild.server.execution import ExecutionServicer
 from expbuild.server.instances import InstanceNames
 from expbuild.server.operations import OperationsServicer, OperationTracker
+from expbuild.server.worker_admin import WorkerAdminServicer
 from expbuild.server.worker_api import WorkerServicer, task_name
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ SERVICE_NAMES = (
     re_pb2.DESCRIPTOR.services_by_name["Capabilities"].full_name,
     bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name,
     worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["WorkerAdminService"].full_name,
     "google.longrunning.Operations",
 )
 
@@ -98,6 +100,9 @@ class ServerApp:
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.pool, self.store, self.notifications, s), server
+        )
+        worker_pb2_grpc.add_WorkerAdminServiceServicer_to_server(
+            WorkerAdminServicer(self.pool), server
         )
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(tracker), server)
 

@@ -72,7 +72,9 @@ FROM workers WHERE id = $1;
 SELECT w.id, w.name, w.hostname, w.platform, w.max_concurrent, w.state, w.version,
        w.registered_at, w.last_heartbeat_at,
        (SELECT count(*) FROM tasks t WHERE t.worker_id = w.id AND t.state = 'leased') AS running
-FROM workers w ORDER BY w.registered_at;
+FROM workers w
+WHERE $1 OR w.state <> 'offline'
+ORDER BY w.registered_at;
 
 -- name: platform_is_offered
 -- Does any online worker offer everything this platform requires? And is any worker
@@ -81,3 +83,12 @@ SELECT EXISTS (SELECT 1 FROM workers WHERE state <> 'offline' AND platform @> $1
        EXISTS (SELECT 1 FROM workers WHERE state <> 'offline') AS any_online,
        (SELECT coalesce(jsonb_agg(DISTINCT platform), '[]'::jsonb)
           FROM workers WHERE state <> 'offline') AS offers;
+
+-- name: drain_worker
+-- Ask a worker (by id, or by name when exactly one live worker has it) to drain; it learns
+-- at its next heartbeat. Returns nothing when no such worker is online.
+UPDATE workers SET state = 'draining'
+WHERE state <> 'offline'
+  AND (id = $1 OR (name = $1 AND (SELECT count(*) FROM workers w
+                                  WHERE w.name = $1 AND w.state <> 'offline') = 1))
+RETURNING id;

@@ -274,13 +274,12 @@ class WorkerAgent:
             self._stop_task(task_id, "cancelled by the server")
         for task_id in response.lost_task_ids:
             self._stop_task(task_id, "lease lost")
-        if response.drain != self._draining:
-            self._draining = response.drain
-            if response.drain:
-                log.info("Server asks worker %s to drain: taking no new tasks", self.worker_id)
-            else:
-                log.info("Worker %s no longer draining: taking new tasks", self.worker_id)
-            self._wakeup.set()
+        if response.drain and not self._stopping:
+            # `expbuild workers drain`: the same graceful exit as SIGTERM, asked remotely.
+            log.info("Server asks worker %s to drain: finishing running tasks, then leaving",
+                     self.worker_id)
+            self._draining = True
+            self.request_stop()
 
     # ---- polling and running -----------------------------------------------------------
 

@@ -1,0 +1,109 @@
+"""`expbuild workers list` and `expbuild workers drain`: the operator's view of the fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import click
+import grpc
+
+from expbuild.client.channel import open_channel
+from expbuild.client.errors import from_rpc_error
+from expbuild.config import DEFAULT_ADDRESS, ConfigError, grpc_target
+from expbuild.proto import worker_pb2, worker_pb2_grpc
+
+
+def _target(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return grpc_target(value, "--server")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+server_option = click.option(
+    "--server", default=DEFAULT_ADDRESS, show_default=True, envvar="EXPBUILD_SERVER",
+    metavar="HOST:PORT", callback=_target, help="Server to ask; env EXPBUILD_SERVER.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _call(target: str, method: str, request):
+    async def run():
+        async with open_channel(target) as channel:
+            stub = worker_pb2_grpc.WorkerAdminServiceStub(channel)
+            try:
+                return await getattr(stub, method)(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                raise click.ClickException(str(from_rpc_error(exc, target))) from None
+
+    return asyncio.run(run())
+
+
+def _as_dict(info: worker_pb2.WorkerInfo) -> dict:
+    platform: dict[str, list[str]] = {}
+    for prop in info.platform.properties:
+        platform.setdefault(prop.name, []).append(prop.value)
+    return {
+        "worker_id": info.worker_id,
+        "name": info.name,
+        "hostname": info.hostname,
+        "state": info.state,
+        "running_tasks": info.running_tasks,
+        "max_concurrent_tasks": info.max_concurrent_tasks,
+        "platform": platform,
+        "version": info.version,
+        "registered_at": info.registered_at.ToDatetime(UTC).isoformat(),
+        "last_heartbeat_at": info.last_heartbeat_at.ToDatetime(UTC).isoformat(),
+    }
+
+
+def _ago(moment: str) -> str:
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(moment)).total_seconds()
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+@click.group("workers")
+def workers_group() -> None:
+    """Inspect and drain the workers registered with a server."""
+
+
+@workers_group.command("list")
+@server_option
+@json_option
+@click.option("--all", "include_offline", is_flag=True, help="Include offline workers.")
+def list_command(server: str, as_json: bool, include_offline: bool) -> None:
+    """List workers: state, running/max tasks, platform, last heartbeat."""
+    reply = _call(server, "ListWorkers", worker_pb2.ListWorkersRequest(include_offline=include_offline))
+    rows = [_as_dict(w) for w in reply.workers]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no workers registered" + ("" if include_offline else " and online (try --all)"))
+        return
+    click.echo(f"{'ID':<20} {'NAME':<20} {'STATE':<9} {'TASKS':>7}  {'HEARTBEAT':<10} PLATFORM")
+    for row in rows:
+        platform = ", ".join(f"{k}={'|'.join(v)}" for k, v in sorted(row["platform"].items()))
+        tasks = f"{row['running_tasks']}/{row['max_concurrent_tasks']}"
+        click.echo(f"{row['worker_id']:<20} {row['name'][:20]:<20} {row['state']:<9} {tasks:>7}  "
+                   f"{_ago(row['last_heartbeat_at']):<10} {platform}")
+
+
+@workers_group.command("drain")
+@server_option
+@json_option
+@click.argument("worker")
+def drain_command(server: str, as_json: bool, worker: str) -> None:
+    """Take WORKER (id or unique name) out of service gracefully.
+
+    It stops taking tasks at its next heartbeat, finishes what it runs (handing back
+    whatever outlasts its grace period, to run elsewhere at once), deregisters and exits.
+    """
+    reply = _call(server, "DrainWorker", worker_pb2.DrainWorkerRequest(worker_id=worker))
+    if as_json:
+        click.echo(json.dumps(_as_dict(reply.worker), indent=2))
+    else:
+        click.echo(f"worker {reply.worker.worker_id} ({reply.worker.name}) is draining; "
+                   f"{reply.worker.running_tasks} task(s) still running")
