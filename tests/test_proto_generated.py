@@ -39,6 +39,7 @@ EXPECTED_SERVICES = {
             "RegisterWorker",
             "ReleaseTask",
         ],
+        "expbuild.worker.v1.WorkerAdminService": ["DrainWorker", "ListWorkers"],
     },
     "semver": {},
 }

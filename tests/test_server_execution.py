@@ -84,7 +84,9 @@ async def test_execute_runs_through_the_worker_api_and_then_hits_the_cache(serve
 
         stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
         first = await stream.read()
-        assert not first.done and stage(first) == re_pb2.ExecutionStage.QUEUED
+        assert not first.done and stage(first) == re_pb2.ExecutionStage.CACHE_CHECK
+        second = await stream.read()
+        assert not second.done and stage(second) == re_pb2.ExecutionStage.QUEUED
 
         polled = await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2))
         [task] = polled.tasks
@@ -99,8 +101,10 @@ async def test_execute_runs_through_the_worker_api_and_then_hits_the_cache(serve
         assert response.result.stdout_raw == b"hi\n" and not response.cached_result
 
         again = [op async for op in execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))]
-        assert len(again) == 1 and again[0].done
-        assert unpack_response(again[0]).cached_result
+        assert [stage(op) for op in again] == [re_pb2.ExecutionStage.CACHE_CHECK,
+                                               re_pb2.ExecutionStage.COMPLETED]
+        assert again[-1].done
+        assert unpack_response(again[-1]).cached_result
 
         got = await operations_pb2_grpc.OperationsStub(channel).GetOperation(
             operations_pb2.GetOperationRequest(name=operations[-1].name))

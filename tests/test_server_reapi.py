@@ -205,7 +205,7 @@ async def test_cancel_a_running_action_kills_it_on_its_worker(server, channel, t
         op = await call.read()
         while metadata(op).stage != Stage.EXECUTING:
             op = await call.read()
-        assert metadata(op).partial_execution_metadata.worker == agent.worker_id
+        assert metadata(op).partial_execution_metadata.worker == agent.name
         await operations_pb2_grpc.OperationsStub(channel).CancelOperation(
             operations_pb2.CancelOperationRequest(name=op.name))
         last = (await all_operations(call))[-1]

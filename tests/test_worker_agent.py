@@ -52,7 +52,6 @@ async def server(database_url, tmp_path) -> AsyncIterator[ServerApp]:
 @dataclass
 class Submitted:
     action_digest: Digest
-    command: re_pb2.Command
     # The Execute call, running until the operation is done: its final ExecuteResponse.
     response: asyncio.Task[re_pb2.ExecuteResponse]
 
@@ -105,7 +104,7 @@ class Client:
         action_digest = digest_of(action_bytes)
         job = asyncio.create_task(self.execution.execute(action_digest))
         self.pending.append(job)
-        return Submitted(action_digest, command, job)
+        return Submitted(action_digest, job)
 
     async def task_id(self, submitted: Submitted) -> int:
         """The queue's id of the submitted action's task (once Execute has queued it)."""
@@ -426,8 +425,13 @@ async def test_never_runs_more_than_max_concurrent_tasks(server, client, tmp_pat
     agent = WorkerAgent(settings_for(server.port, tmp_path / "work", max_concurrent_tasks=2))
     marker = tmp_path / "running"
     marker.mkdir()
-    # Each action counts the actions running beside it (itself included).
-    script = f"touch {marker}/$$; ls {marker} | wc -l; sleep 0.4; rm {marker}/$$"
+    # Each action waits (up to 2 s) for a second one to run beside it, then prints how
+    # many run at that moment (itself included).
+    script = (
+        f"touch {marker}/$$; i=0; "
+        f'while [ "$(ls {marker} | wc -l)" -lt 2 ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i+1)); done; '
+        f"ls {marker} | wc -l; sleep 0.2; rm {marker}/$$"
+    )
     leased_counts: list[int] = []
     async with running_agent(agent):
         submitted = [await client.submit(["sh", "-c", f"{script}; echo {i}"]) for i in range(4)]

@@ -30,6 +30,7 @@ class OperationRecord:
     completed_at: datetime | None
     cancelled_at: datetime | None = None
     created_at: datetime | None = None
+    worker_name: str | None = None
 
     @property
     def done(self) -> bool:
@@ -63,6 +64,7 @@ def _record(r) -> OperationRecord:
         completed_at=r["completed_at"],
         cancelled_at=r["cancelled_at"],
         created_at=r["created_at"],
+        worker_name=r["worker_name"],
     )
 
 

@@ -112,8 +112,9 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         digest = digest_field(request.action_digest, "action_digest")
         operation_name = str(uuid.uuid4())
 
+        # Each stage is reported once the operation exists in the database, so a client
+        # may switch to WaitExecution (on any replica) from the first message on.
         if not request.skip_cache_lookup:
-            yield _operation(operation_name, digest, re_pb2.ExecutionStage.CACHE_CHECK)
             cached = await complete_action_result(self.pool, self.store, instance, digest)
             if cached is not None:
                 await inline_outputs(self.store, cached, stdout=request.inline_stdout,
@@ -127,6 +128,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
                 )
                 EXECUTE_REQUESTS.labels("cache_hit").inc()
                 log.info("Action %s answered from the action cache", digest)
+                yield _operation(operation_name, digest, re_pb2.ExecutionStage.CACHE_CHECK)
                 yield _operation(operation_name, digest, re_pb2.ExecutionStage.COMPLETED, response)
                 return
 
@@ -156,6 +158,8 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
                      enqueued.task_id, digest, request.execution_policy.priority)
         else:
             log.info("Action %s joined in-flight task task-%d", digest, enqueued.task_id)
+        if not request.skip_cache_lookup:
+            yield _operation(operation_name, digest, re_pb2.ExecutionStage.CACHE_CHECK)
         # Always report QUEUED, even if a worker leased the task before we read it back.
         yield _operation(operation_name, digest, re_pb2.ExecutionStage.QUEUED)
         async for operation in self.tracker.follow(operation_name, seen_stage=re_pb2.ExecutionStage.QUEUED):

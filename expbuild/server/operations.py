@@ -66,7 +66,7 @@ def to_operation(record: OperationRecord) -> operations_pb2.Operation:
     )
     if metadata.stage == Stage.EXECUTING and record.worker_id:
         # Lets clients show where their action runs while it runs.
-        metadata.partial_execution_metadata.worker = record.worker_id
+        metadata.partial_execution_metadata.worker = record.worker_name or record.worker_id
         if record.queued_at is not None:
             metadata.partial_execution_metadata.queued_timestamp.FromDatetime(record.queued_at)
         if record.leased_at is not None:

@@ -9,9 +9,9 @@ INSERT INTO operations (name, instance_name, action_digest, result) VALUES ($1, 
 -- The operation and, when it waits on a task, that task's state and outcome.
 SELECT o.name, o.instance_name, o.action_digest, o.task_id, o.result AS cached_result,
        o.cancelled_at, o.created_at,
-       t.state, t.result, t.error_code, t.error, t.worker_id, t.queued_at, t.leased_at,
-       t.completed_at
-FROM operations o LEFT JOIN tasks t ON t.id = o.task_id
+       t.state, t.result, t.error_code, t.error, t.worker_id, w.name AS worker_name,
+       t.queued_at, t.leased_at, t.completed_at
+FROM operations o LEFT JOIN tasks t ON t.id = o.task_id LEFT JOIN workers w ON w.id = t.worker_id
 WHERE o.name = $1;
 
 -- name: cancel_operation
@@ -47,9 +47,9 @@ DELETE FROM operations WHERE name = $1 RETURNING name;
 -- Newest first, optionally only those in one stage; $2 keyset cursor (created_at, name).
 SELECT o.name, o.instance_name, o.action_digest, o.task_id, o.result AS cached_result,
        o.cancelled_at, o.created_at,
-       t.state, t.result, t.error_code, t.error, t.worker_id, t.queued_at, t.leased_at,
-       t.completed_at
-FROM operations o LEFT JOIN tasks t ON t.id = o.task_id
+       t.state, t.result, t.error_code, t.error, t.worker_id, w.name AS worker_name,
+       t.queued_at, t.leased_at, t.completed_at
+FROM operations o LEFT JOIN tasks t ON t.id = o.task_id LEFT JOIN workers w ON w.id = t.worker_id
 WHERE ($1::text IS NULL
        OR ($1 = 'completed' AND (o.result IS NOT NULL OR o.cancelled_at IS NOT NULL
                                  OR t.state IN ('completed', 'failed', 'cancelled')))
