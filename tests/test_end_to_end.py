@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from tests.postgres import free_port
 from tests.processes import BIN, server_env, start, wait_for_log, wait_healthy
 
 pytestmark = pytest.mark.e2e
@@ -175,3 +178,41 @@ def test_workers_list_and_drain(cluster, tmp_path, database_url):
     missing = subprocess.run([str(BIN / "expbuild"), "workers", "drain", "--server", address,
                               "nobody"], capture_output=True, timeout=30, text=True)
     assert missing.returncode == 1 and "nobody" in missing.stderr
+
+
+def test_server_with_the_local_backend_runs_actions_itself(database_url, tmp_path):
+    env = server_env(database_url, tmp_path)
+    env["EXPBUILD_WORKER__BACKEND__WORK_DIR"] = str(tmp_path / "work")
+    server = start("server-local", ["expbuild", "server", "--config", "configs/expbuild-server.toml"],
+                   tmp_path, env)
+    try:
+        wait_healthy(env["EXPBUILD_SERVER__ADDRESS"], server)
+        wait_for_log(server, "Started 2 local worker(s)")
+        result = run(env["EXPBUILD_SERVER__ADDRESS"], "--", "echo", "local pool", cwd=tmp_path)
+        assert result.returncode == 0 and result.stdout == b"local pool\n", result.stderr
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_up_with_the_embedded_postgres(tmp_path_factory):
+    """What `make run` does: no database configured, so `expbuild up` starts its own."""
+    import tempfile
+
+    # Not under pytest's 0700 tmp tree: as root the embedded server runs as another user,
+    # and must reach its data dir without anyone loosening permissions.
+    home = Path(tempfile.mkdtemp(prefix="expbuild-up-"))
+    home.chmod(0o755)
+    port = free_port()
+    env = {"EXPBUILD_HOME": str(home), "EXPBUILD_SERVER__METRICS_ADDRESS": "",
+           "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(home / "work")}
+    up = start("up", ["expbuild", "up", "--workers", "1", "--address", f"127.0.0.1:{port}"],
+               home, env)
+    try:
+        wait_healthy(f"127.0.0.1:{port}", up, timeout=120)
+        wait_for_log(up, "registered successfully")
+        result = run(f"127.0.0.1:{port}", "--", "sh", "-c", "echo embedded; exit 4", cwd=home)
+        assert result.returncode == 4 and result.stdout == b"embedded\n", result.stderr
+        assert f"data in {home / 'postgres'}" in up.log()
+    finally:
+        assert up.stop(signal.SIGINT, timeout=60) == 0, up.log()
+        shutil.rmtree(home, ignore_errors=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 
 import click
 
-from expbuild.config import ConfigError, Settings, load_settings
+from expbuild.config import ConfigError, Settings, load_settings, parse_address
 
 
 def setup_logging(verbose: bool) -> None:
@@ -24,10 +25,15 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger("expbuild.server.status").setLevel(logging.WARNING)
 
 
-def settings_or_exit(config: str | None) -> Settings:
-    """Load settings; a bad value ends the program with one line naming the key."""
+def settings_or_exit(config: str | None, address: str | None = None) -> Settings:
+    """Load settings (with `--address` over `[server] address` when given); a bad value
+    ends the program with one line naming the key."""
     try:
-        return load_settings(config)
+        settings = load_settings(config)
+        if address:
+            parse_address(address, "--address")
+            settings = replace(settings, server=replace(settings.server, address=address))
+        return settings
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
 

@@ -83,17 +83,7 @@ def server_command(config: str | None, verbose: bool, address: str | None) -> No
       EXPBUILD_DATABASE__URL=postgresql://expbuild@db/expbuild expbuild server
     """
     setup_logging(verbose)
-    settings = settings_or_exit(config)
-    if address:
-        from dataclasses import replace
-
-        from expbuild.config import ConfigError, parse_address
-
-        try:
-            parse_address(address, "--address")
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc)) from None
-        settings = replace(settings, server=replace(settings.server, address=address))
+    settings = settings_or_exit(config, address)
     local = settings.execution.local_workers if settings.execution.backend == "local" else 0
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import replace
 
 import click
 
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 from expbuild.cli.server import resolve_database_url, serve
-from expbuild.config import ConfigError, parse_address
 
 log = logging.getLogger("expbuild.up")
 
@@ -32,13 +30,7 @@ def up_command(config: str | None, verbose: bool, worker_count: int, address: st
       bazel build --remote_executor=grpc://127.0.0.1:8980 //...
     """
     setup_logging(verbose)
-    settings = settings_or_exit(config)
-    if address:
-        try:
-            parse_address(address, "--address")
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc)) from None
-        settings = replace(settings, server=replace(settings.server, address=address))
+    settings = settings_or_exit(config, address)
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
         asyncio.run(serve(settings, url, local_workers=worker_count))

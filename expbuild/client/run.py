@@ -241,6 +241,29 @@ async def _finish(
     return run_result
 
 
+async def _execute_and_finish(
+    channel,
+    cas: CasClient,
+    action_digest: Digest,
+    *,
+    instance_name: str,
+    skip_cache_lookup: bool,
+    priority: int,
+    download_to: Path | None,
+    progress: Progress | None,
+) -> RunResult:
+    reporter = _StageReporter(progress)
+    response = await ExecutionClient(channel, instance_name).execute(
+        action_digest,
+        skip_cache_lookup=skip_cache_lookup,
+        priority=priority,
+        on_stage=reporter.on_stage,
+        on_metadata=reporter.on_metadata,
+    )
+    reporter.finish(response)
+    return await _finish(cas, response, action_digest, download_to, progress)
+
+
 async def run_command(
     target: str,
     argv: list[str],
@@ -300,16 +323,11 @@ async def run_command(
             await cas.upload({d: blobs[d] for d in missing})
         else:
             _say(progress, "All inputs already in the CAS")
-        reporter = _StageReporter(progress)
-        response = await ExecutionClient(channel, instance_name).execute(
-            action_digest,
-            skip_cache_lookup=skip_cache_lookup,
-            priority=priority,
-            on_stage=reporter.on_stage,
-            on_metadata=reporter.on_metadata,
+        return await _execute_and_finish(
+            channel, cas, action_digest, instance_name=instance_name,
+            skip_cache_lookup=skip_cache_lookup, priority=priority,
+            download_to=download_to, progress=progress,
         )
-        reporter.finish(response)
-        return await _finish(cas, response, action_digest, download_to, progress)
 
 
 async def execute_action(
@@ -330,13 +348,8 @@ async def execute_action(
     """
     async with open_channel(target) as channel:
         cas = CasClient(channel, instance_name)
-        reporter = _StageReporter(progress)
-        response = await ExecutionClient(channel, instance_name).execute(
-            action_digest,
-            skip_cache_lookup=skip_cache_lookup,
-            priority=priority,
-            on_stage=reporter.on_stage,
-            on_metadata=reporter.on_metadata,
+        return await _execute_and_finish(
+            channel, cas, action_digest, instance_name=instance_name,
+            skip_cache_lookup=skip_cache_lookup, priority=priority,
+            download_to=download_to, progress=progress,
         )
-        reporter.finish(response)
-        return await _finish(cas, response, action_digest, download_to, progress)
