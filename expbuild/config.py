@@ -54,6 +54,8 @@ class ServerSettings:
     # Refuse at once (FAILED_PRECONDITION) an action whose platform no online worker
     # offers, instead of queueing it for a worker that may never come.
     reject_unmatched_platforms: bool = True
+    # Finished tasks (and their operations) are deleted after this; task_events keep history.
+    task_retention: timedelta = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def grpc_target(url: str, key: str) -> str:
 
 
 def _duration(value: Any, key: str) -> timedelta:
-    """Seconds as a number, or a string with a unit: "500ms", "30s", "5m", "1h"."""
+    """Seconds as a number, or a string with a unit: "500ms", "30s", "5m", "1h", "7d"."""
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
@@ -176,7 +178,7 @@ def _duration(value: Any, key: str) -> timedelta:
         seconds = float(value)
     else:
         text = str(value).strip().lower()
-        units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+        units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0))
         for suffix, scale in units:
             if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
                 seconds = float(text[: -len(suffix)]) * scale
@@ -290,6 +292,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         allow_action_cache_updates=_bool(_get(s, "allow_action_cache_updates", True), "server.allow_action_cache_updates"),
         max_action_timeout=_duration(_get(s, "max_action_timeout", defaults_server.max_action_timeout), "server.max_action_timeout"),
         reject_unmatched_platforms=_bool(_get(s, "reject_unmatched_platforms", True), "server.reject_unmatched_platforms"),
+        task_retention=_duration(_get(s, "task_retention", defaults_server.task_retention), "server.task_retention"),
     )
     if server.lease_duration <= server.heartbeat_interval:
         raise ConfigError(

@@ -245,3 +245,20 @@ async def test_concurrent_leasers_never_share_a_task_and_lose_none(pool):
     assert await pool.fetchval("SELECT count(*) FROM tasks WHERE state = 'completed'") == total
     leases = await pool.fetchval("SELECT count(*) FROM task_events WHERE event = 'leased'")
     assert leases == total
+
+
+async def test_finished_tasks_past_retention_are_purged_but_their_history_stays(pool):
+    w = await worker(pool)
+    queued = await queue.enqueue(pool, task(1), "op-old")
+    [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    await queue.complete_task(pool, leased.task_id, leased.lease_token, w,
+                              succeeded=True, response=b"", cache_result=b"ar")
+    fresh = await queue.enqueue(pool, task(2), "op-new")
+    await pool.execute("UPDATE tasks SET completed_at = now() - interval '8 days' WHERE id = $1",
+                       queued.task_id)
+    assert await queue.purge_finished_tasks(pool, timedelta(days=7)) == 1
+    assert await pool.fetchval("SELECT count(*) FROM tasks") == 1
+    assert await pool.fetchval("SELECT count(*) FROM operations WHERE name = 'op-old'") == 0
+    assert await events(pool, queued.task_id) == ["queued", "leased", "completed"]
+    assert await pool.fetchval("SELECT count(*) FROM action_cache") == 1
+    assert (await queue.get_task(pool, fresh.task_id)).state == "queued"

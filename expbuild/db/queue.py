@@ -209,6 +209,11 @@ async def reap_expired_leases(db: Executor, batch_size: int = 500) -> list[Reape
     ]
 
 
+async def purge_finished_tasks(db: Executor, retention: timedelta, batch_size: int = 1000) -> int:
+    """Delete finished tasks older than `retention`; returns how many went."""
+    return len(await db.fetch(sql("purge_finished_tasks"), retention, batch_size))
+
+
 async def get_task(db: Executor, task_id: int) -> TaskRecord:
     r = await db.fetchrow(sql("get_task"), task_id)
     if r is None:

@@ -156,6 +156,9 @@ class ServerApp:
             else:
                 log.warning("Task %s requeued (%s on worker %s)",
                             task_name(task.task_id), task.reason, task.worker_id)
+        purged = await queue.purge_finished_tasks(self.pool, s.task_retention)
+        if purged:
+            log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)
 
     async def stop(self, grace: float = 5.0) -> None:
         for task in getattr(self, "_background", []):

@@ -157,3 +157,17 @@ SELECT id, instance_name, action_digest, state, priority, attempts, max_attempts
        do_not_cache, timeout
 FROM tasks WHERE id = $1;
 
+
+-- name: purge_finished_tasks
+-- Keep the hot table small: finished tasks older than the retention go (their operations
+-- with them); their history stays in task_events. Batched so no pass holds locks long.
+-- $1 retention, $2 batch size
+WITH old AS (
+    SELECT id FROM tasks
+    WHERE state IN ('completed', 'failed', 'cancelled') AND completed_at < now() - $1::interval
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM tasks t USING old WHERE t.id = old.id
+RETURNING t.id;
