@@ -11,6 +11,7 @@ frozen dataclasses below. A bad value raises `ConfigError` whose message names t
 
 from __future__ import annotations
 
+import math
 import os
 import platform as _platform
 import socket
@@ -78,10 +79,50 @@ class CasSettings:
     root: str = ""
 
 
+# Host directories a "workdir"-mode sandbox sees read-only when none are configured.
+DEFAULT_RO_BINDS = ("/usr", "/bin", "/lib", "/lib64", "/etc/alternatives")
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     type: str = "host"
     work_dir: str = "/tmp/expbuild-worker"
+    # sandbox: the input root is the action's working area ("workdir") or its "/" ("root").
+    sandbox_root: str = "workdir"
+    # sandbox: host paths bind-mounted read-only; None: DEFAULT_RO_BINDS in "workdir"
+    # mode, nothing in "root" mode (the input root brings its own system).
+    ro_binds: tuple[str, ...] | None = None
+
+    @property
+    def sandbox_ro_binds(self) -> tuple[str, ...]:
+        if self.ro_binds is not None:
+            return self.ro_binds
+        return DEFAULT_RO_BINDS if self.sandbox_root == "workdir" else ()
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """`[worker.limits]`: caps on every action the worker runs; None means no limit."""
+
+    timeout: timedelta | None = None  # caps the action's own timeout; applies when it sets none
+    memory: int | None = None  # bytes
+    cpu_time: int | None = None  # CPU seconds, per process (RLIMIT_CPU)
+    max_output_size: int | None = None  # bytes: output files + stdout + stderr
+    max_processes: int | None = None  # processes and threads at once (cgroup pids)
+    cpus: float | None = None  # CPU bandwidth in CPUs (cgroup cpu quota, docker --cpus)
+    # Use a cgroup per action where the worker may create one (memory, processes, cpus,
+    # and finding every process an action started); off: rlimits only.
+    cgroups: bool = True
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """`[worker.cache]`: the blob cache inputs are hardlinked from (expbuild.worker.blob_cache)."""
+
+    dir: str = ""  # empty: "<work_dir>-cache", beside work_dir so that hardlinks work
+    max_size: int = 10 * 1024**3  # bytes; 0 turns the cache off
+    # Share of cache hits whose content is re-hashed before use (0 to 1).
+    verify_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +135,15 @@ class WorkerSettings:
     heartbeat_interval: timedelta | None = None  # None: what the server asks for
     poll_timeout: timedelta = timedelta(seconds=30)
     backend: BackendSettings = field(default_factory=BackendSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.cache.dir:
+            return Path(self.cache.dir)
+        work_dir = Path(self.backend.work_dir)
+        return work_dir.with_name(f"{work_dir.name}-cache")
 
     @property
     def server_target(self) -> str:
@@ -118,7 +168,8 @@ class Settings:
 
 
 EXECUTION_BACKENDS = ("scheduler", "local")
-WORKER_BACKENDS = ("host",)
+WORKER_BACKENDS = ("host", "sandbox", "docker")
+SANDBOX_ROOTS = ("workdir", "root")
 
 
 def data_dir() -> Path:
@@ -208,6 +259,53 @@ def _positive_int(value: Any, key: str) -> int:
     return number
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+
+
+def _size(value: Any, key: str) -> int:
+    """Bytes as an integer, or with a unit: "512MiB", "2GiB", "1.5G" (binary), "100MB" (decimal)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):]
+        try:
+            number = float(digits) * _SIZE_UNITS[unit]
+        except (ValueError, KeyError):
+            raise ConfigError(
+                f"{key} = {value!r}: expected a size such as 268435456, \"256MiB\" or \"2GiB\""
+            ) from None
+    if number < 1:
+        raise ConfigError(f"{key} = {value!r}: must be at least 1 byte")
+    return int(number)
+
+
+def _positive_float(value: Any, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} = {value!r}: expected a positive number") from None
+    if isinstance(value, bool) or not number > 0:
+        raise ConfigError(f"{key} = {value!r}: expected a positive number")
+    return number
+
+
+def _absolute_paths(value: Any, key: str) -> tuple[str, ...]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    paths = tuple(str(v) for v in values)
+    for path in paths:
+        if not path.startswith("/"):
+            raise ConfigError(f"{key}: {path!r} is not an absolute path")
+    return paths
+
+
 def _bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -243,11 +341,64 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
     return result
 
 
+# Arch (`uname -m`) -> ISA in the REAPI platform lexicon's spelling.
+_ISA = {
+    "x86_64": "x86-64",
+    "i386": "x86-32",
+    "i686": "x86-32",
+    "aarch64": "arm-a64",
+    "armv7l": "arm-a32",
+    "ppc64le": "power-isa-le",
+    "ppc64": "power-isa-be",
+    "sparc64": "sparc-v9",
+}
+# The CPU flags each x86-64 micro-architecture level adds (psABI); v1 is plain x86-64.
+_X86_64_LEVELS = (
+    ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
+    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
+    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+)
+
+
 def detected_platform() -> dict[str, tuple[str, ...]]:
-    """What a worker advertises when its configuration does not say."""
+    """What a worker advertises when its configuration does not say.
+
+    OSFamily, Arch (`x86_64`), ISA (`x86-64` plus every x86-64-vN level the CPU
+    supports, so an action may ask for `x86-64-v3`), and cpu_count (the CPUs this
+    process may run on).
+    """
     machine = _platform.machine()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    return {"OSFamily": (_platform.system(),), "Arch": (arch,)}
+    platform = {"OSFamily": (_platform.system(),), "Arch": (arch,)}
+    if arch in _ISA:
+        isa = [_ISA[arch]]
+        if arch == "x86_64":
+            isa += _x86_64_levels(_cpu_flags())
+        platform["ISA"] = tuple(isa)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus:
+        platform["cpu_count"] = (str(cpus),)
+    return platform
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _x86_64_levels(flags: set[str]) -> list[str]:
+    levels = []
+    for level, required in _X86_64_LEVELS:
+        if not required <= flags:
+            break
+        levels.append(level)
+    return levels
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -315,10 +466,14 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
     cas = CasSettings(root=str(_get(c, "root", "")))
 
     b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
+    ro_binds = b.get("ro_binds")
     backend = BackendSettings(
         type=_choice(_get(b, "type", "host"), "worker.backend.type", WORKER_BACKENDS),
         work_dir=str(_get(b, "work_dir", BackendSettings.work_dir)),
+        sandbox_root=_choice(_get(b, "sandbox_root", "workdir"), "worker.backend.sandbox_root", SANDBOX_ROOTS),
+        ro_binds=None if ro_binds is None else _absolute_paths(ro_binds, "worker.backend.ro_binds"),
     )
+    limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
     server_url = str(_get(w, "server_url", WorkerSettings.server_url))
     cas_url = str(_get(w, "cas_url", ""))
     grpc_target(server_url, "worker.server_url")
@@ -334,8 +489,52 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         heartbeat_interval=_duration(heartbeat, "worker.heartbeat_interval") if heartbeat else None,
         poll_timeout=_duration(_get(w, "poll_timeout", 30), "worker.poll_timeout"),
         backend=backend,
+        limits=limits,
+        cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
     )
     return Settings(server=server, execution=execution, database=database, cas=cas, worker=worker, source=source)
+
+
+def _cache(raw: dict) -> CacheSettings:
+    """`[worker.cache]`; max_size 0 turns the cache off."""
+    max_size = _get(raw, "max_size", CacheSettings.max_size)
+    fraction = _get(raw, "verify_fraction", CacheSettings.verify_fraction)
+    try:
+        verify_fraction = float(fraction)
+    except (TypeError, ValueError):
+        verify_fraction = -1.0
+    if isinstance(fraction, bool) or not 0.0 <= verify_fraction <= 1.0:
+        raise ConfigError(
+            f"worker.cache.verify_fraction = {fraction!r}: expected a number from 0 to 1"
+        )
+    return CacheSettings(
+        dir=str(_get(raw, "dir", "")),
+        max_size=0 if str(max_size).strip() == "0" else _size(max_size, "worker.cache.max_size"),
+        verify_fraction=verify_fraction,
+    )
+
+
+def _limits(raw: dict) -> LimitsSettings:
+    """`[worker.limits]`; a key that is absent or empty sets no limit."""
+
+    def given(name: str) -> Any:
+        value = raw.get(name)
+        return None if value is None or value == "" else value
+
+    timeout, memory, cpu_time = given("timeout"), given("memory"), given("cpu_time")
+    output, processes, cpus = given("max_output_size"), given("max_processes"), given("cpus")
+    return LimitsSettings(
+        timeout=None if timeout is None else _duration(timeout, "worker.limits.timeout"),
+        memory=None if memory is None else _size(memory, "worker.limits.memory"),
+        # RLIMIT_CPU counts whole seconds.
+        cpu_time=None if cpu_time is None else math.ceil(
+            _duration(cpu_time, "worker.limits.cpu_time").total_seconds()
+        ),
+        max_output_size=None if output is None else _size(output, "worker.limits.max_output_size"),
+        max_processes=None if processes is None else _positive_int(processes, "worker.limits.max_processes"),
+        cpus=None if cpus is None else _positive_float(cpus, "worker.limits.cpus"),
+        cgroups=_bool(_get(raw, "cgroups", True), "worker.limits.cgroups"),
+    )
 
 
 def _find_config(path: str) -> Path:

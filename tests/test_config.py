@@ -83,3 +83,78 @@ def test_grpc_targets_from_the_guides_urls():
 def test_a_missing_config_file_is_one_clear_error():
     with pytest.raises(ConfigError, match="not found"):
         load_settings("no-such-file.toml")
+
+
+# -- [worker.backend] sandbox keys, [worker.limits], detected platform ---------------------
+
+
+def test_backends_and_sandbox_keys():
+    from expbuild.config import DEFAULT_RO_BINDS
+
+    settings = settings_from_mapping({"worker": {"backend": {"type": "sandbox"}}})
+    backend = settings.worker.backend
+    assert (backend.type, backend.sandbox_root) == ("sandbox", "workdir")
+    assert backend.sandbox_ro_binds == DEFAULT_RO_BINDS
+    root = settings_from_mapping({"worker": {"backend": {"type": "Sandbox", "sandbox_root": "root"}}})
+    assert root.worker.backend.sandbox_ro_binds == ()  # the input root brings its own system
+    binds = settings_from_mapping({"worker": {"backend": {"sandbox_root": "root", "ro_binds": ["/opt/sdk"]}}})
+    assert binds.worker.backend.sandbox_ro_binds == ("/opt/sdk",)
+    assert settings_from_mapping({"worker": {"backend": {"type": "docker"}}}).worker.backend.type == "docker"
+
+
+def test_limits_accept_units():
+    limits = settings_from_mapping({"worker": {"limits": {
+        "timeout": "10m", "memory": "2GiB", "cpu_time": "1.5s", "max_output_size": "100MB",
+        "max_processes": 256, "cpus": "1.5", "cgroups": "false",
+    }}}).worker.limits
+    assert limits.timeout == timedelta(minutes=10)
+    assert limits.memory == 2 * 1024**3
+    assert limits.cpu_time == 2  # whole seconds, rounded up
+    assert limits.max_output_size == 100_000_000
+    assert limits.max_processes == 256
+    assert limits.cpus == 1.5
+    assert limits.cgroups is False
+    assert settings_from_mapping({"worker": {"limits": {"memory": 1048576}}}).worker.limits.memory == 1048576
+    assert settings_from_mapping({"worker": {"limits": {"memory": "512M"}}}).worker.limits.memory == 512 * 1024**2
+    unlimited = settings_from_mapping({}).worker.limits
+    assert (unlimited.timeout, unlimited.memory, unlimited.cpu_time, unlimited.max_output_size) == (None,) * 4
+    assert unlimited.cgroups is True
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ({"backend": {"sandbox_root": "chroot"}}, "worker.backend.sandbox_root"),
+    ({"backend": {"ro_binds": ["usr"]}}, "worker.backend.ro_binds"),
+    ({"limits": {"memory": "lots"}}, "worker.limits.memory"),
+    ({"limits": {"memory": "2 parsecs"}}, "worker.limits.memory"),
+    ({"limits": {"memory": 0}}, "worker.limits.memory"),
+    ({"limits": {"cpu_time": "forever"}}, "worker.limits.cpu_time"),
+    ({"limits": {"timeout": -1}}, "worker.limits.timeout"),
+    ({"limits": {"max_output_size": "big"}}, "worker.limits.max_output_size"),
+    ({"limits": {"max_processes": 0}}, "worker.limits.max_processes"),
+    ({"limits": {"cpus": "-2"}}, "worker.limits.cpus"),
+    ({"limits": {"cgroups": "maybe"}}, "worker.limits.cgroups"),
+])
+def test_bad_worker_values_name_their_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        settings_from_mapping({"worker": raw})
+
+
+def test_detected_platform():
+    import os
+    import platform
+
+    from expbuild.config import detected_platform
+
+    detected = detected_platform()
+    assert detected["OSFamily"] == (platform.system(),)
+    assert detected["cpu_count"] == (str(len(os.sched_getaffinity(0))),)
+    if platform.machine() == "x86_64":
+        assert detected["Arch"] == ("x86_64",)
+        isa = detected["ISA"]
+        assert isa[0] == "x86-64"
+        # The micro-architecture levels come in order, each implying the ones before.
+        levels = [value for value in isa if value.startswith("x86-64-v")]
+        assert levels == [f"x86-64-v{n}" for n in range(2, 2 + len(levels))]
+        flags = open("/proc/cpuinfo").read()
+        if "x86-64-v3" in isa:
+            assert all(f" {flag}" in flags for flag in ("avx2", "bmi2", "fma", "movbe"))

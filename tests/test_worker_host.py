@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from expbuild.config import LimitsSettings
 from expbuild.worker.executor import ExecutionRequest
 from expbuild.worker.host import DEFAULT_PATH, HostExecutor, exit_code
+from tests.survivors import marker_seconds, none_left, wait_for_processes
 
 SH = "/bin/sh"
 
@@ -266,3 +268,72 @@ async def test_actions_run_concurrently(tmp_path):
 def test_default_path_is_documented_value():
     assert DEFAULT_PATH == "/usr/local/bin:/usr/bin:/bin"
     assert os.pathsep == ":"
+
+
+# -- no process survives its action, however it detached ---------------------------------
+
+# With cgroups (when the worker may create them) and without: the launcher's subreaper
+# alone must catch daemons that double-forked into a new session.
+CONTAINMENT = [
+    pytest.param(LimitsSettings(cgroups=True), id="cgroup"),
+    pytest.param(LimitsSettings(cgroups=False), id="subreaper"),
+]
+DAEMONIZE = "setsid sh -c 'sleep {marker} & sleep {marker}' > /dev/null 2>&1 < /dev/null &"
+
+
+def expbuild_cgroups() -> list[Path]:
+    """Per-action cgroups that exist right now, in every hierarchy."""
+    return [p for p in Path("/sys/fs/cgroup").rglob("expbuild-*") if p.is_dir()]
+
+
+@pytest.mark.parametrize("limits", CONTAINMENT)
+async def test_daemonized_grandchildren_do_not_outlive_the_action(tmp_path, limits):
+    marker = marker_seconds()
+    before = expbuild_cgroups()
+    outcome = await HostExecutor(limits=limits).execute(
+        request(tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + " sleep 0.3; echo done")
+    )
+    assert outcome.exit_code == 0
+    assert stdout(tmp_path) == "done\n"
+    assert await none_left(marker)
+    assert expbuild_cgroups() == before
+
+
+@pytest.mark.parametrize("limits", CONTAINMENT)
+async def test_daemons_die_with_a_timed_out_action(tmp_path, limits):
+    marker = marker_seconds()
+    outcome = await HostExecutor(limits=limits).execute(
+        request(tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + f" sleep {marker}", timeout=0.5)
+    )
+    assert outcome.timed_out
+    assert await none_left(marker)
+
+
+@pytest.mark.parametrize("limits", CONTAINMENT)
+async def test_daemons_die_with_a_cancelled_action(tmp_path, limits):
+    marker = marker_seconds()
+    job = asyncio.create_task(
+        HostExecutor(limits=limits).execute(
+            request(tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + " wait; sleep 300")
+        )
+    )
+    await wait_for_processes(f"sleep {marker}")
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert await none_left(marker)
+
+
+async def test_the_action_sees_no_descriptor_of_the_worker(tmp_path):
+    outcome = await HostExecutor().execute(request(tmp_path, "ls", "/proc/self/fd"))
+    assert outcome.exit_code == 0
+    # stdin, stdout, stderr, and the directory ls itself opened.
+    assert len(stdout(tmp_path).split()) <= 4
+
+
+async def test_sigpipe_has_its_default_action(tmp_path):
+    """The launcher is Python, which ignores SIGPIPE; the command must not inherit that."""
+    outcome = await HostExecutor().execute(request(tmp_path, SH, "-c", "yes | head -n 1", timeout=10))
+    assert not outcome.timed_out
+    assert outcome.exit_code == 0
+    assert stdout(tmp_path) == "y\n"

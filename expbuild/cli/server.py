@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
-from expbuild.config import Settings, data_dir
+from expbuild.config import ConfigError, Settings, data_dir
 
 log = logging.getLogger("expbuild.server")
 
@@ -39,8 +39,13 @@ async def serve(settings: Settings, database_url: str, *, local_workers: int = 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("Initializing remote worker scheduler...")
-    await app.start()
     agents, agent_tasks = [], []
+    if local_workers:
+        # Fail before serving anything if the configured backend cannot work here.
+        from expbuild.worker.executor import make_executor
+
+        make_executor(settings.worker.backend, settings.worker.limits)
+    await app.start()
     if local_workers:
         from dataclasses import replace
 
@@ -54,7 +59,9 @@ async def serve(settings: Settings, database_url: str, *, local_workers: int = 0
             )
             agent = WorkerAgent(worker_settings)
             agents.append(agent)
-            agent_tasks.append(asyncio.create_task(agent.run(), name=f"local-worker-{index + 1}"))
+            job = asyncio.create_task(agent.run(), name=f"local-worker-{index + 1}")
+            job.add_done_callback(_report_worker_exit)
+            agent_tasks.append(job)
         log.info("Started %d local worker(s)", local_workers)
     try:
         await stop.wait()
@@ -65,6 +72,12 @@ async def serve(settings: Settings, database_url: str, *, local_workers: int = 0
         if agent_tasks:
             await asyncio.gather(*agent_tasks, return_exceptions=True)
         await app.stop()
+
+
+def _report_worker_exit(job: asyncio.Task) -> None:
+    """A local worker that dies must say so at once, not at shutdown."""
+    if not job.cancelled() and job.exception() is not None:
+        log.error("Local worker %s stopped: %s", job.get_name(), job.exception())
 
 
 @click.command("server")
@@ -87,7 +100,10 @@ def server_command(config: str | None, verbose: bool, address: str | None) -> No
     local = settings.execution.local_workers if settings.execution.backend == "local" else 0
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
-        asyncio.run(serve(settings, url, local_workers=local))
+        try:
+            asyncio.run(serve(settings, url, local_workers=local))
+        except ConfigError as exc:  # e.g. the worker backend cannot work on this host
+            raise click.ClickException(f"configuration error: {exc}") from None
 
 
 @click.group("db")

@@ -10,6 +10,7 @@ import click
 
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 from expbuild.cli.server import resolve_database_url, serve
+from expbuild.config import ConfigError
 
 log = logging.getLogger("expbuild.up")
 
@@ -33,5 +34,8 @@ def up_command(config: str | None, verbose: bool, worker_count: int, address: st
     settings = settings_or_exit(config, address)
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
-        asyncio.run(serve(settings, url, local_workers=worker_count))
+        try:
+            asyncio.run(serve(settings, url, local_workers=worker_count))
+        except ConfigError as exc:  # e.g. the worker backend cannot work on this host
+            raise click.ClickException(f"configuration error: {exc}") from None
     log.info("Stopped")

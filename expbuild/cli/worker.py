@@ -51,7 +51,10 @@ def daemon_command(config: str | None, verbose: bool, server_url: str | None,
         worker = replace(worker, server_url=server_url, cas_url="")
     if max_concurrent_tasks:
         worker = replace(worker, max_concurrent_tasks=max_concurrent_tasks)
-    asyncio.run(_run_agent(worker))
+    try:
+        asyncio.run(_run_agent(worker))
+    except ConfigError as exc:  # e.g. the configured backend cannot work on this host
+        raise click.ClickException(f"configuration error: {exc}") from None
 
 
 async def _run_agent(settings) -> None:

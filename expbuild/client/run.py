@@ -315,7 +315,7 @@ async def run_command(
     }
 
     async with open_channel(target) as channel:
-        cas = CasClient(channel, instance_name)
+        cas = await CasClient.connect(channel, instance_name)
         missing = await cas.find_missing(blobs)
         if missing:
             size = sum(d.size_bytes for d in missing)
@@ -347,7 +347,7 @@ async def execute_action(
     `FailedPrecondition` naming the missing blobs).
     """
     async with open_channel(target) as channel:
-        cas = CasClient(channel, instance_name)
+        cas = await CasClient.connect(channel, instance_name)
         return await _execute_and_finish(
             channel, cas, action_digest, instance_name=instance_name,
             skip_cache_lookup=skip_cache_lookup, priority=priority,

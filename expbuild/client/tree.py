@@ -13,13 +13,16 @@ import posixpath
 import shutil
 import stat
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from expbuild.client.cas import CasClient, gather_or_cancel
+from expbuild.client.errors import RemoteError
 from expbuild.digest import Digest, digest_of, new_hasher
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
@@ -362,9 +365,42 @@ def _parse_directory(digest: Digest, data: bytes) -> re_pb2.Directory:
     return directory
 
 
-def _write_files(target: Path, items: list[tuple[str, bool, bytes]]) -> None:
-    for relative, executable, data in items:
-        path = target / relative
+# Creates the files of a tree: gets every (path, executable) that must hold each content,
+# returns the digests the CAS lacks. Once one is missing, the others need not be placed.
+PlaceFiles = Callable[[Mapping[Digest, Sequence[tuple[Path, bool]]]], Awaitable[list[Digest]]]
+
+
+class BlobSource(Protocol):
+    """Where `materialize` gets blobs from: the CAS itself, or a cache in front of it."""
+
+    async def read_available(
+        self, digests: Iterable[Digest]
+    ) -> tuple[dict[Digest, bytes], list[Digest]]:
+        """Like `CasClient.read_available`: the blobs found, and the digests missing."""
+        ...
+
+    async def place_files(self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]) -> list[Digest]:
+        """A `PlaceFiles`."""
+        ...
+
+
+@dataclass
+class CasSource:
+    """Every blob downloaded from `cas`; files land with mode 0o755 or 0o644."""
+
+    cas: CasClient
+
+    async def read_available(
+        self, digests: Iterable[Digest]
+    ) -> tuple[dict[Digest, bytes], list[Digest]]:
+        return await self.cas.read_available(digests)
+
+    async def place_files(self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]) -> list[Digest]:
+        return await download_files(self.cas, files)
+
+
+def _write_files(items: list[tuple[Path, bool, bytes]]) -> None:
+    for path, executable, data in items:
         with open(path, "wb") as f:
             f.write(data)
         os.chmod(path, 0o755 if executable else 0o644)
@@ -375,13 +411,17 @@ def _copy_file(source: Path, destination: Path, executable: bool) -> None:
     os.chmod(destination, 0o755 if executable else 0o644)
 
 
-async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
-    def make_directories() -> None:
-        for where in layout.directories:
-            (target / where).mkdir(parents=True, exist_ok=True)
+async def download_files(
+    cas: CasClient, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
+) -> list[Digest]:
+    """Write each content to all its (path, executable) places, mode 0o755 or 0o644.
 
-    await asyncio.to_thread(make_directories)
-
+    Each distinct content is downloaded once (small ones in batches, large ones streamed
+    to disk), several at a time, then copied to its other places. Parent directories
+    must exist; existing files are overwritten. Returns the digests the CAS lacks, all of
+    them: after the first one is seen nothing more is downloaded, and the rest are
+    checked with FindMissingBlobs.
+    """
     slots = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
     # Blobs found missing, and blobs not fetched because the tree was incomplete already:
     # those are only checked with FindMissingBlobs, so the error lists every missing blob.
@@ -400,29 +440,31 @@ async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
             items = [
                 (path, executable, contents[digest])
                 for digest in group
-                for path, executable in layout.files[digest]
+                for path, executable in files[digest]
             ]
-            await asyncio.to_thread(_write_files, target, items)
+            await asyncio.to_thread(_write_files, items)
 
     async def fetch_large(digest: Digest) -> None:
         async with slots:
             if missing:
                 skipped.append(digest)
                 return
-            (first, first_executable), *others = layout.files[digest]
+            (first, first_executable), *others = files[digest]
             try:
-                await cas.read_to_file(digest, target / first, first_executable)
+                await cas.read_to_file(digest, first, first_executable)
             except NotFound:
                 missing.append(digest)
                 return
             for path, executable in others:
-                await asyncio.to_thread(_copy_file, target / first, target / path, executable)
+                await asyncio.to_thread(_copy_file, first, path, executable)
 
     groups: list[list[Digest]] = []
     group: list[Digest] = []
     group_bytes = 0
     large: list[Digest] = []
-    for digest in layout.files:
+    for digest, places in files.items():
+        if not places:
+            continue
         if not cas.fits_in_batch(digest):
             large.append(digest)
             continue
@@ -435,12 +477,26 @@ async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
         groups.append(group)
 
     await gather_or_cancel([*(fetch_small(g) for g in groups), *(fetch_large(d) for d in large)])
+    if missing and skipped:
+        missing.extend(await cas.find_missing(skipped))
+    return missing
+
+
+async def _lay_out(source: BlobSource, layout: _Layout, target: Path) -> None:
+    def make_directories() -> None:
+        for where in layout.directories:
+            (target / where).mkdir(parents=True, exist_ok=True)
+
+    await asyncio.to_thread(make_directories)
+
+    files = {
+        digest: [(target / path, executable) for path, executable in places]
+        for digest, places in layout.files.items()
+    }
+    missing = set(await source.place_files(files))
     if missing:
-        if skipped:
-            missing.extend(await cas.find_missing(skipped))
-        listed = set(missing)
         raise _missing_blobs(
-            [("file", layout.files[d][0][0], d) for d in layout.files if d in listed]
+            [("file", layout.files[d][0][0], d) for d in layout.files if d in missing]
         )
 
     def make_symlinks() -> None:
@@ -451,11 +507,16 @@ async def _lay_out(cas: CasClient, layout: _Layout, target: Path) -> None:
 
 
 async def materialize(
-    cas: CasClient, root_digest: Digest, target: Path, *, location: str = ""
+    cas: CasClient,
+    root_digest: Digest,
+    target: Path,
+    *,
+    location: str = "",
+    source: BlobSource | None = None,
 ) -> None:
     """Lay out the tree rooted at Directory `root_digest` under `target`.
 
-    Fetches the root and every descendant Directory level by level, validating each
+    Fetches the root and every descendant Directory, validating each
     (`validate_directory`), then creates the directories, downloads the files (each
     distinct content once; small ones batched, large ones streamed) with mode 0o755 or
     0o644, and creates the symlinks. Refuses (InvalidArgument) symlinks with absolute
@@ -470,14 +531,54 @@ async def materialize(
     `location` is where `target` sits inside the tree symlinks may point into (e.g.
     "out/dir" for an output directory, whose symlinks may point to sibling outputs);
     the default "" means the tree itself is that root.
-    """
 
+    `source` replaces the plain downloads from `cas` (Directory reads and file
+    placement), e.g. with a worker's local blob cache; the tree walk stays the same.
+    Without one, the Directory messages come from one GetTree call (see `_tree_loader`).
+    """
+    if source is None:
+        load = await _tree_loader(cas, root_digest)
+        source = CasSource(cas)
+    else:
+        load = _source_loader(source)
+    layout = await _plan(root_digest, load, location)
+    await _lay_out(source, layout, target)
+
+
+def _source_loader(source: BlobSource) -> DirectoryLoader:
     async def load(digests: list[Digest]) -> dict[Digest, re_pb2.Directory]:
-        blobs, _ = await cas.read_available(digests)
+        blobs, _ = await source.read_available(digests)
         return {d: _parse_directory(d, data) for d, data in blobs.items()}
 
-    layout = await _plan(root_digest, load, location)
-    await _lay_out(cas, layout, target)
+    return load
+
+
+async def _tree_loader(cas: CasClient, root_digest: Digest) -> DirectoryLoader:
+    """A loader answering from the whole tree, fetched up front with GetTree.
+
+    GetTree leaves out directories the CAS lacks; those, and any directory whose message
+    does not re-serialize to the digest naming it, are read directly by the loader, so a
+    missing one is reported exactly as a level-by-level walk would report it.
+    """
+    try:
+        directories = await cas.get_tree(root_digest)
+    except NotFound:
+        directories = []  # the root itself is missing: the walk reports it
+    except RemoteError as e:
+        if e.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        directories = []  # a server without GetTree: every level is read directly
+    known = {digest_of(serialize(d)): d for d in directories}
+    direct = _source_loader(CasSource(cas))
+
+    async def load(digests: list[Digest]) -> dict[Digest, re_pb2.Directory]:
+        found = {d: known[d] for d in digests if d in known}
+        rest = [d for d in digests if d not in found]
+        if rest:
+            found.update(await direct(rest))
+        return found
+
+    return load
 
 
 async def materialize_tree(
@@ -502,4 +603,4 @@ async def materialize_tree(
         return {d: by_digest[d] for d in digests}
 
     layout = await _plan(root_digest, load, location)
-    await _lay_out(cas, layout, target)
+    await _lay_out(CasSource(cas), layout, target)

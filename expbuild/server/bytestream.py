@@ -29,6 +29,7 @@ from expbuild.errors import InvalidArgument, OutOfRange
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.server.instances import InstanceNames
+from expbuild.server.metrics import CAS_BLOBS_READ, CAS_BYTES_READ
 from expbuild.server.status import rpc
 
 READ_CHUNK_SIZE = 1024 * 1024
@@ -158,7 +159,9 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             )
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
+                CAS_BYTES_READ.labels("ByteStream.Read").inc(len(chunk))
                 yield bytestream_pb2.ReadResponse(data=chunk)
+        CAS_BLOBS_READ.labels("ByteStream.Read").inc()
 
     @rpc
     async def Write(self, request_iterator, context):

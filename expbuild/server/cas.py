@@ -21,6 +21,7 @@ from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.server.instances import InstanceNames
+from expbuild.server.metrics import CAS_BLOBS_READ, CAS_BYTES_READ
 from expbuild.server.status import ok_status, rpc, rpc_status
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                 response.data = result
                 response.compressor = wire_compressor
                 response.status.CopyFrom(ok_status())
+                CAS_BLOBS_READ.labels("BatchReadBlobs").inc()
+                CAS_BYTES_READ.labels("BatchReadBlobs").inc(len(result))
         return re_pb2.BatchReadBlobsResponse(responses=responses)
 
     @rpc

@@ -22,6 +22,11 @@ REFRESH_SECONDS = 5.0
 EXECUTE_REQUESTS = Counter("expbuild_execute_requests", "Execute calls", ["outcome"])
 TASK_COMPLETIONS = Counter("expbuild_task_completions", "Results reported by workers", ["outcome"])
 REAPED_TASKS = Counter("expbuild_reaped_tasks", "Leases ended by the reaper", ["outcome"])
+# Blobs sent to clients and workers, by method (BatchReadBlobs, ByteStream.Read): how much
+# the CAS is read, e.g. to see workers' blob caches at work. Bytes as sent (compressed
+# when the client asked for compression).
+CAS_BLOBS_READ = Counter("expbuild_cas_blobs_read", "Blobs served by the CAS", ["method"])
+CAS_BYTES_READ = Counter("expbuild_cas_bytes_read", "Blob bytes served by the CAS", ["method"])
 
 QUEUE_GAUGES = {
     "queued": Gauge("expbuild_tasks_queued", "Tasks waiting for a worker"),

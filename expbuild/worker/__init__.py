@@ -9,7 +9,13 @@ Modules:
 - `agent`: `WorkerAgent`, the protocol loop (register, heartbeat, poll, shutdown).
 - `runner`: `TaskRunner`, one task end to end: inputs, execution, outputs, ExecuteResponse.
 - `inputs`: the per-task action directory and its input root.
-- `executor`: the execution backend interface; `host`: the `host` backend.
+- `blob_cache`: the local blob cache input files are hardlinked from.
+- `executor`: the execution backend interface and `make_executor`.
+- `host`, `sandbox`, `docker`: the backends (plain process, bubblewrap, container).
+- `supervisor`: runs a command under `launcher` (a separate, stdlib-only program that
+  subreaps, applies rlimits and kills every leftover process), in its cgroup.
+- `cgroups`: per-action cgroups (tracking, memory, pids, cpu); `limits`: `[worker.limits]`
+  enforcement and the messages that say which limit an action hit.
 - `outputs`: turning what an action left on disk into an ActionResult and CAS blobs.
 - `paths`: validation of the relative paths a Command names.
 

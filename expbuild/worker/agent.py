@@ -33,6 +33,7 @@ from expbuild.config import WorkerSettings, detected_platform
 from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.worker.blob_cache import open_blob_cache
 from expbuild.worker.executor import Executor, make_executor
 from expbuild.worker.runner import TaskRunner
 
@@ -89,7 +90,7 @@ class WorkerAgent:
         self.settings = settings
         self.shutdown_grace = shutdown_grace
         self.name = settings.name or socket.gethostname()
-        self._executor = executor or make_executor(settings.backend)
+        self._executor = executor or make_executor(settings.backend, settings.limits)
         self._registration = _Registration()
         self._heartbeat_interval = settings.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
         self._running: dict[str, _RunningTask] = {}
@@ -134,6 +135,15 @@ class WorkerAgent:
             self._poll_call.cancel()
 
     async def run(self) -> None:
+        cache = self.settings.cache
+        # Opened first: a cache directory held by another process stops the worker here.
+        blob_cache = (
+            await open_blob_cache(
+                self.settings.cache_dir, cache.max_size, verify_fraction=cache.verify_fraction
+            )
+            if cache.max_size
+            else None
+        )
         server_target = self.settings.server_target
         cas_target = self.settings.cas_target
         server_channel = open_channel(server_target)
@@ -145,6 +155,8 @@ class WorkerAgent:
             work_dir=Path(self.settings.backend.work_dir),
             worker_name=self.name,
             cas_for=self._cas_client,
+            blob_cache=blob_cache,
+            limits=self.settings.limits,
         )
         heartbeat: asyncio.Task | None = None
         try:
@@ -163,6 +175,8 @@ class WorkerAgent:
             await server_channel.close()
             if cas_channel is not server_channel:
                 await cas_channel.close()
+            if blob_cache is not None:
+                blob_cache.close()
         log.info("Worker %s stopped", self.worker_id or self.name)
 
     # ---- registration ----------------------------------------------------------------
@@ -178,8 +192,9 @@ class WorkerAgent:
         )
 
     def platform(self) -> dict[str, tuple[str, ...]]:
-        """What this worker advertises: detected values, overridden by configured ones."""
-        return {**detected_platform(), **self.settings.platform}
+        """What this worker advertises: detected values and what its backend offers
+        (sandbox/docker: `network`; docker: `container-image`), overridden by configured ones."""
+        return {**detected_platform(), **self._executor.platform(), **self.settings.platform}
 
     async def _register(self, seen_generation: int | None = None) -> bool:
         """RegisterWorker, retrying with backoff while the server is unreachable.

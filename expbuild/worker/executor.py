@@ -4,17 +4,22 @@ A backend receives everything already on disk (input root materialized, output p
 directories created) and only runs the process. Cancelling the `execute` coroutine must
 stop the action and everything it started before the cancellation propagates; the agent
 relies on that when the server cancels a task or the worker shuts down.
+
+Backends (`[worker.backend] type`): `host` (a plain process tree, `expbuild.worker.host`),
+`sandbox` (bubblewrap, `expbuild.worker.sandbox`), `docker` (a container per action,
+`expbuild.worker.docker`). Each applies `[worker.limits]` its own way and reports a limit
+it enforced in `ExecutionOutcome.limit_exceeded`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from expbuild.config import BackendSettings
+from expbuild.config import BackendSettings, LimitsSettings
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,21 @@ class ExecutionRequest:
     stdout_path: Path
     stderr_path: Path
     timeout: float | None  # seconds; None: no limit
+    # The materialized input root (what sandboxes mount); None: the working directory.
+    input_root: Path | None = None
+    # The action's platform properties (`container-image`, `network`, ...), name -> values.
+    platform: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # Names the action's container or cgroup, so that it can be found and killed.
+    name: str = ""
+
+    @property
+    def root(self) -> Path:
+        return self.input_root or self.working_directory
+
+    def property(self, name: str) -> str | None:
+        """The (last) value of platform property `name`, or None."""
+        values = self.platform.get(name)
+        return values[-1] if values else None
 
 
 @dataclass(frozen=True)
@@ -35,6 +55,9 @@ class ExecutionOutcome:
     timed_out: bool
     started_at: datetime
     completed_at: datetime
+    # Set when a `[worker.limits]` limit stopped the action: which one, for the status
+    # message (e.g. "action exceeded its memory limit of 256MiB").
+    limit_exceeded: str | None = None
 
 
 class Executor(Protocol):
@@ -45,13 +68,31 @@ class Executor(Protocol):
 
         A command that cannot be started (missing or non-executable program) is an
         ordinary failed outcome with a message in the stderr file, never an exception.
+        A problem of the backend itself (no container image, engine unreachable) raises
+        an `ExpBuildError` whose status the runner reports.
         """
         ...
 
+    def platform(self) -> dict[str, tuple[str, ...]]:
+        """Platform properties this backend offers on top of the detected ones."""
+        ...
 
-def make_executor(settings: BackendSettings) -> Executor:
+
+def make_executor(settings: BackendSettings, limits: LimitsSettings | None = None) -> Executor:
+    """The configured backend; raises ConfigError when it cannot work on this host."""
+    limits = limits or LimitsSettings()
     if settings.type == "host":
         from expbuild.worker.host import HostExecutor
 
-        return HostExecutor()
-    raise ValueError(f"worker.backend.type = {settings.type!r} is not supported (use 'host')")
+        return HostExecutor(limits=limits)
+    if settings.type == "sandbox":
+        from expbuild.worker.sandbox import SandboxExecutor
+
+        return SandboxExecutor(settings, limits=limits)
+    if settings.type == "docker":
+        from expbuild.worker.docker import DockerExecutor
+
+        return DockerExecutor(limits=limits)
+    raise ValueError(
+        f"worker.backend.type = {settings.type!r} is not supported (use host, sandbox or docker)"
+    )

@@ -1,8 +1,10 @@
 """The `host` backend: run the action as a plain process on the worker's machine.
 
-Each action runs in its own session (and so its own process group), which lets the worker
-stop the action together with everything it spawned: on timeout, on cancellation, and
-after the main process exits (an action must not leave background processes behind).
+Each action runs under its own launcher (`expbuild.worker.launcher`), in its own session
+and, where the worker may create one, its own cgroup. No process survives its action:
+on timeout, on cancellation and after the main process exits, the launcher kills the
+command's process group and every orphan re-parented to it (it is a child subreaper,
+so daemons that called setsid are caught too), and the cgroup is emptied with SIGKILL.
 Output goes straight to files in the action directory, never through worker memory.
 
 Environment: the process sees exactly the Command's environment variables, as REAPI
@@ -12,16 +14,15 @@ is used so that commands such as `["echo", "hi"]` work without one.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
-import signal
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+from expbuild.config import LimitsSettings
 from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest
+from expbuild.worker.supervisor import Command, Finished, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -32,87 +33,66 @@ EXIT_CANNOT_EXECUTE = 126
 
 
 class HostExecutor:
-    """Runs commands directly on the host, one process group per action."""
+    """Runs commands directly on the host, one launcher (and cgroup) per action."""
 
-    def __init__(self, *, terminate_grace: float = 1.0):
-        # How long the process group gets between SIGTERM and SIGKILL.
-        self.terminate_grace = terminate_grace
+    def __init__(self, *, terminate_grace: float = 1.0, limits: LimitsSettings | None = None):
+        # terminate_grace: how long the command gets between SIGTERM and SIGKILL.
+        self.supervisor = Supervisor(limits or LimitsSettings(), terminate_grace=terminate_grace)
+
+    def platform(self) -> dict[str, tuple[str, ...]]:
+        return {}
 
     async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
         environment = dict(request.environment)
         environment.setdefault("PATH", DEFAULT_PATH)
-        started_at = _now()
-        # Creating two local files is quick; not worth a thread hop.
-        stdout = open(request.stdout_path, "wb")  # noqa: ASYNC230, SIM115
-        stderr = open(request.stderr_path, "wb")  # noqa: ASYNC230, SIM115
-        with stdout, stderr:
-            if not request.arguments:
-                return _not_started(
-                    stderr, EXIT_NOT_FOUND, "the command has no arguments", started_at
-                )
-            program = request.arguments[0]
-            executable = find_program(program, environment["PATH"], request.working_directory)
-            if executable is None:
-                return _not_started(
-                    stderr,
-                    EXIT_NOT_FOUND,
-                    f"{program}: command not found (searched PATH={environment['PATH']})",
-                    started_at,
-                )
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *request.arguments,
-                    executable=executable,
-                    cwd=request.working_directory,
-                    env=environment,
-                    stdin=subprocess.DEVNULL,
-                    stdout=stdout,
-                    stderr=stderr,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
-                reason = exc.strerror or str(exc)
-                if exc.filename and os.fsdecode(exc.filename) != str(executable):
-                    reason = f"{reason}: {os.fsdecode(exc.filename)}"
-                return _not_started(
-                    stderr, code, f"{program}: cannot execute: {reason}", started_at
-                )
-        # The child holds its own copies of the descriptors; ours are closed above.
-        timed_out = False
-        try:
-            await asyncio.wait_for(process.wait(), request.timeout)
-        except TimeoutError:
-            timed_out = True
-            log.info(
-                "Command timed out after %gs; stopping process group %d",
-                request.timeout,
-                process.pid,
+        if not request.arguments:
+            return not_started(request, EXIT_NOT_FOUND, "the command has no arguments")
+        program = request.arguments[0]
+        executable = find_program(program, environment["PATH"], request.working_directory)
+        if executable is None:
+            return not_started(
+                request,
+                EXIT_NOT_FOUND,
+                f"{program}: command not found (searched PATH={environment['PATH']})",
             )
-            await self._stop_group(process)
-        except asyncio.CancelledError:
-            log.info("Execution cancelled; stopping process group %d", process.pid)
-            await self._stop_group(process)
-            raise
-        finally:
-            # Whatever the action left running in its group goes now. The group id cannot
-            # have been reused while any member lives, so this never hits a stranger.
-            _signal_group(process.pid, signal.SIGKILL)
-        return ExecutionOutcome(
-            exit_code=exit_code(process.returncode),
-            timed_out=timed_out,
-            started_at=started_at,
-            completed_at=_now(),
+        finished = await self.supervisor.run(
+            Command(
+                arguments=request.arguments,
+                executable=executable,
+                environment=environment,
+                cwd=request.working_directory,
+                stdout_path=request.stdout_path,
+                stderr_path=request.stderr_path,
+            ),
+            name=request.name,
+            timeout=request.timeout,
         )
+        return outcome_of(finished, request, program, executable)
 
-    async def _stop_group(self, process: asyncio.subprocess.Process) -> None:
-        """SIGTERM the whole group, then SIGKILL it if the leader outlives the grace."""
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), self.terminate_grace)
-        except TimeoutError:
-            _signal_group(process.pid, signal.SIGKILL)
-            await process.wait()
+
+def outcome_of(
+    finished: Finished, request: ExecutionRequest, program: str, executable: str
+) -> ExecutionOutcome:
+    """The outcome to report; a command that never ran gets the shell's 126/127."""
+    error = finished.start_error
+    if error is not None:
+        if error.stage != "exec":
+            raise RuntimeError(
+                f"could not start the action ({error.stage}: {error.message}"
+                + (f": {error.filename})" if error.filename else ")")
+            )
+        code = EXIT_NOT_FOUND if error.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
+        reason = error.message
+        if error.filename and error.filename != executable:
+            reason = f"{reason}: {error.filename}"
+        return not_started(request, code, f"{program}: cannot execute: {reason}", append=True)
+    return ExecutionOutcome(
+        exit_code=finished.exit_code,
+        timed_out=finished.timed_out,
+        started_at=finished.started_at,
+        completed_at=finished.completed_at,
+        limit_exceeded=finished.limit_exceeded,
+    )
 
 
 def find_program(program: str, search_path: str, working_directory: Path) -> str | None:
@@ -139,15 +119,16 @@ def exit_code(returncode: int | None) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already gone
-
-
-def _not_started(stderr, code: int, message: str, started_at: datetime) -> ExecutionOutcome:
-    stderr.write(f"expbuild worker: {message}\n".encode())
+def not_started(
+    request: ExecutionRequest, code: int, message: str, *, append: bool = False
+) -> ExecutionOutcome:
+    """An outcome for a command that never ran, with the reason in its stderr."""
+    started_at = _now()
+    # A few bytes to local files: not worth a thread hop.
+    with open(request.stdout_path, "ab" if append else "wb"):  # noqa: ASYNC230
+        pass
+    with open(request.stderr_path, "ab" if append else "wb") as stderr:  # noqa: ASYNC230
+        stderr.write(f"expbuild worker: {message}\n".encode())
     log.info("Command could not be started: %s", message)
     return ExecutionOutcome(
         exit_code=code, timed_out=False, started_at=started_at, completed_at=_now()

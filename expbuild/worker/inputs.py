@@ -26,6 +26,7 @@ from expbuild.client.tree import materialize
 from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import worker_pb2
+from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.outputs import output_parent_directories, working_directory
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,15 @@ def create_action_directory(work_dir: Path, task_id: str, attempt: int) -> Path:
 
 
 async def prepare_inputs(
-    cas: CasClient, task: worker_pb2.Task, action_path: Path
+    cas: CasClient,
+    task: worker_pb2.Task,
+    action_path: Path,
+    blob_cache: BlobCache | None = None,
 ) -> ActionDirectory:
     """Materialize the task's input root in `action_path` and create its output parents.
+
+    With a `blob_cache`, input files are hardlinked (or copied) from it, and only what
+    it lacks is downloaded.
 
     Raises the client's errors for missing or invalid inputs (NotFound,
     FailedPrecondition, InvalidArgument) and InvalidArgument for bad Command paths.
@@ -66,7 +73,8 @@ async def prepare_inputs(
     input_root.mkdir()
     input_root_digest = Digest.from_proto(action.input_root_digest)
     log.info("Downloading input root %s", input_root_digest)
-    await materialize(cas, input_root_digest, input_root)
+    source = blob_cache.source(cas) if blob_cache is not None else None
+    await materialize(cas, input_root_digest, input_root, source=source)
     await asyncio.to_thread(_create_output_parents, command, input_root)
     return ActionDirectory(
         path=action_path,

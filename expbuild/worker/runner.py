@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,9 +24,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from expbuild import errors
 from expbuild.client.cas import CasClient
 from expbuild.client.errors import RemoteError
+from expbuild.config import LimitsSettings
 from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
+from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
     ActionDirectory,
@@ -34,6 +36,7 @@ from expbuild.worker.inputs import (
     prepare_inputs,
     remove_action_directory,
 )
+from expbuild.worker.limits import capped_timeout, output_size, output_too_large
 from expbuild.worker.outputs import CollectedOutputs, collect_outputs, file_digest
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,9 @@ class TaskRunner:
     worker_name: str
     # The CAS client for a task's instance name.
     cas_for: Callable[[str], CasClient]
+    # Where input files come from when set; None: downloaded for every action.
+    blob_cache: BlobCache | None = None
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
     async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
         log.info("Starting execution of task %s", task.task_id)
@@ -93,14 +99,14 @@ class TaskRunner:
     ) -> re_pb2.ExecuteResponse:
         _stamp(metadata.input_fetch_start_timestamp)
         try:
-            directory = await prepare_inputs(cas, task, action_path)
+            directory = await prepare_inputs(cas, task, action_path, self.blob_cache)
         except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
             log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
             return failure_response(exc)
         _stamp(metadata.input_fetch_completed_timestamp)
 
         command = task.command
-        timeout = task_timeout(task)
+        timeout = capped_timeout(task_timeout(task), self.limits)
         log.info("Executing command: %s", json.dumps(list(command.arguments)))
         outcome = await self.executor.execute(
             ExecutionRequest(
@@ -110,6 +116,9 @@ class TaskRunner:
                 stdout_path=directory.stdout_path,
                 stderr_path=directory.stderr_path,
                 timeout=timeout,
+                input_root=directory.input_root,
+                platform=task_platform(task),
+                name=action_path.name,
             )
         )
         metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
@@ -131,6 +140,9 @@ class TaskRunner:
             response.status.message = f"action timed out after {timeout:g}s"
             if output_error is not None:
                 response.status.message += f"; its outputs could not be collected: {output_error}"
+        elif outcome.limit_exceeded:
+            response.status.code = code_pb2.RESOURCE_EXHAUSTED
+            response.status.message = outcome.limit_exceeded
         elif output_error is not None:
             response.status.CopyFrom(error_status(output_error))
         else:
@@ -151,6 +163,14 @@ class TaskRunner:
         the result then carries exit code and stdout/stderr only, plus the error.
         """
         output_error: errors.ExpBuildError | None = None
+        if self.limits.max_output_size is not None:
+            logs = (directory.stdout_path, directory.stderr_path)
+            total = await asyncio.to_thread(output_size, command, directory.input_root, logs)
+            if total > self.limits.max_output_size:
+                # Nothing is uploaded; the action directory is removed as always.
+                message = output_too_large(total, self.limits)
+                log.warning("Outputs not uploaded: %s", message)
+                return re_pb2.ActionResult(exit_code=outcome.exit_code), errors.ResourceExhausted(message)
         try:
             collected = await asyncio.to_thread(collect_outputs, command, directory.input_root)
         except errors.ExpBuildError as exc:
@@ -178,6 +198,15 @@ def task_timeout(task: worker_pb2.Task) -> float | None:
         if seconds > 0:
             return seconds
     return None
+
+
+def task_platform(task: worker_pb2.Task) -> dict[str, tuple[str, ...]]:
+    """The action's platform (the Command's for pre-v2.2 clients), as the server matched it."""
+    platform = task.action.platform if task.action.platform.properties else task.command.platform
+    found: dict[str, tuple[str, ...]] = {}
+    for prop in platform.properties:
+        found[prop.name] = (*found.get(prop.name, ()), prop.value)
+    return found
 
 
 def failure_response(exc: BaseException) -> re_pb2.ExecuteResponse:

@@ -1,0 +1,245 @@
+"""Run one command under the launcher, in its own cgroup when possible, within its limits.
+
+The `host` and `sandbox` backends share this: they differ only in the command line
+(sandbox: bwrap plus the action's command) and its working directory. Here:
+
+- the action's cgroup is created (when the host allows it) and its limits written;
+- `launcher.py` is started with the command, its environment, rlimits and the cgroup;
+- on timeout or cancellation the launcher is asked to stop (SIGTERM), gets the grace
+  period plus a margin, then is killed; the cgroup is emptied with SIGKILL in any case;
+- the launcher's status (exit code or signal, CPU time, errors) and the cgroup's
+  counters (OOM kills, failed forks) tell which limit, if any, ended the action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from expbuild.config import LimitsSettings
+from expbuild.worker import limits as limit_checks
+from expbuild.worker.cgroups import ActionCgroup, CgroupSupport
+
+log = logging.getLogger(__name__)
+
+LAUNCHER = Path(__file__).with_name("launcher.py")
+# Beyond its grace period, how long the launcher gets to kill and report before we kill it.
+LAUNCHER_MARGIN = 5.0
+
+
+@dataclass(frozen=True)
+class Command:
+    arguments: Sequence[str]
+    executable: str  # what to exec: absolute, or relative to `cwd`
+    environment: Mapping[str, str]
+    cwd: Path
+    stdout_path: Path
+    stderr_path: Path
+
+
+@dataclass(frozen=True)
+class StartError:
+    """The command never ran: `stage` is "exec" for a missing or unrunnable program."""
+
+    stage: str
+    errno: int | None
+    message: str
+    filename: str | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    exit_code: int  # 128 + N for death by signal N
+    signal: int | None
+    timed_out: bool
+    cpu_seconds: float
+    start_error: StartError | None
+    started_at: datetime
+    completed_at: datetime
+    # Set when a limit ended the action (the status message).
+    limit_exceeded: str | None = None
+
+
+class Supervisor:
+    """Starts commands under the launcher; one per backend, shared by concurrent actions."""
+
+    def __init__(self, limits: LimitsSettings, *, terminate_grace: float = 1.0):
+        self.limits = limits
+        self.terminate_grace = terminate_grace
+        self.cgroups = CgroupSupport.detect() if limits.cgroups else None
+        if self.cgroups is not None:
+            log.info("Actions run in their own cgroups (%s)", self.cgroups.describe())
+        else:
+            log.info("Actions run without cgroups: limits are rlimits only")
+            if limits.max_processes is not None or limits.cpus is not None:
+                log.warning(
+                    "[worker.limits] max_processes and cpus need cgroups, which this worker "
+                    "cannot create; they are not enforced"
+                )
+
+    async def run(self, command: Command, *, name: str, timeout: float | None) -> Finished:
+        """Run `command` to completion, timeout or cancellation (which propagates)."""
+        group = self._create_cgroup(name)
+        try:
+            finished = await self._run(command, group, timeout)
+            # Shells and bwrap report a child's death by signal N as exit code 128 + N;
+            # such a code counts as that signal when looking for the limit hit.
+            signum = finished.signal or limit_checks.death_signal(finished.exit_code)
+            reason = self._limit_hit(finished, signum, group, command.stderr_path)
+        finally:
+            if group is not None:
+                # Shielded: a second cancellation must not leave processes or cgroups behind.
+                await asyncio.shield(group.destroy())
+        if reason:
+            return replace(finished, limit_exceeded=reason)
+        return finished
+
+    def _create_cgroup(self, name: str) -> ActionCgroup | None:
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.create(
+                name or os.urandom(4).hex(),
+                memory=self.limits.memory,
+                max_processes=self.limits.max_processes,
+                cpus=self.limits.cpus,
+            )
+        except OSError as exc:
+            log.warning("Cannot create a cgroup for %s (%s); running without one", name, exc)
+            return None
+
+    async def _run(self, command: Command, group: ActionCgroup | None, timeout: float | None) -> Finished:
+        enforcement = limit_checks.Enforcement(
+            memory_by_cgroup=group is not None and group.memory is not None
+        )
+        status_read, status_write = os.pipe()
+        spec = {
+            "executable": command.executable,
+            "cwd": str(command.cwd),
+            "rlimits": limit_checks.rlimits(self.limits, enforcement),
+            "cgroup_procs": group.procs_files if group is not None else [],
+            "status_fd": status_write,
+            "grace": self.terminate_grace,
+            "parent": os.getpid(),
+        }
+        environment = [f"{k}={v}" for k, v in command.environment.items()]
+        started_at = _now()
+        try:
+            try:
+                # Creating two local files is quick; not worth a thread hop.
+                stdout = open(command.stdout_path, "wb")  # noqa: ASYNC230, SIM115
+                stderr = open(command.stderr_path, "wb")  # noqa: ASYNC230, SIM115
+                with stdout, stderr:
+                    launcher = await asyncio.create_subprocess_exec(
+                        sys.executable, "-I", "-S", str(LAUNCHER),
+                        json.dumps(spec), str(len(environment)), *environment, *command.arguments,
+                        stdin=subprocess.DEVNULL,
+                        stdout=stdout,
+                        stderr=stderr,
+                        env={},
+                        pass_fds=(status_write,),
+                        start_new_session=True,
+                    )
+            finally:
+                os.close(status_write)  # only the launcher holds the write end now
+            timed_out = False
+            try:
+                await asyncio.wait_for(launcher.wait(), timeout)
+            except TimeoutError:
+                timed_out = True
+                log.info("Command timed out after %gs; stopping it", timeout)
+                await self._stop(launcher, group)
+            except asyncio.CancelledError:
+                log.info("Execution cancelled; stopping the command")
+                await asyncio.shield(self._stop(launcher, group))
+                raise
+            status = _read_status(status_read)
+        finally:
+            os.close(status_read)
+        if not status:
+            code = launcher.returncode if launcher.returncode is not None else -9
+            if code >= 0:
+                # Whether the command even ran is unknown: never report that as success.
+                raise RuntimeError(f"the action's launcher ended without a report (exit status {code})")
+            log.warning("The launcher was killed by signal %d before it could report", -code)
+            status = {"signal": -code}
+        signum = status.get("signal")
+        error = status.get("error")
+        return Finished(
+            exit_code=128 + signum if signum is not None else int(status.get("exit_code", -1)),
+            signal=signum,
+            timed_out=timed_out,
+            cpu_seconds=float(status.get("cpu_seconds", 0.0)),
+            start_error=StartError(**error) if error else None,
+            started_at=started_at,
+            completed_at=_now(),
+        )
+
+    async def _stop(self, launcher: asyncio.subprocess.Process, group: ActionCgroup | None) -> None:
+        """SIGTERM to the launcher (it stops the tree); SIGKILL if it takes too long."""
+        try:
+            launcher.terminate()
+        except ProcessLookupError:
+            pass
+        try:
+            await asyncio.wait_for(launcher.wait(), self.terminate_grace + LAUNCHER_MARGIN)
+        except TimeoutError:
+            log.warning("The launcher did not stop in time; killing it and its cgroup")
+            launcher.kill()
+            if group is not None:
+                group.kill()
+            await launcher.wait()
+
+    def _limit_hit(
+        self, finished: Finished, signum: int | None, group: ActionCgroup | None, stderr: Path
+    ) -> str | None:
+        limits = self.limits
+        if finished.timed_out or finished.start_error is not None:
+            return None
+        if group is not None and group.oom_kills() > 0:
+            return limit_checks.memory_exceeded(limits)
+        reason = limit_checks.cpu_time_exceeded(limits, signum, finished.cpu_seconds)
+        if reason:
+            return reason
+        if limits.max_output_size is not None and signum == limit_checks.SIGXFSZ:
+            return limit_checks.file_size_exceeded(limits)
+        if finished.exit_code != 0 and group is not None and group.process_limit_hits() > 0:
+            return limit_checks.process_limit_exceeded(limits)
+        if (
+            finished.exit_code != 0
+            and limits.memory is not None
+            and (group is None or group.memory is None)
+            and limit_checks.says_out_of_memory(stderr)
+        ):
+            return limit_checks.memory_exceeded(limits)
+        return None
+
+
+def _read_status(fd: int) -> dict:
+    """The launcher's one JSON report (written in one go, well under the pipe's size)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks)) if chunks else {}
+    except ValueError:
+        return {}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
