@@ -98,10 +98,15 @@ def server_command(config: str | None, verbose: bool, address: str | None) -> No
     setup_logging(verbose)
     settings = settings_or_exit(config, address)
     local = settings.execution.local_workers if settings.execution.backend == "local" else 0
+    run_replica(settings, local_workers=local)
+
+
+def run_replica(settings: Settings, *, local_workers: int) -> None:
+    """Database (configured or embedded), server and local workers, until a signal."""
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
         try:
-            asyncio.run(serve(settings, url, local_workers=local))
+            asyncio.run(serve(settings, url, local_workers=local_workers))
         except ConfigError as exc:  # e.g. the worker backend cannot work on this host
             raise click.ClickException(f"configuration error: {exc}") from None
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 import click
 
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
-from expbuild.cli.server import resolve_database_url, serve
-from expbuild.config import ConfigError
+from expbuild.cli.server import run_replica
 
 log = logging.getLogger("expbuild.up")
 
@@ -32,10 +29,5 @@ def up_command(config: str | None, verbose: bool, worker_count: int, address: st
     """
     setup_logging(verbose)
     settings = settings_or_exit(config, address)
-    with contextlib.ExitStack() as stack:
-        url = resolve_database_url(settings, stack)
-        try:
-            asyncio.run(serve(settings, url, local_workers=worker_count))
-        except ConfigError as exc:  # e.g. the worker backend cannot work on this host
-            raise click.ClickException(f"configuration error: {exc}") from None
+    run_replica(settings, local_workers=worker_count)
     log.info("Stopped")
