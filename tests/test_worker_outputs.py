@@ -227,6 +227,16 @@ def test_symlink_output_paths_keep_their_target(tmp_path):
     assert not collected.result.output_file_symlinks
 
 
+def test_absolute_symlink_outputs_are_a_failed_precondition(tmp_path):
+    (tmp_path / "abs-link").symlink_to("/etc/passwd")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "inner").symlink_to("/usr")
+    with pytest.raises(FailedPrecondition, match="absolute path '/etc/passwd'"):
+        collect_outputs(command(paths=["abs-link"]), tmp_path)
+    with pytest.raises(FailedPrecondition, match="absolute path '/usr'"):
+        collect_outputs(command(paths=["out"]), tmp_path)
+
+
 def test_v20_symlinks_go_to_their_own_fields(tmp_path):
     write(tmp_path / "real.txt", b"real")
     (tmp_path / "dir").mkdir()

@@ -110,7 +110,7 @@ def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutpu
         except (FileNotFoundError, NotADirectoryError):
             continue  # REAPI: outputs the action did not produce are omitted
         if stat.S_ISLNK(mode):
-            symlink = re_pb2.OutputSymlink(path=output.path, target=_text(os.readlink(path), what))
+            symlink = re_pb2.OutputSymlink(path=output.path, target=_symlink_target(path, what))
             {
                 OutputKind.ANY: result.output_symlinks,
                 OutputKind.FILE: result.output_file_symlinks,
@@ -138,6 +138,19 @@ def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutpu
                 "symlinks can be outputs"
             )
     return collected
+
+
+def _symlink_target(path, what: str) -> str:
+    """The link's target text. Absolute targets are refused: the server advertises
+    SymlinkAbsolutePathStrategy.DISALLOWED, and REAPI says such an output is a
+    FAILED_PRECONDITION (clients could not reproduce the link on another machine)."""
+    target = _text(os.readlink(path), what)
+    if target.startswith("/"):
+        raise FailedPrecondition(
+            f"{what}: symlink {os.fspath(path)!r} points to the absolute path {target!r}; "
+            "only relative symlink targets can be outputs"
+        )
+    return target
 
 
 def file_digest(path: Path) -> Digest:
@@ -211,7 +224,7 @@ def _directory_message(
         mode = entry.stat(follow_symlinks=False).st_mode
         if stat.S_ISLNK(mode):
             directory.symlinks.append(
-                re_pb2.SymlinkNode(name=name, target=_text(os.readlink(entry.path), what))
+                re_pb2.SymlinkNode(name=name, target=_symlink_target(entry.path, what))
             )
         elif stat.S_ISREG(mode):
             digest = file_digest(Path(entry.path))
