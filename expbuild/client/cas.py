@@ -885,7 +885,7 @@ class CasClient:
                             "past its page token",
                         )
                 except grpc.aio.AioRpcError as e:
-                    resumable = e.code() == grpc.StatusCode.UNAVAILABLE and token
+                    resumable = e.code() == grpc.StatusCode.UNAVAILABLE and bool(token)
                     if not resumable or failures >= _READ_RESUME_ATTEMPTS:
                         raise from_rpc_error(
                             e, self._target, f"reading the tree of {root_digest}"

@@ -287,9 +287,11 @@ async def run_command(
     that the action may create; those it did create are downloaded under `download_to`
     (default: the current directory), replacing what is there. Only blobs the CAS lacks
     are uploaded. `progress` receives human-readable lines ("Uploading 3 blobs (12 KiB)",
-    "Queued", "Executing on worker-1", "Downloaded out.txt").
+    "Queued", "Executing on worker-1", "Downloaded out.txt"). Transfers follow the
+    server's capabilities (`CasClient.connect`): its batch size limit, zstd if offered.
 
-    Raises `ExpBuildError` subclasses: `NotFound` for a missing input, `RemoteError`
+    Raises `ExpBuildError` subclasses: `NotFound` for a missing input, `InvalidArgument`
+    naming the instance if the server does not serve `instance_name`, `RemoteError`
     (UNAVAILABLE) when the server cannot be reached, the mapped error when the action's
     status is not OK (e.g. `RemoteError` DEADLINE_EXCEEDED on timeout) with `.result`
     holding the RunResult (exit code, stdout, stderr) if the server returned one.
@@ -342,8 +344,8 @@ async def execute_action(
 ) -> RunResult:
     """Execute an Action that is already in the CAS (with its Command and inputs).
 
-    Outputs are downloaded only if `download_to` is given. Errors as for `run_command`;
-    a missing Action or input surfaces as the server reports it (usually
+    Outputs are downloaded only if `download_to` is given. Transfers and errors as for
+    `run_command`; a missing Action or input surfaces as the server reports it (usually
     `FailedPrecondition` naming the missing blobs).
     """
     async with open_channel(target) as channel:

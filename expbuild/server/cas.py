@@ -202,6 +202,8 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                 page, page_bytes = [], 0
             page.append(directory)
             page_bytes += size
+            CAS_BLOBS_READ.labels("GetTree").inc()
+            CAS_BYTES_READ.labels("GetTree").inc(size)
         yield re_pb2.GetTreeResponse(directories=page)
 
     async def _walk(self, root: Digest) -> AsyncIterator[tuple[int, re_pb2.Directory, int]]:

@@ -499,10 +499,17 @@ class WorkerAgent:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _cas_client(self, instance_name: str) -> CasClient:
+    async def _cas_client(self, instance_name: str) -> CasClient:
+        """One client per instance, configured from the server's capabilities (batch limit,
+        zstd) the first time the instance is used."""
         client = self._cas_clients.get(instance_name)
         if client is None:
-            client = CasClient(self._cas_channel, instance_name=instance_name)
+            try:
+                client = await CasClient.connect(self._cas_channel, instance_name=instance_name)
+            except ExpBuildError as error:
+                # Not fatal: defaults work against most servers; ask again next task.
+                log.warning("Could not read the CAS capabilities (%s); using defaults", error)
+                return CasClient(self._cas_channel, instance_name=instance_name)
             self._cas_clients[instance_name] = client
         return client
 

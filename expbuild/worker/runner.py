@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +59,7 @@ class TaskRunner:
     work_dir: Path
     worker_name: str
     # The CAS client for a task's instance name.
-    cas_for: Callable[[str], CasClient]
+    cas_for: Callable[[str], Awaitable[CasClient]]
     # Where input files come from when set; None: downloaded for every action.
     blob_cache: BlobCache | None = None
     limits: LimitsSettings = field(default_factory=LimitsSettings)
@@ -70,7 +70,7 @@ class TaskRunner:
         _stamp(metadata.worker_start_timestamp)
         if task.HasField("queued_at"):
             metadata.queued_timestamp.CopyFrom(task.queued_at)
-        cas = self.cas_for(task.instance_name)
+        cas = await self.cas_for(task.instance_name)
         # Synchronous on purpose (two mkdirs): no await between creating the directory
         # and the try whose finally removes it, so a cancellation cannot leak it.
         try:
