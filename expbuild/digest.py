@@ -75,4 +75,18 @@ def new_hasher():
     return hashlib.sha256()
 
 
+_FILE_CHUNK = 1024 * 1024
+
+
+def digest_of_file(path) -> Digest:
+    """The digest of a file's content, read in chunks (blocking: call it in a thread)."""
+    hasher = new_hasher()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_FILE_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return Digest(hasher.hexdigest(), size)
+
+
 EMPTY = digest_of(b"")

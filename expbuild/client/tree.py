@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from expbuild.client.cas import CasClient, gather_or_cancel
 from expbuild.client.errors import RemoteError
-from expbuild.digest import Digest, digest_of, new_hasher
+from expbuild.digest import Digest, digest_of, digest_of_file
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
 
@@ -65,16 +65,6 @@ class _DirectoryUnderConstruction:
         return name in self.files or name in self.directories or name in self.symlinks
 
 
-def _hash_file(path: Path) -> Digest:
-    hasher = new_hasher()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-    return Digest(hasher.hexdigest(), size)
-
-
 def _utf8_name(name: str, path: Path) -> str:
     try:
         name.encode("utf-8")
@@ -90,7 +80,7 @@ class _TreeBuilder:
         self.blobs: dict[Digest, bytes | Path] = {}
 
     def file_node(self, name: str, path: Path, st: os.stat_result) -> re_pb2.FileNode:
-        digest = _hash_file(path)
+        digest = digest_of_file(path)
         self.blobs.setdefault(digest, path)
         return re_pb2.FileNode(
             name=name,

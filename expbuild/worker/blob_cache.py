@@ -44,7 +44,7 @@ from pathlib import Path
 from expbuild.client.cas import CasClient, gather_or_cancel
 from expbuild.client.tree import download_files
 from expbuild.config import ConfigError
-from expbuild.digest import Digest, new_hasher
+from expbuild.digest import Digest, digest_of_file, new_hasher
 
 log = logging.getLogger(__name__)
 
@@ -522,13 +522,7 @@ async def open_blob_cache(root: Path, max_bytes: int, *, verify_fraction: float 
 
 
 def _hash_matches(path: Path, digest: Digest) -> bool:
-    hasher = new_hasher()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-    return size == digest.size_bytes and hasher.hexdigest() == digest.hash
+    return digest_of_file(path) == digest
 
 
 def _changed_entries(entries: Mapping[_Key, tuple[Path, _Entry, Digest]]) -> set[_Key]:

@@ -16,7 +16,6 @@ Rules (REAPI v2):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from expbuild.digest import Digest, digest_of
+from expbuild.digest import Digest, digest_of, digest_of_file
 from expbuild.errors import FailedPrecondition, InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.worker.paths import check_inside, join_inside
@@ -154,13 +153,7 @@ def _symlink_target(path, what: str) -> str:
 
 
 def file_digest(path: Path) -> Digest:
-    hasher = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-    return Digest(hasher.hexdigest(), size)
+    return digest_of_file(path)
 
 
 def file_type(mode: int) -> str:
