@@ -27,7 +27,6 @@ from expbuild.digest import Digest, digest_of, digest_of_file
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
 
-_HASH_CHUNK = 1024 * 1024
 # How many small files materialize fetches in one read_many call, by total size: bounds
 # the memory held while still amortizing round trips.
 _SMALL_FILE_GROUP_BYTES = 16 * 1024 * 1024
