@@ -31,6 +31,7 @@ lint: venv
 
 bench: venv
 	$(PY) bench/queue_throughput.py
+	$(PY) bench/execute_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,8 +14,8 @@ The `host` and `sandbox` backends share this: they differ only in the command li
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import marshal
 import os
 import subprocess
 import sys
@@ -140,7 +140,7 @@ class Supervisor:
                 with stdout, stderr:
                     launcher = await asyncio.create_subprocess_exec(
                         sys.executable, "-I", "-S", str(LAUNCHER),
-                        json.dumps(spec), str(len(environment)), *environment, *command.arguments,
+                        marshal.dumps(spec).hex(), str(len(environment)), *environment, *command.arguments,
                         stdin=subprocess.DEVNULL,
                         stdout=stdout,
                         stderr=stderr,
@@ -236,8 +236,9 @@ def _read_status(fd: int) -> dict:
             break
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks)) if chunks else {}
-    except ValueError:
+        # The launcher runs this same interpreter, so marshal's format matches.
+        return marshal.loads(b"".join(chunks)) if chunks else {}
+    except (ValueError, EOFError, TypeError):
         return {}
 
 
