@@ -19,6 +19,8 @@ SIGKILL to every descendant after `grace` seconds). At the end one JSON object g
 tree, and "error" ({"stage", "errno", "message", "filename"}) if the command never ran.
 
 Standard library only, no expbuild imports: it starts in a few tens of milliseconds.
+Usually not even that: the worker keeps one `--zygote` instance of this program that
+forks a ready launcher per action (see `zygote_main` below).
 """
 
 from __future__ import annotations
@@ -234,7 +236,168 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+# -- the zygote: one long-lived launcher that forks a fresh one per action -------------
+#
+#     python -I -S launcher.py --zygote CONTROL_FD WORKER_PID
+#
+# Starting this interpreter costs tens of milliseconds, most of a no-op action's time. The
+# worker starts one zygote (it is multi-threaded, so it must not fork itself) and sends
+# it one SOCK_SEQPACKET message per action on CONTROL_FD: marshal of (spec, environment
+# dict, arguments), with four descriptors: stdout, stderr, the status pipe's write end
+# and the action's reply socket. The zygote forks; the child puts stdout and stderr on
+# 1 and 2, closes every other descriptor but the status pipe and then is exactly the
+# launcher above (its parent, for the PR_SET_PDEATHSIG check, is the zygote). The zygote
+# answers on the reply socket with marshal(pid) and a pidfd of the child, through which
+# the worker signals it and waits for it; once the zygote has reaped the child it sends
+# marshal(exit code as subprocess reports it) and closes the reply socket. The zygote dies
+# with the worker (PR_SET_PDEATHSIG) and stops taking work at EOF on CONTROL_FD, leaving
+# once its last child is reaped.
+
+ZYGOTE_MAX_MESSAGE = 65536
+ZYGOTE_FDS = 4  # stdout, stderr, status, reply
+
+
+def zygote_main(control_fd: int, worker: int) -> int:
+    import select
+    import socket
+
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != worker:
+        return 1
+    control = socket.socket(fileno=control_fd)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, _ignore_signal)
+    replies: dict[int, socket.socket | None] = {}
+    poller = select.poll()  # not select(): any number of actions may be in flight
+    poller.register(control_fd, select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+    accepting = True
+    while accepting or replies:
+        ready = {fd for fd, _events in poller.poll()}
+        if wake_read in ready:
+            try:
+                while os.read(wake_read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        _zygote_reap(replies)
+        if control_fd not in ready:
+            continue
+        try:
+            data, fds, flags, _ = socket.recv_fds(control, ZYGOTE_MAX_MESSAGE + 1, ZYGOTE_FDS)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            data, fds, flags = b"", [], 0
+        if not data and not fds:
+            accepting = False  # the worker is gone or done with us
+            poller.unregister(control_fd)
+            control.close()
+            continue
+        _zygote_start(control, (wake_read, wake_write), data, fds, flags, replies)
+    return 0
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass  # only to have the wakeup fd written
+
+
+def _zygote_start(control, wake: tuple[int, int], data: bytes, fds: list[int], flags: int,
+                  replies: dict) -> None:
+    import socket
+
+    if len(fds) != ZYGOTE_FDS or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)  # the worker sees EOF on its reply socket and runs it otherwise
+        return
+    stdout, stderr, status, reply_fd = fds
+    reply = socket.socket(fileno=reply_fd)
+    zygote = os.getpid()
+    try:
+        spec, environment, arguments = marshal.loads(data)
+        pid = os.fork()
+    except Exception:
+        pid = -1
+    if pid == 0:
+        _zygote_child(zygote, spec, environment, arguments, stdout, stderr, status)  # no return
+    for fd in (stdout, stderr, status):
+        os.close(fd)
+    if pid < 0:
+        reply.close()
+        return
+    replies[pid] = None
+    try:
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(reply, [marshal.dumps(pid)], [pidfd])
+        finally:
+            os.close(pidfd)
+    except OSError:
+        _kill(pid, signal.SIGKILL)  # nobody could watch or stop it
+        reply.close()
+        return
+    replies[pid] = reply
+
+
+def _zygote_reap(replies: dict) -> None:
+    while True:
+        try:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        reply = replies.pop(pid, None)
+        if reply is not None:
+            try:
+                reply.send(marshal.dumps(os.waitstatus_to_exitcode(wait_status)))
+            except OSError:
+                pass
+            reply.close()
+
+
+def _zygote_child(zygote: int, spec: dict, environment: dict, arguments: list,
+                  stdout: int, stderr: int, status: int) -> None:
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        # Descriptors 0-2 of the zygote are /dev/null and the worker's stderr; the ones
+        # received (>= 3) are distinct, so nothing above clobbered the status pipe.
+        os.closerange(3, status)
+        os.closerange(status + 1, _fd_ceiling())
+        os.set_inheritable(status, False)
+        spec["status_fd"] = status
+        spec["parent"] = zygote
+        result = Launcher(spec, environment, arguments).run()
+        os.write(status, marshal.dumps(result))
+        code = 0
+    except BaseException:
+        try:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _fd_ceiling() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if 0 < soft <= 1 << 20 else 1 << 20
+
+
 def main(argv: list[str]) -> int:
+    if argv[1] == "--zygote":
+        return zygote_main(int(argv[2]), int(argv[3]))
     spec = marshal.loads(bytes.fromhex(argv[1]))
     count = int(argv[2])
     environment = dict(item.split("=", 1) for item in argv[3 : 3 + count])
