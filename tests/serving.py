@@ -1,15 +1,18 @@
-"""Start real server replicas inside the test's event loop, on free loopback ports."""
+"""Start real server replicas and workers inside the test's event loop, on free loopback ports."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from expbuild.config import Settings, settings_from_mapping
+from expbuild.config import BackendSettings, Settings, WorkerSettings, settings_from_mapping
 from expbuild.server.app import ServerApp
+from expbuild.worker.agent import WorkerAgent
 
 
 def server_settings(cas_root: Path, **server_overrides) -> Settings:
@@ -34,3 +37,27 @@ async def running_server(settings: Settings, database_url: str) -> AsyncIterator
         yield app
     finally:
         await app.stop(grace=0.5)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(app: ServerApp, work_dir: Path, *, name: str = "worker",
+                         slots: int = 2, **worker_overrides) -> AsyncIterator[WorkerAgent]:
+    """A real WorkerAgent (host backend) serving `app` until the block ends."""
+    settings = WorkerSettings(
+        server_url=f"http://127.0.0.1:{app.port}",
+        name=name,
+        max_concurrent_tasks=slots,
+        poll_timeout=timedelta(seconds=1),
+        backend=BackendSettings(type="host", work_dir=str(work_dir)),
+        **worker_overrides,
+    )
+    agent = WorkerAgent(settings, shutdown_grace=2)
+    job = asyncio.create_task(agent.run())
+    try:
+        deadline = time.monotonic() + 10
+        while not agent.worker_id and time.monotonic() < deadline and not job.done():
+            await asyncio.sleep(0.02)
+        yield agent
+    finally:
+        agent.request_stop()
+        await asyncio.wait_for(job, 20)

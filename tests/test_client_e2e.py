@@ -42,7 +42,7 @@ from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
-from tests.serving import running_server, server_settings
+from tests.serving import running_server, running_worker, server_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -68,20 +68,8 @@ async def cas(target) -> AsyncIterator[CasClient]:
 
 @pytest.fixture
 async def worker(server, tmp_path) -> AsyncIterator[WorkerAgent]:
-    settings = WorkerSettings(
-        server_url=f"http://127.0.0.1:{server.port}",
-        name="worker-e2e",
-        max_concurrent_tasks=2,
-        poll_timeout=timedelta(seconds=1),
-        backend=BackendSettings(type="host", work_dir=str(tmp_path / "work")),
-    )
-    agent = WorkerAgent(settings, shutdown_grace=2)
-    job = asyncio.create_task(agent.run())
-    try:
+    async with running_worker(server, tmp_path / "work", name="worker-e2e", slots=2) as agent:
         yield agent
-    finally:
-        agent.request_stop()
-        await asyncio.wait_for(job, 20)
 
 
 def free_port() -> int:

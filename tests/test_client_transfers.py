@@ -14,7 +14,6 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -36,7 +35,6 @@ from expbuild.client.cas import (
 from expbuild.client.channel import MAX_MESSAGE_BYTES, open_channel
 from expbuild.client.run import run_command
 from expbuild.client.tree import materialize, merkle_tree_from_directory
-from expbuild.config import BackendSettings, WorkerSettings
 from expbuild.digest import Digest, digest_of
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
@@ -44,7 +42,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
-from tests.serving import running_server, server_settings
+from tests.serving import running_server, running_worker, server_settings
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -539,20 +537,8 @@ async def test_missing_subdirectory_is_left_out_and_reported_missing(
 
 @pytest.fixture
 async def worker(server, tmp_path) -> AsyncIterator[WorkerAgent]:
-    settings = WorkerSettings(
-        server_url=f"http://127.0.0.1:{server.port}",
-        name="worker-transfers",
-        max_concurrent_tasks=1,
-        poll_timeout=timedelta(seconds=1),
-        backend=BackendSettings(type="host", work_dir=str(tmp_path / "work")),
-    )
-    agent = WorkerAgent(settings, shutdown_grace=2)
-    job = asyncio.create_task(agent.run())
-    try:
+    async with running_worker(server, tmp_path / "work", name="worker-transfers", slots=1) as agent:
         yield agent
-    finally:
-        agent.request_stop()
-        await asyncio.wait_for(job, 20)
 
 
 def cas_bytes_served() -> float:

@@ -8,7 +8,6 @@ inlining, and the Operations service's error paths.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -22,12 +21,10 @@ from expbuild.client.actions import build_action, build_command
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.tree import serialize
-from expbuild.config import BackendSettings, WorkerSettings
 from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
-from expbuild.worker.agent import WorkerAgent
-from tests.serving import running_server, server_settings
+from tests.serving import running_server, running_worker, server_settings
 
 pytestmark = pytest.mark.e2e
 Stage = re_pb2.ExecutionStage
@@ -51,27 +48,9 @@ async def channel(server):
         yield channel
 
 
-@contextlib.asynccontextmanager
-async def worker_running(server, tmp_path, *, slots=2, platform=None, name="w"):
-    settings = WorkerSettings(
-        server_url=f"http://127.0.0.1:{server.port}",
-        name=name,
-        max_concurrent_tasks=slots,
-        heartbeat_interval=timedelta(seconds=0.3),
-        poll_timeout=timedelta(seconds=1),
-        platform=platform or {},
-        backend=BackendSettings(type="host", work_dir=str(tmp_path / f"work-{name}")),
-    )
-    agent = WorkerAgent(settings, shutdown_grace=1)
-    job = asyncio.create_task(agent.run())
-    try:
-        deadline = time.monotonic() + 10
-        while agent.worker_id is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        yield agent
-    finally:
-        agent.request_stop()
-        await asyncio.wait_for(job, 15)
+def worker_running(server, tmp_path, *, slots=2, platform=None, name="w"):
+    return running_worker(server, tmp_path / f"work-{name}", name=name, slots=slots,
+                          heartbeat_interval=timedelta(seconds=0.3), platform=platform or {})
 
 
 async def upload_action(channel, argv, *, timeout=None, do_not_cache=False, platform=None,
