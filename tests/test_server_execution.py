@@ -251,3 +251,55 @@ async def test_heartbeat_reports_lost_tasks_and_unknown_workers(server):
             await workers.Heartbeat(worker_pb2.HeartbeatRequest(
                 worker_id=worker_id, running=[worker_pb2.TaskLease(task_id="bogus", lease_token="x")]))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_one_task_wakes_one_idle_poller_not_all(server):
+    """With many idle workers on a replica, a new task sends one of them to the database."""
+    digest = await put_action(server.store)
+    async with channel_to(server) as channel:
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        ids = [await register(workers, f"w{n}") for n in range(6)]
+        polls = [asyncio.ensure_future(workers.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id=w, max_tasks=1))) for w in ids]
+        await asyncio.sleep(0.3)
+        before = await _lease_attempts(server)
+        stream = re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        await stream.read()
+        done, _pending = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED, timeout=5)
+        assert sum(len(p.result().tasks) for p in done) == 1
+        await asyncio.sleep(0.2)  # well inside the 1 s fallback interval
+        assert await _lease_attempts(server) - before <= 2, "every idle poller went to the database"
+        for poll in polls:
+            poll.cancel()
+        stream.cancel()
+
+
+async def _lease_attempts(server) -> int:
+    """Lease statements this process's replicas ran for polling workers."""
+    from prometheus_client import REGISTRY
+
+    return sum(REGISTRY.get_sample_value("expbuild_lease_attempts_total", {"outcome": o}) or 0
+               for o in ("leased", "empty"))
+
+
+async def test_a_wake_passes_over_pollers_of_another_platform(server):
+    digest = await put_action(server.store, platform=[("OSFamily", "Linux")])
+    async with channel_to(server) as channel:
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        macs = [await register(workers, f"mac{n}", OSFamily="Darwin") for n in range(3)]
+        linux = await register(workers, "linux", OSFamily="Linux")
+        mac_polls = [asyncio.ensure_future(workers.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id=w, max_tasks=1))) for w in macs]
+        await asyncio.sleep(0.2)  # the Mac pollers wait longest, so they are woken first
+        linux_poll = asyncio.ensure_future(workers.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id=linux, max_tasks=1)))
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stream = re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        await stream.read()
+        assert len((await linux_poll).tasks) == 1
+        assert loop.time() - started < 0.6  # passed along, not found by the 1 s fallback
+        for poll in mac_polls:
+            poll.cancel()
+        stream.cancel()

@@ -1,7 +1,12 @@
 """LISTEN/NOTIFY fan-in for one server replica.
 
 One dedicated connection per replica listens on two channels and wakes local waiters:
-- `expbuild_task_queued`: work may be available; long-polling workers try to lease.
+- `expbuild_task_queued`: work may be available. It wakes ONE long-polling worker of this
+  replica (the longest waiting), not all of them: with many idle workers, waking all for
+  each task would send them all to the database to find one task. The woken poller
+  passes the wake on (`pass_work_on`) when it found nothing it could run (another
+  platform's task), at most once around the pollers that were waiting when the
+  notification came. Every queued task sends its own notification.
 - `expbuild_task_done` (payload: task id): clients streaming that task's operations.
 
 NOTIFY is an optimisation, never the only path: every wait also ends after
@@ -13,6 +18,7 @@ reconnects in the background.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections import defaultdict
@@ -32,7 +38,10 @@ class Notifications:
     def __init__(self, database_url: str, fallback_interval: timedelta = timedelta(seconds=2)):
         self._url = database_url
         self.fallback_interval = fallback_interval.total_seconds()
-        self._work_available = asyncio.Event()
+        # Idle pollers, longest waiting first; a wake-up with nobody waiting is kept for
+        # the next poller (it may have missed the notification between its lease and wait).
+        self._pollers: collections.deque[asyncio.Future] = collections.deque()
+        self._pending_wake = False
         self._done_waiters: dict[int, set[asyncio.Event]] = defaultdict(set)
         self._conn: asyncpg.Connection | None = None
         self._supervisor: asyncio.Task | None = None
@@ -76,7 +85,22 @@ class Notifications:
             delay = min(delay * 2, 10.0)
 
     def _on_queued(self, *_args) -> None:
-        self._work_available.set()
+        # The wake may travel on through every poller waiting now, and no further.
+        if not self._wake_next(hops=len(self._pollers) - 1):
+            self._pending_wake = True
+
+    def pass_work_on(self, hops: int) -> None:
+        """Wake the next waiting poller if the wake that woke the caller has hops left."""
+        if hops > 0:
+            self._wake_next(hops - 1)
+
+    def _wake_next(self, hops: int) -> bool:
+        while self._pollers:
+            waiter = self._pollers.popleft()
+            if not waiter.done():
+                waiter.set_result(max(hops, 0))
+                return True
+        return False
 
     def _on_done(self, _conn, _pid, _channel, payload: str) -> None:
         try:
@@ -87,19 +111,38 @@ class Notifications:
             event.set()
 
     def _wake_all(self) -> None:
-        self._work_available.set()
+        while self._pollers:
+            waiter = self._pollers.popleft()
+            if not waiter.done():
+                waiter.set_result(0)
+        self._pending_wake = True
         for events in self._done_waiters.values():
             for event in events:
                 event.set()
 
-    async def wait_for_work(self, timeout: float) -> None:
-        """Return when work may have been queued, or after min(timeout, fallback interval)."""
-        event = self._work_available
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=min(timeout, self.fallback_interval))
-        # Everyone waiting now has been woken; the next waiters wait for the next NOTIFY.
-        if event.is_set():
-            self._work_available = asyncio.Event()
+    async def wait_for_work(self, timeout: float) -> int | None:
+        """Wait until this poller is woken for new work, or min(timeout, fallback interval).
+
+        Returns None after a plain timeout, else how many further pollers the wake may
+        still be passed to (`pass_work_on`).
+        """
+        if self._pending_wake:
+            self._pending_wake = False
+            return 0
+        waiter = asyncio.get_running_loop().create_future()
+        self._pollers.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=min(timeout, self.fallback_interval))
+        except TimeoutError:
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                self._pollers.remove(waiter)
+        # A wake that raced with the timeout still counts: the caller leases either way.
+        if waiter.done() and not waiter.cancelled():
+            return waiter.result()
+        waiter.cancel()
+        return None
 
     async def wait_for_task_done(self, task_id: int, timeout: float) -> None:
         """Return when the task may have finished, or after min(timeout, fallback interval)."""

@@ -20,7 +20,7 @@ from expbuild.errors import InvalidArgument, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.server.convert import duration, platform_spec, timestamp
-from expbuild.server.metrics import TASK_COMPLETIONS
+from expbuild.server.metrics import LEASE_ATTEMPTS, TASK_COMPLETIONS
 from expbuild.server.status import rpc
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if request.HasField("timeout"):
             wait = min(wait, max(request.timeout.ToTimedelta().total_seconds(), 0.0))
         deadline = time.monotonic() + wait
+        hops: int | None = None  # set when a NOTIFY woke this poll
         while True:
             leased = await queue.lease_tasks(
                 self.pool, worker_id, worker.platform, limit, self.settings.lease_duration
             )
+            LEASE_ATTEMPTS.labels("leased" if leased else "empty").inc()
+            if hops is not None and not leased:
+                # Woken for a task this worker cannot run (platform): let the next
+                # idle poller try. (Each queued task sends its own NOTIFY, so a full
+                # lease needs no passing on.)
+                self.notifications.pass_work_on(hops)
             if leased:
                 tasks = [await self._task_message(t, worker_id) for t in leased]
                 return worker_pb2.PollTasksResponse(tasks=[t for t in tasks if t is not None])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return worker_pb2.PollTasksResponse()
-            await self.notifications.wait_for_work(remaining)
+            hops = await self.notifications.wait_for_work(remaining)
 
     async def _task_message(self, task: queue.LeasedTask, worker_id: str) -> worker_pb2.Task | None:
         """Inline Action and Command so the worker needs no extra round trips to start."""

@@ -148,7 +148,9 @@ WITH expired AS (
 )
 SELECT id, state, attempts, reason, worker_id,
        CASE WHEN state = 'failed' THEN pg_notify('expbuild_task_done', id::text)
-            ELSE pg_notify('expbuild_task_queued', '') END AS notified
+            -- Distinct payloads: Postgres folds identical notifications of one
+            -- transaction into one, and each requeued task should wake one poller.
+            ELSE pg_notify('expbuild_task_queued', id::text) END AS notified
 FROM reaped;
 
 -- name: get_task
