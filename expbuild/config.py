@@ -77,6 +77,10 @@ class DatabaseSettings:
 @dataclass(frozen=True)
 class CasSettings:
     root: str = ""
+    # Bytes of blobs kept before least recently used ones are evicted; 0: unbounded.
+    max_size: int = 0
+    # How often a replica checks the store's size (one replica at a time evicts).
+    eviction_interval: timedelta = timedelta(seconds=60)
 
 
 # Host directories a "workdir"-mode sandbox sees read-only when none are configured.
@@ -463,7 +467,14 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
     )
     if database.url and urlparse(database.url).scheme not in ("postgres", "postgresql"):
         raise ConfigError(f"database.url = {database.url!r}: expected postgresql://user@host:port/dbname")
-    cas = CasSettings(root=str(_get(c, "root", "")))
+    cas_max_size = _get(c, "max_size", 0)
+    cas = CasSettings(
+        root=str(_get(c, "root", "")),
+        max_size=0 if str(cas_max_size).strip() in ("0", "") else _size(cas_max_size, "cas.max_size"),
+        eviction_interval=_duration(
+            _get(c, "eviction_interval", CasSettings.eviction_interval), "cas.eviction_interval"
+        ),
+    )
 
     b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
     ro_binds = b.get("ro_binds")

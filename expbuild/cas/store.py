@@ -14,7 +14,10 @@ What callers may rely on:
   fsynced temporary file, so readers never see a partial blob and any number
   of concurrent writers of the same blob all succeed.
 * A blob that is already present is not rewritten (its mtime is bumped
-  instead, which the LRU eviction reads as "recently used").
+  instead, which the LRU eviction reads as "recently used"). Reads (`get`,
+  `get_many`, `read_chunks`) count as use too, but cheaply: they bump the mtime
+  only when it is older than `READ_TOUCH_AGE`, so a hot blob costs no syscall
+  per read (see `expbuild.cas.eviction`).
 * The empty blob (`EMPTY`) is always present; no file backs it.
 * Blob files are read-only (mode 0444); nothing may modify them in place.
 * A file whose size differs from its digest's size counts as absent.
@@ -54,6 +57,9 @@ STALE_TEMP_AGE = 3600.0
 _WRITE_BUFFER = 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
 _BLOB_MODE = 0o444
+
+READ_TOUCH_AGE = 3600.0
+"""A read bumps a blob's mtime (LRU "use") only if the mtime is older than this many seconds."""
 
 UPLOAD_IDLE_TIMEOUT = 900.0
 """Seconds after which an unfinished upload nobody writes to may be dropped (see `open_upload`)."""
@@ -103,6 +109,14 @@ def _close_quiet(f: BinaryIO | None) -> None:
         f.close()
     except OSError:
         pass
+
+
+def _touch_if_stale(f: BinaryIO, st: os.stat_result) -> None:
+    """Record a read as use for LRU eviction, at most once per `READ_TOUCH_AGE` per blob."""
+    if st.st_mtime < time.time() - READ_TOUCH_AGE:
+        # Through the descriptor: if eviction unlinked the file meanwhile, this is harmless.
+        with contextlib.suppress(OSError):
+            os.utime(f.fileno())
 
 
 def _read_file_chunks(f: BinaryIO) -> Iterator[bytes]:
@@ -478,8 +492,10 @@ class FileStore:
             return b""
         try:
             with open(self.path_of(digest), "rb") as f:
-                if os.fstat(f.fileno()).st_size != digest.size_bytes:
+                st = os.fstat(f.fileno())
+                if st.st_size != digest.size_bytes:
                     raise NotFound(f"blob {digest} not found (stored file has the wrong size)")
+                _touch_if_stale(f, st)
                 return f.read()
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"blob {digest} not found") from None
@@ -683,10 +699,12 @@ class FileStore:
             except (FileNotFoundError, NotADirectoryError):
                 raise NotFound(f"blob {digest} not found") from None
             try:
-                if os.fstat(f.fileno()).st_size != size:
+                st = os.fstat(f.fileno())
+                if st.st_size != size:
                     raise NotFound(f"blob {digest} not found (stored file has the wrong size)")
                 if offset > size:
                     raise out_of_range()
+                _touch_if_stale(f, st)
                 f.seek(offset)
                 first = f.read(min(chunk_size, remaining)) if remaining else b""
                 if len(first) >= remaining:
@@ -1170,6 +1188,7 @@ class UploadSession:
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_IDLE_UPLOADS",
+    "READ_TOUCH_AGE",
     "STALE_TEMP_AGE",
     "SUPPORTED_COMPRESSORS",
     "UPLOAD_IDLE_TIMEOUT",

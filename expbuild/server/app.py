@@ -1,4 +1,5 @@
-"""Wire one server replica together: pool, CAS, LISTEN, servicers, reaper, health, metrics.
+"""Wire one server replica together: pool, CAS, LISTEN, servicers, reaper, CAS eviction,
+health, metrics.
 
 `ServerApp` holds no state of its own beyond connections: stop it at any moment and
 another replica (or a restart) carries on from what is in Postgres and the CAS.
@@ -17,6 +18,7 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from expbuild.cas.eviction import EvictionReport, evict_with_lock
 from expbuild.cas.store import FileStore
 from expbuild.config import Settings, parse_address
 from expbuild.db import queue, workers
@@ -131,6 +133,11 @@ class ServerApp:
             asyncio.create_task(self._reap_forever(), name="reaper"),
             asyncio.create_task(metrics.refresh_forever(self.pool), name="metrics"),
         ]
+        metrics.CAS_MAX_BYTES.set(settings.cas.max_size)
+        if settings.cas.max_size > 0:
+            self._background.append(
+                asyncio.create_task(self._evict_forever(), name="cas-eviction")
+            )
         log.info("ExpBuild server listening on %s:%d (CAS at %s)", host, self.port, self.store.root)
 
     async def _reap_forever(self) -> None:
@@ -159,6 +166,35 @@ class ServerApp:
         purged = await queue.purge_finished_tasks(self.pool, s.task_retention)
         if purged:
             log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)
+
+    async def _evict_forever(self) -> None:
+        interval = self.settings.cas.eviction_interval.total_seconds()
+        while True:
+            try:
+                await self.evict_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the database may be restarting; try again
+                log.exception("CAS eviction pass failed")
+            await asyncio.sleep(interval)
+
+    async def evict_once(self) -> EvictionReport | None:
+        """One LRU eviction pass down to `[cas] max_size`; None if another replica is at it."""
+        max_size = self.settings.cas.max_size
+        report = await evict_with_lock(self.pool, self.store, max_size)
+        if report is None:
+            return None
+        metrics.CAS_STORE_BYTES.set(report.remaining_bytes)
+        if report.removed:
+            metrics.CAS_EVICTED_BLOBS.inc(report.removed)
+            metrics.CAS_EVICTED_BYTES.inc(report.removed_bytes)
+            mib = 1024 * 1024
+            log.info(
+                "CAS eviction: removed %d blobs (%.1f MiB), store now %.1f MiB of %.1f MiB",
+                report.removed, report.removed_bytes / mib, report.remaining_bytes / mib,
+                max_size / mib,
+            )
+        return report
 
     async def stop(self, grace: float = 5.0) -> None:
         for task in getattr(self, "_background", []):

@@ -1,0 +1,261 @@
+"""LRU eviction of the filesystem CAS: real files under tmp_path, real Postgres for the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from dataclasses import replace
+from datetime import timedelta
+
+import grpc
+import pytest
+
+from expbuild.cas import eviction
+from expbuild.cas.eviction import EVICTION_LOCK_KEY, evict_to_size, evict_with_lock
+from expbuild.cas.store import READ_TOUCH_AGE, FileStore
+from expbuild.client.cas import CasClient
+from expbuild.client.channel import open_channel
+from expbuild.config import ConfigError, settings_from_mapping
+from expbuild.db.queries import sql
+from expbuild.digest import Digest, digest_of
+from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from tests.serving import running_server, server_settings
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def store(tmp_path):
+    return FileStore(tmp_path / "cas", fsync=False)
+
+
+def blob(i: int, size: int = 1000) -> tuple[Digest, bytes]:
+    data = (f"blob-{i}-".encode() * size)[:size]
+    return digest_of(data), data
+
+
+def age(store: FileStore, digest: Digest, seconds_ago: float) -> None:
+    t = time.time() - seconds_ago
+    os.utime(store.path_of(digest), (t, t))
+
+
+async def put_aged(store: FileStore, count: int, size: int = 1000) -> list[Digest]:
+    """`count` blobs of `size` bytes; blob 0 is the least recently used."""
+    digests = []
+    for i in range(count):
+        digest, data = blob(i, size)
+        await store.put(digest, data)
+        age(store, digest, 10 * HOUR - i * 60)
+        digests.append(digest)
+    return digests
+
+
+def present(store: FileStore, digests: list[Digest]) -> list[bool]:
+    return [store.path_of(d).exists() for d in digests]
+
+
+# ----------------------------------------------------------------- the pass itself
+
+
+async def test_evicts_least_recently_used_first(store):
+    digests = await put_aged(store, 10)
+    # Make blob 0 the most recently used, as a FindMissingBlobs would.
+    await store.find_missing([digests[0]], touch=True)
+    age(store, digests[0], HOUR)  # still older than min_age, but the newest of all
+    report = await evict_to_size(store, 6000, low_watermark=1.0)
+    assert report.scanned == 10 and report.total_bytes == 10_000
+    assert report.removed == 4 and report.removed_bytes == 4000
+    assert report.remaining_bytes == 6000
+    assert present(store, digests) == [True] + [False] * 4 + [True] * 5
+
+
+async def test_low_watermark_is_respected(store):
+    digests = await put_aged(store, 10)
+    report = await evict_to_size(store, 9000)  # low watermark 0.9: down to 8100 bytes
+    assert report.removed == 2 and report.remaining_bytes == 8000
+    assert present(store, digests) == [False] * 2 + [True] * 8
+    # Under the bound: a pass removes nothing.
+    again = await evict_to_size(store, 9000)
+    assert again.removed == 0 and again.total_bytes == 8000
+    # Exactly at the bound is not over it.
+    assert (await evict_to_size(store, 8000)).removed == 0
+
+
+async def test_min_age_protects_fresh_blobs(store):
+    old = await put_aged(store, 3)
+    fresh = []
+    for i in range(3, 6):
+        digest, data = blob(i)
+        await store.put(digest, data)  # just uploaded, e.g. inputs of an Execute in flight
+        fresh.append(digest)
+    report = await evict_to_size(store, 1000)
+    assert report.removed == 3
+    assert present(store, old) == [False] * 3
+    assert present(store, fresh) == [True] * 3
+    # With min_age 0 the fresh ones may go too.
+    assert (await evict_to_size(store, 1000, min_age=0)).removed == 3
+
+
+async def test_zero_means_unbounded(store):
+    digests = await put_aged(store, 5)
+    report = await evict_to_size(store, 0)
+    assert report.removed == 0
+    assert all(present(store, digests))
+
+
+async def test_reads_count_as_use_but_only_touch_stale_blobs(store):
+    digests = await put_aged(store, 4)
+    # Read 0 by get and 1 by read_chunks: both are older than READ_TOUCH_AGE, so both
+    # count as used now; 2 was used recently enough that a read does not touch it.
+    age(store, digests[2], READ_TOUCH_AGE / 2)
+    before = os.stat(store.path_of(digests[2])).st_mtime
+    await store.get(digests[0])
+    assert [c async for c in store.read_chunks(digests[1])]
+    await store.get(digests[2])
+    assert os.stat(store.path_of(digests[2])).st_mtime == before
+    for d in digests[:2]:
+        assert os.stat(store.path_of(d)).st_mtime > time.time() - 60
+    # min_age 0 so the just-read blobs are candidates; 3 is now the least recently used.
+    report = await evict_to_size(store, 3000, low_watermark=1.0, min_age=0)
+    assert report.removed == 1
+    assert present(store, digests) == [True, True, True, False]
+
+
+async def test_temp_files_are_never_evicted(store):
+    await put_aged(store, 2)
+    # A blob being written and a resumable upload's data, both old enough to qualify.
+    writing = store.tmp_dir / f"{blob(9)[0].hash}.0123456789abcdef"
+    upload = store.tmp_dir / "upload-something"
+    for path in (writing, upload):
+        path.write_bytes(b"x" * 5000)
+        os.utime(path, (time.time() - HOUR, time.time() - HOUR))
+    report = await evict_to_size(store, 1, min_age=0)
+    assert report.scanned == 2 and report.removed == 2
+    assert writing.exists() and upload.exists()
+
+
+# ----------------------------------------------------------------- the advisory lock
+
+
+async def test_pass_is_skipped_while_another_holds_the_lock(store, pool):
+    digests = await put_aged(store, 5)
+    async with pool.acquire() as other:
+        assert await other.fetchval(sql("cas_eviction_try_lock"), EVICTION_LOCK_KEY)
+        assert await evict_with_lock(pool, store, 1000) is None
+        assert all(present(store, digests))
+        assert await other.fetchval(sql("cas_eviction_unlock"), EVICTION_LOCK_KEY)
+    report = await evict_with_lock(pool, store, 1000)
+    assert report is not None and report.removed == 5  # down to 900 bytes: every blob
+    # The lock was released with the pass.
+    async with pool.acquire() as other:
+        assert await other.fetchval(sql("cas_eviction_try_lock"), EVICTION_LOCK_KEY)
+        await other.fetchval(sql("cas_eviction_unlock"), EVICTION_LOCK_KEY)
+
+
+async def test_concurrent_passes_on_one_directory_do_not_both_evict(tmp_path, pool, monkeypatch):
+    root = tmp_path / "shared-cas"
+    one, two = FileStore(root, fsync=False), FileStore(root, fsync=False)  # two replicas
+    digests = await put_aged(one, 10)
+    real_scan = eviction._scan
+
+    def slow_scan(blob_dir):
+        time.sleep(0.5)  # both passes overlap for sure
+        return real_scan(blob_dir)
+
+    monkeypatch.setattr(eviction, "_scan", slow_scan)
+    reports = await asyncio.gather(
+        evict_with_lock(pool, one, 5000), evict_with_lock(pool, two, 5000)
+    )
+    ran = [r for r in reports if r is not None]
+    assert len(ran) == 1, reports
+    assert ran[0].removed == 6  # down to 4500 bytes: 4 blobs left
+    assert present(one, digests) == [False] * 6 + [True] * 4
+
+
+async def test_two_servers_sharing_a_cas_take_turns(database_url, tmp_path, monkeypatch):
+    settings = server_settings(tmp_path / "cas")
+    settings = replace(settings, cas=replace(settings.cas, max_size=5000))
+    real_scan = eviction._scan
+
+    def slow_scan(blob_dir):
+        time.sleep(0.5)
+        return real_scan(blob_dir)
+
+    async with running_server(settings, database_url) as a, \
+            running_server(settings, database_url) as b:
+        digests = await put_aged(a.store, 10)
+        monkeypatch.setattr(eviction, "_scan", slow_scan)
+        reports = await asyncio.gather(a.evict_once(), b.evict_once())
+        assert sum(r is not None for r in reports) == 1, reports
+        assert present(a.store, digests) == [False] * 6 + [True] * 4
+
+
+# ----------------------------------------------------------------- configuration
+
+
+def test_config_keys():
+    default = settings_from_mapping({})
+    assert default.cas.max_size == 0
+    assert default.cas.eviction_interval == timedelta(seconds=60)
+    s = settings_from_mapping({"cas": {"max_size": "500GiB", "eviction_interval": "5m"}})
+    assert s.cas.max_size == 500 * 1024**3
+    assert s.cas.eviction_interval == timedelta(minutes=5)
+    assert settings_from_mapping({"cas": {"max_size": 0}}).cas.max_size == 0
+    assert settings_from_mapping({"cas": {"max_size": "0"}}).cas.max_size == 0
+    with pytest.raises(ConfigError, match="cas.max_size"):
+        settings_from_mapping({"cas": {"max_size": "lots"}})
+    with pytest.raises(ConfigError, match="cas.max_size"):
+        settings_from_mapping({"cas": {"max_size": -5}})
+    with pytest.raises(ConfigError, match="cas.eviction_interval"):
+        settings_from_mapping({"cas": {"eviction_interval": "soon"}})
+    with pytest.raises(ConfigError, match="cas.eviction_interval"):
+        settings_from_mapping({"cas": {"eviction_interval": 0}})
+
+
+# ----------------------------------------------------------------- end to end
+
+
+@pytest.mark.e2e
+async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="expbuild.server.app")
+    settings = server_settings(tmp_path / "cas")
+    settings = replace(settings, cas=replace(
+        settings.cas, max_size=4000, eviction_interval=timedelta(seconds=0.2)))
+    async with running_server(settings, database_url) as app:
+        store = app.store
+        async with open_channel(f"127.0.0.1:{app.port}") as channel:
+            cas = CasClient(channel)
+            blobs = dict(blob(i) for i in range(6))
+            assert await cas.upload(blobs)
+            digests = list(blobs)
+            stdout = digests[0]
+            action = digest_of(b"an action whose stdout will be evicted")
+            cache = re_grpc.ActionCacheStub(channel)
+            await cache.UpdateActionResult(re_pb2.UpdateActionResultRequest(
+                action_digest=action.to_proto(),
+                action_result=re_pb2.ActionResult(exit_code=0, stdout_digest=stdout.to_proto())))
+            # Everything was uploaded just now, so min_age protects it all.
+            await asyncio.sleep(0.6)
+            assert present(store, digests) == [True] * 6
+            # Age them, oldest first (a pass in between then only sees the oldest as old).
+            for i, d in enumerate(digests):
+                age(store, d, 10 * HOUR - i * 60)
+            deadline = time.monotonic() + 10
+            while store.path_of(stdout).exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            # 6000 bytes over a 4000-byte bound: down to 3600, the three oldest go.
+            assert present(store, digests) == [False] * 3 + [True] * 3
+            missing = await cas.find_missing(digests)
+            assert set(missing) == set(digests[:3])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await cache.GetActionResult(
+                    re_pb2.GetActionResultRequest(action_digest=action.to_proto()))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    lines = [r.getMessage() for r in caplog.records if "CAS eviction" in r.getMessage()]
+    assert lines and all(re.fullmatch(
+        r"CAS eviction: removed \d+ blobs \([\d.]+ MiB\), store now [\d.]+ MiB of [\d.]+ MiB", line
+    ) for line in lines), lines
