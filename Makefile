@@ -27,7 +27,8 @@ proto: venv
 	$(PY) -m expbuild.proto.generate
 
 lint: venv
-	$(VENV)/bin/ruff check expbuild tests
+	$(VENV)/bin/ruff check expbuild tests bench
+	$(VENV)/bin/ruff format --check expbuild tests bench
 
 bench: venv
 	$(PY) bench/queue_throughput.py

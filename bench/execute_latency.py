@@ -41,8 +41,10 @@ from tests.serving import running_server, server_settings  # noqa: E402
 def summary(name: str, latencies: list[float], wall: float) -> str:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return (f"{name:<22} p50 {statistics.median(ordered) * 1000:7.1f} ms   "
-            f"p99 {p99 * 1000:7.1f} ms   {len(ordered) / wall:7.1f} actions/s")
+    return (
+        f"{name:<22} p50 {statistics.median(ordered) * 1000:7.1f} ms   "
+        f"p99 {p99 * 1000:7.1f} ms   {len(ordered) / wall:7.1f} actions/s"
+    )
 
 
 async def timed_all(count: int, concurrency: int, one) -> tuple[list[float], float]:
@@ -77,10 +79,15 @@ async def main() -> None:
         settings = server_settings(Path(tmp) / "cas")
         async with running_server(settings, url) as app:
             target = f"127.0.0.1:{app.port}"
-            worker = WorkerAgent(WorkerSettings(
-                server_url=f"http://{target}", name="bench", max_concurrent_tasks=args.concurrency,
-                heartbeat_interval=timedelta(seconds=5),
-                backend=BackendSettings(type="host", work_dir=str(Path(tmp) / "work"))))
+            worker = WorkerAgent(
+                WorkerSettings(
+                    server_url=f"http://{target}",
+                    name="bench",
+                    max_concurrent_tasks=args.concurrency,
+                    heartbeat_interval=timedelta(seconds=5),
+                    backend=BackendSettings(type="host", work_dir=str(Path(tmp) / "work")),
+                )
+            )
             job = asyncio.create_task(worker.run())
             async with open_channel(target) as channel:
                 cas = await CasClient.connect(channel)
@@ -100,7 +107,9 @@ async def main() -> None:
                     response = await execution.execute(digests[n])
                     assert response.result.exit_code == 0, response
 
-                remote_latencies, remote_wall = await timed_all(args.actions, args.concurrency, remote)
+                remote_latencies, remote_wall = await timed_all(
+                    args.actions, args.concurrency, remote
+                )
                 hits, hits_wall = await timed_all(args.actions, args.concurrency, remote)
             worker.request_stop()
             await job
@@ -108,13 +117,19 @@ async def main() -> None:
         await conn.execute("DROP DATABASE IF EXISTS expbuild_bench_execute WITH (FORCE)")
         await conn.close()
 
-    print(f"PostgreSQL from {source}; {args.actions} actions, {args.concurrency} at a time, "
-          "one worker in-process")
+    print(
+        f"PostgreSQL from {source}; {args.actions} actions, {args.concurrency} at a time, "
+        "one worker in-process"
+    )
     print(summary("local subprocess", base, base_wall))
-    print(summary("remote execution", remote_latencies, remote_wall)
-          + f"   ({statistics.median(remote_latencies) / statistics.median(base):.1f}x local p50)")
-    print(summary("remote cache hit", hits, hits_wall)
-          + f"   ({statistics.median(hits) / statistics.median(base):.1f}x local p50)")
+    print(
+        summary("remote execution", remote_latencies, remote_wall)
+        + f"   ({statistics.median(remote_latencies) / statistics.median(base):.1f}x local p50)"
+    )
+    print(
+        summary("remote cache hit", hits, hits_wall)
+        + f"   ({statistics.median(hits) / statistics.median(base):.1f}x local p50)"
+    )
 
 
 if __name__ == "__main__":

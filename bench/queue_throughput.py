@@ -59,8 +59,9 @@ async def enqueue_all(pool, count: int, producers: int, tag: str) -> float:
 
 async def drain(pool, consumers: int, batch: int) -> tuple[int, float]:
     ids = [
-        await workers.register_worker(pool, worker_id="", name=f"bench-{i}", hostname="",
-                                      platform=LINUX, max_concurrent=batch)
+        await workers.register_worker(
+            pool, worker_id="", name=f"bench-{i}", hostname="", platform=LINUX, max_concurrent=batch
+        )
         for i in range(consumers)
     ]
     done = 0
@@ -73,8 +74,15 @@ async def drain(pool, consumers: int, batch: int) -> tuple[int, float]:
             if not leased:
                 return
             for t in leased:
-                await queue.complete_task(pool, t.task_id, t.lease_token, worker_id,
-                                          succeeded=True, response=b"", cache_result=None)
+                await queue.complete_task(
+                    pool,
+                    t.task_id,
+                    t.lease_token,
+                    worker_id,
+                    succeeded=True,
+                    response=b"",
+                    cache_result=None,
+                )
             done += len(leased)
 
     await asyncio.gather(*(consume(w) for w in ids))
@@ -102,19 +110,23 @@ async def main() -> None:
             await enqueue_all(pool, args.tasks, args.consumers, f"b{batch}")
             done, rate = await drain(pool, args.consumers, batch)
             baseline = baseline or rate
-            print(f"  batch {batch:3d}: {rate:8.0f} tasks/s  ({rate / baseline:4.1f}x batch 1, {done} tasks)")
+            print(
+                f"  batch {batch:3d}: {rate:8.0f} tasks/s  ({rate / baseline:4.1f}x batch 1, {done} tasks)"
+            )
 
         await enqueue_all(pool, args.tasks, args.consumers, "explain")
         # As autovacuum would have by now: with fresh statistics the planner walks the
         # partial queue index in order and stops after N rows.
         await pool.execute("ANALYZE tasks")
-        worker_id = await workers.register_worker(pool, worker_id="", name="explain", hostname="",
-                                                  platform=LINUX, max_concurrent=32)
+        worker_id = await workers.register_worker(
+            pool, worker_id="", name="explain", hostname="", platform=LINUX, max_concurrent=32
+        )
         async with pool.acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
-            plan = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql("lease_tasks"),
-                                    worker_id, LINUX, 32, LEASE)
+            plan = await conn.fetch(
+                "EXPLAIN (ANALYZE, BUFFERS) " + sql("lease_tasks"), worker_id, LINUX, 32, LEASE
+            )
             await transaction.rollback()  # EXPLAIN ANALYZE really leases; keep the queue intact
         print("\nEXPLAIN ANALYZE lease_tasks (32 of a full queue):")
         for row in plan:

@@ -228,7 +228,7 @@ def _duration(value: Any, key: str) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
-        raise ConfigError(f"{key} = {value!r}: expected a duration such as 30 or \"30s\"")
+        raise ConfigError(f'{key} = {value!r}: expected a duration such as 30 or "30s"')
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
@@ -243,7 +243,7 @@ def _duration(value: Any, key: str) -> timedelta:
                 seconds = float(text)
             except ValueError:
                 raise ConfigError(
-                    f"{key} = {value!r}: expected a duration such as 30, \"30s\", \"5m\""
+                    f'{key} = {value!r}: expected a duration such as 30, "30s", "5m"'
                 ) from None
     if seconds <= 0:
         raise ConfigError(f"{key} = {value!r}: must be positive")
@@ -264,11 +264,20 @@ def _positive_int(value: Any, key: str) -> int:
 
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 1000,
-    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
 }
 
 
@@ -279,12 +288,12 @@ def _size(value: Any, key: str) -> int:
     else:
         text = str(value).strip().lower().replace(" ", "")
         digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits):]
+        unit = text[len(digits) :]
         try:
             number = float(digits) * _SIZE_UNITS[unit]
         except (ValueError, KeyError):
             raise ConfigError(
-                f"{key} = {value!r}: expected a size such as 268435456, \"256MiB\" or \"2GiB\""
+                f'{key} = {value!r}: expected a size such as 268435456, "256MiB" or "2GiB"'
             ) from None
     if number < 1:
         raise ConfigError(f"{key} = {value!r}: must be at least 1 byte")
@@ -324,9 +333,7 @@ def _bool(value: Any, key: str) -> bool:
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
     text = str(value).strip().lower()
     if text not in choices:
-        raise ConfigError(
-            f"{key} = {value!r}: unknown value; expected one of {', '.join(choices)}"
-        )
+        raise ConfigError(f"{key} = {value!r}: unknown value; expected one of {', '.join(choices)}")
     return text
 
 
@@ -436,18 +443,47 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         address=address,
         metrics_address=metrics_address,
         instance_names=tuple(str(n) for n in instance_names),
-        lease_duration=_duration(_get(s, "lease_duration", defaults_server.lease_duration), "server.lease_duration"),
-        heartbeat_interval=_duration(_get(s, "heartbeat_interval", defaults_server.heartbeat_interval), "server.heartbeat_interval"),
-        worker_offline_timeout=_duration(_get(s, "worker_offline_timeout", defaults_server.worker_offline_timeout), "server.worker_offline_timeout"),
-        poll_timeout=_duration(_get(s, "poll_timeout", defaults_server.poll_timeout), "server.poll_timeout"),
-        reap_interval=_duration(_get(s, "reap_interval", defaults_server.reap_interval), "server.reap_interval"),
-        max_attempts=_positive_int(_get(s, "max_attempts", defaults_server.max_attempts), "server.max_attempts"),
-        notify_fallback_interval=_duration(_get(s, "notify_fallback_interval", defaults_server.notify_fallback_interval), "server.notify_fallback_interval"),
-        max_batch_total_size_bytes=_positive_int(_get(s, "max_batch_total_size_bytes", defaults_server.max_batch_total_size_bytes), "server.max_batch_total_size_bytes"),
-        allow_action_cache_updates=_bool(_get(s, "allow_action_cache_updates", True), "server.allow_action_cache_updates"),
-        max_action_timeout=_duration(_get(s, "max_action_timeout", defaults_server.max_action_timeout), "server.max_action_timeout"),
-        reject_unmatched_platforms=_bool(_get(s, "reject_unmatched_platforms", True), "server.reject_unmatched_platforms"),
-        task_retention=_duration(_get(s, "task_retention", defaults_server.task_retention), "server.task_retention"),
+        lease_duration=_duration(
+            _get(s, "lease_duration", defaults_server.lease_duration), "server.lease_duration"
+        ),
+        heartbeat_interval=_duration(
+            _get(s, "heartbeat_interval", defaults_server.heartbeat_interval),
+            "server.heartbeat_interval",
+        ),
+        worker_offline_timeout=_duration(
+            _get(s, "worker_offline_timeout", defaults_server.worker_offline_timeout),
+            "server.worker_offline_timeout",
+        ),
+        poll_timeout=_duration(
+            _get(s, "poll_timeout", defaults_server.poll_timeout), "server.poll_timeout"
+        ),
+        reap_interval=_duration(
+            _get(s, "reap_interval", defaults_server.reap_interval), "server.reap_interval"
+        ),
+        max_attempts=_positive_int(
+            _get(s, "max_attempts", defaults_server.max_attempts), "server.max_attempts"
+        ),
+        notify_fallback_interval=_duration(
+            _get(s, "notify_fallback_interval", defaults_server.notify_fallback_interval),
+            "server.notify_fallback_interval",
+        ),
+        max_batch_total_size_bytes=_positive_int(
+            _get(s, "max_batch_total_size_bytes", defaults_server.max_batch_total_size_bytes),
+            "server.max_batch_total_size_bytes",
+        ),
+        allow_action_cache_updates=_bool(
+            _get(s, "allow_action_cache_updates", True), "server.allow_action_cache_updates"
+        ),
+        max_action_timeout=_duration(
+            _get(s, "max_action_timeout", defaults_server.max_action_timeout),
+            "server.max_action_timeout",
+        ),
+        reject_unmatched_platforms=_bool(
+            _get(s, "reject_unmatched_platforms", True), "server.reject_unmatched_platforms"
+        ),
+        task_retention=_duration(
+            _get(s, "task_retention", defaults_server.task_retention), "server.task_retention"
+        ),
     )
     if server.lease_duration <= server.heartbeat_interval:
         raise ConfigError(
@@ -466,11 +502,15 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         embedded_data_dir=str(_get(d, "embedded_data_dir", "")),
     )
     if database.url and urlparse(database.url).scheme not in ("postgres", "postgresql"):
-        raise ConfigError(f"database.url = {database.url!r}: expected postgresql://user@host:port/dbname")
+        raise ConfigError(
+            f"database.url = {database.url!r}: expected postgresql://user@host:port/dbname"
+        )
     cas_max_size = _get(c, "max_size", 0)
     cas = CasSettings(
         root=str(_get(c, "root", "")),
-        max_size=0 if str(cas_max_size).strip() in ("0", "") else _size(cas_max_size, "cas.max_size"),
+        max_size=0
+        if str(cas_max_size).strip() in ("0", "")
+        else _size(cas_max_size, "cas.max_size"),
         eviction_interval=_duration(
             _get(c, "eviction_interval", CasSettings.eviction_interval), "cas.eviction_interval"
         ),
@@ -481,7 +521,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
     backend = BackendSettings(
         type=_choice(_get(b, "type", "host"), "worker.backend.type", WORKER_BACKENDS),
         work_dir=str(_get(b, "work_dir", BackendSettings.work_dir)),
-        sandbox_root=_choice(_get(b, "sandbox_root", "workdir"), "worker.backend.sandbox_root", SANDBOX_ROOTS),
+        sandbox_root=_choice(
+            _get(b, "sandbox_root", "workdir"), "worker.backend.sandbox_root", SANDBOX_ROOTS
+        ),
         ro_binds=None if ro_binds is None else _absolute_paths(ro_binds, "worker.backend.ro_binds"),
     )
     limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
@@ -494,7 +536,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
     worker = WorkerSettings(
         server_url=server_url,
         cas_url=cas_url,
-        max_concurrent_tasks=_positive_int(_get(w, "max_concurrent_tasks", 4), "worker.max_concurrent_tasks"),
+        max_concurrent_tasks=_positive_int(
+            _get(w, "max_concurrent_tasks", 4), "worker.max_concurrent_tasks"
+        ),
         name=str(_get(w, "name", "")) or socket.gethostname(),
         platform=parse_platform(w.get("platform"), "worker.platform"),
         heartbeat_interval=_duration(heartbeat, "worker.heartbeat_interval") if heartbeat else None,
@@ -503,7 +547,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
     )
-    return Settings(server=server, execution=execution, database=database, cas=cas, worker=worker, source=source)
+    return Settings(
+        server=server, execution=execution, database=database, cas=cas, worker=worker, source=source
+    )
 
 
 def _cache(raw: dict) -> CacheSettings:
@@ -538,11 +584,13 @@ def _limits(raw: dict) -> LimitsSettings:
         timeout=None if timeout is None else _duration(timeout, "worker.limits.timeout"),
         memory=None if memory is None else _size(memory, "worker.limits.memory"),
         # RLIMIT_CPU counts whole seconds.
-        cpu_time=None if cpu_time is None else math.ceil(
-            _duration(cpu_time, "worker.limits.cpu_time").total_seconds()
-        ),
+        cpu_time=None
+        if cpu_time is None
+        else math.ceil(_duration(cpu_time, "worker.limits.cpu_time").total_seconds()),
         max_output_size=None if output is None else _size(output, "worker.limits.max_output_size"),
-        max_processes=None if processes is None else _positive_int(processes, "worker.limits.max_processes"),
+        max_processes=None
+        if processes is None
+        else _positive_int(processes, "worker.limits.max_processes"),
         cpus=None if cpus is None else _positive_float(cpus, "worker.limits.cpus"),
         cgroups=_bool(_get(raw, "cgroups", True), "worker.limits.cgroups"),
     )

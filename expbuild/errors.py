@@ -55,4 +55,3 @@ class FailedPrecondition(ExpBuildError):
     def __init__(self, message: str, violations: list[Violation] | None = None):
         super().__init__(message)
         self.violations: list[Violation] = violations or []
-

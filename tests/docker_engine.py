@@ -38,8 +38,12 @@ class Engine:
     import_seconds: float  # test image import (0 when present)
 
 
-def _docker(*args: str, input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], input=input, capture_output=True, timeout=timeout, check=False)
+def _docker(
+    *args: str, input: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["docker", *args], input=input, capture_output=True, timeout=timeout, check=False
+    )
 
 
 def _answers() -> bool:
@@ -78,11 +82,15 @@ def _start_dockerd(log_dir: Path) -> tuple[subprocess.Popen, float]:
             "(apt-get install docker.io)"
         )
     if os.geteuid() != 0:
-        raise EngineUnavailable("no Docker engine answers `docker info`, and only root may start dockerd")
+        raise EngineUnavailable(
+            "no Docker engine answers `docker info`, and only root may start dockerd"
+        )
     log_path = log_dir / "dockerd.log"
     started = time.monotonic()
     with open(log_path, "wb") as log:
-        dockerd = subprocess.Popen([binary], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        dockerd = subprocess.Popen(
+            [binary], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     while time.monotonic() - started < START_TIMEOUT:
         if dockerd.poll() is not None:
             tail = log_path.read_text(errors="replace")[-1500:]
@@ -100,7 +108,9 @@ def _ensure_test_image() -> float:
         return 0.0
     started = time.monotonic()
     busybox = _static_busybox()
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = subprocess.run(
+        [busybox, "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         for directory in ("bin", "tmp", "work"):
@@ -113,7 +123,9 @@ def _ensure_test_image() -> float:
                 link = tarfile.TarInfo(f"bin/{applet}")
                 link.type, link.linkname = tarfile.SYMTYPE, "busybox"
                 tar.addfile(link)
-    imported = _docker("import", "--change", "ENV PATH=/bin", "-", TEST_IMAGE, input=archive.getvalue())
+    imported = _docker(
+        "import", "--change", "ENV PATH=/bin", "-", TEST_IMAGE, input=archive.getvalue()
+    )
     if imported.returncode != 0:
         raise EngineUnavailable(f"docker import failed: {imported.stderr.decode(errors='replace')}")
     return time.monotonic() - started
@@ -123,6 +135,11 @@ def _static_busybox() -> str:
     for candidate in ("/bin/busybox", "/usr/bin/busybox"):
         if os.path.exists(candidate):
             ldd = subprocess.run(["ldd", candidate], capture_output=True, text=True, check=False)
-            if "not a dynamic executable" in ldd.stdout + ldd.stderr or "statically linked" in ldd.stdout:
+            if (
+                "not a dynamic executable" in ldd.stdout + ldd.stderr
+                or "statically linked" in ldd.stdout
+            ):
                 return candidate
-    raise EngineUnavailable("no static busybox to build the test image from (apt-get install busybox-static)")
+    raise EngineUnavailable(
+        "no static busybox to build the test image from (apt-get install busybox-static)"
+    )

@@ -105,17 +105,41 @@ def from_local_binaries() -> Iterator[str | None]:
     data, port = base / "data", free_port()
     try:
         subprocess.run(
-            prefix + [str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                      "--auth=trust", "-E", "UTF8", "--no-sync"],
-            check=True, capture_output=True,
+            prefix
+            + [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
         )
         # Durability off: test databases are thrown away, and fsync dominates test time.
-        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off " \
-                  "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        options = (
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
         subprocess.run(
-            prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-o", options,
-                      "-l", str(base / "log"), "-w", "start"],
-            check=True, capture_output=True,
+            prefix
+            + [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(base / "log"),
+                "-w",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
         )
     except subprocess.CalledProcessError as exc:
         log.warning("local PostgreSQL failed: %s", exc.stderr.decode(errors="replace"))

@@ -43,8 +43,9 @@ def start(name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> Pro
     log_path = log_dir / f"{name}.log"
     full_env = {**os.environ, **env}
     with open(log_path, "wb") as log:
-        popen = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log,
-                                 stderr=subprocess.STDOUT, env=full_env)
+        popen = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=full_env
+        )
     return Process(name, popen, log_path, env)
 
 

@@ -40,8 +40,9 @@ async def running_server(settings: Settings, database_url: str) -> AsyncIterator
 
 
 @contextlib.asynccontextmanager
-async def running_worker(app: ServerApp, work_dir: Path, *, name: str = "worker",
-                         slots: int = 2, **worker_overrides) -> AsyncIterator[WorkerAgent]:
+async def running_worker(
+    app: ServerApp, work_dir: Path, *, name: str = "worker", slots: int = 2, **worker_overrides
+) -> AsyncIterator[WorkerAgent]:
     """A real WorkerAgent (host backend) serving `app` until the block ends."""
     settings = WorkerSettings(
         server_url=f"http://127.0.0.1:{app.port}",

@@ -223,8 +223,9 @@ class Bazel:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
-        return BazelResult([command, *args], proc.returncode, proc.stdout, proc.stderr,
-                           time.monotonic() - started)
+        return BazelResult(
+            [command, *args], proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started
+        )
 
     def info(self, key: str, *flags: str) -> Path:
         info = self.run("info", *flags, key)
@@ -256,8 +257,7 @@ def common_flags(extra_env: str) -> list[str]:
 def mode_flags(mode: str, port: int) -> list[str]:
     endpoint = f"grpc://127.0.0.1:{port}"
     if mode == "remote_executor":
-        return [f"--remote_executor={endpoint}", "--spawn_strategy=remote",
-                *common_flags(mode)]
+        return [f"--remote_executor={endpoint}", "--spawn_strategy=remote", *common_flags(mode)]
     if mode == "remote_cache":
         return [f"--remote_cache={endpoint}", *common_flags(mode)]
     if mode == "local":
@@ -281,10 +281,16 @@ def check_outputs(files: dict[str, bytes | None], case: str) -> None:
         if got is None:
             problems.append(f"{name}: missing from bazel-bin")
         elif got != want:
-            shown = got[:300] if len(got) < 4096 else f"<{len(got)} bytes, sha256 " \
-                f"{hashlib.sha256(got).hexdigest()}>"
-            wanted = want[:300] if len(want) < 4096 else f"<{len(want)} bytes, sha256 " \
-                f"{hashlib.sha256(want).hexdigest()}>"
+            shown = (
+                got[:300]
+                if len(got) < 4096
+                else f"<{len(got)} bytes, sha256 {hashlib.sha256(got).hexdigest()}>"
+            )
+            wanted = (
+                want[:300]
+                if len(want) < 4096
+                else f"<{len(want)} bytes, sha256 {hashlib.sha256(want).hexdigest()}>"
+            )
             problems.append(f"{name}: got {shown!r}, want {wanted!r}")
     assert not problems, "\n".join(problems)
 
@@ -362,7 +368,9 @@ def wait_for_health(port: int, server: Process, timeout: float = 60) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if server.proc.poll() is not None:
-                raise AssertionError(f"server exited with {server.proc.returncode}:\n{server.tail()}")
+                raise AssertionError(
+                    f"server exited with {server.proc.returncode}:\n{server.tail()}"
+                )
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -506,8 +514,7 @@ def test_first_build_succeeds(mode_run: ModeRun):
         )
     else:
         assert not any("remote" in k for k in executed), (
-            f"the remote cache was empty, nothing could hit it: {kinds}\n"
-            f"{mode_run.context(first)}"
+            f"the remote cache was empty, nothing could hit it: {kinds}\n{mode_run.context(first)}"
         )
 
 
@@ -582,8 +589,8 @@ def test_sh_test(mode_run: ModeRun):
     second = bazel.run("test", *flags, SH_TEST)
     record_time(f"{mode_run.mode}: bazel test after clean", second.wall, second.elapsed())
     assert second.returncode == 0, mode_run.context(second)
-    assert re.search(r"//sh:hello_test\s+\(cached\) PASSED", second.output), (
-        mode_run.context(second)
+    assert re.search(r"//sh:hello_test\s+\(cached\) PASSED", second.output), mode_run.context(
+        second
     )
     _, kinds = second.summary()
     executed = {k: n for k, n in kinds.items() if k != "internal"}

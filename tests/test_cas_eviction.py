@@ -185,8 +185,10 @@ async def test_two_servers_sharing_a_cas_take_turns(database_url, tmp_path, monk
         time.sleep(0.5)
         return real_scan(blob_dir)
 
-    async with running_server(settings, database_url) as a, \
-            running_server(settings, database_url) as b:
+    async with (
+        running_server(settings, database_url) as a,
+        running_server(settings, database_url) as b,
+    ):
         digests = await put_aged(a.store, 10)
         monkeypatch.setattr(eviction, "_scan", slow_scan)
         reports = await asyncio.gather(a.evict_once(), b.evict_once())
@@ -223,8 +225,9 @@ def test_config_keys():
 async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="expbuild.server.app")
     settings = server_settings(tmp_path / "cas")
-    settings = replace(settings, cas=replace(
-        settings.cas, max_size=4000, eviction_interval=timedelta(seconds=0.2)))
+    settings = replace(
+        settings, cas=replace(settings.cas, max_size=4000, eviction_interval=timedelta(seconds=0.2))
+    )
     async with running_server(settings, database_url) as app:
         store = app.store
         async with open_channel(f"127.0.0.1:{app.port}") as channel:
@@ -235,9 +238,12 @@ async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path
             stdout = digests[0]
             action = digest_of(b"an action whose stdout will be evicted")
             cache = re_grpc.ActionCacheStub(channel)
-            await cache.UpdateActionResult(re_pb2.UpdateActionResultRequest(
-                action_digest=action.to_proto(),
-                action_result=re_pb2.ActionResult(exit_code=0, stdout_digest=stdout.to_proto())))
+            await cache.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(
+                    action_digest=action.to_proto(),
+                    action_result=re_pb2.ActionResult(exit_code=0, stdout_digest=stdout.to_proto()),
+                )
+            )
             # Everything was uploaded just now, so min_age protects it all.
             await asyncio.sleep(0.6)
             assert present(store, digests) == [True] * 6
@@ -253,9 +259,14 @@ async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path
             assert set(missing) == set(digests[:3])
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await cache.GetActionResult(
-                    re_pb2.GetActionResultRequest(action_digest=action.to_proto()))
+                    re_pb2.GetActionResultRequest(action_digest=action.to_proto())
+                )
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
     lines = [r.getMessage() for r in caplog.records if "CAS eviction" in r.getMessage()]
-    assert lines and all(re.fullmatch(
-        r"CAS eviction: removed \d+ blobs \([\d.]+ MiB\), store now [\d.]+ MiB of [\d.]+ MiB", line
-    ) for line in lines), lines
+    assert lines and all(
+        re.fullmatch(
+            r"CAS eviction: removed \d+ blobs \([\d.]+ MiB\), store now [\d.]+ MiB of [\d.]+ MiB",
+            line,
+        )
+        for line in lines
+    ), lines

@@ -9,8 +9,9 @@ import pytest
 from expbuild.config import ConfigError, grpc_target, load_settings, settings_from_mapping
 
 
-@pytest.mark.parametrize("name", ["expbuild-server.toml", "expbuild-server-remote-workers.toml",
-                                  "expbuild-worker.toml"])
+@pytest.mark.parametrize(
+    "name", ["expbuild-server.toml", "expbuild-server-remote-workers.toml", "expbuild-worker.toml"]
+)
 def test_shipped_configs_load(name):
     settings = load_settings(f"configs/{name}")
     assert settings.server.address == "127.0.0.1:8980"
@@ -23,7 +24,10 @@ def test_the_guides_keys_are_read():
     assert settings.worker.max_concurrent_tasks == 4
     assert settings.worker.platform == {"OSFamily": ("Linux",)}
     assert settings.worker.backend.type == "host"
-    assert load_settings("configs/expbuild-server-remote-workers.toml").execution.backend == "scheduler"
+    assert (
+        load_settings("configs/expbuild-server-remote-workers.toml").execution.backend
+        == "scheduler"
+    )
 
 
 def test_bare_file_names_are_found_in_configs():
@@ -43,8 +47,9 @@ def test_environment_overrides_files(monkeypatch):
 
 
 def test_durations_accept_numbers_and_units():
-    settings = settings_from_mapping({"server": {"lease_duration": "2m", "heartbeat_interval": 10,
-                                                 "poll_timeout": "500ms"}})
+    settings = settings_from_mapping(
+        {"server": {"lease_duration": "2m", "heartbeat_interval": 10, "poll_timeout": "500ms"}}
+    )
     assert settings.server.lease_duration == timedelta(minutes=2)
     assert settings.server.heartbeat_interval == timedelta(seconds=10)
     assert settings.server.poll_timeout == timedelta(milliseconds=500)
@@ -55,20 +60,26 @@ def test_several_values_per_platform_key():
     assert settings.worker.platform == {"ISA": ("x86-64", "x86-64-v3")}
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    ({"execution": {"backend": "magic"}}, "execution.backend"),
-    ({"worker": {"backend": {"type": "vm"}}}, "worker.backend.type"),
-    ({"server": {"address": "localhost"}}, "server.address"),
-    ({"server": {"address": "127.0.0.1:http"}}, "server.address"),
-    ({"server": {"address": "127.0.0.1:70000"}}, "server.address"),
-    ({"worker": {"max_concurrent_tasks": -1}}, "worker.max_concurrent_tasks"),
-    ({"worker": {"max_concurrent_tasks": "four"}}, "worker.max_concurrent_tasks"),
-    ({"worker": {"server_url": "https://x:1"}}, "worker.server_url"),
-    ({"server": {"lease_duration": "soon"}}, "server.lease_duration"),
-    ({"server": {"lease_duration": "10s", "heartbeat_interval": "30s"}}, "server.lease_duration"),
-    ({"database": {"url": "mysql://x"}}, "database.url"),
-    ({"worker": {"platform": {"": "x"}}}, "worker.platform"),
-])
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"execution": {"backend": "magic"}}, "execution.backend"),
+        ({"worker": {"backend": {"type": "vm"}}}, "worker.backend.type"),
+        ({"server": {"address": "localhost"}}, "server.address"),
+        ({"server": {"address": "127.0.0.1:http"}}, "server.address"),
+        ({"server": {"address": "127.0.0.1:70000"}}, "server.address"),
+        ({"worker": {"max_concurrent_tasks": -1}}, "worker.max_concurrent_tasks"),
+        ({"worker": {"max_concurrent_tasks": "four"}}, "worker.max_concurrent_tasks"),
+        ({"worker": {"server_url": "https://x:1"}}, "worker.server_url"),
+        ({"server": {"lease_duration": "soon"}}, "server.lease_duration"),
+        (
+            {"server": {"lease_duration": "10s", "heartbeat_interval": "30s"}},
+            "server.lease_duration",
+        ),
+        ({"database": {"url": "mysql://x"}}, "database.url"),
+        ({"worker": {"platform": {"": "x"}}}, "worker.platform"),
+    ],
+)
 def test_bad_values_name_their_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         settings_from_mapping(raw)
@@ -95,18 +106,36 @@ def test_backends_and_sandbox_keys():
     backend = settings.worker.backend
     assert (backend.type, backend.sandbox_root) == ("sandbox", "workdir")
     assert backend.sandbox_ro_binds == DEFAULT_RO_BINDS
-    root = settings_from_mapping({"worker": {"backend": {"type": "Sandbox", "sandbox_root": "root"}}})
+    root = settings_from_mapping(
+        {"worker": {"backend": {"type": "Sandbox", "sandbox_root": "root"}}}
+    )
     assert root.worker.backend.sandbox_ro_binds == ()  # the input root brings its own system
-    binds = settings_from_mapping({"worker": {"backend": {"sandbox_root": "root", "ro_binds": ["/opt/sdk"]}}})
+    binds = settings_from_mapping(
+        {"worker": {"backend": {"sandbox_root": "root", "ro_binds": ["/opt/sdk"]}}}
+    )
     assert binds.worker.backend.sandbox_ro_binds == ("/opt/sdk",)
-    assert settings_from_mapping({"worker": {"backend": {"type": "docker"}}}).worker.backend.type == "docker"
+    assert (
+        settings_from_mapping({"worker": {"backend": {"type": "docker"}}}).worker.backend.type
+        == "docker"
+    )
 
 
 def test_limits_accept_units():
-    limits = settings_from_mapping({"worker": {"limits": {
-        "timeout": "10m", "memory": "2GiB", "cpu_time": "1.5s", "max_output_size": "100MB",
-        "max_processes": 256, "cpus": "1.5", "cgroups": "false",
-    }}}).worker.limits
+    limits = settings_from_mapping(
+        {
+            "worker": {
+                "limits": {
+                    "timeout": "10m",
+                    "memory": "2GiB",
+                    "cpu_time": "1.5s",
+                    "max_output_size": "100MB",
+                    "max_processes": 256,
+                    "cpus": "1.5",
+                    "cgroups": "false",
+                }
+            }
+        }
+    ).worker.limits
     assert limits.timeout == timedelta(minutes=10)
     assert limits.memory == 2 * 1024**3
     assert limits.cpu_time == 2  # whole seconds, rounded up
@@ -114,26 +143,37 @@ def test_limits_accept_units():
     assert limits.max_processes == 256
     assert limits.cpus == 1.5
     assert limits.cgroups is False
-    assert settings_from_mapping({"worker": {"limits": {"memory": 1048576}}}).worker.limits.memory == 1048576
-    assert settings_from_mapping({"worker": {"limits": {"memory": "512M"}}}).worker.limits.memory == 512 * 1024**2
+    assert (
+        settings_from_mapping({"worker": {"limits": {"memory": 1048576}}}).worker.limits.memory
+        == 1048576
+    )
+    assert (
+        settings_from_mapping({"worker": {"limits": {"memory": "512M"}}}).worker.limits.memory
+        == 512 * 1024**2
+    )
     unlimited = settings_from_mapping({}).worker.limits
-    assert (unlimited.timeout, unlimited.memory, unlimited.cpu_time, unlimited.max_output_size) == (None,) * 4
+    assert (unlimited.timeout, unlimited.memory, unlimited.cpu_time, unlimited.max_output_size) == (
+        None,
+    ) * 4
     assert unlimited.cgroups is True
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    ({"backend": {"sandbox_root": "chroot"}}, "worker.backend.sandbox_root"),
-    ({"backend": {"ro_binds": ["usr"]}}, "worker.backend.ro_binds"),
-    ({"limits": {"memory": "lots"}}, "worker.limits.memory"),
-    ({"limits": {"memory": "2 parsecs"}}, "worker.limits.memory"),
-    ({"limits": {"memory": 0}}, "worker.limits.memory"),
-    ({"limits": {"cpu_time": "forever"}}, "worker.limits.cpu_time"),
-    ({"limits": {"timeout": -1}}, "worker.limits.timeout"),
-    ({"limits": {"max_output_size": "big"}}, "worker.limits.max_output_size"),
-    ({"limits": {"max_processes": 0}}, "worker.limits.max_processes"),
-    ({"limits": {"cpus": "-2"}}, "worker.limits.cpus"),
-    ({"limits": {"cgroups": "maybe"}}, "worker.limits.cgroups"),
-])
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"backend": {"sandbox_root": "chroot"}}, "worker.backend.sandbox_root"),
+        ({"backend": {"ro_binds": ["usr"]}}, "worker.backend.ro_binds"),
+        ({"limits": {"memory": "lots"}}, "worker.limits.memory"),
+        ({"limits": {"memory": "2 parsecs"}}, "worker.limits.memory"),
+        ({"limits": {"memory": 0}}, "worker.limits.memory"),
+        ({"limits": {"cpu_time": "forever"}}, "worker.limits.cpu_time"),
+        ({"limits": {"timeout": -1}}, "worker.limits.timeout"),
+        ({"limits": {"max_output_size": "big"}}, "worker.limits.max_output_size"),
+        ({"limits": {"max_processes": 0}}, "worker.limits.max_processes"),
+        ({"limits": {"cpus": "-2"}}, "worker.limits.cpus"),
+        ({"limits": {"cgroups": "maybe"}}, "worker.limits.cgroups"),
+    ],
+)
 def test_bad_worker_values_name_their_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         settings_from_mapping({"worker": raw})

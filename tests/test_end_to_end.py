@@ -23,20 +23,27 @@ def cluster(database_url, tmp_path):
     """A server and one worker as separate processes, like two hosts would run them."""
     env = server_env(database_url, tmp_path)
     address = env["EXPBUILD_SERVER__ADDRESS"]
-    server = start("server", ["re-server", "--config",
-                              "configs/expbuild-server-remote-workers.toml", "--verbose"],
-                   tmp_path, env)
+    server = start(
+        "server",
+        ["re-server", "--config", "configs/expbuild-server-remote-workers.toml", "--verbose"],
+        tmp_path,
+        env,
+    )
     worker = None
     try:
         wait_healthy(address, server)
-        worker = start("worker", ["expbuild-worker", "daemon", "--config",
-                                  "configs/expbuild-worker.toml", "--verbose"], tmp_path, {
-            "EXPBUILD_WORKER__SERVER_URL": f"http://{address}",
-            "EXPBUILD_WORKER__CAS_URL": f"http://{address}",
-            "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
-            "EXPBUILD_WORKER__NAME": "e2e-worker",
-            "EXPBUILD_WORKER__HEARTBEAT_INTERVAL": "0.5",
-        })
+        worker = start(
+            "worker",
+            ["expbuild-worker", "daemon", "--config", "configs/expbuild-worker.toml", "--verbose"],
+            tmp_path,
+            {
+                "EXPBUILD_WORKER__SERVER_URL": f"http://{address}",
+                "EXPBUILD_WORKER__CAS_URL": f"http://{address}",
+                "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
+                "EXPBUILD_WORKER__NAME": "e2e-worker",
+                "EXPBUILD_WORKER__HEARTBEAT_INTERVAL": "0.5",
+            },
+        )
         wait_for_log(worker, "registered successfully")
         yield address, server, worker
     finally:
@@ -46,16 +53,21 @@ def cluster(database_url, tmp_path):
 
 
 def run(address: str, *args: str, cwd, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "expbuild"), "run", "--server", address, *args],
-                          capture_output=True, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "expbuild"), "run", "--server", address, *args],
+        capture_output=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def test_the_readme_examples_work_through_real_processes(cluster, tmp_path):
     address, server, worker = cluster
     started = time.monotonic()
 
-    first = run(address, "--", "sh", "-c", "echo hello from remote; echo oops >&2; exit 3",
-                cwd=tmp_path)
+    first = run(
+        address, "--", "sh", "-c", "echo hello from remote; echo oops >&2; exit 3", cwd=tmp_path
+    )
     assert first.stdout == b"hello from remote\n"
     assert first.stderr == b"oops\n"
     assert first.returncode == 3
@@ -63,8 +75,18 @@ def test_the_readme_examples_work_through_real_processes(cluster, tmp_path):
     workdir = tmp_path / "client"
     (workdir / "some_dir").mkdir(parents=True)
     (workdir / "some_dir" / "a.txt").write_text("the contents of a\n")
-    second = run(address, "--input", "./some_dir", "--output", "out.txt", "--",
-                 "sh", "-c", "cat some_dir/a.txt > out.txt", cwd=workdir)
+    second = run(
+        address,
+        "--input",
+        "./some_dir",
+        "--output",
+        "out.txt",
+        "--",
+        "sh",
+        "-c",
+        "cat some_dir/a.txt > out.txt",
+        cwd=workdir,
+    )
     assert second.returncode == 0, second.stderr
     assert (workdir / "out.txt").read_text() == "the contents of a\n"
 
@@ -74,11 +96,20 @@ def test_the_readme_examples_work_through_real_processes(cluster, tmp_path):
     print(f"\nend-to-end: three remote runs in {time.monotonic() - started:.2f}s")
 
     # The original guide's log lines, on both sides.
-    for line in ("Initializing remote worker scheduler", "registered with platform",
-                 "submitted to queue", "Leased task task-", "completed on worker"):
+    for line in (
+        "Initializing remote worker scheduler",
+        "registered with platform",
+        "submitted to queue",
+        "Leased task task-",
+        "completed on worker",
+    ):
         assert line in server.log(), line
-    for line in ("Starting execution of task task-", "Executing command:",
-                 "Command exited with code: 3", "completed successfully"):
+    for line in (
+        "Starting execution of task task-",
+        "Executing command:",
+        "Command exited with code: 3",
+        "completed successfully",
+    ):
         assert line in worker.log(), line
 
 
@@ -87,10 +118,15 @@ def test_execute_an_uploaded_action_with_the_cli_alias(cluster, tmp_path):
     report = json.loads(run(address, "--json", "--", "echo", "again", cwd=tmp_path).stdout)
     executed = subprocess.run(
         [str(BIN / "expbuild-cli"), "execute", "--server", address, report["action_digest"]],
-        capture_output=True, timeout=60)
+        capture_output=True,
+        timeout=60,
+    )
     assert executed.returncode == 0 and executed.stdout == b"again\n"
-    bad = subprocess.run([str(BIN / "expbuild-cli"), "execute", "--server", address, "abc/-1"],
-                         capture_output=True, timeout=60)
+    bad = subprocess.run(
+        [str(BIN / "expbuild-cli"), "execute", "--server", address, "abc/-1"],
+        capture_output=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and b"abc" in bad.stderr
 
 
@@ -100,7 +136,9 @@ def test_metrics_and_graceful_shutdown(cluster, tmp_path):
     metrics_address = server.env["EXPBUILD_SERVER__METRICS_ADDRESS"]
     deadline = time.monotonic() + 15
     while True:
-        body = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+        body = (
+            urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
+        )
         if "expbuild_workers_online 1.0" in body or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -115,8 +153,12 @@ def test_metrics_and_graceful_shutdown(cluster, tmp_path):
 def test_a_bad_config_stops_startup_with_one_clear_line(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text('[execution]\nbackend = "magic"\n')
-    result = subprocess.run([str(BIN / "expbuild"), "server", "--config", str(config)],
-                            capture_output=True, timeout=60, text=True)
+    result = subprocess.run(
+        [str(BIN / "expbuild"), "server", "--config", str(config)],
+        capture_output=True,
+        timeout=60,
+        text=True,
+    )
     assert result.returncode != 0
     assert "execution.backend" in result.stderr and "magic" in result.stderr
     assert "Traceback" not in result.stderr
@@ -124,9 +166,12 @@ def test_a_bad_config_stops_startup_with_one_clear_line(tmp_path):
 
 
 def _background_run(address: str, tmp_path, *command: str) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "expbuild"), "run", "--server", address, "--json",
-                             "--no-cache", "--", *command],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    return subprocess.Popen(
+        [str(BIN / "expbuild"), "run", "--server", address, "--json", "--no-cache", "--", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
 
 
 def _completions(database_url: str) -> list[str]:
@@ -160,31 +205,47 @@ def test_sigterm_mid_action_finishes_it_exactly_once(cluster, tmp_path, database
 
 def test_workers_list_and_drain(cluster, tmp_path, database_url):
     address, server, worker = cluster
-    listed = subprocess.run([str(BIN / "expbuild"), "workers", "list", "--server", address, "--json"],
-                            capture_output=True, timeout=30, check=True)
+    listed = subprocess.run(
+        [str(BIN / "expbuild"), "workers", "list", "--server", address, "--json"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
     [info] = json.loads(listed.stdout)
     assert info["name"] == "e2e-worker" and info["state"] == "online"
     assert info["platform"]["OSFamily"] == ["Linux"]
 
     client = _background_run(address, tmp_path, "sh", "-c", "sleep 1.5; echo drained")
     wait_for_log(worker, "Executing command:")
-    drained = subprocess.run([str(BIN / "expbuild"), "workers", "drain", "--server", address,
-                              "e2e-worker"], capture_output=True, timeout=30, text=True)
+    drained = subprocess.run(
+        [str(BIN / "expbuild"), "workers", "drain", "--server", address, "e2e-worker"],
+        capture_output=True,
+        timeout=30,
+        text=True,
+    )
     assert drained.returncode == 0 and "is draining" in drained.stdout, drained.stderr
     assert worker.popen.wait(timeout=30) == 0
     report = json.loads(client.communicate(timeout=30)[0])
     assert report["stdout"] == "drained\n"
     assert _completions(database_url).count("completed") == 1
-    missing = subprocess.run([str(BIN / "expbuild"), "workers", "drain", "--server", address,
-                              "nobody"], capture_output=True, timeout=30, text=True)
+    missing = subprocess.run(
+        [str(BIN / "expbuild"), "workers", "drain", "--server", address, "nobody"],
+        capture_output=True,
+        timeout=30,
+        text=True,
+    )
     assert missing.returncode == 1 and "nobody" in missing.stderr
 
 
 def test_server_with_the_local_backend_runs_actions_itself(database_url, tmp_path):
     env = server_env(database_url, tmp_path)
     env["EXPBUILD_WORKER__BACKEND__WORK_DIR"] = str(tmp_path / "work")
-    server = start("server-local", ["expbuild", "server", "--config", "configs/expbuild-server.toml"],
-                   tmp_path, env)
+    server = start(
+        "server-local",
+        ["expbuild", "server", "--config", "configs/expbuild-server.toml"],
+        tmp_path,
+        env,
+    )
     try:
         wait_healthy(env["EXPBUILD_SERVER__ADDRESS"], server)
         wait_for_log(server, "Started 2 local worker(s)")
@@ -203,10 +264,14 @@ def test_up_with_the_embedded_postgres(tmp_path_factory):
     home = Path(tempfile.mkdtemp(prefix="expbuild-up-"))
     home.chmod(0o755)
     port = free_port()
-    env = {"EXPBUILD_HOME": str(home), "EXPBUILD_SERVER__METRICS_ADDRESS": "",
-           "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(home / "work")}
-    up = start("up", ["expbuild", "up", "--workers", "1", "--address", f"127.0.0.1:{port}"],
-               home, env)
+    env = {
+        "EXPBUILD_HOME": str(home),
+        "EXPBUILD_SERVER__METRICS_ADDRESS": "",
+        "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(home / "work"),
+    }
+    up = start(
+        "up", ["expbuild", "up", "--workers", "1", "--address", f"127.0.0.1:{port}"], home, env
+    )
     try:
         wait_healthy(f"127.0.0.1:{port}", up, timeout=120)
         wait_for_log(up, "registered successfully")

@@ -18,7 +18,9 @@ LEASE = timedelta(minutes=5)
 
 def task(n: int | str, **kwargs) -> queue.NewTask:
     kwargs.setdefault("platform", {"OSFamily": ["Linux"]})
-    return queue.NewTask(instance_name="", action_digest=digest_of(f"action {n}".encode()), **kwargs)
+    return queue.NewTask(
+        instance_name="", action_digest=digest_of(f"action {n}".encode()), **kwargs
+    )
 
 
 async def worker(pool, name="w", platform=LINUX, slots=4) -> str:
@@ -28,9 +30,7 @@ async def worker(pool, name="w", platform=LINUX, slots=4) -> str:
 
 
 async def events(pool, task_id):
-    rows = await pool.fetch(
-        "SELECT event FROM task_events WHERE task_id = $1 ORDER BY id", task_id
-    )
+    rows = await pool.fetch("SELECT event FROM task_events WHERE task_id = $1 ORDER BY id", task_id)
     return [r["event"] for r in rows]
 
 
@@ -50,7 +50,9 @@ async def test_identical_cacheable_actions_share_one_task(pool):
     first = await queue.enqueue(pool, task(1), "op-1")
     second = await queue.enqueue(pool, task(1), "op-2")
     assert second.task_id == first.task_id and not second.is_new
-    ops = await pool.fetch("SELECT name FROM operations WHERE task_id = $1 ORDER BY name", first.task_id)
+    ops = await pool.fetch(
+        "SELECT name FROM operations WHERE task_id = $1 ORDER BY name", first.task_id
+    )
     assert [r["name"] for r in ops] == ["op-1", "op-2"]
 
 
@@ -64,8 +66,15 @@ async def test_finished_action_runs_again_when_enqueued_again(pool):
     w = await worker(pool)
     first = await queue.enqueue(pool, task(1), "op-1")
     [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    await queue.complete_task(pool, leased.task_id, leased.lease_token, w,
-                              succeeded=True, response=b"r", cache_result=None)
+    await queue.complete_task(
+        pool,
+        leased.task_id,
+        leased.lease_token,
+        w,
+        succeeded=True,
+        response=b"r",
+        cache_result=None,
+    )
     again = await queue.enqueue(pool, task(1), "op-2")
     assert again.is_new and again.task_id != first.task_id
 
@@ -85,11 +94,19 @@ async def test_lease_takes_up_to_n_in_priority_then_age_order(pool):
 async def test_platform_matching_is_containment(pool):
     mac = await worker(pool, "mac", {"OSFamily": ["Darwin"]})
     multi = await worker(pool, "multi", {"OSFamily": ["Linux"], "ISA": ["x86-64", "x86-64-v3"]})
-    needs_v3 = await queue.enqueue(pool, task("v3", platform={"OSFamily": "Linux", "ISA": "x86-64-v3"}), "a")
-    needs_gpu = await queue.enqueue(pool, task("gpu", platform={"OSFamily": "Linux", "gpu": "1"}), "b")
+    needs_v3 = await queue.enqueue(
+        pool, task("v3", platform={"OSFamily": "Linux", "ISA": "x86-64-v3"}), "a"
+    )
+    needs_gpu = await queue.enqueue(
+        pool, task("gpu", platform={"OSFamily": "Linux", "gpu": "1"}), "b"
+    )
     anything = await queue.enqueue(pool, task("any", platform={}), "c")
-    assert [t.task_id for t in await queue.lease_tasks(pool, mac, {"OSFamily": ["Darwin"]}, 10, LEASE)] == [anything.task_id]
-    got = await queue.lease_tasks(pool, multi, {"OSFamily": ["Linux"], "ISA": ["x86-64", "x86-64-v3"]}, 10, LEASE)
+    assert [
+        t.task_id for t in await queue.lease_tasks(pool, mac, {"OSFamily": ["Darwin"]}, 10, LEASE)
+    ] == [anything.task_id]
+    got = await queue.lease_tasks(
+        pool, multi, {"OSFamily": ["Linux"], "ISA": ["x86-64", "x86-64-v3"]}, 10, LEASE
+    )
     assert [t.task_id for t in got] == [needs_v3.task_id]
     state = await pool.fetchval("SELECT state FROM tasks WHERE id = $1", needs_gpu.task_id)
     assert state == "queued"
@@ -99,12 +116,20 @@ async def test_completion_with_current_token_caches_and_records(pool):
     w = await worker(pool)
     queued = await queue.enqueue(pool, task(1), "op-1")
     [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    await queue.complete_task(pool, leased.task_id, leased.lease_token, w,
-                              succeeded=True, response=b"resp", cache_result=b"ar")
+    await queue.complete_task(
+        pool,
+        leased.task_id,
+        leased.lease_token,
+        w,
+        succeeded=True,
+        response=b"resp",
+        cache_result=b"ar",
+    )
     record = await queue.get_task(pool, queued.task_id)
     assert record.state == "completed" and record.result == b"resp"
-    cached = await pool.fetchval("SELECT result FROM action_cache WHERE action_digest = $1",
-                                 str(leased.action_digest))
+    cached = await pool.fetchval(
+        "SELECT result FROM action_cache WHERE action_digest = $1", str(leased.action_digest)
+    )
     assert cached == b"ar"
     assert await events(pool, queued.task_id) == ["queued", "leased", "completed"]
 
@@ -119,17 +144,38 @@ async def test_stale_token_is_refused_and_changes_nothing(pool):
     assert second.lease_token != first.lease_token and second.attempt == 2
 
     with pytest.raises(Aborted, match="leased to worker"):
-        await queue.complete_task(pool, first.task_id, first.lease_token, w1,
-                                  succeeded=True, response=b"late", cache_result=b"late")
+        await queue.complete_task(
+            pool,
+            first.task_id,
+            first.lease_token,
+            w1,
+            succeeded=True,
+            response=b"late",
+            cache_result=b"late",
+        )
     record = await queue.get_task(pool, queued.task_id)
     assert record.state == "leased" and record.worker_id == w2 and record.result is None
     assert await pool.fetchval("SELECT count(*) FROM action_cache") == 0
 
-    await queue.complete_task(pool, second.task_id, second.lease_token, w2,
-                              succeeded=True, response=b"ok", cache_result=None)
+    await queue.complete_task(
+        pool,
+        second.task_id,
+        second.lease_token,
+        w2,
+        succeeded=True,
+        response=b"ok",
+        cache_result=None,
+    )
     with pytest.raises(Aborted, match="already completed"):
-        await queue.complete_task(pool, second.task_id, second.lease_token, w2,
-                                  succeeded=True, response=b"twice", cache_result=None)
+        await queue.complete_task(
+            pool,
+            second.task_id,
+            second.lease_token,
+            w2,
+            succeeded=True,
+            response=b"twice",
+            cache_result=None,
+        )
     assert (await queue.get_task(pool, queued.task_id)).result == b"ok"
 
 
@@ -138,8 +184,9 @@ async def test_malformed_token_is_invalid_argument(pool):
     await queue.enqueue(pool, task(1), "op")
     [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
     with pytest.raises(InvalidArgument, match="not a UUID"):
-        await queue.complete_task(pool, leased.task_id, "nope", w,
-                                  succeeded=True, response=b"", cache_result=None)
+        await queue.complete_task(
+            pool, leased.task_id, "nope", w, succeeded=True, response=b"", cache_result=None
+        )
 
 
 async def test_reaper_requeues_then_fails_after_max_attempts(pool):
@@ -156,7 +203,13 @@ async def test_reaper_requeues_then_fails_after_max_attempts(pool):
     assert record.state == "failed" and record.error_code == 14
     assert "failed after 2 attempts" in record.error
     assert await events(pool, queued.task_id) == [
-        "queued", "leased", "lease-expired", "requeued", "leased", "lease-expired", "failed",
+        "queued",
+        "leased",
+        "lease-expired",
+        "requeued",
+        "leased",
+        "lease-expired",
+        "failed",
     ]
     assert await queue.reap_expired_leases(pool) == []
 
@@ -177,15 +230,20 @@ async def test_heartbeat_extends_leases_with_hot_updates_and_reports_fates(pool)
         await queue.enqueue(pool, task(n), f"op-{n}")
     a, b, c = await queue.lease_tasks(pool, w, LINUX, 3, LEASE)
     await pool.execute("UPDATE tasks SET cancel_requested = true WHERE id = $1", b.task_id)
-    await queue.complete_task(pool, c.task_id, c.lease_token, w, succeeded=True, response=b"", cache_result=None)
+    await queue.complete_task(
+        pool, c.task_id, c.lease_token, w, succeeded=True, response=b"", cache_result=None
+    )
     before = await pool.fetchval("SELECT lease_expires_at FROM tasks WHERE id = $1", a.task_id)
     hot_before = await _hot_updates(pool)
 
     rounds = 50
     for _ in range(rounds):
         outcome = await workers.heartbeat(
-            pool, w, [(a.task_id, a.lease_token), (b.task_id, b.lease_token), (c.task_id, c.lease_token)],
-            timedelta(minutes=10))
+            pool,
+            w,
+            [(a.task_id, a.lease_token), (b.task_id, b.lease_token), (c.task_id, c.lease_token)],
+            timedelta(minutes=10),
+        )
     assert outcome.known and outcome.running == [a.task_id]
     assert outcome.cancelled == [b.task_id] and outcome.lost == [c.task_id]
     after = await pool.fetchval("SELECT lease_expires_at FROM tasks WHERE id = $1", a.task_id)
@@ -197,7 +255,8 @@ async def test_heartbeat_extends_leases_with_hot_updates_and_reports_fates(pool)
 async def _hot_updates(pool, baseline=(0, 0)):
     await pool.execute("SELECT pg_stat_force_next_flush()")
     row = await pool.fetchrow(
-        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tasks'")
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tasks'"
+    )
     return row["n_tup_upd"] - baseline[0], row["n_tup_hot_upd"] - baseline[1]
 
 
@@ -237,8 +296,15 @@ async def test_concurrent_leasers_never_share_a_task_and_lose_none(pool):
                 return
             seen.extend(t.task_id for t in got)
             for t in got:
-                await queue.complete_task(pool, t.task_id, t.lease_token, worker_id,
-                                          succeeded=True, response=b"", cache_result=None)
+                await queue.complete_task(
+                    pool,
+                    t.task_id,
+                    t.lease_token,
+                    worker_id,
+                    succeeded=True,
+                    response=b"",
+                    cache_result=None,
+                )
 
     await asyncio.gather(*(run(w) for w in ids))
     assert len(seen) == total and len(set(seen)) == total
@@ -251,11 +317,19 @@ async def test_finished_tasks_past_retention_are_purged_but_their_history_stays(
     w = await worker(pool)
     queued = await queue.enqueue(pool, task(1), "op-old")
     [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    await queue.complete_task(pool, leased.task_id, leased.lease_token, w,
-                              succeeded=True, response=b"", cache_result=b"ar")
+    await queue.complete_task(
+        pool,
+        leased.task_id,
+        leased.lease_token,
+        w,
+        succeeded=True,
+        response=b"",
+        cache_result=b"ar",
+    )
     fresh = await queue.enqueue(pool, task(2), "op-new")
-    await pool.execute("UPDATE tasks SET completed_at = now() - interval '8 days' WHERE id = $1",
-                       queued.task_id)
+    await pool.execute(
+        "UPDATE tasks SET completed_at = now() - interval '8 days' WHERE id = $1", queued.task_id
+    )
     assert await queue.purge_finished_tasks(pool, timedelta(days=7)) == 1
     assert await pool.fetchval("SELECT count(*) FROM tasks") == 1
     assert await pool.fetchval("SELECT count(*) FROM operations WHERE name = 'op-old'") == 0

@@ -40,8 +40,11 @@ async def put_action(store, argv=("echo", "hi"), *, do_not_cache=False, platform
         data = message.SerializeToString()
         blobs[digest_of(data)] = data
     command_digest, root_digest = list(blobs)
-    action = re_pb2.Action(command_digest=command_digest.to_proto(),
-                           input_root_digest=root_digest.to_proto(), do_not_cache=do_not_cache)
+    action = re_pb2.Action(
+        command_digest=command_digest.to_proto(),
+        input_root_digest=root_digest.to_proto(),
+        do_not_cache=do_not_cache,
+    )
     data = action.SerializeToString()
     blobs[digest_of(data)] = data
     for digest, payload in blobs.items():
@@ -88,38 +91,59 @@ async def test_execute_runs_through_the_worker_api_and_then_hits_the_cache(serve
         second = await stream.read()
         assert not second.done and stage(second) == re_pb2.ExecutionStage.QUEUED
 
-        polled = await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2))
+        polled = await workers.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2)
+        )
         [task] = polled.tasks
-        assert task.action_digest.hash == digest.hash and list(task.command.arguments) == ["echo", "hi"]
-        await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
-            worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
-            response=result_response(0, b"hi\n")))
+        assert task.action_digest.hash == digest.hash and list(task.command.arguments) == [
+            "echo",
+            "hi",
+        ]
+        await workers.CompleteTask(
+            worker_pb2.CompleteTaskRequest(
+                worker_id=worker_id,
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                response=result_response(0, b"hi\n"),
+            )
+        )
 
         operations = await _rest(stream)
         assert operations[-1].done
         response = unpack_response(operations[-1])
         assert response.result.stdout_raw == b"hi\n" and not response.cached_result
 
-        again = [op async for op in execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))]
-        assert [stage(op) for op in again] == [re_pb2.ExecutionStage.CACHE_CHECK,
-                                               re_pb2.ExecutionStage.COMPLETED]
+        again = [
+            op
+            async for op in execution.Execute(
+                re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+            )
+        ]
+        assert [stage(op) for op in again] == [
+            re_pb2.ExecutionStage.CACHE_CHECK,
+            re_pb2.ExecutionStage.COMPLETED,
+        ]
         assert again[-1].done
         assert unpack_response(again[-1]).cached_result
 
         got = await operations_pb2_grpc.OperationsStub(channel).GetOperation(
-            operations_pb2.GetOperationRequest(name=operations[-1].name))
+            operations_pb2.GetOperationRequest(name=operations[-1].name)
+        )
         assert got.done and unpack_response(got).result.stdout_raw == b"hi\n"
 
 
 async def test_missing_inputs_fail_with_precondition_failure(server):
-    action = re_pb2.Action(command_digest=digest_of(b"nope").to_proto(),
-                           input_root_digest=digest_of(b"").to_proto())
+    action = re_pb2.Action(
+        command_digest=digest_of(b"nope").to_proto(), input_root_digest=digest_of(b"").to_proto()
+    )
     data = action.SerializeToString()
     await server.store.put(digest_of(data), data)
     async with channel_to(server) as channel:
         execution = re_grpc.ExecutionStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _ in execution.Execute(re_pb2.ExecuteRequest(action_digest=digest_of(data).to_proto())):
+            async for _ in execution.Execute(
+                re_pb2.ExecuteRequest(action_digest=digest_of(data).to_proto())
+            ):
                 pass
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         details = dict(info.value.trailing_metadata())["grpc-status-details-bin"]
@@ -131,12 +155,15 @@ async def test_missing_inputs_fail_with_precondition_failure(server):
 
         # The action itself missing, and a malformed digest: each a clear error; server serves on.
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _ in execution.Execute(re_pb2.ExecuteRequest(action_digest=digest_of(b"x").to_proto())):
+            async for _ in execution.Execute(
+                re_pb2.ExecuteRequest(action_digest=digest_of(b"x").to_proto())
+            ):
                 pass
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _ in execution.Execute(re_pb2.ExecuteRequest(
-                    action_digest=re_pb2.Digest(hash="abc", size_bytes=-1))):
+            async for _ in execution.Execute(
+                re_pb2.ExecuteRequest(action_digest=re_pb2.Digest(hash="abc", size_bytes=-1))
+            ):
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "action_digest" in info.value.details()
@@ -148,15 +175,25 @@ async def test_identical_executes_share_one_task(server):
         execution = re_grpc.ExecutionStub(channel)
         workers = worker_pb2_grpc.WorkerServiceStub(channel)
         worker_id = await register(workers)
-        streams = [execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())) for _ in range(3)]
+        streams = [
+            execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+            for _ in range(3)
+        ]
         firsts = [await s.read() for s in streams]
         assert len({op.name for op in firsts}) == 3
-        polled = await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2))
+        polled = await workers.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2)
+        )
         assert len(polled.tasks) == 1
         task = polled.tasks[0]
-        await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
-            worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
-            response=result_response(0, b"once")))
+        await workers.CompleteTask(
+            worker_pb2.CompleteTaskRequest(
+                worker_id=worker_id,
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                response=result_response(0, b"once"),
+            )
+        )
         for stream in streams:
             last = await _last(stream)
             assert unpack_response(last).result.stdout_raw == b"once"
@@ -170,16 +207,28 @@ async def test_stale_lease_token_is_aborted_and_the_server_keeps_serving(server)
         worker_id = await register(workers)
         stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
         await stream.read()
-        [task] = (await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))).tasks
+        [task] = (
+            await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))
+        ).tasks
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
-                worker_id=worker_id, task_id=task.task_id,
-                lease_token="00000000-0000-0000-0000-000000000000", response=result_response()))
+            await workers.CompleteTask(
+                worker_pb2.CompleteTaskRequest(
+                    worker_id=worker_id,
+                    task_id=task.task_id,
+                    lease_token="00000000-0000-0000-0000-000000000000",
+                    response=result_response(),
+                )
+            )
         assert info.value.code() == grpc.StatusCode.ABORTED
         assert "lease token" in info.value.details()
-        await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
-            worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
-            response=result_response(3)))
+        await workers.CompleteTask(
+            worker_pb2.CompleteTaskRequest(
+                worker_id=worker_id,
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                response=result_response(3),
+            )
+        )
         last = await _last(stream)
         assert unpack_response(last).result.exit_code == 3
 
@@ -190,8 +239,9 @@ async def test_poll_wakes_on_notify_without_waiting_for_the_timeout(server):
         execution = re_grpc.ExecutionStub(channel)
         workers = worker_pb2_grpc.WorkerServiceStub(channel)
         worker_id = await register(workers)
-        poll = asyncio.ensure_future(workers.PollTasks(
-            worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1)))
+        poll = asyncio.ensure_future(
+            workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))
+        )
         await asyncio.sleep(0.3)
         assert not poll.done()
         loop = asyncio.get_running_loop()
@@ -206,18 +256,31 @@ async def test_poll_wakes_on_notify_without_waiting_for_the_timeout(server):
 
 async def test_a_client_on_one_replica_sees_completion_through_another(database_url, tmp_path):
     cas = tmp_path / "cas"
-    async with running_server(server_settings(cas), database_url) as a, \
-            running_server(server_settings(cas), database_url) as b:
+    async with (
+        running_server(server_settings(cas), database_url) as a,
+        running_server(server_settings(cas), database_url) as b,
+    ):
         digest = await put_action(a.store)
         async with channel_to(a) as ca, channel_to(b) as cb:
-            stream = re_grpc.ExecutionStub(ca).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+            stream = re_grpc.ExecutionStub(ca).Execute(
+                re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+            )
             await stream.read()
             workers = worker_pb2_grpc.WorkerServiceStub(cb)
             worker_id = await register(workers)
-            [task] = (await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))).tasks
-            await workers.CompleteTask(worker_pb2.CompleteTaskRequest(
-                worker_id=worker_id, task_id=task.task_id, lease_token=task.lease_token,
-                response=result_response(0, b"via b")))
+            [task] = (
+                await workers.PollTasks(
+                    worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1)
+                )
+            ).tasks
+            await workers.CompleteTask(
+                worker_pb2.CompleteTaskRequest(
+                    worker_id=worker_id,
+                    task_id=task.task_id,
+                    lease_token=task.lease_token,
+                    response=result_response(0, b"via b"),
+                )
+            )
             last = await asyncio.wait_for(_last(stream), timeout=5)
             assert unpack_response(last).result.stdout_raw == b"via b"
 
@@ -243,13 +306,24 @@ async def test_heartbeat_reports_lost_tasks_and_unknown_workers(server):
         reply = await workers.Heartbeat(worker_pb2.HeartbeatRequest(worker_id="worker-ghost"))
         assert reply.reregister
         worker_id = await register(workers)
-        reply = await workers.Heartbeat(worker_pb2.HeartbeatRequest(
-            worker_id=worker_id,
-            running=[worker_pb2.TaskLease(task_id="task-999", lease_token="00000000-0000-0000-0000-000000000000")]))
+        reply = await workers.Heartbeat(
+            worker_pb2.HeartbeatRequest(
+                worker_id=worker_id,
+                running=[
+                    worker_pb2.TaskLease(
+                        task_id="task-999", lease_token="00000000-0000-0000-0000-000000000000"
+                    )
+                ],
+            )
+        )
         assert list(reply.lost_task_ids) == ["task-999"]
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await workers.Heartbeat(worker_pb2.HeartbeatRequest(
-                worker_id=worker_id, running=[worker_pb2.TaskLease(task_id="bogus", lease_token="x")]))
+            await workers.Heartbeat(
+                worker_pb2.HeartbeatRequest(
+                    worker_id=worker_id,
+                    running=[worker_pb2.TaskLease(task_id="bogus", lease_token="x")],
+                )
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -259,11 +333,17 @@ async def test_one_task_wakes_one_idle_poller_not_all(server):
     async with channel_to(server) as channel:
         workers = worker_pb2_grpc.WorkerServiceStub(channel)
         ids = [await register(workers, f"w{n}") for n in range(6)]
-        polls = [asyncio.ensure_future(workers.PollTasks(
-            worker_pb2.PollTasksRequest(worker_id=w, max_tasks=1))) for w in ids]
+        polls = [
+            asyncio.ensure_future(
+                workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=w, max_tasks=1))
+            )
+            for w in ids
+        ]
         await asyncio.sleep(0.3)
         before = await _lease_attempts(server)
-        stream = re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        stream = re_grpc.ExecutionStub(channel).Execute(
+            re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+        )
         await stream.read()
         done, _pending = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED, timeout=5)
         assert sum(len(p.result().tasks) for p in done) == 1
@@ -278,8 +358,10 @@ async def _lease_attempts(server) -> int:
     """Lease statements this process's replicas ran for polling workers."""
     from prometheus_client import REGISTRY
 
-    return sum(REGISTRY.get_sample_value("expbuild_lease_attempts_total", {"outcome": o}) or 0
-               for o in ("leased", "empty"))
+    return sum(
+        REGISTRY.get_sample_value("expbuild_lease_attempts_total", {"outcome": o}) or 0
+        for o in ("leased", "empty")
+    )
 
 
 async def test_a_wake_passes_over_pollers_of_another_platform(server):
@@ -288,15 +370,22 @@ async def test_a_wake_passes_over_pollers_of_another_platform(server):
         workers = worker_pb2_grpc.WorkerServiceStub(channel)
         macs = [await register(workers, f"mac{n}", OSFamily="Darwin") for n in range(3)]
         linux = await register(workers, "linux", OSFamily="Linux")
-        mac_polls = [asyncio.ensure_future(workers.PollTasks(
-            worker_pb2.PollTasksRequest(worker_id=w, max_tasks=1))) for w in macs]
+        mac_polls = [
+            asyncio.ensure_future(
+                workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=w, max_tasks=1))
+            )
+            for w in macs
+        ]
         await asyncio.sleep(0.2)  # the Mac pollers wait longest, so they are woken first
-        linux_poll = asyncio.ensure_future(workers.PollTasks(
-            worker_pb2.PollTasksRequest(worker_id=linux, max_tasks=1)))
+        linux_poll = asyncio.ensure_future(
+            workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=linux, max_tasks=1))
+        )
         await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        stream = re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        stream = re_grpc.ExecutionStub(channel).Execute(
+            re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+        )
         await stream.read()
         assert len((await linux_poll).tasks) == 1
         assert loop.time() - started < 0.6  # passed along, not found by the 1 s fallback

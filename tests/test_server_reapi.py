@@ -49,17 +49,29 @@ async def channel(server):
 
 
 def worker_running(server, tmp_path, *, slots=2, platform=None, name="w"):
-    return running_worker(server, tmp_path / f"work-{name}", name=name, slots=slots,
-                          heartbeat_interval=timedelta(seconds=0.3), platform=platform or {})
+    return running_worker(
+        server,
+        tmp_path / f"work-{name}",
+        name=name,
+        slots=slots,
+        heartbeat_interval=timedelta(seconds=0.3),
+        platform=platform or {},
+    )
 
 
-async def upload_action(channel, argv, *, timeout=None, do_not_cache=False, platform=None,
-                        outputs=()) -> Digest:
+async def upload_action(
+    channel, argv, *, timeout=None, do_not_cache=False, platform=None, outputs=()
+) -> Digest:
     cas = CasClient(channel)
     command = build_command(argv, output_paths=outputs, platform=platform)
     root = re_pb2.Directory()
-    action = build_action(digest_of(serialize(command)), digest_of(serialize(root)),
-                          timeout=timeout, do_not_cache=do_not_cache, platform=platform)
+    action = build_action(
+        digest_of(serialize(command)),
+        digest_of(serialize(root)),
+        timeout=timeout,
+        do_not_cache=do_not_cache,
+        platform=platform,
+    )
     blobs = {digest_of(serialize(m)): serialize(m) for m in (command, root, action)}
     await cas.upload(blobs)
     return digest_of(serialize(action))
@@ -93,12 +105,19 @@ async def wait_until(predicate, timeout=10.0):
     raise AssertionError("condition not reached in time")
 
 
-async def test_stages_run_from_cache_check_to_completed_and_cache_hits_say_so(server, channel, tmp_path):
+async def test_stages_run_from_cache_check_to_completed_and_cache_hits_say_so(
+    server, channel, tmp_path
+):
     digest = await upload_action(channel, ["sh", "-c", "echo out; echo err >&2"])
     execution = re_grpc.ExecutionStub(channel)
     async with worker_running(server, tmp_path):
-        ops = await all_operations(execution.Execute(re_pb2.ExecuteRequest(
-            action_digest=digest.to_proto(), inline_stdout=True, inline_stderr=True)))
+        ops = await all_operations(
+            execution.Execute(
+                re_pb2.ExecuteRequest(
+                    action_digest=digest.to_proto(), inline_stdout=True, inline_stderr=True
+                )
+            )
+        )
     stages = [metadata(op).stage for op in ops]
     assert stages[0] == Stage.CACHE_CHECK and stages[-1] == Stage.COMPLETED
     assert Stage.QUEUED in stages
@@ -108,8 +127,11 @@ async def test_stages_run_from_cache_check_to_completed_and_cache_hits_say_so(se
     assert first.result.stderr_raw == b"err\n"
     assert first.result.execution_metadata.worker
 
-    hit = await all_operations(execution.Execute(re_pb2.ExecuteRequest(
-        action_digest=digest.to_proto(), inline_stdout=True)))
+    hit = await all_operations(
+        execution.Execute(
+            re_pb2.ExecuteRequest(action_digest=digest.to_proto(), inline_stdout=True)
+        )
+    )
     assert [metadata(op).stage for op in hit] == [Stage.CACHE_CHECK, Stage.COMPLETED]
     cached = response(hit[-1])
     assert cached.cached_result and cached.result.stdout_raw == b"out\n"
@@ -121,16 +143,23 @@ async def test_cache_entry_whose_outputs_left_the_cas_is_a_miss(server, channel,
     execution = re_grpc.ExecutionStub(channel)
     cache = re_grpc.ActionCacheStub(channel)
     async with worker_running(server, tmp_path):
-        await all_operations(execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())))
-        result = await cache.GetActionResult(re_pb2.GetActionResultRequest(
-            action_digest=digest.to_proto(), inline_stdout=True))
+        await all_operations(
+            execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        )
+        result = await cache.GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=digest.to_proto(), inline_stdout=True)
+        )
         assert result.stdout_raw == b"unique-output-1234\n"
         stdout = digest_of(b"unique-output-1234\n")
         server.store.path_of(stdout).unlink()
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await cache.GetActionResult(re_pb2.GetActionResultRequest(action_digest=digest.to_proto()))
+            await cache.GetActionResult(
+                re_pb2.GetActionResultRequest(action_digest=digest.to_proto())
+            )
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-        again = await all_operations(execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())))
+        again = await all_operations(
+            execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        )
         assert not response(again[-1]).cached_result  # ran again, outputs back in the CAS
     assert await server.store.has(stdout)
 
@@ -143,27 +172,40 @@ async def test_update_action_result_checks_outputs_and_can_be_switched_off(datab
             action = digest_of(b"some action")
             missing = re_pb2.ActionResult(stdout_digest=digest_of(b"never uploaded").to_proto())
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await cache.UpdateActionResult(re_pb2.UpdateActionResultRequest(
-                    action_digest=action.to_proto(), action_result=missing))
+                await cache.UpdateActionResult(
+                    re_pb2.UpdateActionResultRequest(
+                        action_digest=action.to_proto(), action_result=missing
+                    )
+                )
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             await app.store.put(digest_of(b"hello"), b"hello")
             good = re_pb2.ActionResult(exit_code=0, stdout_digest=digest_of(b"hello").to_proto())
-            await cache.UpdateActionResult(re_pb2.UpdateActionResultRequest(
-                action_digest=action.to_proto(), action_result=good))
-            got = await cache.GetActionResult(re_pb2.GetActionResultRequest(action_digest=action.to_proto()))
+            await cache.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(
+                    action_digest=action.to_proto(), action_result=good
+                )
+            )
+            got = await cache.GetActionResult(
+                re_pb2.GetActionResultRequest(action_digest=action.to_proto())
+            )
             assert got.stdout_digest.hash == digest_of(b"hello").hash
     closed = replace(settings, server=replace(settings.server, allow_action_cache_updates=False))
     async with running_server(closed, database_url) as app:
         async with open_channel(f"127.0.0.1:{app.port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await re_grpc.ActionCacheStub(channel).UpdateActionResult(
-                    re_pb2.UpdateActionResultRequest(action_digest=action.to_proto(), action_result=good))
+                    re_pb2.UpdateActionResultRequest(
+                        action_digest=action.to_proto(), action_result=good
+                    )
+                )
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_cancel_a_queued_action(server, channel):
     digest = await upload_action(channel, ["true"], do_not_cache=True)
-    call = re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+    call = re_grpc.ExecutionStub(channel).Execute(
+        re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+    )
     first = await call.read()
     while metadata(first).stage != Stage.QUEUED:
         first = await call.read()
@@ -178,22 +220,29 @@ async def test_cancel_a_queued_action(server, channel):
 async def test_cancel_a_running_action_kills_it_on_its_worker(server, channel, tmp_path):
     marker = tmp_path / "still-running"
     digest = await upload_action(
-        channel, ["sh", "-c", f"sleep 30; touch {marker}"], do_not_cache=True)
+        channel, ["sh", "-c", f"sleep 30; touch {marker}"], do_not_cache=True
+    )
     async with worker_running(server, tmp_path) as agent:
-        call = re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        call = re_grpc.ExecutionStub(channel).Execute(
+            re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+        )
         op = await call.read()
         while metadata(op).stage != Stage.EXECUTING:
             op = await call.read()
         assert metadata(op).partial_execution_metadata.worker == agent.name
         await operations_pb2_grpc.OperationsStub(channel).CancelOperation(
-            operations_pb2.CancelOperationRequest(name=op.name))
+            operations_pb2.CancelOperationRequest(name=op.name)
+        )
         last = (await all_operations(call))[-1]
         assert response(last).status.code == code_pb2.CANCELLED
 
         async def stopped():
             return not agent.running_task_ids
+
         await wait_until(stopped, timeout=10)
-    events = [r["event"] for r in await server.pool.fetch("SELECT event FROM task_events ORDER BY id")]
+    events = [
+        r["event"] for r in await server.pool.fetch("SELECT event FROM task_events ORDER BY id")
+    ]
     assert events == ["queued", "leased", "cancelled"]
     assert not marker.exists()
 
@@ -201,7 +250,9 @@ async def test_cancel_a_running_action_kills_it_on_its_worker(server, channel, t
 async def test_cancelling_one_of_two_merged_operations_keeps_the_task(server, channel):
     digest = await upload_action(channel, ["true"])
     execution = re_grpc.ExecutionStub(channel)
-    calls = [execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())) for _ in range(2)]
+    calls = [
+        execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())) for _ in range(2)
+    ]
     names = []
     for call in calls:
         op = await call.read()
@@ -209,7 +260,8 @@ async def test_cancelling_one_of_two_merged_operations_keeps_the_task(server, ch
             op = await call.read()
         names.append(op.name)
     await operations_pb2_grpc.OperationsStub(channel).CancelOperation(
-        operations_pb2.CancelOperationRequest(name=names[0]))
+        operations_pb2.CancelOperationRequest(name=names[0])
+    )
     assert response((await all_operations(calls[0]))[-1]).status.code == code_pb2.CANCELLED
     assert await server.pool.fetchval("SELECT state FROM tasks") == "queued"
     calls[1].cancel()
@@ -232,10 +284,13 @@ async def test_list_operations_filters_by_state_and_pages(server, channel):
     assert len(done.operations) == 0
     page = await ops.ListOperations(operations_pb2.ListOperationsRequest(page_size=2))
     assert len(page.operations) == 2 and page.next_page_token
-    rest = await ops.ListOperations(operations_pb2.ListOperationsRequest(
-        page_size=2, page_token=page.next_page_token))
+    rest = await ops.ListOperations(
+        operations_pb2.ListOperationsRequest(page_size=2, page_token=page.next_page_token)
+    )
     assert len(rest.operations) == 1
-    assert {o.name for o in [*page.operations, *rest.operations]} == {o.name for o in queued.operations}
+    assert {o.name for o in [*page.operations, *rest.operations]} == {
+        o.name for o in queued.operations
+    }
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await ops.ListOperations(operations_pb2.ListOperationsRequest(filter="colour=blue"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -253,7 +308,9 @@ async def test_lower_priority_value_runs_first(server, channel, tmp_path):
     execution = re_grpc.ExecutionStub(channel)
     calls = []
     for name, priority in [("late", 10), ("early", -5), ("middle", 0)]:
-        digest = await upload_action(channel, ["sh", "-c", f"echo {name} >> {log}"], do_not_cache=True)
+        digest = await upload_action(
+            channel, ["sh", "-c", f"echo {name} >> {log}"], do_not_cache=True
+        )
         request = re_pb2.ExecuteRequest(action_digest=digest.to_proto())
         request.execution_policy.priority = priority
         call = execution.Execute(request)
@@ -267,12 +324,19 @@ async def test_lower_priority_value_runs_first(server, channel, tmp_path):
 
 
 async def test_timeout_kills_the_action_and_reports_deadline_exceeded(server, channel, tmp_path):
-    digest = await upload_action(channel, ["sh", "-c", "echo started; sleep 30"],
-                                 timeout=timedelta(seconds=1), do_not_cache=True)
+    digest = await upload_action(
+        channel,
+        ["sh", "-c", "echo started; sleep 30"],
+        timeout=timedelta(seconds=1),
+        do_not_cache=True,
+    )
     started = time.monotonic()
     async with worker_running(server, tmp_path):
-        ops = await all_operations(re_grpc.ExecutionStub(channel).Execute(
-            re_pb2.ExecuteRequest(action_digest=digest.to_proto(), inline_stdout=True)))
+        ops = await all_operations(
+            re_grpc.ExecutionStub(channel).Execute(
+                re_pb2.ExecuteRequest(action_digest=digest.to_proto(), inline_stdout=True)
+            )
+        )
     reply = response(ops[-1])
     assert reply.status.code == code_pb2.DEADLINE_EXCEEDED
     assert reply.result.stdout_raw == b"started\n"
@@ -282,8 +346,11 @@ async def test_timeout_kills_the_action_and_reports_deadline_exceeded(server, ch
 async def test_timeout_over_the_maximum_is_refused(server, channel):
     digest = await upload_action(channel, ["true"], timeout=timedelta(hours=2))
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await all_operations(re_grpc.ExecutionStub(channel).Execute(
-            re_pb2.ExecuteRequest(action_digest=digest.to_proto())))
+        await all_operations(
+            re_grpc.ExecutionStub(channel).Execute(
+                re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+            )
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_action_timeout" in info.value.details()
 
@@ -292,14 +359,20 @@ async def test_a_platform_no_online_worker_offers_fails_fast(server, channel, tm
     async with worker_running(server, tmp_path, platform={"OSFamily": ("Linux",)}):
         digest = await upload_action(channel, ["true"], platform={"OSFamily": ["Windows"]})
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await all_operations(re_grpc.ExecutionStub(channel).Execute(
-                re_pb2.ExecuteRequest(action_digest=digest.to_proto())))
+            await all_operations(
+                re_grpc.ExecutionStub(channel).Execute(
+                    re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+                )
+            )
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "Windows" in info.value.details()
         # A worker offering several values for a key satisfies any one of them.
         multi = await upload_action(channel, ["true"], platform={"OSFamily": ["Linux"]})
-        ops = await all_operations(re_grpc.ExecutionStub(channel).Execute(
-            re_pb2.ExecuteRequest(action_digest=multi.to_proto())))
+        ops = await all_operations(
+            re_grpc.ExecutionStub(channel).Execute(
+                re_pb2.ExecuteRequest(action_digest=multi.to_proto())
+            )
+        )
         assert response(ops[-1]).result.exit_code == 0
 
 
@@ -307,27 +380,41 @@ async def test_empty_platform_property_name_is_invalid(server, channel):
     command = re_pb2.Command(arguments=["true"])
     command.platform.properties.add(name="", value="x")
     root = re_pb2.Directory()
-    action = re_pb2.Action(command_digest=digest_of(serialize(command)).to_proto(),
-                           input_root_digest=digest_of(serialize(root)).to_proto())
-    await CasClient(channel).upload({digest_of(serialize(m)): serialize(m) for m in (command, root, action)})
+    action = re_pb2.Action(
+        command_digest=digest_of(serialize(command)).to_proto(),
+        input_root_digest=digest_of(serialize(root)).to_proto(),
+    )
+    await CasClient(channel).upload(
+        {digest_of(serialize(m)): serialize(m) for m in (command, root, action)}
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await all_operations(re_grpc.ExecutionStub(channel).Execute(
-            re_pb2.ExecuteRequest(action_digest=digest_of(serialize(action)).to_proto())))
+        await all_operations(
+            re_grpc.ExecutionStub(channel).Execute(
+                re_pb2.ExecuteRequest(action_digest=digest_of(serialize(action)).to_proto())
+            )
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty name" in info.value.details()
 
 
 async def test_unknown_instance_is_named(server, channel):
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await all_operations(re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(
-            instance_name="nope", action_digest=digest_of(b"x").to_proto())))
+        await all_operations(
+            re_grpc.ExecutionStub(channel).Execute(
+                re_pb2.ExecuteRequest(
+                    instance_name="nope", action_digest=digest_of(b"x").to_proto()
+                )
+            )
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'nope'" in info.value.details()
 
 
 async def test_wait_execution_on_another_replica(server, database_url, channel, tmp_path):
     digest = await upload_action(channel, ["echo", "waited"], do_not_cache=True)
-    call = re_grpc.ExecutionStub(channel).Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+    call = re_grpc.ExecutionStub(channel).Execute(
+        re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+    )
     op = await call.read()
     while metadata(op).stage != Stage.QUEUED:
         op = await call.read()
@@ -335,7 +422,8 @@ async def test_wait_execution_on_another_replica(server, database_url, channel, 
     async with running_server(server.settings, database_url) as other:
         async with open_channel(f"127.0.0.1:{other.port}") as other_channel:
             waiting = re_grpc.ExecutionStub(other_channel).WaitExecution(
-                re_pb2.WaitExecutionRequest(name=op.name))
+                re_pb2.WaitExecutionRequest(name=op.name)
+            )
             async with worker_running(server, tmp_path):
                 ops = await all_operations(waiting)
     assert ops[-1].done and response(ops[-1]).result.exit_code == 0

@@ -211,9 +211,7 @@ async def test_a_corrupt_entry_is_refetched(server, client, tmp_path):
             assert stat.S_IMODE(os.stat(entry).st_mode) == 0o444
 
 
-async def test_an_action_writing_to_its_inputs_does_not_spoil_the_cache(
-    server, client, tmp_path
-):
+async def test_an_action_writing_to_its_inputs_does_not_spoil_the_cache(server, client, tmp_path):
     appended, overwritten = b"appended to\n" * 50, b"overwritten in place\n" * 50
     files = {"appended.txt": appended, "overwritten.txt": overwritten}
     # As root, the 0444 mode of a hardlinked input does not stop these writes.
@@ -224,23 +222,25 @@ async def test_an_action_writing_to_its_inputs_does_not_spoil_the_cache(
     )
     check = "sha256sum appended.txt overwritten.txt | cut -c1-64"
     async with running_agent(WorkerAgent(settings_for(server.port, tmp_path / "work"))):
-        vandalized = await client.response(
-            await client.submit(["sh", "-c", vandal], files=files)
-        )
+        vandalized = await client.response(await client.submit(["sh", "-c", vandal], files=files))
         assert vandalized.status.code == code_pb2.OK
         assert await client.read(vandalized.result.stdout_digest) == b"XXXX"
         reads = ServerReads()
         checked = await client.response(await client.submit(["sh", "-c", check], files=files))
         assert reads.blobs() == 2
     assert checked.status.code == code_pb2.OK
-    assert await client.read(checked.result.stdout_digest) == (
-        hashlib.sha256(appended).hexdigest() + "\n" + hashlib.sha256(overwritten).hexdigest() + "\n"
-    ).encode()
+    assert (
+        await client.read(checked.result.stdout_digest)
+        == (
+            hashlib.sha256(appended).hexdigest()
+            + "\n"
+            + hashlib.sha256(overwritten).hexdigest()
+            + "\n"
+        ).encode()
+    )
 
 
-async def test_inputs_are_copied_when_the_cache_is_on_another_filesystem(
-    server, client, tmp_path
-):
+async def test_inputs_are_copied_when_the_cache_is_on_another_filesystem(server, client, tmp_path):
     cache_dir = on_another_filesystem(tmp_path)
     if cache_dir is None:
         pytest.skip("no second filesystem (/dev/shm) to put the cache on")
@@ -371,9 +371,12 @@ async def test_evicts_least_recently_used_and_stays_within_bounds(cas, tmp_path)
     out.mkdir()
 
     async def place(*digests: Digest) -> None:
-        assert await cache.place_files(
-            cas, {x: [(out / f"{x.hash[:8]}-{uuid.uuid4().hex}", False)] for x in digests}
-        ) == []
+        assert (
+            await cache.place_files(
+                cas, {x: [(out / f"{x.hash[:8]}-{uuid.uuid4().hex}", False)] for x in digests}
+            )
+            == []
+        )
 
     async with opened(tmp_path / "cache", 3000) as cache:
         await place(da)
@@ -539,7 +542,9 @@ async def test_reopening_finds_what_was_cached(cas, tmp_path):
     digests = await upload(cas, *blobs)
     root = tmp_path / "cache"
     async with opened(root, MiB) as cache:
-        await cache.place_files(cas, {d: [(tmp_path / f"a-{i}", False)] for i, d in enumerate(digests)})
+        await cache.place_files(
+            cas, {d: [(tmp_path / f"a-{i}", False)] for i, d in enumerate(digests)}
+        )
     leftover = root / digests[0].hash[:2] / f".{digests[0].hash}.deadbeef.tmp"
     leftover.write_bytes(b"half a download")
     # Truncated while no worker was watching: found out by size at first use.
@@ -550,9 +555,12 @@ async def test_reopening_finds_what_was_cached(cas, tmp_path):
         # 3 entries (one short) fit: nothing evicted at start.
         assert all(cache.contains(d, False) for d in (digests[0], digests[2]))
         reads = ServerReads()
-        assert await cache.place_files(
-            cas, {d: [(tmp_path / f"b-{i}", False)] for i, d in enumerate(digests)}
-        ) == []
+        assert (
+            await cache.place_files(
+                cas, {d: [(tmp_path / f"b-{i}", False)] for i, d in enumerate(digests)}
+            )
+            == []
+        )
         assert reads.blobs() == 1
         assert [(tmp_path / f"b-{i}").read_bytes() for i in range(3)] == blobs
         assert cache.total_bytes <= 2500

@@ -83,7 +83,9 @@ def stdout(tmp_path: Path) -> str:
 def containers_named(name: str) -> list[str]:
     listing = subprocess.run(
         ["docker", "ps", "--all", "--quiet", "--filter", f"name=^/{name}$"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return listing.stdout.split()
 
@@ -93,8 +95,18 @@ async def wait_for_container(name: str, seconds: float = 30) -> None:
     while time.monotonic() < deadline:
         listing = await asyncio.to_thread(
             subprocess.run,
-            ["docker", "ps", "--quiet", "--filter", f"name=^/{name}$", "--filter", "status=running"],
-            capture_output=True, text=True, check=True,
+            [
+                "docker",
+                "ps",
+                "--quiet",
+                "--filter",
+                f"name=^/{name}$",
+                "--filter",
+                "status=running",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         if listing.stdout.strip():
             return
@@ -105,8 +117,12 @@ async def wait_for_container(name: str, seconds: float = 30) -> None:
 async def test_runs_in_the_image_with_the_input_root_as_working_directory(docker, tmp_path):
     executor = DockerExecutor()
     job = request(
-        tmp_path, "sh", "-c", "pwd; cat ../in.txt; echo made > out.txt; echo $GREETING; ls /bin/busybox",
-        working_directory="sub", environment={"GREETING": "hello container"},
+        tmp_path,
+        "sh",
+        "-c",
+        "pwd; cat ../in.txt; echo made > out.txt; echo $GREETING; ls /bin/busybox",
+        working_directory="sub",
+        environment={"GREETING": "hello container"},
     )
     (tmp_path / "root" / "in.txt").write_text("input\n")
     outcome = await executor.execute(job)
@@ -133,13 +149,18 @@ async def test_network_is_off_unless_the_platform_asks(docker, tmp_path):
 
 
 async def test_no_container_image_is_a_failed_precondition(docker, tmp_path):
-    with pytest.raises(FailedPrecondition, match="^platform property container-image is required for the docker backend$"):
+    with pytest.raises(
+        FailedPrecondition,
+        match="^platform property container-image is required for the docker backend$",
+    ):
         await DockerExecutor().execute(request(tmp_path, "true", image=None))
 
 
 async def test_an_image_not_on_the_engine_fails_at_once_without_pulling(docker, tmp_path):
     started = time.monotonic()
-    with pytest.raises(FailedPrecondition, match="not present on the worker's Docker engine.*never pulls"):
+    with pytest.raises(
+        FailedPrecondition, match="not present on the worker's Docker engine.*never pulls"
+    ):
         await DockerExecutor().execute(
             request(tmp_path, "true", image="docker://registry.invalid/nothing:1")
         )
@@ -198,8 +219,13 @@ async def test_limits_become_container_settings(docker, tmp_path):
     limits = LimitsSettings(memory=64 * 1024 * 1024, cpus=0.5, max_processes=20)
     executor = DockerExecutor(limits=limits)
     args = executor.create_arguments(request(tmp_path, "true"), TEST_IMAGE, "n")
-    for flag, value in (("--memory", "67108864"), ("--cpus", "0.5"), ("--pids-limit", "20"),
-                        ("--network", "none"), ("--pull", "never")):
+    for flag, value in (
+        ("--memory", "67108864"),
+        ("--cpus", "0.5"),
+        ("--pids-limit", "20"),
+        ("--network", "none"),
+        ("--pull", "never"),
+    ):
         assert args[args.index(flag) + 1] == value
     # And the engine applies them: more processes than allowed cannot start.
     script = "for i in $(seq 40); do sleep 5 & done 2>/dev/null; echo started; wait"
@@ -219,7 +245,9 @@ def test_offers_the_engines_images(docker):
 
 async def test_end_to_end_through_the_server(docker, client, tmp_path):
     settings = settings_for(client.app.port, tmp_path / "work")
-    settings = replace(settings, backend=BackendSettings(type="docker", work_dir=str(tmp_path / "work")))
+    settings = replace(
+        settings, backend=BackendSettings(type="docker", work_dir=str(tmp_path / "work"))
+    )
     agent = WorkerAgent(settings)
     assert IMAGE in agent.platform()["container-image"]
     in_image = build_command(

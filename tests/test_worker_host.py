@@ -303,7 +303,9 @@ async def test_daemonized_grandchildren_do_not_outlive_the_action(tmp_path, limi
 async def test_daemons_die_with_a_timed_out_action(tmp_path, limits):
     marker = marker_seconds()
     outcome = await HostExecutor(limits=limits).execute(
-        request(tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + f" sleep {marker}", timeout=0.5)
+        request(
+            tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + f" sleep {marker}", timeout=0.5
+        )
     )
     assert outcome.timed_out
     assert await none_left(marker)
@@ -333,7 +335,9 @@ async def test_the_action_sees_no_descriptor_of_the_worker(tmp_path):
 
 async def test_sigpipe_has_its_default_action(tmp_path):
     """The launcher is Python, which ignores SIGPIPE; the command must not inherit that."""
-    outcome = await HostExecutor().execute(request(tmp_path, SH, "-c", "yes | head -n 1", timeout=10))
+    outcome = await HostExecutor().execute(
+        request(tmp_path, SH, "-c", "yes | head -n 1", timeout=10)
+    )
     assert not outcome.timed_out
     assert outcome.exit_code == 0
     assert stdout(tmp_path) == "y\n"

@@ -84,7 +84,10 @@ async def test_concurrent_actions_share_the_zygote(tmp_path, monkeypatch):
     for d in dirs:
         d.mkdir()
     outcomes = await asyncio.gather(
-        *(executor.execute(request(d, SH, "-c", f"sleep 0.2; echo {n}")) for n, d in enumerate(dirs))
+        *(
+            executor.execute(request(d, SH, "-c", f"sleep 0.2; echo {n}"))
+            for n, d in enumerate(dirs)
+        )
     )
     assert [o.exit_code for o in outcomes] == [0] * 8
     assert [stdout(d) for d in dirs] == [f"{n}\n" for n in range(8)]
@@ -152,9 +155,7 @@ async def test_no_descriptor_leaks_into_the_action(tmp_path, cgroups):
     # Another action in flight: its reply socket and files are open in the zygote.
     other = asyncio.create_task(executor.execute(request(busy, "sleep", "1")))
     await asyncio.sleep(0.3)
-    outcome = await executor.execute(
-        request(listing, SH, "-c", "exec ls -l /proc/self/fd/")
-    )
+    outcome = await executor.execute(request(listing, SH, "-c", "exec ls -l /proc/self/fd/"))
     await other
     assert outcome.exit_code == 0
     entries = {}

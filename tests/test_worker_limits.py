@@ -55,7 +55,9 @@ BACKENDS = [
     pytest.param(
         sandbox,
         id="sandbox",
-        marks=pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
+        marks=pytest.mark.skipif(
+            shutil.which("bwrap") is None, reason="bubblewrap is not installed"
+        ),
     ),
 ]
 Backend = Callable[[LimitsSettings], Executor]
@@ -117,7 +119,9 @@ async def test_cpu_time_limit(tmp_path, backend: Backend):
 
 async def test_cpu_time_limit_of_a_process_ignoring_sigxcpu(tmp_path):
     stubborn = ("sh", "-c", "trap '' XCPU; while :; do :; done")
-    outcome = await HostExecutor(limits=LimitsSettings(cpu_time=1)).execute(request(tmp_path, *stubborn))
+    outcome = await HostExecutor(limits=LimitsSettings(cpu_time=1)).execute(
+        request(tmp_path, *stubborn)
+    )
     assert outcome.exit_code == 128 + 9  # the hard limit, a second later
     assert outcome.limit_exceeded == "action exceeded its CPU time limit of 1s (SIGKILL)"
 
@@ -125,7 +129,9 @@ async def test_cpu_time_limit_of_a_process_ignoring_sigxcpu(tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_file_size_backstop(tmp_path, backend: Backend):
     executor = backend(LimitsSettings(max_output_size=1 * MiB))
-    outcome = await executor.execute(request(tmp_path, "sh", "-c", "head -c 3000000 /dev/zero > big"))
+    outcome = await executor.execute(
+        request(tmp_path, "sh", "-c", "head -c 3000000 /dev/zero > big")
+    )
     assert outcome.exit_code == 128 + 25  # the shell reports head's SIGXFSZ
     assert outcome.limit_exceeded == (
         "action wrote a file larger than the 1MiB output limit ([worker.limits] max_output_size) (SIGXFSZ)"
@@ -140,7 +146,10 @@ async def test_process_limit(tmp_path, backend: Backend):
     script = "for i in $(seq 20); do sleep 2 & done; wait"
     outcome = await executor.execute(request(tmp_path, "sh", "-c", script))
     assert outcome.exit_code != 0
-    assert outcome.limit_exceeded == "action exceeded its limit of 8 processes ([worker.limits] max_processes)"
+    assert (
+        outcome.limit_exceeded
+        == "action exceeded its limit of 8 processes ([worker.limits] max_processes)"
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,7 +157,8 @@ async def test_process_limit(tmp_path, backend: Backend):
 async def test_cpu_share(tmp_path, backend: Backend):
     """A quarter of a CPU: a second of busy looping gets about a quarter second of CPU."""
     spin = (
-        "python3", "-c",
+        "python3",
+        "-c",
         "import os, time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass\n"
         "t = os.times(); print(t.user + t.system)",
     )
@@ -159,7 +169,9 @@ async def test_cpu_share(tmp_path, backend: Backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_within_limits_nothing_is_reported(tmp_path, backend: Backend):
-    limits = LimitsSettings(memory=256 * MiB, cpu_time=5, max_output_size=10 * MiB, max_processes=50)
+    limits = LimitsSettings(
+        memory=256 * MiB, cpu_time=5, max_output_size=10 * MiB, max_processes=50
+    )
     outcome = await backend(limits).execute(request(tmp_path, "sh", "-c", "echo fine; exit 152"))
     # 152 looks like SIGXCPU, but no CPU time was used: it is just the exit code.
     assert outcome.exit_code == 152

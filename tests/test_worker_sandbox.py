@@ -77,15 +77,25 @@ def listener() -> Iterator[int]:
 
 
 def connect_script(port: int) -> list[str]:
-    return ["python3", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 3); print('connected')"]
+    return [
+        "python3",
+        "-c",
+        f"import socket; socket.create_connection(('127.0.0.1', {port}), 3); print('connected')",
+    ]
 
 
 async def test_the_input_root_is_the_working_area(tmp_path):
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "in.txt").write_text("input\n")
     outcome = await SandboxExecutor().execute(
-        request(tmp_path, "sh", "-c", "pwd; cat ../in.txt; echo made > out.txt; ls /",
-                working_directory="sub", environment={"PATH": "/usr/bin:/bin"})
+        request(
+            tmp_path,
+            "sh",
+            "-c",
+            "pwd; cat ../in.txt; echo made > out.txt; ls /",
+            working_directory="sub",
+            environment={"PATH": "/usr/bin:/bin"},
+        )
     )
     assert outcome.exit_code == 0, stderr(tmp_path)
     lines = stdout(tmp_path).splitlines()
@@ -100,7 +110,9 @@ async def test_environment_is_the_commands(tmp_path):
     assert outcome.exit_code == 0
     # PATH defaults as on the host; bwrap sets PWD when it enters the working directory.
     assert sorted(stdout(tmp_path).splitlines()) == [
-        "A=1", "PATH=/usr/local/bin:/usr/bin:/bin", "PWD=/work"
+        "A=1",
+        "PATH=/usr/local/bin:/usr/bin:/bin",
+        "PWD=/work",
     ]
 
 
@@ -125,8 +137,14 @@ async def test_the_input_root_as_slash_in_root_mode(tmp_path):
     (root / "etc" / "os-release").write_text("NAME=sysroot\n")
     executor = SandboxExecutor(BackendSettings(type="sandbox", sandbox_root="root"))
     outcome = await executor.execute(
-        request(tmp_path, "sh", "-c", "pwd; cat /etc/os-release; ls /; echo built > /out.txt",
-                working_directory="src", environment={"PATH": "/bin"})
+        request(
+            tmp_path,
+            "sh",
+            "-c",
+            "pwd; cat /etc/os-release; ls /; echo built > /out.txt",
+            working_directory="src",
+            environment={"PATH": "/bin"},
+        )
     )
     assert outcome.exit_code == 0, stderr(tmp_path)
     lines = stdout(tmp_path).splitlines()
@@ -144,7 +162,9 @@ async def test_no_network_by_default(tmp_path, listener):
 
 
 async def test_network_when_the_platform_asks(tmp_path, listener):
-    outcome = await SandboxExecutor().execute(request(tmp_path, *connect_script(listener), network="on"))
+    outcome = await SandboxExecutor().execute(
+        request(tmp_path, *connect_script(listener), network="on")
+    )
     assert outcome.exit_code == 0, stderr(tmp_path)
     assert stdout(tmp_path) == "connected\n"
 
@@ -161,7 +181,9 @@ async def test_private_tmp_and_read_only_system(tmp_path):
 
 
 async def test_own_pid_namespace(tmp_path):
-    outcome = await SandboxExecutor().execute(request(tmp_path, "sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"))
+    outcome = await SandboxExecutor().execute(
+        request(tmp_path, "sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'")
+    )
     assert outcome.exit_code == 0
     pid, count = stdout(tmp_path).split()
     assert int(pid) <= 3 and int(count) <= 4  # bwrap's init, the shell, ls, grep
@@ -218,15 +240,20 @@ def test_offers_network_choice():
 async def test_end_to_end_through_the_server(client, tmp_path, listener):
     work_dir = tmp_path / "work"
     settings = replace(
-        settings_for(client.app.port, work_dir), backend=BackendSettings(type="sandbox", work_dir=str(work_dir))
+        settings_for(client.app.port, work_dir),
+        backend=BackendSettings(type="sandbox", work_dir=str(work_dir)),
     )
     agent = WorkerAgent(settings)
     assert agent.platform()["network"] == ("off", "on")  # the backend's offer ...
     configured = WorkerAgent(replace(settings, platform={"network": ("off",)}))
     assert configured.platform()["network"] == ("off",)  # ... which configuration overrides
     offline = build_command(
-        ["sh", "-c", f"pwd; tr a-z A-Z < in.txt > out.txt; {' '.join(connect_script(listener)[:2])} "
-                     f"\"{connect_script(listener)[2]}\" || echo no network"],
+        [
+            "sh",
+            "-c",
+            f"pwd; tr a-z A-Z < in.txt > out.txt; {' '.join(connect_script(listener)[:2])} "
+            f'"{connect_script(listener)[2]}" || echo no network',
+        ],
         output_paths=["out.txt"],
     )
     online = build_command(connect_script(listener), platform={"network": "on"})

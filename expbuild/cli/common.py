@@ -39,7 +39,10 @@ def settings_or_exit(config: str | None, address: str | None = None) -> Settings
 
 
 config_option = click.option(
-    "--config", "-c", metavar="FILE", envvar="EXPBUILD_CONFIG",
+    "--config",
+    "-c",
+    metavar="FILE",
+    envvar="EXPBUILD_CONFIG",
     help="TOML configuration file (a bare name is also looked up in ./configs).",
 )
 verbose_option = click.option("--verbose", "-v", is_flag=True, help="Log debug details.")

@@ -54,7 +54,9 @@ async def serve(settings: Settings, database_url: str, *, local_workers: int = 0
         target = f"http://127.0.0.1:{app.port}"
         for index in range(local_workers):
             worker_settings = replace(
-                settings.worker, server_url=target, cas_url=target,
+                settings.worker,
+                server_url=target,
+                cas_url=target,
                 name=f"{settings.worker.name}-local-{index + 1}",
             )
             agent = WorkerAgent(worker_settings)

@@ -15,8 +15,15 @@ log = logging.getLogger("expbuild.up")
 @click.command("up")
 @config_option
 @verbose_option
-@click.option("--workers", "-w", "worker_count", type=click.IntRange(min=0), default=1,
-              show_default=True, help="Local workers to run beside the server.")
+@click.option(
+    "--workers",
+    "-w",
+    "worker_count",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Local workers to run beside the server.",
+)
 @click.option("--address", metavar="HOST:PORT", help="Listen address (default 127.0.0.1:8980).")
 def up_command(config: str | None, verbose: bool, worker_count: int, address: str | None) -> None:
     """Start PostgreSQL (embedded unless [database] url is set), the server and local workers.

@@ -23,9 +23,14 @@ def worker_group() -> None:
 @config_option
 @verbose_option
 @click.option("--server", "server_url", metavar="URL", help="Override [worker] server_url.")
-@click.option("--max-concurrent-tasks", type=click.IntRange(min=1), help="Override [worker] max_concurrent_tasks.")
-def daemon_command(config: str | None, verbose: bool, server_url: str | None,
-                   max_concurrent_tasks: int | None) -> None:
+@click.option(
+    "--max-concurrent-tasks",
+    type=click.IntRange(min=1),
+    help="Override [worker] max_concurrent_tasks.",
+)
+def daemon_command(
+    config: str | None, verbose: bool, server_url: str | None, max_concurrent_tasks: int | None
+) -> None:
     """Register with the server, poll for tasks and run them until stopped.
 
     Ctrl+C or SIGTERM stops polling, lets running actions finish (up to a grace
@@ -68,8 +73,11 @@ async def _run_agent(settings) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            log.info("Received %s: finishing running actions, then exiting "
-                     "(send it again to exit at once)", signal.Signals(signum).name)
+            log.info(
+                "Received %s: finishing running actions, then exiting "
+                "(send it again to exit at once)",
+                signal.Signals(signum).name,
+            )
             agent.request_stop()
         else:
             log.warning("Second signal: exiting now")

@@ -23,8 +23,13 @@ def _target(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 server_option = click.option(
-    "--server", default=DEFAULT_ADDRESS, show_default=True, envvar="EXPBUILD_SERVER",
-    metavar="HOST:PORT", callback=_target, help="Server to ask; env EXPBUILD_SERVER.",
+    "--server",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    envvar="EXPBUILD_SERVER",
+    metavar="HOST:PORT",
+    callback=_target,
+    help="Server to ask; env EXPBUILD_SERVER.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -75,7 +80,9 @@ def workers_group() -> None:
 @click.option("--all", "include_offline", is_flag=True, help="Include offline workers.")
 def list_command(server: str, as_json: bool, include_offline: bool) -> None:
     """List workers: state, running/max tasks, platform, last heartbeat."""
-    reply = _call(server, "ListWorkers", worker_pb2.ListWorkersRequest(include_offline=include_offline))
+    reply = _call(
+        server, "ListWorkers", worker_pb2.ListWorkersRequest(include_offline=include_offline)
+    )
     rows = [_as_dict(w) for w in reply.workers]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -87,8 +94,10 @@ def list_command(server: str, as_json: bool, include_offline: bool) -> None:
     for row in rows:
         platform = ", ".join(f"{k}={'|'.join(v)}" for k, v in sorted(row["platform"].items()))
         tasks = f"{row['running_tasks']}/{row['max_concurrent_tasks']}"
-        click.echo(f"{row['worker_id']:<20} {row['name'][:20]:<20} {row['state']:<9} {tasks:>7}  "
-                   f"{_ago(row['last_heartbeat_at']):<10} {platform}")
+        click.echo(
+            f"{row['worker_id']:<20} {row['name'][:20]:<20} {row['state']:<9} {tasks:>7}  "
+            f"{_ago(row['last_heartbeat_at']):<10} {platform}"
+        )
 
 
 @workers_group.command("drain")
@@ -105,5 +114,7 @@ def drain_command(server: str, as_json: bool, worker: str) -> None:
     if as_json:
         click.echo(json.dumps(_as_dict(reply.worker), indent=2))
     else:
-        click.echo(f"worker {reply.worker.worker_id} ({reply.worker.name}) is draining; "
-                   f"{reply.worker.running_tasks} task(s) still running")
+        click.echo(
+            f"worker {reply.worker.worker_id} ({reply.worker.name}) is draining; "
+            f"{reply.worker.running_tasks} task(s) still running"
+        )

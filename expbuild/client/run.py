@@ -326,9 +326,14 @@ async def run_command(
         else:
             _say(progress, "All inputs already in the CAS")
         return await _execute_and_finish(
-            channel, cas, action_digest, instance_name=instance_name,
-            skip_cache_lookup=skip_cache_lookup, priority=priority,
-            download_to=download_to, progress=progress,
+            channel,
+            cas,
+            action_digest,
+            instance_name=instance_name,
+            skip_cache_lookup=skip_cache_lookup,
+            priority=priority,
+            download_to=download_to,
+            progress=progress,
         )
 
 
@@ -351,7 +356,12 @@ async def execute_action(
     async with open_channel(target) as channel:
         cas = await CasClient.connect(channel, instance_name)
         return await _execute_and_finish(
-            channel, cas, action_digest, instance_name=instance_name,
-            skip_cache_lookup=skip_cache_lookup, priority=priority,
-            download_to=download_to, progress=progress,
+            channel,
+            cas,
+            action_digest,
+            instance_name=instance_name,
+            skip_cache_lookup=skip_cache_lookup,
+            priority=priority,
+            download_to=download_to,
+            progress=progress,
         )

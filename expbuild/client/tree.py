@@ -368,7 +368,9 @@ class BlobSource(Protocol):
         """Like `CasClient.read_available`: the blobs found, and the digests missing."""
         ...
 
-    async def place_files(self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]) -> list[Digest]:
+    async def place_files(
+        self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
+    ) -> list[Digest]:
         """A `PlaceFiles`."""
         ...
 
@@ -384,7 +386,9 @@ class CasSource:
     ) -> tuple[dict[Digest, bytes], list[Digest]]:
         return await self.cas.read_available(digests)
 
-    async def place_files(self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]) -> list[Digest]:
+    async def place_files(
+        self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
+    ) -> list[Digest]:
         return await download_files(self.cas, files)
 
 

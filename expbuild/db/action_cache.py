@@ -7,7 +7,9 @@ from expbuild.db.queue import Executor
 from expbuild.digest import Digest
 
 
-async def get_action_result(db: Executor, instance_name: str, action_digest: Digest) -> bytes | None:
+async def get_action_result(
+    db: Executor, instance_name: str, action_digest: Digest
+) -> bytes | None:
     return await db.fetchval(sql("get_action_result"), instance_name, str(action_digest))
 
 

@@ -132,7 +132,9 @@ class Notifications:
         waiter = asyncio.get_running_loop().create_future()
         self._pollers.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout=min(timeout, self.fallback_interval))
+            await asyncio.wait_for(
+                asyncio.shield(waiter), timeout=min(timeout, self.fallback_interval)
+            )
         except TimeoutError:
             pass
         finally:

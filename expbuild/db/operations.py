@@ -44,7 +44,9 @@ class OperationRecord:
 async def insert_cached_operation(
     db: Executor, name: str, instance_name: str, action_digest: Digest, response: bytes
 ) -> None:
-    await db.execute(sql("insert_cached_operation"), name, instance_name, str(action_digest), response)
+    await db.execute(
+        sql("insert_cached_operation"), name, instance_name, str(action_digest), response
+    )
 
 
 def _record(r) -> OperationRecord:

@@ -234,4 +234,3 @@ async def get_task(db: Executor, task_id: int) -> TaskRecord:
         error_code=r["error_code"],
         error=r["error"],
     )
-

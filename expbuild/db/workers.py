@@ -75,7 +75,9 @@ async def heartbeat(
         try:
             tokens.append(uuid.UUID(token))
         except (ValueError, TypeError):
-            raise InvalidArgument(f"lease token {token!r} for task {task_id} is not a UUID") from None
+            raise InvalidArgument(
+                f"lease token {token!r} for task {task_id} is not a UUID"
+            ) from None
     rows = await db.fetch(sql("heartbeat"), worker_id, ids, tokens, lease_duration)
     if not rows:
         return HeartbeatOutcome(known=False)

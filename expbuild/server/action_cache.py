@@ -31,15 +31,23 @@ async def complete_action_result(
     result = re_pb2.ActionResult.FromString(raw)
     missing = await missing_blobs(store, result)
     if missing:
-        log.info("Action cache entry for %s is incomplete (%d blob(s) gone); treating as a miss",
-                 digest, len(missing))
+        log.info(
+            "Action cache entry for %s is incomplete (%d blob(s) gone); treating as a miss",
+            digest,
+            len(missing),
+        )
         return None
     return result
 
 
 class ActionCacheServicer(re_grpc.ActionCacheServicer):
-    def __init__(self, pool: asyncpg.Pool, store: FileStore, instances: InstanceNames,
-                 settings: ServerSettings):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: FileStore,
+        instances: InstanceNames,
+        settings: ServerSettings,
+    ):
         self.pool = pool
         self.store = store
         self.instances = instances
@@ -52,8 +60,13 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         result = await complete_action_result(self.pool, self.store, instance, digest)
         if result is None:
             raise NotFound(f"no action result for {digest}")
-        await inline_outputs(self.store, result, stdout=request.inline_stdout,
-                             stderr=request.inline_stderr, files=request.inline_output_files)
+        await inline_outputs(
+            self.store,
+            result,
+            stdout=request.inline_stdout,
+            stderr=request.inline_stderr,
+            files=request.inline_output_files,
+        )
         return result
 
     @rpc

@@ -111,13 +111,16 @@ class ServerApp:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                             reflection.SERVICE_NAME),
+            SERVICE_NAMES
+            + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
         host, port = parse_address(s.address, "server.address")
-        bind = f"[{host}]:{port if not self.port else self.port}" if ":" in host else \
-            f"{host}:{port if not self.port else self.port}"
+        bind = (
+            f"[{host}]:{port if not self.port else self.port}"
+            if ":" in host
+            else f"{host}:{port if not self.port else self.port}"
+        )
         self.port = server.add_insecure_port(bind)
         await server.start()
         self.server = server
@@ -135,9 +138,7 @@ class ServerApp:
         ]
         metrics.CAS_MAX_BYTES.set(settings.cas.max_size)
         if settings.cas.max_size > 0:
-            self._background.append(
-                asyncio.create_task(self._evict_forever(), name="cas-eviction")
-            )
+            self._background.append(asyncio.create_task(self._evict_forever(), name="cas-eviction"))
         log.info("ExpBuild server listening on %s:%d (CAS at %s)", host, self.port, self.store.root)
 
     async def _reap_forever(self) -> None:
@@ -153,16 +154,27 @@ class ServerApp:
 
     async def reap_once(self) -> None:
         s = self.settings.server
-        for worker_id in await workers.mark_silent_workers_offline(self.pool, s.worker_offline_timeout):
+        for worker_id in await workers.mark_silent_workers_offline(
+            self.pool, s.worker_offline_timeout
+        ):
             log.warning("Worker %s missed its heartbeats; marked offline", worker_id)
         for task in await queue.reap_expired_leases(self.pool):
             metrics.REAPED_TASKS.labels(task.state).inc()
             if task.state == "failed":
-                log.warning("Task %s failed after %d attempts (%s on worker %s)",
-                            task_name(task.task_id), task.attempts, task.reason, task.worker_id)
+                log.warning(
+                    "Task %s failed after %d attempts (%s on worker %s)",
+                    task_name(task.task_id),
+                    task.attempts,
+                    task.reason,
+                    task.worker_id,
+                )
             else:
-                log.warning("Task %s requeued (%s on worker %s)",
-                            task_name(task.task_id), task.reason, task.worker_id)
+                log.warning(
+                    "Task %s requeued (%s on worker %s)",
+                    task_name(task.task_id),
+                    task.reason,
+                    task.worker_id,
+                )
         purged = await queue.purge_finished_tasks(self.pool, s.task_retention)
         if purged:
             log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)
@@ -191,7 +203,9 @@ class ServerApp:
             mib = 1024 * 1024
             log.info(
                 "CAS eviction: removed %d blobs (%.1f MiB), store now %.1f MiB of %.1f MiB",
-                report.removed, report.removed_bytes / mib, report.remaining_bytes / mib,
+                report.removed,
+                report.removed_bytes / mib,
+                report.remaining_bytes / mib,
                 max_size / mib,
             )
         return report
@@ -210,4 +224,3 @@ class ServerApp:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
-

@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def _missing(digest: Digest, what: str) -> Violation:
-    return Violation(type="MISSING", subject=f"blobs/{digest.hash}/{digest.size_bytes}",
-                     description=f"{what} {digest} is not in the CAS")
+    return Violation(
+        type="MISSING",
+        subject=f"blobs/{digest.hash}/{digest.size_bytes}",
+        description=f"{what} {digest} is not in the CAS",
+    )
 
 
 class ExecutionServicer(re_grpc.ExecutionServicer):
@@ -117,9 +120,13 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         if not request.skip_cache_lookup:
             cached = await complete_action_result(self.pool, self.store, instance, digest)
             if cached is not None:
-                await inline_outputs(self.store, cached, stdout=request.inline_stdout,
-                                     stderr=request.inline_stderr,
-                                     files=request.inline_output_files)
+                await inline_outputs(
+                    self.store,
+                    cached,
+                    stdout=request.inline_stdout,
+                    stderr=request.inline_stderr,
+                    files=request.inline_output_files,
+                )
                 response = re_pb2.ExecuteResponse(
                     result=cached, cached_result=True, status=ok_status()
                 )
@@ -154,15 +161,21 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         )
         EXECUTE_REQUESTS.labels("queued" if enqueued.is_new else "joined").inc()
         if enqueued.is_new:
-            log.info("Task task-%d submitted to queue (action %s, priority %d)",
-                     enqueued.task_id, digest, request.execution_policy.priority)
+            log.info(
+                "Task task-%d submitted to queue (action %s, priority %d)",
+                enqueued.task_id,
+                digest,
+                request.execution_policy.priority,
+            )
         else:
             log.info("Action %s joined in-flight task task-%d", digest, enqueued.task_id)
         if not request.skip_cache_lookup:
             yield _operation(operation_name, digest, re_pb2.ExecutionStage.CACHE_CHECK)
         # Always report QUEUED, even if a worker leased the task before we read it back.
         yield _operation(operation_name, digest, re_pb2.ExecutionStage.QUEUED)
-        async for operation in self.tracker.follow(operation_name, seen_stage=re_pb2.ExecutionStage.QUEUED):
+        async for operation in self.tracker.follow(
+            operation_name, seen_stage=re_pb2.ExecutionStage.QUEUED
+        ):
             yield await self._inlined(operation, request)
 
     @rpc
@@ -180,14 +193,20 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         operation.response.Unpack(response)
         if not response.HasField("result"):
             return operation
-        await inline_outputs(self.store, response.result, stdout=request.inline_stdout,
-                             stderr=request.inline_stderr, files=request.inline_output_files)
+        await inline_outputs(
+            self.store,
+            response.result,
+            stdout=request.inline_stdout,
+            stderr=request.inline_stderr,
+            files=request.inline_output_files,
+        )
         operation.response.Pack(response)
         return operation
 
 
-def _operation(name: str, digest: Digest, stage: int,
-               response: re_pb2.ExecuteResponse | None = None) -> operations_pb2.Operation:
+def _operation(
+    name: str, digest: Digest, stage: int, response: re_pb2.ExecuteResponse | None = None
+) -> operations_pb2.Operation:
     metadata = re_pb2.ExecuteOperationMetadata(stage=stage, action_digest=digest.to_proto())
     operation = operations_pb2.Operation(name=name, done=response is not None)
     operation.metadata.Pack(metadata)

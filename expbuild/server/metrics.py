@@ -32,7 +32,9 @@ CAS_BLOBS_READ = Counter("expbuild_cas_blobs_read", "Blobs served by the CAS", [
 CAS_BYTES_READ = Counter("expbuild_cas_bytes_read", "Blob bytes served by the CAS", ["method"])
 # LRU eviction of the CAS ([cas] max_size): counted by the replica that ran the pass; the
 # store's size is as last measured by this replica's eviction passes.
-CAS_STORE_BYTES = Gauge("expbuild_cas_store_bytes", "Bytes of blobs in the CAS at the last eviction pass")
+CAS_STORE_BYTES = Gauge(
+    "expbuild_cas_store_bytes", "Bytes of blobs in the CAS at the last eviction pass"
+)
 CAS_MAX_BYTES = Gauge("expbuild_cas_max_bytes", "The CAS size bound ([cas] max_size); 0: unbounded")
 CAS_EVICTED_BLOBS = Counter("expbuild_cas_evicted_blobs", "Blobs deleted by CAS eviction")
 CAS_EVICTED_BYTES = Counter("expbuild_cas_evicted_bytes", "Blob bytes deleted by CAS eviction")

@@ -70,7 +70,9 @@ def to_operation(record: OperationRecord) -> operations_pb2.Operation:
         if record.queued_at is not None:
             metadata.partial_execution_metadata.queued_timestamp.FromDatetime(record.queued_at)
         if record.leased_at is not None:
-            metadata.partial_execution_metadata.worker_start_timestamp.FromDatetime(record.leased_at)
+            metadata.partial_execution_metadata.worker_start_timestamp.FromDatetime(
+                record.leased_at
+            )
     operation = operations_pb2.Operation(name=record.name, done=record.done)
     operation.metadata.Pack(metadata)
     if record.done:
@@ -157,9 +159,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             limit=limit,
             after=_after(request.page_token),
         )
-        reply = operations_pb2.ListOperationsResponse(
-            operations=[to_operation(r) for r in records]
-        )
+        reply = operations_pb2.ListOperationsResponse(operations=[to_operation(r) for r in records])
         if len(records) == limit:
             reply.next_page_token = _page_token(records[-1])
         return reply
@@ -167,8 +167,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     @rpc
     async def CancelOperation(self, request, context):
         task_cancelled = await db_operations.cancel_operation(self.tracker.pool, request.name)
-        log.info("Operation %s cancelled%s", request.name,
-                 " with its task" if task_cancelled else "")
+        log.info(
+            "Operation %s cancelled%s", request.name, " with its task" if task_cancelled else ""
+        )
         return empty_pb2.Empty()
 
     @rpc

@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def worker_info(record: WorkerRecord) -> worker_pb2.WorkerInfo:
-    platform = re_pb2.Platform(properties=[
-        re_pb2.Platform.Property(name=name, value=value)
-        for name in sorted(record.platform)
-        for value in record.platform[name]
-    ])
+    platform = re_pb2.Platform(
+        properties=[
+            re_pb2.Platform.Property(name=name, value=value)
+            for name in sorted(record.platform)
+            for value in record.platform[name]
+        ]
+    )
     return worker_pb2.WorkerInfo(
         worker_id=record.worker_id,
         name=record.name,

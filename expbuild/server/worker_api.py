@@ -67,8 +67,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_concurrent=request.max_concurrent_tasks or 1,
             version=request.version,
         )
-        log.info("Worker %s registered with platform: %s", worker_id,
-                 {k: v[0] if len(v) == 1 else v for k, v in platform.items()})
+        log.info(
+            "Worker %s registered with platform: %s",
+            worker_id,
+            {k: v[0] if len(v) == 1 else v for k, v in platform.items()},
+        )
         return worker_pb2.RegisterWorkerResponse(
             worker_id=worker_id,
             heartbeat_interval=duration(self.settings.heartbeat_interval),
@@ -80,7 +83,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Heartbeat(self, request: worker_pb2.HeartbeatRequest, context):
         worker_id = self._require_worker(request.worker_id)
         running = [(_task_id(lease.task_id), lease.lease_token) for lease in request.running]
-        outcome = await workers.heartbeat(self.pool, worker_id, running, self.settings.lease_duration)
+        outcome = await workers.heartbeat(
+            self.pool, worker_id, running, self.settings.lease_duration
+        )
         if not outcome.known:
             return worker_pb2.HeartbeatResponse(reregister=True)
         return worker_pb2.HeartbeatResponse(
@@ -131,9 +136,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             response = re_pb2.ExecuteResponse(message=str(exc))
             response.status.code = 9  # FAILED_PRECONDITION
             response.status.message = f"{exc}; upload the action's blobs again"
-            await queue.complete_task(self.pool, task.task_id, task.lease_token, worker_id,
-                                      succeeded=False, response=response.SerializeToString(),
-                                      cache_result=None, detail={"error": str(exc)})
+            await queue.complete_task(
+                self.pool,
+                task.task_id,
+                task.lease_token,
+                worker_id,
+                succeeded=False,
+                response=response.SerializeToString(),
+                cache_result=None,
+                detail={"error": str(exc)},
+            )
             return None
         log.info("Leased task %s to worker %s", task_name(task.task_id), worker_id)
         message = worker_pb2.Task(
@@ -169,17 +181,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             detail={"exit_code": response.result.exit_code, "status": response.status.code},
         )
         TASK_COMPLETIONS.labels("succeeded" if succeeded else "failed").inc()
-        log.info("Task %s completed on worker %s (exit code %d)", request.task_id, worker_id,
-                 response.result.exit_code)
+        log.info(
+            "Task %s completed on worker %s (exit code %d)",
+            request.task_id,
+            worker_id,
+            response.result.exit_code,
+        )
         return worker_pb2.CompleteTaskResponse()
 
     @rpc
     async def ReleaseTask(self, request: worker_pb2.ReleaseTaskRequest, context):
         worker_id = self._require_worker(request.worker_id)
-        await queue.release_task(self.pool, _task_id(request.task_id), request.lease_token,
-                                 worker_id, request.reason or "released by worker")
-        log.info("Task %s handed back by worker %s: %s", request.task_id, worker_id,
-                 request.reason or "no reason given")
+        await queue.release_task(
+            self.pool,
+            _task_id(request.task_id),
+            request.lease_token,
+            worker_id,
+            request.reason or "released by worker",
+        )
+        log.info(
+            "Task %s handed back by worker %s: %s",
+            request.task_id,
+            worker_id,
+            request.reason or "no reason given",
+        )
         return worker_pb2.ReleaseTaskResponse()
 
     @rpc
@@ -188,5 +213,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         requeued = await workers.deregister_worker(self.pool, worker_id)
         log.info("Worker %s deregistered (%d task(s) requeued)", worker_id, requeued)
         return worker_pb2.DeregisterWorkerResponse()
-
-

@@ -291,8 +291,10 @@ class WorkerAgent:
             self._stop_task(task_id, "lease lost")
         if response.drain and not self._stopping:
             # `expbuild workers drain`: the same graceful exit as SIGTERM, asked remotely.
-            log.info("Server asks worker %s to drain: finishing running tasks, then leaving",
-                     self.worker_id)
+            log.info(
+                "Server asks worker %s to drain: finishing running tasks, then leaving",
+                self.worker_id,
+            )
             self._draining = True
             self.request_stop()
 

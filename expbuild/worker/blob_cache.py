@@ -143,7 +143,10 @@ class BlobCache:
             self._total += entry.size
         log.info(
             "Worker blob cache %s: %d entries, %d of %d bytes",
-            self.root, len(self._entries), self._total, self.max_bytes,
+            self.root,
+            len(self._entries),
+            self._total,
+            self.max_bytes,
         )
         await self._evict()
 
@@ -260,7 +263,8 @@ class BlobCache:
             return []
         log.warning(
             "%d blob(s) kept breaking in the worker cache %s; downloading them directly",
-            len(remaining), self.root,
+            len(remaining),
+            self.root,
         )
         return await download_files(cas, remaining)
 
@@ -487,7 +491,9 @@ class CachedSource:
     ) -> tuple[dict[Digest, bytes], list[Digest]]:
         return await self.cache.read_available(self.cas, digests)
 
-    async def place_files(self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]) -> list[Digest]:
+    async def place_files(
+        self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
+    ) -> list[Digest]:
         return await self.cache.place_files(self.cas, files)
 
 

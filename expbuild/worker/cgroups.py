@@ -87,7 +87,8 @@ class CgroupSupport:
             v2_controllers: set[str] = set()
             if self.unified is not None:
                 wanted = {
-                    c for c, limit in zip(CONTROLLERS, (memory, max_processes, cpus), strict=True)
+                    c
+                    for c, limit in zip(CONTROLLERS, (memory, max_processes, cpus), strict=True)
                     if limit is not None
                 }
                 _enable_controllers(self.unified, wanted)

@@ -72,7 +72,10 @@ class DockerExecutor:
         try:
             listing = subprocess.run(
                 [self.docker, "image", "ls", "--format", "{{.Repository}}:{{.Tag}}"],
-                capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False,
+                capture_output=True,
+                text=True,
+                timeout=CLI_TIMEOUT,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("Cannot list the Docker engine's images (%s); offering none", exc)
@@ -98,15 +101,25 @@ class DockerExecutor:
         relative = PurePosixPath(*request.working_directory.relative_to(request.root).parts)
         network = (request.property("network") or "off").lower() in ("on", "true", "yes")
         args = [
-            self.docker, "create", "--pull", "never", "--name", name,
-            "--label", "expbuild.action=1",
+            self.docker,
+            "create",
+            "--pull",
+            "never",
+            "--name",
+            name,
+            "--label",
+            "expbuild.action=1",
             # An init as PID 1: the command then gets default signal handling (the kernel
             # ignores SIGTERM and SIGXCPU sent to a PID 1 without handlers).
             "--init",
-            "--user", f"{os.getuid()}:{os.getgid()}",
-            "--volume", f"{request.root}:{CONTAINER_WORKDIR}",
-            "--workdir", str(PurePosixPath(CONTAINER_WORKDIR) / relative),
-            "--network", "bridge" if network else "none",
+            "--user",
+            f"{os.getuid()}:{os.getgid()}",
+            "--volume",
+            f"{request.root}:{CONTAINER_WORKDIR}",
+            "--workdir",
+            str(PurePosixPath(CONTAINER_WORKDIR) / relative),
+            "--network",
+            "bridge" if network else "none",
         ]
         limits = self.limits
         if limits.memory is not None:
@@ -149,8 +162,14 @@ class DockerExecutor:
         stderr = open(request.stderr_path, "wb")  # noqa: ASYNC230, SIM115
         with stdout, stderr:
             attached = await asyncio.create_subprocess_exec(
-                self.docker, "start", "--attach", name,
-                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
+                self.docker,
+                "start",
+                "--attach",
+                name,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
             )
         timed_out = False
         try:
@@ -232,7 +251,10 @@ class DockerExecutor:
                 f"the worker's Docker engine did not answer `docker {what}` within {CLI_TIMEOUT:g}s",
             ) from None
         result = subprocess.CompletedProcess(
-            args, process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+            args,
+            process.returncode or 0,
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
         )
         if result.returncode != 0 and what != "create":
             log.warning("docker %s failed: %s", what, result.stderr.strip())

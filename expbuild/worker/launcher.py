@@ -305,8 +305,9 @@ def _ignore_signal(signum: int, frame: object) -> None:
     pass  # only to have the wakeup fd written
 
 
-def _zygote_start(control, wake: tuple[int, int], data: bytes, fds: list[int], flags: int,
-                  replies: dict) -> None:
+def _zygote_start(
+    control, wake: tuple[int, int], data: bytes, fds: list[int], flags: int, replies: dict
+) -> None:
     import socket
 
     if len(fds) != ZYGOTE_FDS or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -359,8 +360,15 @@ def _zygote_reap(replies: dict) -> None:
             reply.close()
 
 
-def _zygote_child(zygote: int, spec: dict, environment: dict, arguments: list,
-                  stdout: int, stderr: int, status: int) -> None:
+def _zygote_child(
+    zygote: int,
+    spec: dict,
+    environment: dict,
+    arguments: list,
+    stdout: int,
+    stderr: int,
+    status: int,
+) -> None:
     code = 1
     try:
         signal.set_wakeup_fd(-1)

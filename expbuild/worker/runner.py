@@ -170,7 +170,9 @@ class TaskRunner:
                 # Nothing is uploaded; the action directory is removed as always.
                 message = output_too_large(total, self.limits)
                 log.warning("Outputs not uploaded: %s", message)
-                return re_pb2.ActionResult(exit_code=outcome.exit_code), errors.ResourceExhausted(message)
+                return re_pb2.ActionResult(exit_code=outcome.exit_code), errors.ResourceExhausted(
+                    message
+                )
         try:
             collected = await asyncio.to_thread(collect_outputs, command, directory.input_root)
         except errors.ExpBuildError as exc:

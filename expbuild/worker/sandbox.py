@@ -80,7 +80,8 @@ class SandboxExecutor:
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
-            "--hostname", "expbuild-sandbox",
+            "--hostname",
+            "expbuild-sandbox",
         ]
         if not network:
             args.append("--unshare-net")
@@ -106,7 +107,9 @@ class SandboxExecutor:
         environment = dict(request.environment)
         environment.setdefault("PATH", DEFAULT_PATH)
         network = (request.property("network") or "off").lower() in ("on", "true", "yes")
-        created = _missing_mount_points(request.root, self._mount_points()) if self.root_mode else []
+        created = (
+            _missing_mount_points(request.root, self._mount_points()) if self.root_mode else []
+        )
         try:
             finished = await self.supervisor.run(
                 Command(
@@ -134,7 +137,10 @@ class SandboxExecutor:
                     code = EXIT_NOT_FOUND
                     message = f"{program}: command not found in the sandbox (searched PATH={environment['PATH']})"
                 else:
-                    code, message = EXIT_CANNOT_EXECUTE, f"{program}: cannot execute in the sandbox: {reason}"
+                    code, message = (
+                        EXIT_CANNOT_EXECUTE,
+                        f"{program}: cannot execute in the sandbox: {reason}",
+                    )
                 return not_started(request, code, message, append=True)
             if failure is not None:
                 raise RuntimeError(
@@ -154,15 +160,30 @@ class SandboxExecutor:
     def _self_test(self) -> None:
         """Fail at start-up, with bwrap's reason, on a host where sandboxes cannot work."""
         probe = [
-            self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-net",
-            "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", "true",
+            self.bwrap,
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-net",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--",
+            "true",
         ]
         try:
             result = subprocess.run(probe, capture_output=True, timeout=30, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ConfigError(f"worker.backend.type = 'sandbox': {self.bwrap} does not run: {exc}") from None
+            raise ConfigError(
+                f"worker.backend.type = 'sandbox': {self.bwrap} does not run: {exc}"
+            ) from None
         if result.returncode != 0:
-            reason = result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
+            reason = (
+                result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
+            )
             raise ConfigError(
                 f"worker.backend.type = 'sandbox': bubblewrap cannot create a sandbox here "
                 f"({reason}); as non-root it needs unprivileged user namespaces "

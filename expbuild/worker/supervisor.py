@@ -127,7 +127,9 @@ class Supervisor:
             log.warning("Cannot create a cgroup for %s (%s); running without one", name, exc)
             return None
 
-    async def _run(self, command: Command, group: ActionCgroup | None, timeout: float | None) -> Finished:
+    async def _run(
+        self, command: Command, group: ActionCgroup | None, timeout: float | None
+    ) -> Finished:
         enforcement = limit_checks.Enforcement(
             memory_by_cgroup=group is not None and group.memory is not None
         )
@@ -152,7 +154,9 @@ class Supervisor:
                         spec, command, stdout.fileno(), stderr.fileno(), status_write, group
                     )
                     if launcher is None:
-                        launcher = await self._start_exec(spec, command, stdout, stderr, status_write)
+                        launcher = await self._start_exec(
+                            spec, command, stdout, stderr, status_write
+                        )
             finally:
                 os.close(status_write)  # only the launcher holds the write end now
             try:
@@ -178,7 +182,9 @@ class Supervisor:
             code = code if code is not None else -9
             if code >= 0:
                 # Whether the command even ran is unknown: never report that as success.
-                raise RuntimeError(f"the action's launcher ended without a report (exit status {code})")
+                raise RuntimeError(
+                    f"the action's launcher ended without a report (exit status {code})"
+                )
             log.warning("The launcher was killed by signal %d before it could report", -code)
             status = {"signal": -code}
         signum = status.get("signal")
@@ -199,8 +205,14 @@ class Supervisor:
         """The reference path: a fresh `python launcher.py` for this action."""
         environment = [f"{k}={v}" for k, v in command.environment.items()]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", str(LAUNCHER),
-            marshal.dumps(spec).hex(), str(len(environment)), *environment, *command.arguments,
+            sys.executable,
+            "-I",
+            "-S",
+            str(LAUNCHER),
+            marshal.dumps(spec).hex(),
+            str(len(environment)),
+            *environment,
+            *command.arguments,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
@@ -211,7 +223,12 @@ class Supervisor:
         return _ExecLaunched(process)
 
     async def _start_in_zygote(
-        self, spec: dict, command: Command, stdout: int, stderr: int, status_write: int,
+        self,
+        spec: dict,
+        command: Command,
+        stdout: int,
+        stderr: int,
+        status_write: int,
         group: ActionCgroup | None,
     ) -> _Launched | None:
         """A launcher forked by the zygote, or None when this action must take the exec path."""
@@ -366,14 +383,25 @@ class Zygote:
 
     def _ensure(self) -> socket.socket | None:
         with self._lock:
-            if self.process is not None and self.process.poll() is None and self.control is not None:
+            if (
+                self.process is not None
+                and self.process.poll() is None
+                and self.control is not None
+            ):
                 return self.control
             self._discard()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-I", "-S", str(LAUNCHER), "--zygote",
-                     str(theirs.fileno()), str(os.getpid())],
+                    [
+                        sys.executable,
+                        "-I",
+                        "-S",
+                        str(LAUNCHER),
+                        "--zygote",
+                        str(theirs.fileno()),
+                        str(os.getpid()),
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     env={},
@@ -381,7 +409,9 @@ class Zygote:
                     start_new_session=True,
                 )
             except OSError as exc:
-                log.warning("Cannot start the launcher zygote (%s); starting each launcher anew", exc)
+                log.warning(
+                    "Cannot start the launcher zygote (%s); starting each launcher anew", exc
+                )
                 ours.close()
                 self.usable = False
                 return None
@@ -436,7 +466,11 @@ class Zygote:
                     os.close(fd)
             ours.close()
             with self._lock:
-                alive = self.control is control and self.process is not None and self.process.poll() is None
+                alive = (
+                    self.control is control
+                    and self.process is not None
+                    and self.process.poll() is None
+                )
                 if alive:
                     return None  # it refused this one (could not fork?): the exec path
                 if self.control is control:
