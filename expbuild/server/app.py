@@ -165,14 +165,14 @@ class ServerApp:
                     "Task %s failed after %d attempts (%s on worker %s)",
                     task_name(task.task_id),
                     task.attempts,
-                    task.reason,
+                    task.reason.replace("-", " "),
                     task.worker_id,
                 )
             else:
                 log.warning(
                     "Task %s requeued (%s on worker %s)",
                     task_name(task.task_id),
-                    task.reason,
+                    task.reason.replace("-", " "),
                     task.worker_id,
                 )
         purged = await queue.purge_finished_tasks(self.pool, s.task_retention)
