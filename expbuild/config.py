@@ -71,6 +71,8 @@ class DatabaseSettings:
     url: str = ""
     pool_min_size: int = 2
     pool_max_size: int = 10
+    # How long a starting server keeps trying to reach the database before giving up.
+    connect_wait: timedelta = timedelta(seconds=30)
     embedded_data_dir: str = ""
 
 
@@ -499,6 +501,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         url=str(_get(d, "url", "")),
         pool_min_size=_positive_int(_get(d, "pool_min_size", 2), "database.pool_min_size"),
         pool_max_size=_positive_int(_get(d, "pool_max_size", 10), "database.pool_max_size"),
+        connect_wait=_duration(_get(d, "connect_wait", 30), "database.connect_wait"),
         embedded_data_dir=str(_get(d, "embedded_data_dir", "")),
     )
     if database.url and urlparse(database.url).scheme not in ("postgres", "postgresql"):

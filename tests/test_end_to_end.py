@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -281,3 +282,26 @@ def test_up_with_the_embedded_postgres(tmp_path_factory):
     finally:
         assert up.stop(signal.SIGINT, timeout=60) == 0, up.log()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_an_unreachable_database_is_one_clear_line_after_retrying(tmp_path):
+    env = {
+        "EXPBUILD_DATABASE__URL": f"postgresql://expbuild:s3cret@127.0.0.1:{free_port()}/expbuild",
+        "EXPBUILD_DATABASE__CONNECT_WAIT": "1.5",
+        "EXPBUILD_SERVER__METRICS_ADDRESS": "",
+        "EXPBUILD_SERVER__ADDRESS": f"127.0.0.1:{free_port()}",
+    }
+    for command in (["server"], ["db", "migrate"]):
+        result = subprocess.run(
+            [str(BIN / "expbuild"), *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+            check=False,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+        assert "retrying" in result.stderr
+        [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert "cannot connect to the database" in error and "***" in error

@@ -12,6 +12,7 @@ import click
 
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 from expbuild.config import ConfigError, Settings, data_dir
+from expbuild.db.pool import DatabaseUnavailable
 
 log = logging.getLogger("expbuild.server")
 
@@ -111,6 +112,8 @@ def run_replica(settings: Settings, *, local_workers: int) -> None:
             asyncio.run(serve(settings, url, local_workers=local_workers))
         except ConfigError as exc:  # e.g. the worker backend cannot work on this host
             raise click.ClickException(f"configuration error: {exc}") from None
+        except DatabaseUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 @click.group("db")
@@ -128,13 +131,15 @@ def migrate_command(config: str | None, verbose: bool) -> None:
 
     async def run(url: str) -> None:
         from expbuild.db.migrate import migrate
-        from expbuild.db.pool import connect
+        from expbuild.db.pool import create_pool
 
-        conn = await connect(url)
+        pool = await create_pool(url, 1, 1, wait=settings.database.connect_wait.total_seconds())
+        conn = await pool.acquire()
         try:
             applied = await migrate(conn)
         finally:
-            await conn.close()
+            await pool.release(conn)
+            await pool.close()
         if applied:
             for m in applied:
                 click.echo(f"applied {m.version:04d}_{m.name}")
@@ -142,4 +147,7 @@ def migrate_command(config: str | None, verbose: bool) -> None:
             click.echo("database is up to date")
 
     with contextlib.ExitStack() as stack:
-        asyncio.run(run(resolve_database_url(settings, stack)))
+        try:
+            asyncio.run(run(resolve_database_url(settings, stack)))
+        except DatabaseUnavailable as exc:
+            raise click.ClickException(str(exc)) from None

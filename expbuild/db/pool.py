@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached in time; the message says where and why."""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -19,14 +38,41 @@ SERVER_SETTINGS = {
 }
 
 
-async def create_pool(url: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        init=_init_connection,
-        server_settings=SERVER_SETTINGS,
-    )
+async def create_pool(
+    url: str, min_size: int = 2, max_size: int = 10, *, wait: float = 0.0
+) -> asyncpg.Pool:
+    """A pool on `url`. With `wait` > 0, keep trying that many seconds (a server may start
+    before its database does), then raise DatabaseUnavailable naming the database."""
+    deadline = time.monotonic() + wait
+    delay = 0.5
+    while True:
+        try:
+            return await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                server_settings=SERVER_SETTINGS,
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if (
+                isinstance(
+                    exc,
+                    asyncpg.InvalidAuthorizationSpecificationError
+                    | asyncpg.InvalidCatalogNameError,
+                )
+                or time.monotonic() + delay > deadline
+            ):
+                raise DatabaseUnavailable(
+                    f"cannot connect to the database at {redacted(url)} ({reason}); "
+                    "check [database] url (or EXPBUILD_DATABASE__URL) and that PostgreSQL runs"
+                ) from None
+            log.warning(
+                "Database %s unreachable (%s); retrying in %.1fs", redacted(url), reason, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def connect(url: str) -> asyncpg.Connection:

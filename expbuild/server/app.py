@@ -64,7 +64,10 @@ class ServerApp:
     async def start(self) -> None:
         settings = self.settings
         self.pool: asyncpg.Pool = await create_pool(
-            self.database_url, settings.database.pool_min_size, settings.database.pool_max_size
+            self.database_url,
+            settings.database.pool_min_size,
+            settings.database.pool_max_size,
+            wait=settings.database.connect_wait.total_seconds(),
         )
         async with self.pool.acquire() as conn:
             for migration in await migrate(conn):
