@@ -13,10 +13,10 @@ from typing import Any, NoReturn
 import click
 import grpc
 
+from expbuild.cli.common import server_option
 from expbuild.client.actions import check_output_path, parse_pair, platform_from_pairs
 from expbuild.client.errors import RemoteError
 from expbuild.client.run import RunResult, execute_action, run_command
-from expbuild.config import DEFAULT_ADDRESS, ConfigError, grpc_target
 from expbuild.digest import Digest
 from expbuild.errors import ExpBuildError, FailedPrecondition, InvalidArgument, NotFound
 
@@ -47,24 +47,9 @@ class _Failure(Exception):
         self.result = result
 
 
-def _server_target(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        return grpc_target(value, "--server")
-    except ConfigError as e:
-        raise click.BadParameter(f"{e}; expected host:port or http://host:port") from None
-
-
 def _shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option(
-            "--server",
-            default=DEFAULT_ADDRESS,
-            show_default=True,
-            envvar="EXPBUILD_SERVER",
-            metavar="HOST:PORT",
-            callback=_server_target,
-            help="Server to talk to (also http://host:port); env EXPBUILD_SERVER.",
-        ),
+        server_option,
         click.option(
             "--instance",
             default="",

@@ -8,7 +8,14 @@ from dataclasses import replace
 
 import click
 
-from expbuild.config import ConfigError, Settings, load_settings, parse_address
+from expbuild.config import (
+    DEFAULT_ADDRESS,
+    ConfigError,
+    Settings,
+    grpc_target,
+    load_settings,
+    parse_address,
+)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -46,3 +53,21 @@ config_option = click.option(
     help="TOML configuration file (a bare name is also looked up in ./configs).",
 )
 verbose_option = click.option("--verbose", "-v", is_flag=True, help="Log debug details.")
+
+
+def _server_target(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return grpc_target(value, "--server")
+    except ConfigError as exc:
+        raise click.BadParameter(f"{exc} (http://host:port is accepted too)") from None
+
+
+server_option = click.option(
+    "--server",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    envvar="EXPBUILD_SERVER",
+    metavar="HOST:PORT",
+    callback=_server_target,
+    help="Server to talk to (also http://host:port); env EXPBUILD_SERVER.",
+)

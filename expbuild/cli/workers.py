@@ -9,28 +9,11 @@ from datetime import UTC, datetime
 import click
 import grpc
 
+from expbuild.cli.common import server_option
 from expbuild.client.channel import open_channel
 from expbuild.client.errors import from_rpc_error
-from expbuild.config import DEFAULT_ADDRESS, ConfigError, grpc_target
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 
-
-def _target(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        return grpc_target(value, "--server")
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-server_option = click.option(
-    "--server",
-    default=DEFAULT_ADDRESS,
-    show_default=True,
-    envvar="EXPBUILD_SERVER",
-    metavar="HOST:PORT",
-    callback=_target,
-    help="Server to ask; env EXPBUILD_SERVER.",
-)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
