@@ -78,11 +78,19 @@ ORDER BY w.registered_at;
 
 -- name: platform_is_offered
 -- Does any online worker offer everything this platform requires? And is any worker
--- online at all (with none, nothing can be judged unsatisfiable yet)?
-SELECT EXISTS (SELECT 1 FROM workers WHERE state <> 'offline' AND platform @> $1::jsonb) AS offered,
-       EXISTS (SELECT 1 FROM workers WHERE state <> 'offline') AS any_online,
-       (SELECT coalesce(jsonb_agg(DISTINCT platform), '[]'::jsonb)
-          FROM workers WHERE state <> 'offline') AS offers;
+-- online at all (with none, nothing can be judged unsatisfiable yet)? Runs on every
+-- Execute, so the list of what workers do offer (for the error message) is only built
+-- when the answer is no: an uncorrelated subquery in an untaken CASE branch never runs.
+WITH answer AS (
+    SELECT EXISTS (SELECT 1 FROM workers
+                   WHERE state <> 'offline' AND platform @> $1::jsonb) AS offered,
+           EXISTS (SELECT 1 FROM workers WHERE state <> 'offline') AS any_online
+)
+SELECT offered, any_online,
+       CASE WHEN offered OR NOT any_online THEN '[]'::jsonb
+            ELSE (SELECT coalesce(jsonb_agg(DISTINCT platform), '[]'::jsonb)
+                  FROM workers WHERE state <> 'offline') END AS offers
+FROM answer;
 
 -- name: drain_worker
 -- Ask a worker (by id, or by name when exactly one live worker has it) to drain; it learns
