@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -136,24 +137,40 @@ class ServerApp:
                 mhost, mport if self.metrics_port is None else self.metrics_port
             )
         self._background = [
-            asyncio.create_task(self._reap_forever(), name="reaper"),
-            asyncio.create_task(metrics.refresh_forever(self.pool), name="metrics"),
+            asyncio.create_task(
+                self._every(s.reap_interval.total_seconds(), self.reap_once, "reaper"),
+                name="reaper",
+            ),
+            asyncio.create_task(
+                self._every(
+                    metrics.REFRESH_SECONDS,
+                    functools.partial(metrics.refresh_gauges, self.pool),
+                    "metrics refresh",
+                ),
+                name="metrics",
+            ),
         ]
         metrics.CAS_MAX_BYTES.set(settings.cas.max_size)
         if settings.cas.max_size > 0:
-            self._background.append(asyncio.create_task(self._evict_forever(), name="cas-eviction"))
+            interval = settings.cas.eviction_interval.total_seconds()
+            self._background.append(
+                asyncio.create_task(
+                    self._every(interval, self.evict_once, "CAS eviction"), name="cas-eviction"
+                )
+            )
         log.info("ExpBuild server listening on %s:%d (CAS at %s)", host, self.port, self.store.root)
 
-    async def _reap_forever(self) -> None:
-        s = self.settings.server
+    async def _every(self, seconds: float, one_pass, what: str) -> None:
+        """Run `one_pass` forever, `seconds` apart; a failed pass is logged, not fatal
+        (the database may be restarting)."""
         while True:
             try:
-                await self.reap_once()
+                await one_pass()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the database may be restarting; try again
-                log.exception("reaper pass failed")
-            await asyncio.sleep(s.reap_interval.total_seconds())
+            except Exception:  # noqa: BLE001 - try again next time
+                log.exception("%s pass failed", what)
+            await asyncio.sleep(seconds)
 
     async def reap_once(self) -> None:
         s = self.settings.server
@@ -163,35 +180,19 @@ class ServerApp:
             log.warning("Worker %s missed its heartbeats; marked offline", worker_id)
         for task in await queue.reap_expired_leases(self.pool):
             metrics.REAPED_TASKS.labels(task.state).inc()
-            if task.state == "failed":
-                log.warning(
-                    "Task %s failed after %d attempts (%s on worker %s)",
-                    task_name(task.task_id),
-                    task.attempts,
-                    task.reason.replace("-", " "),
-                    task.worker_id,
-                )
-            else:
-                log.warning(
-                    "Task %s requeued (%s on worker %s)",
-                    task_name(task.task_id),
-                    task.reason.replace("-", " "),
-                    task.worker_id,
-                )
+            outcome = (
+                f"failed after {task.attempts} attempts" if task.state == "failed" else "requeued"
+            )
+            log.warning(
+                "Task %s %s (%s on worker %s)",
+                task_name(task.task_id),
+                outcome,
+                task.reason.replace("-", " "),
+                task.worker_id,
+            )
         purged = await queue.purge_finished_tasks(self.pool, s.task_retention)
         if purged:
             log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)
-
-    async def _evict_forever(self) -> None:
-        interval = self.settings.cas.eviction_interval.total_seconds()
-        while True:
-            try:
-                await self.evict_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the database may be restarting; try again
-                log.exception("CAS eviction pass failed")
-            await asyncio.sleep(interval)
 
     async def evict_once(self) -> EvictionReport | None:
         """One LRU eviction pass down to `[cas] max_size`; None if another replica is at it."""

@@ -6,7 +6,6 @@ on every replica (scrape any one of them, or aggregate with max()).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
@@ -56,13 +55,7 @@ def start_http_server(host: str, port: int) -> int:
     return server.server_port
 
 
-async def refresh_forever(pool: asyncpg.Pool) -> None:
-    while True:
-        try:
-            for name, value in (await queue_gauges(pool)).items():
-                QUEUE_GAUGES[name].set(value)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - metrics must never take the server down
-            log.debug("metrics refresh failed: %s", exc)
-        await asyncio.sleep(REFRESH_SECONDS)
+async def refresh_gauges(pool: asyncpg.Pool) -> None:
+    """Read the shared queue gauges from Postgres (the app runs this every few seconds)."""
+    for name, value in (await queue_gauges(pool)).items():
+        QUEUE_GAUGES[name].set(value)
