@@ -6,15 +6,11 @@ on every replica (scrape any one of them, or aggregate with max()).
 
 from __future__ import annotations
 
-import logging
-
 import asyncpg
 import prometheus_client
 from prometheus_client import Counter, Gauge
 
 from expbuild.db.metrics import queue_gauges
-
-log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5.0
 
