@@ -649,16 +649,8 @@ class CasClient:
             return b""
         if self.fits_in_batch(digest):
             return (await self._read_batch([digest], compressed=self._compresses(digest)))[digest]
-        parts: list[bytes] = []
-        hasher = new_hasher()
-        received = 0
-        async with contextlib.aclosing(self._read_stream(digest)) as chunks:
-            async for chunk in chunks:
-                hasher.update(chunk)
-                received += len(chunk)
-                parts.append(chunk)
-        _check_hash(digest, received, hasher.hexdigest())
-        return b"".join(parts)
+        async with contextlib.aclosing(self._verified_stream(digest)) as chunks:
+            return b"".join([chunk async for chunk in chunks])
 
     async def read_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
         """The bytes of every digest (duplicates read once), each verified.
@@ -758,6 +750,18 @@ class CasClient:
                 )
         return found
 
+    async def _verified_stream(self, digest: Digest) -> AsyncIterator[bytes]:
+        """`_read_stream`'s chunks; after the last one, raises DATA_LOSS unless they hash
+        to `digest`, so a consumer never completes on corrupt data."""
+        hasher = new_hasher()
+        received = 0
+        async with contextlib.aclosing(self._read_stream(digest)) as chunks:
+            async for chunk in chunks:
+                hasher.update(chunk)
+                received += len(chunk)
+                yield chunk
+        _check_hash(digest, received, hasher.hexdigest())
+
     async def _read_stream(self, digest: Digest) -> AsyncIterator[bytes]:
         """The blob's (uncompressed) chunks via ByteStream Read, resuming after a dropped
         connection. With zstd on, reads `compressed-blobs/zstd/...` and decodes it.
@@ -829,15 +833,10 @@ class CasClient:
     async def _stream_to_file(self, digest: Digest, temp: Path) -> None:
         f = await asyncio.to_thread(open, temp, "xb")
         try:
-            hasher = new_hasher()
-            received = 0
             # aclosing: a failed write must release the stream's RPC slot right away.
-            async with contextlib.aclosing(self._read_stream(digest)) as chunks:
+            async with contextlib.aclosing(self._verified_stream(digest)) as chunks:
                 async for chunk in chunks:
-                    hasher.update(chunk)
-                    received += len(chunk)
                     await asyncio.to_thread(f.write, chunk)
-            _check_hash(digest, received, hasher.hexdigest())
         finally:
             await asyncio.to_thread(f.close)
 
