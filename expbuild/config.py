@@ -302,6 +302,11 @@ def _size(value: Any, key: str) -> int:
     return int(number)
 
 
+def _size_or_off(value: Any, key: str) -> int:
+    """A size where 0 (or an empty value) switches the bounded thing off."""
+    return 0 if str(value).strip() in ("0", "") else _size(value, key)
+
+
 def _positive_float(value: Any, key: str) -> float:
     try:
         number = float(value)
@@ -427,12 +432,23 @@ def _get(section: dict, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _reader(section: dict, prefix: str):
+    """`read(name, parse, defaults)`: the section's value for `name` (or the default
+    dataclass's), parsed, with errors naming `prefix.name`."""
+
+    def read(name: str, parse, defaults) -> Any:
+        return parse(_get(section, name, getattr(defaults, name)), f"{prefix}.{name}")
+
+    return read
+
+
 def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
     """Build and validate typed settings from a plain nested mapping."""
     raw = {str(k).lower(): v for k, v in raw.items()}
     s, e, d, c, w = (_section(raw, n) for n in ("server", "execution", "database", "cas", "worker"))
     defaults_server = ServerSettings()
 
+    srv = _reader(s, "server")
     address = str(_get(s, "address", defaults_server.address))
     parse_address(address, "server.address")
     metrics_address = str(_get(s, "metrics_address", defaults_server.metrics_address))
@@ -445,47 +461,20 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         address=address,
         metrics_address=metrics_address,
         instance_names=tuple(str(n) for n in instance_names),
-        lease_duration=_duration(
-            _get(s, "lease_duration", defaults_server.lease_duration), "server.lease_duration"
+        lease_duration=srv("lease_duration", _duration, defaults_server),
+        heartbeat_interval=srv("heartbeat_interval", _duration, defaults_server),
+        worker_offline_timeout=srv("worker_offline_timeout", _duration, defaults_server),
+        poll_timeout=srv("poll_timeout", _duration, defaults_server),
+        reap_interval=srv("reap_interval", _duration, defaults_server),
+        max_attempts=srv("max_attempts", _positive_int, defaults_server),
+        notify_fallback_interval=srv("notify_fallback_interval", _duration, defaults_server),
+        max_batch_total_size_bytes=srv(
+            "max_batch_total_size_bytes", _positive_int, defaults_server
         ),
-        heartbeat_interval=_duration(
-            _get(s, "heartbeat_interval", defaults_server.heartbeat_interval),
-            "server.heartbeat_interval",
-        ),
-        worker_offline_timeout=_duration(
-            _get(s, "worker_offline_timeout", defaults_server.worker_offline_timeout),
-            "server.worker_offline_timeout",
-        ),
-        poll_timeout=_duration(
-            _get(s, "poll_timeout", defaults_server.poll_timeout), "server.poll_timeout"
-        ),
-        reap_interval=_duration(
-            _get(s, "reap_interval", defaults_server.reap_interval), "server.reap_interval"
-        ),
-        max_attempts=_positive_int(
-            _get(s, "max_attempts", defaults_server.max_attempts), "server.max_attempts"
-        ),
-        notify_fallback_interval=_duration(
-            _get(s, "notify_fallback_interval", defaults_server.notify_fallback_interval),
-            "server.notify_fallback_interval",
-        ),
-        max_batch_total_size_bytes=_positive_int(
-            _get(s, "max_batch_total_size_bytes", defaults_server.max_batch_total_size_bytes),
-            "server.max_batch_total_size_bytes",
-        ),
-        allow_action_cache_updates=_bool(
-            _get(s, "allow_action_cache_updates", True), "server.allow_action_cache_updates"
-        ),
-        max_action_timeout=_duration(
-            _get(s, "max_action_timeout", defaults_server.max_action_timeout),
-            "server.max_action_timeout",
-        ),
-        reject_unmatched_platforms=_bool(
-            _get(s, "reject_unmatched_platforms", True), "server.reject_unmatched_platforms"
-        ),
-        task_retention=_duration(
-            _get(s, "task_retention", defaults_server.task_retention), "server.task_retention"
-        ),
+        allow_action_cache_updates=srv("allow_action_cache_updates", _bool, defaults_server),
+        max_action_timeout=srv("max_action_timeout", _duration, defaults_server),
+        reject_unmatched_platforms=srv("reject_unmatched_platforms", _bool, defaults_server),
+        task_retention=srv("task_retention", _duration, defaults_server),
     )
     if server.lease_duration <= server.heartbeat_interval:
         raise ConfigError(
@@ -495,28 +484,25 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
 
     execution = ExecutionSettings(
         backend=_choice(_get(e, "backend", "scheduler"), "execution.backend", EXECUTION_BACKENDS),
-        local_workers=_positive_int(_get(e, "local_workers", 1), "execution.local_workers"),
+        local_workers=_reader(e, "execution")("local_workers", _positive_int, ExecutionSettings()),
     )
+    db = _reader(d, "database")
     database = DatabaseSettings(
         url=str(_get(d, "url", "")),
-        pool_min_size=_positive_int(_get(d, "pool_min_size", 2), "database.pool_min_size"),
-        pool_max_size=_positive_int(_get(d, "pool_max_size", 10), "database.pool_max_size"),
-        connect_wait=_duration(_get(d, "connect_wait", 30), "database.connect_wait"),
+        pool_min_size=db("pool_min_size", _positive_int, DatabaseSettings()),
+        pool_max_size=db("pool_max_size", _positive_int, DatabaseSettings()),
+        connect_wait=db("connect_wait", _duration, DatabaseSettings()),
         embedded_data_dir=str(_get(d, "embedded_data_dir", "")),
     )
     if database.url and urlparse(database.url).scheme not in ("postgres", "postgresql"):
         raise ConfigError(
             f"database.url = {database.url!r}: expected postgresql://user@host:port/dbname"
         )
-    cas_max_size = _get(c, "max_size", 0)
+    cas_field = _reader(c, "cas")
     cas = CasSettings(
         root=str(_get(c, "root", "")),
-        max_size=0
-        if str(cas_max_size).strip() in ("0", "")
-        else _size(cas_max_size, "cas.max_size"),
-        eviction_interval=_duration(
-            _get(c, "eviction_interval", CasSettings.eviction_interval), "cas.eviction_interval"
-        ),
+        max_size=cas_field("max_size", _size_or_off, CasSettings()),
+        eviction_interval=cas_field("eviction_interval", _duration, CasSettings()),
     )
 
     b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
@@ -569,7 +555,7 @@ def _cache(raw: dict) -> CacheSettings:
         )
     return CacheSettings(
         dir=str(_get(raw, "dir", "")),
-        max_size=0 if str(max_size).strip() == "0" else _size(max_size, "worker.cache.max_size"),
+        max_size=_size_or_off(max_size, "worker.cache.max_size"),
         verify_fraction=verify_fraction,
     )
 
