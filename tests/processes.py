@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -65,12 +66,10 @@ def wait_healthy(address: str, process: Process, timeout: float = 30) -> None:
         while time.monotonic() < deadline:
             if process.popen.poll() is not None:
                 raise AssertionError(f"{process.name} exited early:\n{process.log()}")
-            try:
+            with contextlib.suppress(grpc.RpcError):  # not listening yet
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
             time.sleep(0.1)
     raise AssertionError(f"{process.name} not healthy after {timeout}s:\n{process.log()}")
 

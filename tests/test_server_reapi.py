@@ -89,6 +89,15 @@ def response(operation) -> re_pb2.ExecuteResponse:
     return reply
 
 
+async def read_until(call, stage: int):
+    """Read the Execute stream up to the first operation at `stage`."""
+    while True:
+        operation = await call.read()
+        assert operation is not grpc.aio.EOF, f"the stream ended before stage {stage}"
+        if metadata(operation).stage == stage:
+            return operation
+
+
 async def all_operations(call) -> list:
     found = []
     while (op := await call.read()) is not grpc.aio.EOF:
@@ -206,9 +215,7 @@ async def test_cancel_a_queued_action(server, channel):
     call = re_grpc.ExecutionStub(channel).Execute(
         re_pb2.ExecuteRequest(action_digest=digest.to_proto())
     )
-    first = await call.read()
-    while metadata(first).stage != Stage.QUEUED:
-        first = await call.read()
+    first = await read_until(call, Stage.QUEUED)
     operations = operations_pb2_grpc.OperationsStub(channel)
     await operations.CancelOperation(operations_pb2.CancelOperationRequest(name=first.name))
     last = (await all_operations(call))[-1]
@@ -226,9 +233,7 @@ async def test_cancel_a_running_action_kills_it_on_its_worker(server, channel, t
         call = re_grpc.ExecutionStub(channel).Execute(
             re_pb2.ExecuteRequest(action_digest=digest.to_proto())
         )
-        op = await call.read()
-        while metadata(op).stage != Stage.EXECUTING:
-            op = await call.read()
+        op = await read_until(call, Stage.EXECUTING)
         assert metadata(op).partial_execution_metadata.worker == agent.name
         await operations_pb2_grpc.OperationsStub(channel).CancelOperation(
             operations_pb2.CancelOperationRequest(name=op.name)
@@ -255,9 +260,7 @@ async def test_cancelling_one_of_two_merged_operations_keeps_the_task(server, ch
     ]
     names = []
     for call in calls:
-        op = await call.read()
-        while metadata(op).stage != Stage.QUEUED:
-            op = await call.read()
+        op = await read_until(call, Stage.QUEUED)
         names.append(op.name)
     await operations_pb2_grpc.OperationsStub(channel).CancelOperation(
         operations_pb2.CancelOperationRequest(name=names[0])
@@ -273,8 +276,7 @@ async def test_list_operations_filters_by_state_and_pages(server, channel):
     for n in range(3):
         digest = await upload_action(channel, ["echo", str(n)])
         call = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
-        while metadata(await call.read()).stage != Stage.QUEUED:
-            pass
+        await read_until(call, Stage.QUEUED)
         calls.append(call)
     ops = operations_pb2_grpc.OperationsStub(channel)
     queued = await ops.ListOperations(operations_pb2.ListOperationsRequest(filter="state=queued"))
@@ -314,8 +316,7 @@ async def test_lower_priority_value_runs_first(server, channel, tmp_path):
         request = re_pb2.ExecuteRequest(action_digest=digest.to_proto())
         request.execution_policy.priority = priority
         call = execution.Execute(request)
-        while metadata(await call.read()).stage != Stage.QUEUED:
-            pass
+        await read_until(call, Stage.QUEUED)
         calls.append(call)
     async with worker_running(server, tmp_path, slots=1):
         for call in calls:
@@ -415,9 +416,7 @@ async def test_wait_execution_on_another_replica(server, database_url, channel, 
     call = re_grpc.ExecutionStub(channel).Execute(
         re_pb2.ExecuteRequest(action_digest=digest.to_proto())
     )
-    op = await call.read()
-    while metadata(op).stage != Stage.QUEUED:
-        op = await call.read()
+    op = await read_until(call, Stage.QUEUED)
     call.cancel()
     async with running_server(server.settings, database_url) as other:
         async with open_channel(f"127.0.0.1:{other.port}") as other_channel:
