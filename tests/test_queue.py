@@ -29,6 +29,19 @@ async def worker(pool, name="w", platform=LINUX, slots=4) -> str:
     )
 
 
+async def complete(pool, leased, worker_id, *, response=b"", cache_result=None):
+    """Complete a leased task successfully under its own lease."""
+    await queue.complete_task(
+        pool,
+        leased.task_id,
+        leased.lease_token,
+        worker_id,
+        succeeded=True,
+        response=response,
+        cache_result=cache_result,
+    )
+
+
 async def events(pool, task_id):
     rows = await pool.fetch("SELECT event FROM task_events WHERE task_id = $1 ORDER BY id", task_id)
     return [r["event"] for r in rows]
@@ -66,15 +79,7 @@ async def test_finished_action_runs_again_when_enqueued_again(pool):
     w = await worker(pool)
     first = await queue.enqueue(pool, task(1), "op-1")
     [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    await queue.complete_task(
-        pool,
-        leased.task_id,
-        leased.lease_token,
-        w,
-        succeeded=True,
-        response=b"r",
-        cache_result=None,
-    )
+    await complete(pool, leased, w, response=b"r")
     again = await queue.enqueue(pool, task(1), "op-2")
     assert again.is_new and again.task_id != first.task_id
 
@@ -116,15 +121,7 @@ async def test_completion_with_current_token_caches_and_records(pool):
     w = await worker(pool)
     queued = await queue.enqueue(pool, task(1), "op-1")
     [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    await queue.complete_task(
-        pool,
-        leased.task_id,
-        leased.lease_token,
-        w,
-        succeeded=True,
-        response=b"resp",
-        cache_result=b"ar",
-    )
+    await complete(pool, leased, w, response=b"resp", cache_result=b"ar")
     record = await queue.get_task(pool, queued.task_id)
     assert record.state == "completed" and record.result == b"resp"
     cached = await pool.fetchval(
@@ -144,38 +141,14 @@ async def test_stale_token_is_refused_and_changes_nothing(pool):
     assert second.lease_token != first.lease_token and second.attempt == 2
 
     with pytest.raises(Aborted, match="leased to worker"):
-        await queue.complete_task(
-            pool,
-            first.task_id,
-            first.lease_token,
-            w1,
-            succeeded=True,
-            response=b"late",
-            cache_result=b"late",
-        )
+        await complete(pool, first, w1, response=b"late", cache_result=b"late")
     record = await queue.get_task(pool, queued.task_id)
     assert record.state == "leased" and record.worker_id == w2 and record.result is None
     assert await pool.fetchval("SELECT count(*) FROM action_cache") == 0
 
-    await queue.complete_task(
-        pool,
-        second.task_id,
-        second.lease_token,
-        w2,
-        succeeded=True,
-        response=b"ok",
-        cache_result=None,
-    )
+    await complete(pool, second, w2, response=b"ok")
     with pytest.raises(Aborted, match="already completed"):
-        await queue.complete_task(
-            pool,
-            second.task_id,
-            second.lease_token,
-            w2,
-            succeeded=True,
-            response=b"twice",
-            cache_result=None,
-        )
+        await complete(pool, second, w2, response=b"twice")
     assert (await queue.get_task(pool, queued.task_id)).result == b"ok"
 
 
@@ -296,15 +269,7 @@ async def test_concurrent_leasers_never_share_a_task_and_lose_none(pool):
                 return
             seen.extend(t.task_id for t in got)
             for t in got:
-                await queue.complete_task(
-                    pool,
-                    t.task_id,
-                    t.lease_token,
-                    worker_id,
-                    succeeded=True,
-                    response=b"",
-                    cache_result=None,
-                )
+                await complete(pool, t, worker_id)
 
     await asyncio.gather(*(run(w) for w in ids))
     assert len(seen) == total and len(set(seen)) == total
@@ -317,15 +282,7 @@ async def test_finished_tasks_past_retention_are_purged_but_their_history_stays(
     w = await worker(pool)
     queued = await queue.enqueue(pool, task(1), "op-old")
     [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    await queue.complete_task(
-        pool,
-        leased.task_id,
-        leased.lease_token,
-        w,
-        succeeded=True,
-        response=b"",
-        cache_result=b"ar",
-    )
+    await complete(pool, leased, w, cache_result=b"ar")
     fresh = await queue.enqueue(pool, task(2), "op-new")
     await pool.execute(
         "UPDATE tasks SET completed_at = now() - interval '8 days' WHERE id = $1", queued.task_id
