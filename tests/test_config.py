@@ -198,3 +198,45 @@ def test_detected_platform():
         flags = open("/proc/cpuinfo").read()
         if "x86-64-v3" in isa:
             assert all(f" {flag}" in flags for flag in ("avx2", "bmi2", "fma", "movbe"))
+
+
+def _documented_keys() -> dict[str, set[str]]:
+    """Keys per section in configs/*.toml, commented-out examples included."""
+    import re
+    from pathlib import Path
+
+    keys: dict[str, set[str]] = {}
+    for path in Path("configs").glob("*.toml"):
+        section = ""
+        for line in path.read_text().splitlines():
+            if m := re.match(r"^\s*#?\s*\[([\w.]+)\]", line):
+                section = m.group(1)
+            elif m := re.match(r"^\s*#?\s*(\w+)\s*=", line):
+                keys.setdefault(section, set()).add(m.group(1))
+    return keys
+
+
+def test_every_setting_is_documented_in_configs():
+    import dataclasses
+
+    from expbuild import config
+
+    sections = {
+        "server": config.ServerSettings,
+        "execution": config.ExecutionSettings,
+        "database": config.DatabaseSettings,
+        "cas": config.CasSettings,
+        "worker": config.WorkerSettings,
+        "worker.backend": config.BackendSettings,
+        "worker.limits": config.LimitsSettings,
+        "worker.cache": config.CacheSettings,
+    }
+    documented = _documented_keys()
+    nested = {"backend", "limits", "cache", "platform"}
+    missing = [
+        f"[{section}] {field.name}"
+        for section, cls in sections.items()
+        for field in dataclasses.fields(cls)
+        if field.name not in nested and field.name not in documented.get(section, set())
+    ]
+    assert not missing, f"not shown in configs/*.toml: {missing}"
