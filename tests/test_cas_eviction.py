@@ -247,9 +247,16 @@ async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path
             # Everything was uploaded just now, so min_age protects it all.
             await asyncio.sleep(0.6)
             assert present(store, digests) == [True] * 6
-            # Age them, oldest first (a pass in between then only sees the oldest as old).
-            for i, d in enumerate(digests):
-                age(store, d, 10 * HOUR - i * 60)
+            # Age them all at once as far as eviction can tell: holding the replicas'
+            # eviction lock, no pass can scan a half-aged store.
+            async with app.pool.acquire() as conn:
+                while not await conn.fetchval(sql("cas_eviction_try_lock"), EVICTION_LOCK_KEY):
+                    await asyncio.sleep(0.05)
+                try:
+                    for i, d in enumerate(digests):
+                        age(store, d, 10 * HOUR - i * 60)
+                finally:
+                    await conn.fetchval(sql("cas_eviction_unlock"), EVICTION_LOCK_KEY)
             deadline = time.monotonic() + 10
             while store.path_of(stdout).exists() and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
