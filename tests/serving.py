@@ -17,15 +17,14 @@ from expbuild.worker.agent import WorkerAgent
 
 def server_settings(cas_root: Path, **server_overrides) -> Settings:
     settings = settings_from_mapping({"cas": {"root": str(cas_root)}}, source="tests")
-    server = replace(
-        settings.server,
-        address="127.0.0.1:0",
-        metrics_address="",
-        poll_timeout=timedelta(seconds=2),
-        notify_fallback_interval=timedelta(seconds=1),
-        reap_interval=timedelta(seconds=1),
-        **server_overrides,
-    )
+    quick = {
+        "address": "127.0.0.1:0",
+        "metrics_address": "",
+        "poll_timeout": timedelta(seconds=2),
+        "notify_fallback_interval": timedelta(seconds=1),
+        "reap_interval": timedelta(seconds=1),
+    }
+    server = replace(settings.server, **{**quick, **server_overrides})
     return replace(settings, server=server)
 
 

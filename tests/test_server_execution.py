@@ -7,6 +7,7 @@ protocol (poll, heartbeat, complete with a stale token) can be checked on its ow
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -23,6 +24,19 @@ from tests.serving import running_server, server_settings
 @pytest.fixture
 async def server(database_url, tmp_path):
     async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
+        yield app
+
+
+@pytest.fixture
+async def slow_fallback_server(database_url, tmp_path):
+    """Waits fall back to polling only after 5 s (and polls last 10 s), so a wake-up within
+    a second or two can only have come from NOTIFY, even on a loaded machine."""
+    settings = server_settings(
+        tmp_path / "cas",
+        notify_fallback_interval=timedelta(seconds=5),
+        poll_timeout=timedelta(seconds=10),
+    )
+    async with running_server(settings, database_url) as app:
         yield app
 
 
@@ -233,7 +247,8 @@ async def test_stale_lease_token_is_aborted_and_the_server_keeps_serving(server)
         assert unpack_response(last).result.exit_code == 3
 
 
-async def test_poll_wakes_on_notify_without_waiting_for_the_timeout(server):
+async def test_poll_wakes_on_notify_without_waiting_for_the_timeout(slow_fallback_server):
+    server = slow_fallback_server
     digest = await put_action(server.store)
     async with channel_to(server) as channel:
         execution = re_grpc.ExecutionStub(channel)
@@ -250,7 +265,7 @@ async def test_poll_wakes_on_notify_without_waiting_for_the_timeout(server):
         await stream.read()
         polled = await poll
         assert len(polled.tasks) == 1
-        assert loop.time() - started < 0.9  # the fallback interval is 1 s: NOTIFY woke it
+        assert loop.time() - started < 2.5  # the fallback interval is 5 s: NOTIFY woke it
         stream.cancel()
 
 
@@ -327,7 +342,8 @@ async def test_heartbeat_reports_lost_tasks_and_unknown_workers(server):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_one_task_wakes_one_idle_poller_not_all(server):
+async def test_one_task_wakes_one_idle_poller_not_all(slow_fallback_server):
+    server = slow_fallback_server
     """With many idle workers on a replica, a new task sends one of them to the database."""
     digest = await put_action(server.store)
     async with channel_to(server) as channel:
@@ -347,7 +363,7 @@ async def test_one_task_wakes_one_idle_poller_not_all(server):
         await stream.read()
         done, _pending = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED, timeout=5)
         assert sum(len(p.result().tasks) for p in done) == 1
-        await asyncio.sleep(0.2)  # well inside the 1 s fallback interval
+        await asyncio.sleep(0.5)  # well inside the 5 s fallback interval
         assert await _lease_attempts(server) - before <= 2, "every idle poller went to the database"
         for poll in polls:
             poll.cancel()
@@ -364,7 +380,8 @@ async def _lease_attempts(server) -> int:
     )
 
 
-async def test_a_wake_passes_over_pollers_of_another_platform(server):
+async def test_a_wake_passes_over_pollers_of_another_platform(slow_fallback_server):
+    server = slow_fallback_server
     digest = await put_action(server.store, platform=[("OSFamily", "Linux")])
     async with channel_to(server) as channel:
         workers = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -388,7 +405,7 @@ async def test_a_wake_passes_over_pollers_of_another_platform(server):
         )
         await stream.read()
         assert len((await linux_poll).tasks) == 1
-        assert loop.time() - started < 0.6  # passed along, not found by the 1 s fallback
+        assert loop.time() - started < 2.5  # passed along, not found by the 5 s fallback
         for poll in mac_polls:
             poll.cancel()
         stream.cancel()
