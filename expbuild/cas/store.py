@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import os
 import stat
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -52,7 +51,7 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 STALE_TEMP_AGE = 3600.0
 """Seconds after which a temporary file is taken to be left over by a crashed process."""
 
-# A BlobWriter keeps incoming chunks in memory until this many bytes are pending, then hands
+# An upload keeps incoming chunks in memory until this many bytes are pending, then hands
 # them to a thread in one go: a small blob streamed in many pieces costs one thread hop.
 _WRITE_BUFFER = 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
@@ -331,21 +330,6 @@ class FileStore:
 
         return await asyncio.to_thread(scan)
 
-    async def touch(self, digests: Iterable[Digest]) -> None:
-        """Bump the mtime (and atime) of the stored blobs among `digests`; absent ones are skipped."""
-        unique = [d for d in dict.fromkeys(digests) if d != EMPTY]
-        if not unique:
-            return
-
-        def bump() -> None:
-            for d in unique:
-                try:
-                    os.utime(self.path_of(d))
-                except (FileNotFoundError, NotADirectoryError):
-                    pass
-
-        await asyncio.to_thread(bump)
-
     # ---------------------------------------------------------------- writing
 
     def _finish_file(self, f: BinaryIO) -> None:
@@ -458,32 +442,6 @@ class FileStore:
         if not items:
             return []
         return await asyncio.to_thread(run)
-
-    async def put_file(self, digest: Digest, path: Path) -> None:
-        """Store the content of the local file `path` as `digest`, streaming it.
-
-        The file is read whole even when the blob is present, so a mismatch is always
-        reported (`InvalidArgument`); call `has` first to skip the read. A missing or
-        unreadable `path` raises the `OSError` from opening it.
-        """
-
-        def run() -> None:
-            with open(path, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                if size != digest.size_bytes:
-                    raise _size_error(digest, size)
-                self._ingest(digest, _read_file_chunks(src))
-
-        await asyncio.to_thread(run)
-
-    def begin_write(self, digest: Digest) -> BlobWriter:
-        """Start a streaming write of `digest` (for ByteStream.Write). Does no I/O.
-
-        Use as ``async with store.begin_write(d) as w: await w.write(...)``: a normal
-        exit commits, an exception aborts. To skip uploads of blobs already stored,
-        check `has` before starting.
-        """
-        return BlobWriter(self, digest)
 
     # ---------------------------------------------------------------- reading
 
@@ -732,177 +690,6 @@ class FileStore:
             # Closing a read-only file does not wait on the disk, so it is done inline;
             # awaiting here would be unsafe while the generator is being closed.
             _close_quiet(f)
-
-
-class BlobWriter:
-    """One streaming upload of a blob, from `FileStore.begin_write`.
-
-    Chunks are hashed and written to a temporary file as they arrive; `commit`
-    verifies hash and size and publishes the blob atomically. A writer that is
-    neither committed nor aborted leaves a temp file that the next store
-    construction removes once stale. Not safe for concurrent use by several tasks.
-    """
-
-    def __init__(self, store: FileStore, digest: Digest) -> None:
-        self.digest = digest
-        self._store = store
-        self._hasher = new_hasher()
-        self._received = 0
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._tmp: Path | None = None
-        self._file: BinaryIO | None = None
-        self._state = "open"  # open -> committing -> committed, or -> aborted
-        self._stored_new = False
-        self._used_thread = False
-        # Serialises the thread-side work: after a cancellation, abort's thread must not
-        # race a write or commit that is still running in another thread.
-        self._lock = threading.Lock()
-
-    @property
-    def committed_size(self) -> int:
-        """Bytes accepted so far (what ByteStream reports as committed_size)."""
-        return self._received
-
-    @property
-    def done(self) -> bool:
-        """True once committed or aborted."""
-        return self._state in ("committed", "aborted")
-
-    async def write(self, chunk: bytes) -> None:
-        """Append `chunk`.
-
-        Raises `InvalidArgument` after commit or abort, and, aborting the writer,
-        as soon as more bytes arrive than the digest's size.
-        """
-        if self._state != "open":
-            raise InvalidArgument(f"blob {self.digest}: write after the upload was {self._state}")
-        if not chunk:
-            return
-        received = self._received + len(chunk)
-        if received > self.digest.size_bytes:
-            # Fail early so an oversized upload cannot fill the disk.
-            await self.abort()
-            raise _overflow_error(self.digest, received)
-        self._pending.append(bytes(chunk))  # copy a bytearray/memoryview the caller may reuse
-        self._pending_size += len(chunk)
-        self._received = received
-        if self._pending_size >= _WRITE_BUFFER:
-            pending = self._take_pending()
-            self._used_thread = True
-            await asyncio.to_thread(self._flush, pending)
-
-    async def commit(self) -> bool:
-        """Verify and publish the blob; True if this writer stored it, False if it was present.
-
-        Raises `InvalidArgument` naming the digest if size or hash differ (the writer
-        is then aborted and no file is left). Calling it again after success is a no-op.
-        """
-        if self._state == "committed":
-            return self._stored_new
-        if self._state != "open":
-            raise InvalidArgument(f"blob {self.digest}: commit after the upload was {self._state}")
-        if self._received != self.digest.size_bytes:
-            await self.abort()
-            raise _size_error(self.digest, self._received)
-        pending = self._take_pending()
-        self._state = "committing"
-        self._used_thread = True
-        try:
-            stored = await asyncio.to_thread(self._commit, pending)
-        except BaseException:
-            # _commit cleans up after itself; on cancellation the thread may still be
-            # running, and a later abort() waits for it through the lock.
-            if self._state == "committing":
-                self._state = "aborted"
-            raise
-        self._state = "committed"
-        self._stored_new = stored
-        return stored
-
-    async def abort(self) -> None:
-        """Discard the upload and its temp file. Idempotent; a no-op after commit."""
-        if self._state == "committed":
-            return
-        # Also runs when already aborted: after a cancelled commit, its thread may still
-        # hold a temp file, and _discard waits for it through the lock.
-        self._state = "aborted"
-        self._pending = []
-        self._pending_size = 0
-        if self._used_thread:
-            await asyncio.to_thread(self._discard)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            await self.commit()
-        else:
-            # The original exception matters more than a failed cleanup.
-            with contextlib.suppress(OSError):
-                await self.abort()
-        return False
-
-    # Thread side. Each method checks the state under the lock, so work dispatched
-    # before an abort does nothing once the abort has run.
-
-    def _take_pending(self) -> list[bytes]:
-        pending = self._pending
-        self._pending = []
-        self._pending_size = 0
-        return pending
-
-    def _open_temp(self) -> BinaryIO:
-        if self._file is None:
-            tmp = self._store._new_temp_path(self.digest)
-            self._file = open(tmp, "xb")  # noqa: SIM115 - stays open across writes
-            self._tmp = tmp
-        return self._file
-
-    def _flush(self, pending: list[bytes]) -> None:
-        with self._lock:
-            if self._state == "aborted":
-                return
-            f = self._open_temp()
-            for chunk in pending:
-                self._hasher.update(chunk)
-                f.write(chunk)
-
-    def _commit(self, pending: list[bytes]) -> bool:
-        with self._lock:
-            if self._state == "aborted":
-                raise InvalidArgument(f"blob {self.digest}: upload was aborted")
-            try:
-                for chunk in pending:
-                    self._hasher.update(chunk)
-                _verify(self.digest, self._received, self._hasher)
-                store = self._store
-                if self.digest.size_bytes == 0 or store._present(self.digest, touch=True):
-                    self._discard_locked()
-                    return False
-                f = self._open_temp()
-                for chunk in pending:
-                    f.write(chunk)
-                store._finish_file(f)
-                f.close()
-                self._file = None
-                store._publish(self._tmp, store.path_of(self.digest))
-                self._tmp = None
-                return True
-            except BaseException:
-                self._discard_locked()
-                raise
-
-    def _discard(self) -> None:
-        with self._lock:
-            self._discard_locked()
-
-    def _discard_locked(self) -> None:
-        _close_quiet(self._file)
-        self._file = None
-        _unlink_quiet(self._tmp)
-        self._tmp = None
 
 
 class UploadSession:
@@ -1193,7 +980,6 @@ __all__ = [
     "SUPPORTED_COMPRESSORS",
     "UPLOAD_IDLE_TIMEOUT",
     "ZSTD",
-    "BlobWriter",
     "FileStore",
     "UploadSession",
     "check_compressor",
