@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Self
+from typing import BinaryIO
 
 import zstandard
 
