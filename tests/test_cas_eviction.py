@@ -16,7 +16,8 @@ import pytest
 
 from expbuild.cas import eviction
 from expbuild.cas.eviction import evict_to_size
-from expbuild.cas.store import READ_TOUCH_AGE, FileStore
+from expbuild.cas.layout import READ_TOUCH_AGE
+from expbuild.cas.store import FileStore
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.config import ConfigError, settings_from_mapping
