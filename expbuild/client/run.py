@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from expbuild.aio import gather_or_cancel
 from expbuild.client.actions import PlatformSpec, build_action, build_command, check_output_path
-from expbuild.client.cas import CasClient, gather_or_cancel
+from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.execution import ExecutionClient, response_error
 from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from_paths
