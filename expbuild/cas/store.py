@@ -123,23 +123,13 @@ class FileStore:
     def _ingest(self, digest: Digest, chunks: Iterable[bytes]) -> bool:
         """Verify `chunks` against `digest` and store them; True if this call created the file.
 
-        Blocking. Leaves no temporary file behind on any failure.
+        Blocking. Leaves no temporary file behind on any failure. A blob already present
+        is not written again, but a client sending wrong content still hears about it.
         """
-        if digest.size_bytes == 0 or self.layout.present(digest, touch=True):
-            # Nothing to write, but a client sending wrong content must still hear about it.
-            hasher = new_hasher()
-            received = 0
-            for chunk in chunks:
-                received += len(chunk)
-                if received > digest.size_bytes:
-                    raise overflow_error(digest, received)
-                hasher.update(chunk)
-            verify(digest, received, hasher)
-            return False
-
-        tmp = self.layout.new_temp_path(digest)
+        present = digest.size_bytes == 0 or self.layout.present(digest, touch=True)
+        tmp = None if present else self.layout.new_temp_path(digest)
         try:
-            with open(tmp, "xb") as f:
+            with open(tmp, "xb") if tmp is not None else contextlib.nullcontext() as f:
                 hasher = new_hasher()
                 received = 0
                 for chunk in chunks:
@@ -147,14 +137,17 @@ class FileStore:
                     if received > digest.size_bytes:
                         raise overflow_error(digest, received)
                     hasher.update(chunk)
-                    f.write(chunk)
+                    if f is not None:
+                        f.write(chunk)
                 verify(digest, received, hasher)
-                self.layout.finish_file(f)
-            self.layout.publish(tmp, self.path_of(digest))
+                if f is not None:
+                    self.layout.finish_file(f)
+            if tmp is not None:
+                self.layout.publish(tmp, self.path_of(digest))
         except BaseException:
             unlink_quiet(tmp)
             raise
-        return True
+        return tmp is not None
 
     def _put_checked(self, digest: Digest, data: bytes) -> None:
         # The size check needs no I/O and spares writing a temp file that is bound to fail.
