@@ -1,7 +1,7 @@
 """Content-addressed blob store on a local filesystem.
 
-The files and directories are `expbuild.cas.layout`'s; resumable uploads are
-`expbuild.cas.uploads`'; compression is `expbuild.reapi.compression`'s.
+Where files live and how they are published: `expbuild.cas.layout`. Resumable uploads:
+`expbuild.cas.uploads`. Compression: `expbuild.reapi.compression`.
 
 What callers may rely on:
 
