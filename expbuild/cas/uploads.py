@@ -66,7 +66,7 @@ class Uploads:
         stream breaks, the session stays here, and a later stream with the same names
         continues it from `resume_offset()`. The file alone is enough to resume, so
         uploads also survive a restart. Unfinished uploads idle for
-        `upload_idle_timeout`, or beyond `max_idle_uploads`, are dropped.
+        `idle_timeout`, or beyond `max_idle`, are dropped.
 
         If the blob is stored already, the session returned is `complete` at once.
         Raises `InvalidArgument` for an empty `upload_id` or an unsupported compressor.
