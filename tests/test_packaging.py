@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -186,3 +188,54 @@ async def _applied_versions(url: str) -> list[int]:
     finally:
         await conn.close()
     return [r["version"] for r in rows]
+
+
+# -- systemd units ------------------------------------------------------------------------------
+
+UNITS = CHECKOUT / "packaging" / "systemd"
+# systemd-analyze's exposure score (0 = locked down, 10 = unprotected). The worker keeps
+# namespaces, cgroup delegation and W^X off for its backends (see the unit's comments).
+MAX_EXPOSURE = {"expbuild-server.service": 2.0, "expbuild-worker.service": 5.0}
+
+
+def _unit_with_local_binary(unit: Path, tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this venv's expbuild, so verify finds a binary."""
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace("/opt/expbuild/bin/expbuild", str(BIN_EXPBUILD)))
+    return copy
+
+
+BIN_EXPBUILD = Path(sys.executable).parent / "expbuild"
+
+
+@pytest.mark.parametrize("name", sorted(MAX_EXPOSURE))
+def test_systemd_unit_verifies_and_is_hardened(name, tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing (apt-get install systemd)")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    unit = _unit_with_local_binary(UNITS / name, tmp_path)
+    verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+    security = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+    assert match, security.stdout + security.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE[name], security.stdout
+
+
+@pytest.mark.parametrize("name", sorted(MAX_EXPOSURE))
+def test_systemd_unit_runs_a_real_command(name):
+    """ExecStart names a command line the installed package accepts."""
+    (exec_start,) = re.findall(r"^ExecStart=(.+)$", (UNITS / name).read_text(), re.M)
+    argv = exec_start.split()
+    assert argv[0] == "/opt/expbuild/bin/expbuild"
+    config = argv.index("--config")
+    helped = subprocess.run(
+        [str(BIN_EXPBUILD), *argv[1:config], "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0 and "--config" in helped.stdout, helped.stderr
