@@ -121,5 +121,5 @@ fi
 ensure expbuild-postgres:15 docker/postgres -- from_dir "$here/postgres"
 ensure expbuild-haproxy:latest docker/haproxy/Dockerfile -- from_dir "$here/haproxy"
 ensure expbuild-prometheus:latest docker/prometheus/Dockerfile -- from_dir "$here/prometheus"
-ensure expbuild:latest expbuild migrations pyproject.toml README.md docker/Dockerfile -- expbuild_image
+ensure expbuild:latest expbuild migrations pyproject.toml docker/Dockerfile -- expbuild_image
 echo "build.sh: images ready in $((SECONDS - total))s"

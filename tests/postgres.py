@@ -73,15 +73,18 @@ def from_testcontainers(image: str | None = None) -> Iterator[str | None]:
         return
     try:
         from testcontainers.core.config import testcontainers_config
-        from testcontainers.postgres import PostgresContainer
+
+        try:  # testcontainers ≥ 4.14 moved the module; older releases have only this one
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:
+            from testcontainers.postgres import PostgresContainer
     except ImportError:
         yield None
         return
     # Ryuk (the reaper container) would need an image from a registry; we stop ours ourselves.
     testcontainers_config.ryuk_disabled = True
-    container = (
-        PostgresContainer(image, driver=None)
-        .with_command("postgres -c fsync=off -c synchronous_commit=off -c max_connections=200")
+    container = PostgresContainer(image, driver=None).with_command(
+        "postgres -c fsync=off -c synchronous_commit=off -c max_connections=200"
     )
     container.ports = {5432: ("127.0.0.1",)}  # a free port, on loopback only
     try:
