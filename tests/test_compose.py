@@ -65,13 +65,19 @@ def _unavailable(message: str):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, float]:
+def engine(tmp_path_factory):
+    """The machine's Docker engine, or one started for this module (and stopped after)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(docker_engine(tmp_path_factory.mktemp("dockerd")))
+        except EngineUnavailable as exc:
+            _unavailable(str(exc))
+        yield
+
+
+@pytest.fixture(scope="module")
+def images(engine) -> dict[str, float]:
     """The images built by docker/build.sh; returns each image's size in MB."""
-    try:
-        with docker_engine(tmp_path_factory.mktemp("dockerd")):
-            pass
-    except EngineUnavailable as exc:
-        _unavailable(str(exc))
     built = subprocess.run([str(DOCKER / "build.sh")], capture_output=True, text=True, timeout=1200)
     if built.returncode != 0 and shutil.which("mmdebstrap") is None:
         _unavailable("docker/build.sh needs mmdebstrap (apt-get install mmdebstrap)")
