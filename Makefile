@@ -48,5 +48,9 @@ bench: venv
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/execute_latency.py
 
+## images: expbuild, expbuild-postgres, expbuild-haproxy, expbuild-prometheus from Debian packages
+images:
+	docker/build.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache
