@@ -21,19 +21,21 @@ log = logging.getLogger(__name__)
 
 
 def find_migrations_dir() -> Path:
-    """The installed wheel's `expbuild/migrations/`, else the checkout's `migrations/`."""
+    """The checkout's `migrations/`, else the installed wheel's `expbuild/migrations/`."""
     package = Path(__file__).resolve().parent.parent
-    installed = package / "migrations"
-    if installed.is_dir():
-        return installed
+    checkout, installed = package.parent / "migrations", package / "migrations"
     # Only a source checkout (pyproject.toml beside the package) may supply the top-level
     # folder: in site-packages a sibling `migrations/` would belong to some other project.
-    checkout = package.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "migrations").is_dir():
-        return checkout / "migrations"
-    raise FileNotFoundError(
-        f"no migrations found: neither {installed} nor {checkout / 'migrations'} exists"
-    )
+    if (package.parent / "pyproject.toml").is_file() and checkout.is_dir():
+        if any(installed.glob("*.sql")):
+            raise FileNotFoundError(
+                f"migrations in two places: {checkout} and {installed}; "
+                "the schema lives in migrations/ only (the wheel copies it into the package)"
+            )
+        return checkout
+    if installed.is_dir():
+        return installed
+    raise FileNotFoundError(f"no migrations found: neither {checkout} nor {installed} exists")
 
 
 @dataclass(frozen=True)
