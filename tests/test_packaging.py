@@ -1,6 +1,6 @@
 """Packaging: the wheel alone is enough to migrate a database and run a worker on another host.
 
-`python -m build --wheel` builds the wheel from this checkout; a clean virtualenv (no
+`python -m build` builds the sdist and, from it, the wheel; a clean virtualenv (no
 checkout on its path, nothing but the wheel and its dependencies) then runs `expbuild db
 migrate` against a fresh database and `expbuild-worker daemon` against a server replica
 started from the checkout, and `expbuild run` from the same venv gets an action through.
@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -34,11 +35,16 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    # Plain `python -m build`: the sdist first, then the wheel built from that sdist, so
+    # both must carry the migrations.
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(CHECKOUT)],
+        [sys.executable, "-m", "build", "--outdir", str(out), str(CHECKOUT)],
         check=True,
         capture_output=True,
     )
+    (sdist,) = out.glob("expbuild-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        assert any(n.endswith("/migrations/0001_initial.sql") for n in archive.getnames())
     (built,) = out.glob("expbuild-*.whl")
     return built
 
