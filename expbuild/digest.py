@@ -67,6 +67,15 @@ class Digest:
         return self.size_bytes == 0
 
 
+def digest_field(message, field: str) -> Digest:
+    """Validate a REAPI `Digest` message that is field `field` of a request, naming the
+    field in the error."""
+    try:
+        return Digest.from_proto(message)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
+
+
 def digest_of(data: bytes) -> Digest:
     return Digest(hashlib.sha256(data).hexdigest(), len(data))
 

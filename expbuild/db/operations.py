@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor
 from expbuild.digest import Digest
 from expbuild.errors import NotFound
 
@@ -42,7 +42,7 @@ class OperationRecord:
 
 
 async def insert_cached_operation(
-    db: Executor, name: str, instance_name: str, action_digest: Digest, response: bytes
+    db: Database, name: str, instance_name: str, action_digest: Digest, response: bytes
 ) -> None:
     await db.execute(
         sql("insert_cached_operation"), name, instance_name, str(action_digest), response
@@ -70,14 +70,14 @@ def _record(r) -> OperationRecord:
     )
 
 
-async def get_operation(db: Executor, name: str) -> OperationRecord:
+async def get_operation(db: Database, name: str) -> OperationRecord:
     r = await db.fetchrow(sql("get_operation"), name)
     if r is None:
         raise NotFound(f"operation {name!r} does not exist")
     return _record(r)
 
 
-async def cancel_operation(db: Executor, name: str) -> bool:
+async def cancel_operation(db: Database, name: str) -> bool:
     """Cancel the operation; returns True when its task was cancelled with it."""
     row = await db.fetchrow(sql("cancel_operation"), name)
     if row is None:
@@ -85,13 +85,13 @@ async def cancel_operation(db: Executor, name: str) -> bool:
     return row["task_cancelled"]
 
 
-async def delete_operation(db: Executor, name: str) -> None:
+async def delete_operation(db: Database, name: str) -> None:
     if await db.fetchval(sql("delete_operation"), name) is None:
         raise NotFound(f"operation {name!r} does not exist")
 
 
 async def list_operations(
-    db: Executor,
+    db: Database,
     *,
     stage: str | None,
     limit: int,

@@ -29,6 +29,8 @@ from expbuild.db.pool import create_pool
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.scheduling.operations import OperationTracker
+from expbuild.scheduling.task_names import task_name
 from expbuild.server import metrics
 from expbuild.server.action_cache import ActionCacheServicer
 from expbuild.server.bytestream import ByteStreamServicer
@@ -36,9 +38,9 @@ from expbuild.server.capabilities import CapabilitiesServicer
 from expbuild.server.cas import ContentAddressableStorageServicer
 from expbuild.server.execution import ExecutionServicer
 from expbuild.server.instances import InstanceNames
-from expbuild.server.operations import OperationsServicer, OperationTracker
+from expbuild.server.operations import OperationsServicer
 from expbuild.server.worker_admin import WorkerAdminServicer
-from expbuild.server.worker_api import WorkerServicer, task_name
+from expbuild.server.worker_api import WorkerServicer
 
 log = logging.getLogger(__name__)
 

@@ -13,49 +13,22 @@ import inspect
 import logging
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
 
 log = logging.getLogger(__name__)
 
-CODES: dict[type[errors.ExpBuildError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Aborted: grpc.StatusCode.ABORTED,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-}
-
 
 def grpc_code(error: BaseException) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in CODES:
-            return CODES[cls]
+    """The gRPC status code of `error`: its class's code, INTERNAL for anything else."""
+    if isinstance(error, errors.ExpBuildError):
+        return _GRPC_CODES[error.code]
     return grpc.StatusCode.INTERNAL
 
 
-def rpc_status(error: BaseException) -> status_pb2.Status:
-    """The google.rpc.Status for `error` (used inside Operation.error and ExecuteResponse)."""
-    code = grpc_code(error)
-    status = status_pb2.Status(code=code.value[0], message=str(error))
-    if isinstance(error, errors.FailedPrecondition) and error.violations:
-        failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type=v.type, subject=v.subject, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(failure)
-        status.details.append(detail)
-    return status
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+rpc_status = errors.rpc_status
 
 
 def ok_status() -> status_pb2.Status:
