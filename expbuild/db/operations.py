@@ -9,6 +9,7 @@ from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.digest import Digest
 from expbuild.errors import NotFound
+from expbuild.text import quoted
 
 DONE_STATES = frozenset({"completed", "failed", "cancelled"})
 
@@ -73,7 +74,7 @@ def _record(r) -> OperationRecord:
 async def get_operation(db: Database, name: str) -> OperationRecord:
     r = await db.fetchrow(sql("get_operation"), name)
     if r is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
     return _record(r)
 
 
@@ -81,13 +82,13 @@ async def cancel_operation(db: Database, name: str) -> bool:
     """Cancel the operation; returns True when its task was cancelled with it."""
     row = await db.fetchrow(sql("cancel_operation"), name)
     if row is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
     return row["task_cancelled"]
 
 
 async def delete_operation(db: Database, name: str) -> None:
     if await db.fetchval(sql("delete_operation"), name) is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
 
 
 async def list_operations(

@@ -17,6 +17,7 @@ from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.digest import Digest
 from expbuild.errors import Aborted, InvalidArgument, NotFound
+from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,9 @@ def _uuid(token: str, task_id: int) -> uuid.UUID:
     try:
         return uuid.UUID(token)
     except (ValueError, TypeError, AttributeError):
-        raise InvalidArgument(f"lease token {token!r} for task {task_id} is not a UUID") from None
+        raise InvalidArgument(
+            f"lease token {quoted(token)} for task {task_id} is not a UUID"
+        ) from None
 
 
 async def complete_task(

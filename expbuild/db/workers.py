@@ -10,6 +10,7 @@ from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.db.queue import PlatformSpec, normalize_platform
 from expbuild.errors import InvalidArgument, NotFound
+from expbuild.text import quoted
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ async def heartbeat(
             tokens.append(uuid.UUID(token))
         except (ValueError, TypeError):
             raise InvalidArgument(
-                f"lease token {token!r} for task {task_id} is not a UUID"
+                f"lease token {quoted(token)} for task {task_id} is not a UUID"
             ) from None
     rows = await db.fetch(sql("heartbeat"), worker_id, ids, tokens, lease_duration)
     if not rows:
@@ -140,6 +141,6 @@ async def drain_worker(db: Database, worker: str) -> WorkerRecord:
     worker_id = await db.fetchval(sql("drain_worker"), worker)
     if worker_id is None:
         raise NotFound(
-            f"no online worker has the id or unique name {worker!r}; see `expbuild workers list`"
+            f"no online worker has the id or unique name {quoted(worker)}; see `expbuild workers list`"
         )
     return await get_worker(db, worker_id)

@@ -14,7 +14,7 @@ import asyncpg
 from expbuild.cas.action_results import missing_blobs
 from expbuild.cas.store import FileStore
 from expbuild.db import action_cache
-from expbuild.digest import Digest
+from expbuild.digest import Digest, digest_field
 from expbuild.errors import FailedPrecondition, PermissionDenied, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
 
@@ -41,6 +41,20 @@ async def lookup_cached_result(
     return result
 
 
+def check_result_digests(result: re_pb2.ActionResult) -> None:
+    """INVALID_ARGUMENT naming the first malformed digest of the ActionResult."""
+    for field in ("stdout_digest", "stderr_digest"):
+        if result.HasField(field):
+            digest_field(getattr(result, field), f"action_result.{field}")
+    for index, output in enumerate(result.output_files):
+        digest_field(output.digest, f"action_result.output_files[{index}].digest")
+    for index, directory in enumerate(result.output_directories):
+        where = f"action_result.output_directories[{index}]"
+        digest_field(directory.tree_digest, f"{where}.tree_digest")
+        if directory.HasField("root_directory_digest"):
+            digest_field(directory.root_directory_digest, f"{where}.root_directory_digest")
+
+
 async def store_client_result(
     pool: asyncpg.Pool,
     store: FileStore,
@@ -57,6 +71,7 @@ async def store_client_result(
             "this server does not accept action results from clients "
             "([server] allow_action_cache_updates = false)"
         )
+    check_result_digests(result)
     missing = await missing_blobs(store, result)
     if missing:
         raise FailedPrecondition(

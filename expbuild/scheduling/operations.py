@@ -23,6 +23,7 @@ from expbuild.db.notifications import Notifications
 from expbuild.db.operations import OperationRecord
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.text import check_no_nul, quoted
 
 Stage = re_pb2.ExecutionStage
 log = logging.getLogger(__name__)
@@ -60,18 +61,26 @@ def final_response(record: OperationRecord) -> re_pb2.ExecuteResponse:
     return re_pb2.ExecuteResponse(status=status, message=status.message)
 
 
+def operation_name(name: str) -> str:
+    """A client-given operation name, fit to look up (names this server gives are UUIDs)."""
+    if not name:
+        raise InvalidArgument("the operation name is empty")
+    return check_no_nul(name, "operation name")
+
+
 class OperationTracker:
     def __init__(self, pool: asyncpg.Pool, notifications: Notifications):
         self.pool = pool
         self.notifications = notifications
 
     async def get(self, name: str) -> OperationRecord:
-        return await db_operations.get_operation(self.pool, name)
+        return await db_operations.get_operation(self.pool, operation_name(name))
 
     async def follow(
         self, name: str, *, seen_stage: int | None = None, max_wait: float = 24 * 3600
     ) -> AsyncIterator[OperationRecord]:
         """Yield the operation at every stage change (from `seen_stage` on) until it is done."""
+        name = operation_name(name)
         deadline = time.monotonic() + max_wait
         last_stage = seen_stage
         while True:
@@ -89,11 +98,11 @@ class OperationTracker:
 
     async def cancel(self, name: str) -> None:
         """Cancel the operation; its task too when no other operation waits on it."""
-        task_cancelled = await db_operations.cancel_operation(self.pool, name)
+        task_cancelled = await db_operations.cancel_operation(self.pool, operation_name(name))
         log.info("Operation %s cancelled%s", name, " with its task" if task_cancelled else "")
 
     async def delete(self, name: str) -> None:
-        await db_operations.delete_operation(self.pool, name)
+        await db_operations.delete_operation(self.pool, operation_name(name))
 
     async def list(self, filter_text: str, page_size: int, page_token: str) -> OperationPage:
         """Newest first, `page_size` at most (default 100, never more than MAX_LIST_PAGE)."""
@@ -124,7 +133,7 @@ def _list_filter(text: str) -> str | None:
     if sep and key == "done" and value == "true":
         return "completed"
     raise InvalidArgument(
-        f"unsupported filter {text!r}; use state=queued, state=executing or state=completed"
+        f"unsupported filter {quoted(text)}; use state=queued, state=executing or state=completed"
     )
 
 
@@ -138,6 +147,8 @@ def _after(token: str) -> tuple[datetime, str] | None:
         return None
     try:
         created, name = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), name
+        if "\x00" not in name:
+            return datetime.fromisoformat(created), name
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(f"page_token {token!r} was not issued by this server") from None
+        pass
+    raise InvalidArgument(f"page_token {quoted(token)} was not issued by this server")

@@ -10,6 +10,7 @@ from expbuild.db import workers
 from expbuild.db.queue import PlatformSpec
 from expbuild.errors import FailedPrecondition, InvalidArgument, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.text import check_no_nul, quoted
 
 
 def platform_spec(platform: re_pb2.Platform, where: str = "platform") -> PlatformSpec:
@@ -17,7 +18,11 @@ def platform_spec(platform: re_pb2.Platform, where: str = "platform") -> Platfor
     spec: PlatformSpec = {}
     for prop in platform.properties:
         if not prop.name.strip():
-            raise InvalidArgument(f"{where}: a property has an empty name (value {prop.value!r})")
+            raise InvalidArgument(
+                f"{where}: a property has an empty name (value {quoted(prop.value)})"
+            )
+        check_no_nul(prop.name, f"{where}: property name")
+        check_no_nul(prop.value, f"{where}: property {quoted(prop.name)} value")
         spec.setdefault(prop.name, []).append(prop.value)
     return spec
 

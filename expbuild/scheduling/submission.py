@@ -21,7 +21,12 @@ from expbuild.db import operations as db_operations
 from expbuild.db import queue
 from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
-from expbuild.scheduling.actions import effective_timeout, load_action
+from expbuild.scheduling.actions import (
+    check_command,
+    check_working_directory,
+    effective_timeout,
+    load_action,
+)
 from expbuild.scheduling.cached_results import lookup_cached_result
 from expbuild.scheduling.platforms import check_platform_offered
 
@@ -88,6 +93,8 @@ async def submit_action(
             return Submitted(operation_name, digest, "cache_hit", cached=response)
 
     loaded = await load_action(store, digest)
+    check_command(loaded.command)
+    await check_working_directory(store, loaded)
     platform = loaded.platform
     timeout = effective_timeout(loaded.action, settings.max_action_timeout)
     if settings.reject_unmatched_platforms:

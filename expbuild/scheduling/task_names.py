@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from expbuild.errors import InvalidArgument
+from expbuild.text import quoted
 
 
 def task_name(task_id: int) -> str:
@@ -13,5 +14,5 @@ def parse_task_name(text: str) -> int:
     """The task id of `task-42` (or `42`); InvalidArgument for anything else."""
     raw = text.removeprefix("task-")
     if not raw.isdigit() or not raw.isascii():
-        raise InvalidArgument(f"task id {text!r} is not a task id such as 'task-42'")
+        raise InvalidArgument(f"task id {quoted(text)} is not a task id such as 'task-42'")
     return int(raw)

@@ -11,6 +11,7 @@ from expbuild.db import workers
 from expbuild.db.queue import PlatformSpec
 from expbuild.db.workers import HeartbeatOutcome
 from expbuild.errors import InvalidArgument
+from expbuild.text import check_no_nul
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 def require_worker_id(worker_id: str) -> str:
     if not worker_id:
         raise InvalidArgument("worker_id is empty; call RegisterWorker first")
-    return worker_id
+    return check_no_nul(worker_id, "worker_id")
 
 
 async def register(
@@ -32,6 +33,9 @@ async def register(
     version: str,
 ) -> str:
     """Register (or re-register) the worker; returns its id."""
+    for value, what in ((worker_id, "worker_id"), (name, "name"), (hostname, "hostname")):
+        check_no_nul(value, what)
+    check_no_nul(version, "version")
     worker_id = await workers.register_worker(
         pool,
         worker_id=worker_id,

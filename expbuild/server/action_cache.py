@@ -7,7 +7,7 @@ import asyncpg
 from expbuild.cas.action_results import inline_outputs
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
-from expbuild.digest import digest_field
+from expbuild.digest import check_digest_function, digest_field
 from expbuild.errors import NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -32,6 +32,7 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
     @rpc
     async def GetActionResult(self, request: re_pb2.GetActionResultRequest, context):
         instance = self.instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
         digest = digest_field(request.action_digest, "action_digest")
         result = await lookup_cached_result(self.pool, self.store, instance, digest)
         if result is None:
@@ -48,6 +49,7 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
     @rpc
     async def UpdateActionResult(self, request: re_pb2.UpdateActionResultRequest, context):
         instance = self.instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
         digest = digest_field(request.action_digest, "action_digest")
         await store_client_result(
             self.pool,

@@ -11,7 +11,7 @@ from google.longrunning import operations_pb2
 
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
-from expbuild.digest import digest_field
+from expbuild.digest import check_digest_function, digest_field
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.scheduling.operations import OperationTracker
@@ -41,6 +41,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
 
     @rpc
     async def Execute(self, request: re_pb2.ExecuteRequest, context):
+        check_digest_function(request.digest_function)
         inline = Inline(
             stdout=request.inline_stdout,
             stderr=request.inline_stderr,

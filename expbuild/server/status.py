@@ -11,13 +11,18 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import uuid
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
+from expbuild.text import shorten
 
 log = logging.getLogger(__name__)
+
+# An error message echoes the client's input; a few KiB is plenty to say what was wrong.
+MAX_MESSAGE_CHARS = 4096
 
 
 def grpc_code(error: BaseException) -> grpc.StatusCode:
@@ -38,11 +43,16 @@ def ok_status() -> status_pb2.Status:
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
     code = grpc_code(error)
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("internal error in %s", method, exc_info=error)
-        message = f"internal error in {method}: {error}"
+        # The client gets an id to quote; the text (which may hold paths, SQL or the
+        # client's own input) stays in the log line with that id.
+        incident = uuid.uuid4().hex[:12]
+        log.error(
+            "internal error %s in %s: %s", incident, method, shorten(str(error)), exc_info=error
+        )
+        message = f"internal error (id {incident}); the server log has the details"
     else:
-        log.info("%s: %s: %s", method, code.name, error)
-        message = str(error)
+        message = shorten(str(error), MAX_MESSAGE_CHARS)
+        log.info("%s: %s: %s", method, code.name, shorten(message))
     status = rpc_status(error)
     status.code = code.value[0]
     status.message = message

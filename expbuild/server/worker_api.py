@@ -14,6 +14,7 @@ from expbuild.config import ServerSettings
 from expbuild.db.notifications import Notifications
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.scheduling import results, workers
+from expbuild.scheduling.actions import checked_duration
 from expbuild.scheduling.leases import Assignment, LeaseDispatcher
 from expbuild.scheduling.platforms import platform_spec
 from expbuild.scheduling.task_names import parse_task_name, task_name
@@ -70,7 +71,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     @rpc
     async def PollTasks(self, request: worker_pb2.PollTasksRequest, context):
         worker_id = workers.require_worker_id(request.worker_id)
-        timeout = request.timeout.ToTimedelta() if request.HasField("timeout") else None
+        timeout = (
+            checked_duration(request.timeout, "timeout") if request.HasField("timeout") else None
+        )
         polled = await self.leases.poll(worker_id, request.max_tasks, timeout)
         LEASE_ATTEMPTS.labels("empty").inc(polled.empty_leases)
         if polled.leased:
