@@ -224,7 +224,7 @@ async def test_an_unsupported_digest_function_is_invalid_argument(env, method, f
     assert await code_of(_digest_function_calls(env, function)[method]()) == INVALID
 
 
-# -- NUL bytes in strings bound for PostgreSQL -------------------------------------------
+# -- NUL bytes (and overlong worker names) in strings bound for PostgreSQL ------------
 
 NUL = "bad\x00name"
 
@@ -265,6 +265,8 @@ def _nul_calls(env: Env):
         "register-name": lambda: register(name=NUL),
         "register-hostname": lambda: register(hostname=NUL),
         "register-version": lambda: register(version=NUL),
+        "register-long-worker-id": lambda: register(worker_id="w" * 100_000),
+        "register-long-name": lambda: register(name="n" * 100_000),
         "register-platform-name": lambda: register(platform=(NUL, "x")),
         "register-platform-value": lambda: register(platform=("OSFamily", NUL)),
         "heartbeat-worker-id": lambda: workers.Heartbeat(
@@ -299,6 +301,8 @@ NUL_CASES = [
     "register-name",
     "register-hostname",
     "register-version",
+    "register-long-worker-id",
+    "register-long-name",
     "register-platform-name",
     "register-platform-value",
     "heartbeat-worker-id",
@@ -312,7 +316,7 @@ NUL_CASES = [
 
 
 @pytest.mark.parametrize("case", NUL_CASES)
-async def test_a_nul_byte_in_a_string_is_invalid_argument(env, case):
+async def test_a_nul_byte_or_an_overlong_name_is_invalid_argument(env, case):
     assert await code_of(_nul_calls(env)[case]()) == INVALID
 
 

@@ -64,9 +64,12 @@ def _parse(message_type: type[Message], data: bytes, what: str, digest: Digest):
         ) from None
 
 
-async def load_action(store: FileStore, digest: Digest) -> LoadedAction:
+async def load_action(
+    store: FileStore, digest: Digest, *, check_input_root: bool = True
+) -> LoadedAction:
     """Read the Action and Command; FAILED_PRECONDITION listing every missing blob, or
-    naming a blob that does not parse."""
+    naming a blob that does not parse. `check_input_root=False` skips the input root's
+    presence check (the lease path: Execute checked it, the worker fetches it)."""
     try:
         action = _parse(re_pb2.Action, await store.get(digest), "action", digest)
     except NotFound:
@@ -76,7 +79,8 @@ async def load_action(store: FileStore, digest: Digest) -> LoadedAction:
         ) from None
     command_digest = digest_field(action.command_digest, "action.command_digest")
     root_digest = digest_field(action.input_root_digest, "action.input_root_digest")
-    missing = await store.find_missing([command_digest, root_digest])
+    wanted = [command_digest, root_digest] if check_input_root else [command_digest]
+    missing = await store.find_missing(wanted)
     if missing:
         violations = [
             missing_violation(d, "command" if d == command_digest else "input root")

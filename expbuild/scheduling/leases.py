@@ -97,7 +97,7 @@ class LeaseDispatcher:
         """The task with its Action and Command; None (and the task failed) when they
         left the CAS after Execute checked them: fail this task, not the poll."""
         try:
-            loaded = await load_action(self.store, task.action_digest)
+            loaded = await load_action(self.store, task.action_digest, check_input_root=False)
         except FailedPrecondition as exc:
             error = FailedPrecondition(f"{exc}; upload the action's blobs again", exc.violations)
             response = re_pb2.ExecuteResponse(status=rpc_status(error), message=str(exc))

@@ -13,7 +13,7 @@ import asyncpg
 from expbuild.db import queue
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.scheduling.task_names import task_name
-from expbuild.text import check_no_nul
+from expbuild.text import check_no_nul, shorten
 
 log = logging.getLogger(__name__)
 
@@ -56,4 +56,4 @@ async def release_lease(
     """Hand the lease back unrun: the task is queued again at once."""
     reason = check_no_nul(reason, "reason") or "released by worker"
     await queue.release_task(pool, task_id, lease_token, worker_id, reason)
-    log.info("Task %s handed back by worker %s: %s", task_name(task_id), worker_id, reason)
+    log.info("Task %s handed back by worker %s: %s", task_name(task_id), worker_id, shorten(reason))

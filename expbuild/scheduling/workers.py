@@ -11,9 +11,11 @@ from expbuild.db import workers
 from expbuild.db.queue import PlatformSpec
 from expbuild.db.workers import HeartbeatOutcome
 from expbuild.errors import InvalidArgument
-from expbuild.text import check_no_nul
+from expbuild.text import check_no_nul, shorten
 
 log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 255
 
 
 def require_worker_id(worker_id: str) -> str:
@@ -33,9 +35,16 @@ async def register(
     version: str,
 ) -> str:
     """Register (or re-register) the worker; returns its id."""
-    for value, what in ((worker_id, "worker_id"), (name, "name"), (hostname, "hostname")):
+    for value, what in (
+        (worker_id, "worker_id"),
+        (name, "name"),
+        (hostname, "hostname"),
+        (version, "version"),
+    ):
         check_no_nul(value, what)
-    check_no_nul(version, "version")
+        # They appear in every log line about the worker's tasks: keep those short.
+        if len(value) > MAX_NAME_CHARS:
+            raise InvalidArgument(f"{what} is {len(value)} characters; at most {MAX_NAME_CHARS}")
     worker_id = await workers.register_worker(
         pool,
         worker_id=worker_id,
@@ -48,7 +57,7 @@ async def register(
     log.info(
         "Worker %s registered with platform: %s",
         worker_id,
-        {k: v[0] if len(v) == 1 else v for k, v in platform.items()},
+        shorten(str({k: v[0] if len(v) == 1 else v for k, v in platform.items()})),
     )
     return worker_id
 
