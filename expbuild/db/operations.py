@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor
 from expbuild.digest import Digest
 from expbuild.errors import NotFound
+from expbuild.text import quoted
 
 DONE_STATES = frozenset({"completed", "failed", "cancelled"})
 
@@ -42,7 +43,7 @@ class OperationRecord:
 
 
 async def insert_cached_operation(
-    db: Executor, name: str, instance_name: str, action_digest: Digest, response: bytes
+    db: Database, name: str, instance_name: str, action_digest: Digest, response: bytes
 ) -> None:
     await db.execute(
         sql("insert_cached_operation"), name, instance_name, str(action_digest), response
@@ -70,28 +71,28 @@ def _record(r) -> OperationRecord:
     )
 
 
-async def get_operation(db: Executor, name: str) -> OperationRecord:
+async def get_operation(db: Database, name: str) -> OperationRecord:
     r = await db.fetchrow(sql("get_operation"), name)
     if r is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
     return _record(r)
 
 
-async def cancel_operation(db: Executor, name: str) -> bool:
+async def cancel_operation(db: Database, name: str) -> bool:
     """Cancel the operation; returns True when its task was cancelled with it."""
     row = await db.fetchrow(sql("cancel_operation"), name)
     if row is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
     return row["task_cancelled"]
 
 
-async def delete_operation(db: Executor, name: str) -> None:
+async def delete_operation(db: Database, name: str) -> None:
     if await db.fetchval(sql("delete_operation"), name) is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
 
 
 async def list_operations(
-    db: Executor,
+    db: Database,
     *,
     stage: str | None,
     limit: int,

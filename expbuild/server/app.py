@@ -30,16 +30,19 @@ from expbuild.db.pool import create_pool
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.scheduling.operations import OperationTracker
+from expbuild.scheduling.task_names import task_name
 from expbuild.server import metrics
 from expbuild.server.action_cache import ActionCacheServicer
 from expbuild.server.bytestream import ByteStreamServicer
 from expbuild.server.capabilities import CapabilitiesServicer
 from expbuild.server.cas import ContentAddressableStorageServicer
+from expbuild.server.decoding import DecodingInterceptor
 from expbuild.server.execution import ExecutionServicer
 from expbuild.server.instances import InstanceNames
-from expbuild.server.operations import OperationsServicer, OperationTracker
+from expbuild.server.operations import OperationsServicer
 from expbuild.server.worker_admin import WorkerAdminServicer
-from expbuild.server.worker_api import WorkerServicer, task_name
+from expbuild.server.worker_api import WorkerServicer
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +86,13 @@ class ServerApp:
         instances = InstanceNames(settings.server.instance_names)
         tracker = OperationTracker(self.pool, self.notifications)
         server = grpc.aio.server(
+            interceptors=[DecodingInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
+            ],
         )
         s = settings.server
         re_grpc.add_ExecutionServicer_to_server(
@@ -98,7 +102,9 @@ class ServerApp:
             ActionCacheServicer(self.pool, self.store, instances, s), server
         )
         re_grpc.add_ContentAddressableStorageServicer_to_server(
-            ContentAddressableStorageServicer(self.store, instances, s.max_batch_total_size_bytes),
+            ContentAddressableStorageServicer(
+                self.store, instances, s.max_batch_total_size_bytes, s.max_directory_size_bytes
+            ),
             server,
         )
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesServicer(s, instances), server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from expbuild.errors import InvalidArgument
+from expbuild.text import check_no_nul, quoted
 
 
 class InstanceNames:
@@ -12,10 +13,12 @@ class InstanceNames:
 
     def check(self, name: str) -> str:
         """Return `name` if this server serves it, else raise InvalidArgument naming it."""
-        if name in self._known or "*" in self._known:
+        if name in self._known:
             return name
+        if "*" in self._known:
+            return check_no_nul(name, "instance name")
         served = ", ".join(repr(n) for n in self.names)
         raise InvalidArgument(
-            f"unknown instance name {name!r}; this server serves {served} "
+            f"unknown instance name {quoted(name)}; this server serves {served} "
             "(add it to [server] instance_names)"
         )

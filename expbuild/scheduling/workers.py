@@ -1,0 +1,77 @@
+"""Worker lifecycle as the Worker API sees it: register, heartbeat, deregister."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import asyncpg
+
+from expbuild.db import workers
+from expbuild.db.queue import PlatformSpec
+from expbuild.db.workers import HeartbeatOutcome
+from expbuild.errors import InvalidArgument
+from expbuild.text import check_no_nul, shorten
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 255
+
+
+def require_worker_id(worker_id: str) -> str:
+    if not worker_id:
+        raise InvalidArgument("worker_id is empty; call RegisterWorker first")
+    return check_no_nul(worker_id, "worker_id")
+
+
+async def register(
+    pool: asyncpg.Pool,
+    *,
+    worker_id: str,
+    name: str,
+    hostname: str,
+    platform: PlatformSpec,
+    max_concurrent: int,
+    version: str,
+) -> str:
+    """Register (or re-register) the worker; returns its id."""
+    for value, what in (
+        (worker_id, "worker_id"),
+        (name, "name"),
+        (hostname, "hostname"),
+        (version, "version"),
+    ):
+        check_no_nul(value, what)
+        # They appear in every log line about the worker's tasks: keep those short.
+        if len(value) > MAX_NAME_CHARS:
+            raise InvalidArgument(f"{what} is {len(value)} characters; at most {MAX_NAME_CHARS}")
+    worker_id = await workers.register_worker(
+        pool,
+        worker_id=worker_id,
+        name=name or hostname or "worker",
+        hostname=hostname,
+        platform=platform,
+        max_concurrent=max_concurrent or 1,
+        version=version,
+    )
+    log.info(
+        "Worker %s registered with platform: %s",
+        worker_id,
+        shorten(str({k: v[0] if len(v) == 1 else v for k, v in platform.items()})),
+    )
+    return worker_id
+
+
+async def heartbeat(
+    pool: asyncpg.Pool,
+    worker_id: str,
+    running: list[tuple[int, str]],
+    lease_duration: timedelta,
+) -> HeartbeatOutcome:
+    """Extend the leases the worker still holds; say which were cancelled or lost."""
+    return await workers.heartbeat(pool, require_worker_id(worker_id), running, lease_duration)
+
+
+async def deregister(pool: asyncpg.Pool, worker_id: str) -> None:
+    requeued = await workers.deregister_worker(pool, require_worker_id(worker_id))
+    log.info("Worker %s deregistered (%d task(s) requeued)", worker_id, requeued)
