@@ -672,6 +672,9 @@ async def test_reregisters_when_the_server_forgets_it(long_poll_server, tmp_path
     async with client_of(server, tmp_path) as client, running_agent(agent):
         await eventually(lambda: agent.worker_id, what="registration")
         worker_id = agent.worker_id
+        # Only once the poll is parked on the server (past its check of the worker) may the
+        # worker be forgotten: otherwise the poll, not the heartbeat, could notice first.
+        await eventually(lambda: server.notifications._pollers, what="a parked poll")
         await server.pool.execute("DELETE FROM workers WHERE id = $1", worker_id)
 
         async def known_again() -> bool:

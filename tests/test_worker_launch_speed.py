@@ -8,6 +8,7 @@ for oversize messages, leaks no descriptor into the action, and print what it sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -153,10 +154,14 @@ async def test_no_descriptor_leaks_into_the_action(tmp_path, cgroups):
     listing = tmp_path / "listing"
     listing.mkdir()
     # Another action in flight: its reply socket and files are open in the zygote.
-    other = asyncio.create_task(executor.execute(request(busy, "sleep", "1")))
-    await asyncio.sleep(0.3)
+    marker = marker_seconds()
+    other = asyncio.create_task(executor.execute(request(busy, "sleep", marker)))
+    await wait_for_processes(f"sleep {marker}")
     outcome = await executor.execute(request(listing, SH, "-c", "exec ls -l /proc/self/fd/"))
-    await other
+    assert not other.done(), "the other action ended before the listing was taken"
+    other.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await other
     assert outcome.exit_code == 0
     entries = {}
     for line in stdout(listing).splitlines():
