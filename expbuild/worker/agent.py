@@ -90,6 +90,8 @@ class WorkerAgent:
         self.settings = settings
         self.shutdown_grace = shutdown_grace
         self.name = settings.name or socket.gethostname()
+        # Closed by run() when made here; a caller passing its own executor closes it.
+        self._owns_executor = executor is None
         self._executor = executor or make_executor(settings.backend, settings.limits)
         self._registration = _Registration()
         self._heartbeat_interval = settings.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
@@ -177,6 +179,8 @@ class WorkerAgent:
                 await cas_channel.close()
             if blob_cache is not None:
                 blob_cache.close()
+            if self._owns_executor:
+                await self._executor.close()
         log.info("Worker %s stopped", self.worker_id or self.name)
 
     # ---- registration ----------------------------------------------------------------

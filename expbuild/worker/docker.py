@@ -61,6 +61,9 @@ class DockerExecutor:
             )
         self._images = self._local_images()
 
+    async def close(self) -> None:
+        pass  # each action's container is gone when its execute() returns
+
     def platform(self) -> dict[str, tuple[str, ...]]:
         offers: dict[str, tuple[str, ...]] = {"network": ("off", "on")}
         if self._images:

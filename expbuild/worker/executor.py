@@ -77,6 +77,11 @@ class Executor(Protocol):
         """Platform properties this backend offers on top of the detected ones."""
         ...
 
+    async def close(self) -> None:
+        """Release what the backend keeps between actions (the launcher zygote); call it
+        once no action runs any more. Nothing may be left for `__del__` to clean up."""
+        ...
+
 
 def make_executor(settings: BackendSettings, limits: LimitsSettings | None = None) -> Executor:
     """The configured backend; raises ConfigError when it cannot work on this host."""

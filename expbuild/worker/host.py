@@ -39,6 +39,9 @@ class HostExecutor:
         # terminate_grace: how long the command gets between SIGTERM and SIGKILL.
         self.supervisor = Supervisor(limits or LimitsSettings(), terminate_grace=terminate_grace)
 
+    async def close(self) -> None:
+        await self.supervisor.close()
+
     def platform(self) -> dict[str, tuple[str, ...]]:
         return {}
 

@@ -65,6 +65,9 @@ class SandboxExecutor:
         self.supervisor = Supervisor(limits or LimitsSettings(), terminate_grace=terminate_grace)
         self._self_test()
 
+    async def close(self) -> None:
+        await self.supervisor.close()
+
     def platform(self) -> dict[str, tuple[str, ...]]:
         return {"network": ("off", "on")}
 

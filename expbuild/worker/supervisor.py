@@ -96,6 +96,10 @@ class Supervisor:
                     "cannot create; they are not enforced"
                 )
 
+    async def close(self) -> None:
+        """Let the zygote go and wait for it; call once no action runs any more."""
+        await self.zygote.close()
+
     async def run(self, command: Command, *, name: str, timeout: float | None) -> Finished:
         """Run `command` to completion, timeout or cancellation (which propagates)."""
         group = self._create_cgroup(name)
@@ -375,6 +379,7 @@ class Zygote:
         self.usable = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
         self.process: subprocess.Popen | None = None
         self.control: socket.socket | None = None
+        self._retired: list[subprocess.Popen] = []  # zygotes let go, not reaped yet
         self._lock = threading.Lock()
 
     @property
@@ -422,22 +427,37 @@ class Zygote:
             return ours
 
     def _discard(self) -> None:
+        """Let the current zygote go: EOF on its socket makes it leave once idle.
+
+        Never starts a thread or waits: it also runs from `__del__`, possibly during
+        interpreter shutdown, where starting a thread blocks forever (Python 3.11).
+        """
         if self.control is not None:
-            self.control.close()  # EOF: it stops taking work and leaves once idle
+            self.control.close()
             self.control = None
         if self.process is not None:
-            _reap_later(self.process)
+            self._retired.append(self.process)
             self.process = None
+        # Reap those already gone, without blocking.
+        self._retired = [p for p in self._retired if p.poll() is None]
 
-    def close(self) -> None:
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop using the zygote and wait (off the loop) until every one we started left."""
         with self._lock:
             self._discard()
+            retired, self._retired = self._retired, []
+        for process in retired:
+            try:
+                await asyncio.to_thread(process.wait, timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("The launcher zygote %d did not leave; killing it", process.pid)
+                process.kill()
+                await asyncio.to_thread(process.wait)
 
     def __del__(self) -> None:
-        try:
-            self._discard()
-        except Exception:  # at interpreter shutdown, say
-            pass
+        # Closing the socket is enough for it to leave; no thread, no wait (see _discard).
+        if self.control is not None:
+            self.control.close()
 
     async def launch(self, message: bytes, fds: tuple[int, int, int]) -> _ZygoteLaunched | None:
         """Have the zygote fork a launcher with (stdout, stderr, status) as its descriptors."""
@@ -478,12 +498,6 @@ class Zygote:
                         log.warning("The launcher zygote is gone; starting another")
                     self._discard()
         return None
-
-
-def _reap_later(process: subprocess.Popen) -> None:
-    """Reap a zygote we let go once it leaves (after its last action), without blocking."""
-    if process.poll() is None:
-        threading.Thread(target=process.wait, name="zygote-reaper", daemon=True).start()
 
 
 async def _readable(fd: int) -> None:
