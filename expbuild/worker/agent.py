@@ -5,7 +5,7 @@ its own asyncio task (at most `max_concurrent_tasks` at once). Stopping a runnin
 means cancelling its asyncio task; the execution backend kills the process group and the
 runner removes the action directory on the way out.
 
-Shutdown (`request_stop`, wired to SIGINT/SIGTERM by `run_until_signalled`): polling stops
+Shutdown (`request_stop`, wired to SIGINT/SIGTERM by `expbuild worker daemon`): polling stops
 at once (the in-flight long poll is cancelled), running actions get `shutdown_grace`
 seconds to finish and report, the rest are killed and handed back with ReleaseTask, then
 the worker deregisters. A second `request_stop` skips what is left of the grace period.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -537,19 +536,6 @@ def platform_message(platform: dict[str, tuple[str, ...]]) -> re_pb2.Platform:
             for value in sorted(platform[name])
         ]
     )
-
-
-async def run_until_signalled(agent: WorkerAgent) -> None:
-    """Run `agent` with SIGINT/SIGTERM wired to `request_stop` (for the CLI entry)."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, agent.request_stop)
-    try:
-        await agent.run()
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
 
 
 def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:

@@ -69,7 +69,7 @@ def _entry_mode(executable: bool) -> int:
 
 @dataclass
 class CacheStats:
-    """What a cache has done since it was opened (for logs and tests)."""
+    """What a cache has done since it was opened (logged when it is closed)."""
 
     hits: int = 0  # entries found in the cache and used
     fetched_blobs: int = 0  # entries downloaded from the CAS
@@ -188,6 +188,19 @@ class BlobCache:
         if self._users > 0:
             return
         _open_caches.pop(_registry_key(self.root), None)
+        stats = self.stats
+        log.info(
+            "Blob cache %s closed: %d hit(s), %d blob(s) (%d bytes) fetched, %d copied, "
+            "%d evicted, %d corrupt; %d bytes held",
+            self.root,
+            stats.hits,
+            stats.fetched_blobs,
+            stats.fetched_bytes,
+            stats.copies,
+            stats.evictions,
+            stats.corrupt,
+            self._total,
+        )
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

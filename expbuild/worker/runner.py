@@ -25,7 +25,6 @@ from expbuild import errors
 from expbuild.client.cas import CasClient
 from expbuild.client.errors import RemoteError
 from expbuild.config import LimitsSettings
-from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
 from expbuild.worker.blob_cache import BlobCache
@@ -256,18 +255,6 @@ def _code_and_message(exc: BaseException) -> tuple[int, str]:
 def _describe(exc: BaseException) -> str:
     code, message = _code_and_message(exc)
     return f"{code_pb2.Code.Name(code)}: {message}"
-
-
-def missing_digests(status: status_pb2.Status) -> list[Digest]:
-    """The blobs a FAILED_PRECONDITION status reports as MISSING (for logs and tests)."""
-    found = []
-    for detail in status.details:
-        failure = error_details_pb2.PreconditionFailure()
-        if detail.Unpack(failure):
-            for violation in failure.violations:
-                if violation.type == "MISSING":
-                    found.append(Digest.parse(violation.subject.removeprefix("blobs/")))
-    return found
 
 
 def _stamp(timestamp) -> None:
