@@ -21,7 +21,7 @@ from expbuild.config import BackendSettings, LimitsSettings
 from expbuild.errors import FailedPrecondition
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.docker import DockerExecutor
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from tests.docker_engine import TEST_IMAGE, EngineUnavailable, docker_engine
 from tests.serving import running_server, server_settings
 from tests.survivors import marker_seconds, none_left, running_with

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from expbuild.config import LimitsSettings
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import DEFAULT_PATH, HostExecutor, exit_code
 from tests.survivors import marker_seconds, none_left, wait_for_processes
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from expbuild.config import LimitsSettings
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import HostExecutor
 from expbuild.worker.supervisor import ZYGOTE_MAX_MESSAGE, Supervisor
 from tests.survivors import marker_seconds, none_left, wait_for_processes

@@ -18,7 +18,7 @@ from google.rpc import code_pb2
 from expbuild.client.actions import build_command
 from expbuild.config import BackendSettings, ConfigError
 from expbuild.worker.agent import WorkerAgent
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.sandbox import SandboxExecutor, find_bwrap
 from tests.serving import running_server, server_settings
 from tests.survivors import marker_seconds, none_left, wait_for_processes

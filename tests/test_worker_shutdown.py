@@ -133,7 +133,7 @@ def test_ctrl_c_of_expbuild_up_leaves_no_process_behind(tmp_path):
 EXECUTOR_LEFT_AT_EXIT = """
 import asyncio, sys
 from pathlib import Path
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import HostExecutor
 
 # Still referenced at exit: collected only during interpreter finalization.

@@ -33,7 +33,8 @@ from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.worker.blob_cache import open_blob_cache
-from expbuild.worker.executor import Executor, make_executor
+from expbuild.worker.execution import Executor
+from expbuild.worker.executor import make_executor
 from expbuild.worker.runner import TaskRunner
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from expbuild.client.errors import RemoteError
 from expbuild.config import ConfigError, LimitsSettings
 from expbuild.errors import FailedPrecondition
 from expbuild.worker import limits as limit_checks
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
 from expbuild.worker.host import EXIT_NOT_FOUND, not_started
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from expbuild.config import LimitsSettings
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
 from expbuild.worker.supervisor import Command, Finished, Supervisor
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from expbuild.config import LimitsSettings
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
 from expbuild.worker.blob_cache import BlobCache
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest, Executor
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
     ActionDirectory,
     create_action_directory,

@@ -33,7 +33,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 from expbuild.config import BackendSettings, ConfigError, LimitsSettings
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
 from expbuild.worker.host import DEFAULT_PATH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, not_started
 from expbuild.worker.supervisor import Command, Supervisor
 
