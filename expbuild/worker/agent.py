@@ -28,13 +28,14 @@ from expbuild import __version__
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.errors import from_rpc_error
-from expbuild.config import WorkerSettings, detected_platform
+from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.worker.blob_cache import open_blob_cache
 from expbuild.worker.execution import Executor
 from expbuild.worker.executor import make_executor
+from expbuild.worker.host_platform import detected_platform
 from expbuild.worker.runner import TaskRunner
 
 log = logging.getLogger(__name__)
