@@ -97,6 +97,9 @@ class BackendSettings:
     # sandbox: host paths bind-mounted read-only; None: DEFAULT_RO_BINDS in "workdir"
     # mode, nothing in "root" mode (the input root brings its own system).
     ro_binds: tuple[str, ...] | None = None
+    # A worker running as root runs actions as this user: a name, "uid" or "uid:gid";
+    # "root" or "" keeps them root (with a warning). Ignored by a worker that is not root.
+    run_as: str = "nobody"
 
     @property
     def sandbox_ro_binds(self) -> tuple[str, ...]:
@@ -453,6 +456,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
             _get(b, "sandbox_root", "workdir"), "worker.backend.sandbox_root", SANDBOX_ROOTS
         ),
         ro_binds=None if ro_binds is None else _absolute_paths(ro_binds, "worker.backend.ro_binds"),
+        run_as=str(_get(b, "run_as", BackendSettings.run_as)),
     )
     limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
     server_url = str(_get(w, "server_url", WorkerSettings.server_url))

@@ -70,6 +70,7 @@ class Client:
         argv: list[str],
         *,
         files: dict[str, bytes] | None = None,
+        executables: tuple[str, ...] = (),
         output_paths: tuple[str, ...] = (),
         timeout: float | None = None,
         command: re_pb2.Command | None = None,
@@ -85,6 +86,8 @@ class Client:
         for relative, data in (files or {}).items():
             (root / relative).parent.mkdir(parents=True, exist_ok=True)
             (root / relative).write_bytes(data)
+            if relative in executables:
+                (root / relative).chmod(0o755)
         tree = merkle_tree_from_directory(root)
         command = command or build_command(argv, output_paths=output_paths)
         command_bytes = command.SerializeToString(deterministic=True)
@@ -161,7 +164,9 @@ def settings_for(port: int, work_dir: Path, **overrides) -> WorkerSettings:
         max_concurrent_tasks=2,
         heartbeat_interval=timedelta(seconds=0.2),
         poll_timeout=timedelta(seconds=1),
-        backend=BackendSettings(type="host", work_dir=str(work_dir)),
+        # pytest's tmp tree is private to root, out of reach of an unprivileged action user
+        # (tests/test_worker_run_as.py runs actions as one).
+        backend=BackendSettings(type="host", work_dir=str(work_dir), run_as="root"),
     )
     return replace(settings, **overrides)
 

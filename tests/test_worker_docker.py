@@ -246,7 +246,8 @@ def test_offers_the_engines_images(docker):
 async def test_end_to_end_through_the_server(docker, client, tmp_path):
     settings = settings_for(client.app.port, tmp_path / "work")
     settings = replace(
-        settings, backend=BackendSettings(type="docker", work_dir=str(tmp_path / "work"))
+        settings,
+        backend=BackendSettings(type="docker", work_dir=str(tmp_path / "work"), run_as="root"),
     )
     agent = WorkerAgent(settings)
     assert IMAGE in agent.platform()["container-image"]

@@ -241,7 +241,7 @@ async def test_end_to_end_through_the_server(client, tmp_path, listener):
     work_dir = tmp_path / "work"
     settings = replace(
         settings_for(client.app.port, work_dir),
-        backend=BackendSettings(type="sandbox", work_dir=str(work_dir)),
+        backend=BackendSettings(type="sandbox", work_dir=str(work_dir), run_as="root"),
     )
     agent = WorkerAgent(settings)
     assert agent.platform()["network"] == ("off", "on")  # the backend's offer ...

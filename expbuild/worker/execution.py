@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from expbuild.worker.action_user import ActionUser
+
 
 @dataclass(frozen=True)
 class ExecutionRequest:
@@ -60,6 +62,9 @@ class ExecutionOutcome:
 
 class Executor(Protocol):
     """An execution backend (`[worker.backend] type`)."""
+
+    # Who actions run as; None: the worker's own user (`expbuild.worker.action_user`).
+    user: ActionUser | None
 
     async def execute(self, request: ExecutionRequest) -> ExecutionOutcome:
         """Run the command to completion or until its timeout.

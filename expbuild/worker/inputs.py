@@ -26,6 +26,7 @@ from expbuild.client.tree import materialize
 from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import worker_pb2
+from expbuild.worker.action_user import ActionUser, hand_over
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.outputs import output_parent_directories, working_directory
 
@@ -54,11 +55,13 @@ async def prepare_inputs(
     task: worker_pb2.Task,
     action_path: Path,
     blob_cache: BlobCache | None = None,
+    user: ActionUser | None = None,
 ) -> ActionDirectory:
     """Materialize the task's input root in `action_path` and create its output parents.
 
-    With a `blob_cache`, input files are hardlinked (or copied) from it, and only what
-    it lacks is downloaded.
+    With a `blob_cache`, input files are hardlinked from it (copied when the action runs
+    as the worker's own user, who could write the entries: `user` is None), and only
+    what it lacks is downloaded. With a `user`, the input root's directories are its.
 
     Raises the client's errors for missing or invalid inputs (NotFound,
     FailedPrecondition, InvalidArgument) and InvalidArgument for bad Command paths.
@@ -73,9 +76,9 @@ async def prepare_inputs(
     input_root.mkdir()
     input_root_digest = Digest.from_proto(action.input_root_digest)
     log.info("Downloading input root %s", input_root_digest)
-    source = blob_cache.source(cas) if blob_cache is not None else None
+    source = blob_cache.source(cas, link=user is not None) if blob_cache is not None else None
     await materialize(cas, input_root_digest, input_root, source=source)
-    await asyncio.to_thread(_create_output_parents, command, input_root)
+    await asyncio.to_thread(_finish_input_root, command, input_root, user)
     return ActionDirectory(
         path=action_path,
         input_root=input_root,
@@ -83,6 +86,12 @@ async def prepare_inputs(
         stdout_path=action_path / "stdout",
         stderr_path=action_path / "stderr",
     )
+
+
+def _finish_input_root(command, input_root: Path, user: ActionUser | None) -> None:
+    _create_output_parents(command, input_root)
+    if user is not None:
+        hand_over(input_root, user)
 
 
 def _create_output_parents(command, input_root: Path) -> None:

@@ -101,7 +101,9 @@ class TaskRunner:
         """The stages, each timed into `metadata`: inputs, execution, outputs."""
         with _timed(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp):
             try:
-                directory = await prepare_inputs(cas, task, action_path, self.blob_cache)
+                directory = await prepare_inputs(
+                    cas, task, action_path, self.blob_cache, self.executor.user
+                )
             except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
                 log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
                 return failure_response(exc)

@@ -33,6 +33,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 from expbuild.config import BackendSettings, ConfigError, LimitsSettings
+from expbuild.worker.action_user import ActionUser
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
 from expbuild.worker.host import DEFAULT_PATH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, not_started
 from expbuild.worker.supervisor import Command, Supervisor
@@ -57,12 +58,16 @@ class SandboxExecutor:
         *,
         limits: LimitsSettings | None = None,
         terminate_grace: float = 1.0,
+        user: ActionUser | None = None,
     ):
         settings = settings or BackendSettings(type="sandbox")
+        self.user = user
         self.bwrap = find_bwrap()
         self.root_mode = settings.sandbox_root == "root"
         self.ro_binds = settings.sandbox_ro_binds
-        self.supervisor = Supervisor(limits or LimitsSettings(), terminate_grace=terminate_grace)
+        self.supervisor = Supervisor(
+            limits or LimitsSettings(), terminate_grace=terminate_grace, user=user
+        )
         self._self_test()
 
     async def close(self) -> None:

@@ -33,6 +33,7 @@ from typing import Protocol
 
 from expbuild.config import LimitsSettings
 from expbuild.worker import limits as limit_checks
+from expbuild.worker.action_user import ActionUser
 from expbuild.worker.cgroups import ActionCgroup, CgroupSupport
 from expbuild.worker.zygote import Zygote
 
@@ -81,8 +82,15 @@ class Finished:
 class Supervisor:
     """Starts commands under the launcher; one per backend, shared by concurrent actions."""
 
-    def __init__(self, limits: LimitsSettings, *, terminate_grace: float = 1.0):
+    def __init__(
+        self,
+        limits: LimitsSettings,
+        *,
+        terminate_grace: float = 1.0,
+        user: ActionUser | None = None,
+    ):
         self.limits = limits
+        self.user = user  # None: commands run as the worker's own user
         self.terminate_grace = terminate_grace
         self.cgroups = CgroupSupport.detect() if limits.cgroups else None
         self.zygote = Zygote(LAUNCHER)
@@ -147,6 +155,8 @@ class Supervisor:
             "grace": self.terminate_grace,
             "parent": os.getpid(),
         }
+        if self.user is not None:
+            spec["user"] = (self.user.uid, self.user.gid)
         started_at = _now()
         try:
             try:
