@@ -100,6 +100,8 @@ class BackendSettings:
     # A worker running as root runs actions as this user: a name, "uid" or "uid:gid";
     # "root" or "" keeps them root (with a warning). Ignored by a worker that is not root.
     run_as: str = "nobody"
+    # Directory messages of an input root larger than this are refused, not parsed.
+    max_directory_size: int = 16 * 1024**2
 
     @property
     def sandbox_ro_binds(self) -> tuple[str, ...]:
@@ -457,6 +459,10 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         ),
         ro_binds=None if ro_binds is None else _absolute_paths(ro_binds, "worker.backend.ro_binds"),
         run_as=str(_get(b, "run_as", BackendSettings.run_as)),
+        max_directory_size=_size(
+            _get(b, "max_directory_size", BackendSettings.max_directory_size),
+            "worker.backend.max_directory_size",
+        ),
     )
     limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
     server_url = str(_get(w, "server_url", WorkerSettings.server_url))

@@ -71,6 +71,7 @@ class Client:
         *,
         files: dict[str, bytes] | None = None,
         executables: tuple[str, ...] = (),
+        symlinks: dict[str, str] | None = None,
         output_paths: tuple[str, ...] = (),
         timeout: float | None = None,
         command: re_pb2.Command | None = None,
@@ -88,6 +89,9 @@ class Client:
             (root / relative).write_bytes(data)
             if relative in executables:
                 (root / relative).chmod(0o755)
+        for relative, target in (symlinks or {}).items():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).symlink_to(target)
         tree = merkle_tree_from_directory(root)
         command = command or build_command(argv, output_paths=output_paths)
         command_bytes = command.SerializeToString(deterministic=True)

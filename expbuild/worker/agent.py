@@ -160,6 +160,7 @@ class WorkerAgent:
             cas_for=self._cas_client,
             blob_cache=blob_cache,
             limits=self.settings.limits,
+            max_directory_size=self.settings.backend.max_directory_size,
         )
         heartbeat: asyncio.Task | None = None
         try:

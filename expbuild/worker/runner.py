@@ -25,7 +25,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from expbuild import errors
 from expbuild.client.cas import CasClient
 from expbuild.client.errors import RemoteError
-from expbuild.config import LimitsSettings
+from expbuild.config import BackendSettings, LimitsSettings
 from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
@@ -64,6 +64,7 @@ class TaskRunner:
     # Where input files come from when set; None: downloaded for every action.
     blob_cache: BlobCache | None = None
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    max_directory_size: int = BackendSettings.max_directory_size
 
     async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
         log.info("Starting execution of task %s", task.task_id)
@@ -102,7 +103,12 @@ class TaskRunner:
         with _timed(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp):
             try:
                 directory = await prepare_inputs(
-                    cas, task, action_path, self.blob_cache, self.executor.user
+                    cas,
+                    task,
+                    action_path,
+                    self.blob_cache,
+                    self.executor.user,
+                    self.max_directory_size,
                 )
             except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
                 log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
