@@ -183,7 +183,15 @@ class SandboxExecutor:
             "true",
         ]
         try:
-            result = subprocess.run(probe, capture_output=True, timeout=30, check=False)
+            # As the action user, if any: it is who runs bwrap for every action.
+            user = {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
+            result = subprocess.run(
+                probe,
+                capture_output=True,
+                timeout=30,
+                check=False,
+                **(user if self.user is not None else {}),
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ConfigError(
                 f"worker.backend.type = 'sandbox': {self.bwrap} does not run: {exc}"
