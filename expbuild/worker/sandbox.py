@@ -184,14 +184,12 @@ class SandboxExecutor:
         ]
         try:
             # As the action user, if any: it is who runs bwrap for every action.
-            user = {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
-            result = subprocess.run(
-                probe,
-                capture_output=True,
-                timeout=30,
-                check=False,
-                **(user if self.user is not None else {}),
+            as_user = (
+                {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
+                if self.user is not None
+                else {}
             )
+            result = subprocess.run(probe, capture_output=True, timeout=30, check=False, **as_user)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ConfigError(
                 f"worker.backend.type = 'sandbox': {self.bwrap} does not run: {exc}"
