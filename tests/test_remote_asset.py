@@ -313,3 +313,29 @@ async def test_evicted_content_is_downloaded_again(server, channel, http):
     assert reply.status.code == code_pb2.OK, reply.status.message
     assert len(http.requests_for("/archive.tar.gz")) == 2
     assert await server.store.has(digest_of(ARCHIVE))
+
+
+async def test_caller_without_download_right_gets_only_known_assets(pool, tmp_path):
+    """The domain rule behind the scopes: a read-only caller is answered from known assets,
+    and told PERMISSION_DENIED (in the status) instead of causing a download."""
+    from expbuild.assets.catalog import BLOB, AssetCatalog, Caller, FetchRequest
+    from expbuild.assets.qualifiers import parse_qualifiers
+    from expbuild.cas.store import FileStore
+    from expbuild.errors import PermissionDenied
+
+    store = FileStore(tmp_path / "cas", fsync=False)
+    catalog = AssetCatalog(pool, store, AssetSettings())
+    content = b"known\n"
+    await store.put(digest_of(content), content)
+    no_qualifiers = parse_qualifiers([])
+    await catalog.push(
+        "", BLOB, ["http://x.invalid/known"], no_qualifiers, digest_of(content), None
+    )
+    reader = Caller("reader", may_download=False)
+
+    known = await catalog.fetch(
+        FetchRequest("", BLOB, ["http://x.invalid/known"], no_qualifiers), reader
+    )
+    assert known.digest == digest_of(content) and not known.downloaded
+    with pytest.raises(PermissionDenied, match="cas:write"):
+        await catalog.fetch(FetchRequest("", BLOB, ["http://x.invalid/new"], no_qualifiers), reader)

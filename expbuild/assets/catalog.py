@@ -22,7 +22,13 @@ from expbuild.config import AssetSettings
 from expbuild.db import assets as db_assets
 from expbuild.db.pool import Database
 from expbuild.digest import Digest
-from expbuild.errors import ExpBuildError, FailedPrecondition, NotFound, Violation
+from expbuild.errors import (
+    ExpBuildError,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Violation,
+)
 from expbuild.text import shorten
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,9 @@ class Caller:
     name: str
     tool: str | None = None
     tool_invocation_id: str | None = None
+    # Whether this caller may make the server download (it adds to the CAS for everyone and
+    # opens an outgoing connection): with auth on, the `cas:write` scope.
+    may_download: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,11 @@ class AssetCatalog:
         try:
             fetched = await self._known(request)
             if fetched is None:
+                if not caller.may_download:
+                    raise PermissionDenied(
+                        f"{caller.name} may read known assets but not make the server "
+                        "download new ones (that needs the cas:write scope)"
+                    )
                 fetched = await self._download(request)
         except ExpBuildError as exc:
             await db_assets.record_fetch(self._db, replace(record, error=shorten(str(exc), 2000)))
