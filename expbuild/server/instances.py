@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from expbuild.auth.principal import current_principal
 from expbuild.errors import InvalidArgument
 
 
@@ -11,8 +12,10 @@ class InstanceNames:
         self._known = frozenset(self.names)
 
     def check(self, name: str) -> str:
-        """Return `name` if this server serves it, else raise InvalidArgument naming it."""
+        """Return `name` if this server serves it and the caller may use it; else raise
+        InvalidArgument (unknown instance) or PermissionDenied (not the caller's)."""
         if name in self._known or "*" in self._known:
+            current_principal().check_instance(name)
             return name
         served = ", ".join(repr(n) for n in self.names)
         raise InvalidArgument(
