@@ -17,6 +17,7 @@ import asyncpg
 from google.longrunning import operations_pb2
 from google.protobuf import any_pb2
 
+from expbuild.auth.principal import current_principal
 from expbuild.cas.action_results import inline_outputs
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
@@ -131,7 +132,12 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
                     result=cached, cached_result=True, status=ok_status()
                 )
                 await db_operations.insert_cached_operation(
-                    self.pool, operation_name, instance, digest, response.SerializeToString()
+                    self.pool,
+                    operation_name,
+                    instance,
+                    digest,
+                    response.SerializeToString(),
+                    principal=current_principal().name,
                 )
                 EXECUTE_REQUESTS.labels("cache_hit").inc()
                 log.info("Action %s answered from the action cache", digest)
@@ -158,6 +164,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
                 max_attempts=self.settings.max_attempts,
             ),
             operation_name,
+            principal=current_principal().name,
         )
         EXECUTE_REQUESTS.labels("queued" if enqueued.is_new else "joined").inc()
         if enqueued.is_new:
@@ -180,7 +187,8 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
 
     @rpc
     async def WaitExecution(self, request: re_pb2.WaitExecutionRequest, context):
-        async for operation in self.tracker.follow(request.name):
+        owner = current_principal().owner_filter()
+        async for operation in self.tracker.follow(request.name, owner=owner):
             yield operation
 
     async def _inlined(self, operation, request: re_pb2.ExecuteRequest):

@@ -19,6 +19,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2
 from google.rpc import code_pb2, status_pb2
 
+from expbuild.auth.principal import current_principal
 from expbuild.db import operations as db_operations
 from expbuild.db.notifications import Notifications
 from expbuild.db.operations import OperationRecord
@@ -88,13 +89,19 @@ class OperationTracker:
         self.notifications = notifications
 
     async def follow(
-        self, name: str, *, seen_stage: int | None = None, max_wait: float = 24 * 3600
+        self,
+        name: str,
+        *,
+        seen_stage: int | None = None,
+        max_wait: float = 24 * 3600,
+        owner: str | None = None,
     ) -> AsyncIterator[operations_pb2.Operation]:
-        """Yield the operation at every stage change (from `seen_stage` on) until it is done."""
+        """Yield the operation at every stage change (from `seen_stage` on) until it is done;
+        `owner`: only if that principal created it (else NotFound)."""
         deadline = time.monotonic() + max_wait
         last_stage = seen_stage
         while True:
-            record = await db_operations.get_operation(self.pool, name)
+            record = await db_operations.get_operation(self.pool, name, owner)
             stage = stage_of(record)
             if stage != last_stage or record.done:
                 yield to_operation(record)
@@ -147,7 +154,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @rpc
     async def GetOperation(self, request, context):
-        record = await db_operations.get_operation(self.tracker.pool, request.name)
+        record = await db_operations.get_operation(
+            self.tracker.pool, request.name, current_principal().owner_filter()
+        )
         return to_operation(record)
 
     @rpc
@@ -158,6 +167,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             stage=_list_filter(request.filter),
             limit=limit,
             after=_after(request.page_token),
+            owner=current_principal().owner_filter(),
         )
         reply = operations_pb2.ListOperationsResponse(operations=[to_operation(r) for r in records])
         if len(records) == limit:
@@ -166,7 +176,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @rpc
     async def CancelOperation(self, request, context):
-        task_cancelled = await db_operations.cancel_operation(self.tracker.pool, request.name)
+        task_cancelled = await db_operations.cancel_operation(
+            self.tracker.pool, request.name, current_principal().owner_filter()
+        )
         log.info(
             "Operation %s cancelled%s", request.name, " with its task" if task_cancelled else ""
         )
@@ -174,5 +186,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @rpc
     async def DeleteOperation(self, request, context):
-        await db_operations.delete_operation(self.tracker.pool, request.name)
+        await db_operations.delete_operation(
+            self.tracker.pool, request.name, current_principal().owner_filter()
+        )
         return empty_pb2.Empty()

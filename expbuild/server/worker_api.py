@@ -11,12 +11,13 @@ import time
 
 import asyncpg
 
+from expbuild.auth.principal import current_principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db import queue, workers
 from expbuild.db.notifications import Notifications
 from expbuild.digest import Digest
-from expbuild.errors import InvalidArgument, NotFound
+from expbuild.errors import InvalidArgument, NotFound, PermissionDenied
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.server.convert import duration, platform_spec, timestamp
@@ -50,17 +51,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.notifications = notifications
         self.settings = settings
 
-    def _require_worker(self, worker_id: str) -> str:
+    async def _require_worker(self, worker_id: str) -> str:
+        """The worker id, if the caller is the credential that registered it."""
         if not worker_id:
             raise InvalidArgument("worker_id is empty; call RegisterWorker first")
+        principal = current_principal()
+        if principal.authenticated:
+            owner = await workers.worker_principal(self.pool, worker_id)
+            if owner is not None and owner != principal.name:
+                raise PermissionDenied(
+                    f"worker {worker_id} was registered with another credential; "
+                    "a worker may act only for the id it registered"
+                )
         return worker_id
 
     @rpc
     async def RegisterWorker(self, request: worker_pb2.RegisterWorkerRequest, context):
         platform = platform_spec(request.platform, "worker platform")
+        principal = current_principal()
+        worker_id = request.worker_id
+        if principal.authenticated and worker_id:
+            # The server assigns ids: an id is kept only by the credential it was given to.
+            owner = await workers.worker_principal(self.pool, worker_id)
+            if owner is None:
+                worker_id = ""
+            elif owner != principal.name:
+                raise PermissionDenied(
+                    f"worker id {worker_id!r} was registered with another credential; "
+                    "register without an id to get one of your own"
+                )
         worker_id = await workers.register_worker(
             self.pool,
-            worker_id=request.worker_id,
+            principal=principal.name,
+            worker_id=worker_id,
             name=request.name or request.hostname or "worker",
             hostname=request.hostname,
             platform=platform,
@@ -81,7 +104,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc
     async def Heartbeat(self, request: worker_pb2.HeartbeatRequest, context):
-        worker_id = self._require_worker(request.worker_id)
+        worker_id = await self._require_worker(request.worker_id)
         running = [(_task_id(lease.task_id), lease.lease_token) for lease in request.running]
         outcome = await workers.heartbeat(
             self.pool, worker_id, running, self.settings.lease_duration
@@ -96,7 +119,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc
     async def PollTasks(self, request: worker_pb2.PollTasksRequest, context):
-        worker_id = self._require_worker(request.worker_id)
+        worker_id = await self._require_worker(request.worker_id)
         try:
             worker = await workers.get_worker(self.pool, worker_id)
         except NotFound:
@@ -165,7 +188,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc
     async def CompleteTask(self, request: worker_pb2.CompleteTaskRequest, context):
-        worker_id = self._require_worker(request.worker_id)
+        worker_id = await self._require_worker(request.worker_id)
         task_id = _task_id(request.task_id)
         response = request.response
         succeeded = response.status.code == 0 and response.HasField("result")
@@ -191,7 +214,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc
     async def ReleaseTask(self, request: worker_pb2.ReleaseTaskRequest, context):
-        worker_id = self._require_worker(request.worker_id)
+        worker_id = await self._require_worker(request.worker_id)
         await queue.release_task(
             self.pool,
             _task_id(request.task_id),
@@ -209,7 +232,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc
     async def DeregisterWorker(self, request: worker_pb2.DeregisterWorkerRequest, context):
-        worker_id = self._require_worker(request.worker_id)
+        worker_id = await self._require_worker(request.worker_id)
         requeued = await workers.deregister_worker(self.pool, worker_id)
         log.info("Worker %s deregistered (%d task(s) requeued)", worker_id, requeued)
         return worker_pb2.DeregisterWorkerResponse()
