@@ -27,9 +27,9 @@ def listeners(settings: Settings) -> list[tuple[str, str]]:
     return found
 
 
-def check_exposure(settings: Settings) -> None:
+def check_exposure(settings: Settings, *, warn: bool = True) -> None:
     """Refuse (ConfigError, one line) to serve a non-loopback address with [auth] mode
-    "none", unless [server] allow_insecure_public, which warns instead."""
+    "none", unless [server] allow_insecure_public, which warns (if `warn`) instead."""
     if settings.auth.mode != "none":
         return
     for key, address in listeners(settings):
@@ -37,6 +37,8 @@ def check_exposure(settings: Settings) -> None:
         if is_loopback(host):
             continue
         if settings.server.allow_insecure_public:
+            if not warn:
+                continue
             log.warning(
                 "INSECURE: %s = %s accepts calls from other machines without any credential "
                 '([auth] mode = "none", allow_insecure_public = true): anyone who reaches it '

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from expbuild.auth.exposure import check_exposure
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 from expbuild.config import ConfigError, Settings, data_dir
 from expbuild.db.pool import DatabaseUnavailable
@@ -106,6 +107,10 @@ def server_command(config: str | None, verbose: bool, address: str | None) -> No
 
 def run_replica(settings: Settings, *, local_workers: int) -> None:
     """Database (configured or embedded), server and local workers, until a signal."""
+    try:
+        check_exposure(settings, warn=False)  # before starting anything (the server warns)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from expbuild.client.actions import PlatformSpec, build_action, build_command, check_output_path
 from expbuild.client.cas import CasClient, gather_or_cancel
-from expbuild.client.channel import open_channel
+from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.execution import ExecutionClient, response_error
 from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from_paths
 from expbuild.digest import Digest, digest_of
@@ -268,6 +268,7 @@ async def run_command(
     target: str,
     argv: list[str],
     *,
+    security: ChannelSecurity | None = None,
     instance_name: str = "",
     inputs: Sequence[Path] = (),
     outputs: Sequence[str] = (),
@@ -316,7 +317,7 @@ async def run_command(
         action_digest: action_bytes,
     }
 
-    async with open_channel(target) as channel:
+    async with open_channel(target, security) as channel:
         cas = await CasClient.connect(channel, instance_name)
         missing = await cas.find_missing(blobs)
         if missing:
@@ -341,6 +342,7 @@ async def execute_action(
     target: str,
     action_digest: Digest,
     *,
+    security: ChannelSecurity | None = None,
     instance_name: str = "",
     skip_cache_lookup: bool = False,
     priority: int = 0,
@@ -353,7 +355,7 @@ async def execute_action(
     `run_command`; a missing Action or input surfaces as the server reports it (usually
     `FailedPrecondition` naming the missing blobs).
     """
-    async with open_channel(target) as channel:
+    async with open_channel(target, security) as channel:
         cas = await CasClient.connect(channel, instance_name)
         return await _execute_and_finish(
             channel,
