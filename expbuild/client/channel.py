@@ -78,33 +78,43 @@ class ChannelSecurity:
         )
 
 
-class _Bearer(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _Bearer:
     """Adds `authorization: Bearer <token>` to every call (plain channels too, unlike call
     credentials, so a token works against a loopback server without TLS)."""
 
     def __init__(self, token: str):
         self.header = ("authorization", f"Bearer {token}")
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
         return details._replace(metadata=metadata)
 
+
+# grpc.aio files each interceptor under one call kind only, so one class per kind.
+class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(self.details(client_call_details), request)
 
+
+class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(self.details(client_call_details), request)
 
+
+class _StreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(self.details(client_call_details), request_iterator)
 
+
+class _StreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(self.details(client_call_details), request_iterator)
+
+
+def _token_interceptors(token: str) -> list | None:
+    if not token:
+        return None
+    return [kind(token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
 def open_channel(target: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
@@ -116,7 +126,7 @@ def open_channel(target: str, security: ChannelSecurity | None = None) -> grpc.a
     Must be called with the event loop that will use it running (grpc.aio binds to it).
     """
     security = security or ChannelSecurity()
-    interceptors = [_Bearer(security.token)] if security.token else None
+    interceptors = _token_interceptors(security.token)
     if target.startswith(TLS_PREFIX):
         channel = grpc.aio.secure_channel(
             target.removeprefix(TLS_PREFIX),
