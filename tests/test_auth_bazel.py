@@ -170,13 +170,14 @@ def test_bazel_builds_over_grpcs_with_a_token_and_not_without(bazel_exe, secured
         *common_flags(f"tokens_{scheme}"),
     ]
     try:
-        built = bazel.run("build", *remote, f"--remote_header=authorization=Bearer {token}", TARGET)
+        authorized = [*remote, f"--remote_header=authorization=Bearer {token}"]
+        built = bazel.run("build", *authorized, TARGET)
         if built.returncode != 0 and scheme == "grpcs":
             skip_if_bazel_cannot_do_tls(bazel)
         assert built.returncode == 0, f"{built.describe()}\n{logs}"
         _, kinds = built.summary()
         assert {k for k in kinds if k != "internal"} == {"remote"}, kinds
-        files = snapshot(bazel.bazel_bin(*remote))
+        files = snapshot(bazel.bazel_bin(*authorized))
         for case in EXPECTED:
             check_outputs(files, case)
 

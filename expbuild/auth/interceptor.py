@@ -42,23 +42,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, verifier: TokenVerifier, certificate_scopes: tuple[str, ...] = ()):
         self.verifier = verifier
         self.certificate_scopes = certificate_scopes
+        # One guarded handler per method, made at its first call: the credential is read
+        # from each call's context, so nothing per call is built here.
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        scope = required_scope(method)
-        if scope == OPEN:
-            return handler
-        secret = _bearer(handler_call_details.invocation_metadata)
-        return _guarded(handler, lambda context: self._authorize(method, scope, secret, context))
+        guarded = self._guarded.get(method)
+        if guarded is None:
+            scope = required_scope(method)
+            if scope == OPEN:
+                return handler
+            guarded = _guarded(handler, lambda context: self._authorize(method, scope, context))
+            self._guarded[method] = guarded
+        return guarded
 
     async def _authorize(
-        self, method: str, scope: str, secret: str | None, context: grpc.aio.ServicerContext
+        self, method: str, scope: str, context: grpc.aio.ServicerContext
     ) -> Principal:
         short = method.rsplit("/", 1)[-1]
         try:
+            secret = _bearer(context.invocation_metadata())
             principal = await self._authenticate(secret, context)
         except Unauthenticated as exc:
             log.info("%s refused: %s", short, exc)
