@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
 import grpc
 import pytest
@@ -114,3 +115,49 @@ async def test_tokens_create_list_revoke(database_url, tmp_path):
     assert bad.exit_code == 2 and "unknown scope 'root'" in bad.output
     missing = await asyncio.to_thread(_cli, database_url, "tokens", "revoke", "nobody")
     assert missing.exit_code == 1 and "no token named 'nobody'" in missing.output
+
+
+def test_the_local_backend_serves_tokens_with_its_own_workers(database_url, tmp_path):
+    """`[execution] backend = "local"` with tokens: the in-process workers log in with a
+    credential only the replica knows; clients need their token."""
+    import subprocess
+
+    from tests.processes import BIN, server_env, start, wait_for_log, wait_healthy
+
+    env = server_env(database_url, tmp_path)
+    env["EXPBUILD_WORKER__BACKEND__WORK_DIR"] = str(tmp_path / "work")
+    env["EXPBUILD_AUTH__MODE"] = "tokens"
+    server = start(
+        "server-local-tokens",
+        ["expbuild", "server", "--config", "configs/expbuild-server.toml"],
+        tmp_path,
+        env,
+    )
+    address = env["EXPBUILD_SERVER__ADDRESS"]
+
+    def expbuild(*args: str, token: str = "") -> subprocess.CompletedProcess:
+        extra = {"EXPBUILD_TOKEN": token} if token else {}
+        return subprocess.run(
+            [str(BIN / "expbuild"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={**{k: v for k, v in os.environ.items() if k != "EXPBUILD_TOKEN"}, **env, **extra},
+        )
+
+    try:
+        wait_healthy(address, server)
+        wait_for_log(server, "Started 2 local worker(s)")
+        created = expbuild(
+            "tokens", "create", "--name", "dev", "--scope", "cas:read,cas:write,execute"
+        )
+        assert created.returncode == 0, created.stderr
+        secret = created.stdout.strip()
+        ran = expbuild("run", "--server", address, "--", "echo", "local pool", token=secret)
+        assert ran.returncode == 0 and ran.stdout == "local pool\n", ran.stderr
+        refused = expbuild("run", "--server", address, "--", "echo", "anyone")
+        assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+        assert "anyone" not in refused.stdout
+    finally:
+        assert server.stop() == 0, server.log()

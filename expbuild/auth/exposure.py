@@ -19,20 +19,35 @@ def is_loopback(host: str) -> bool:
         return False  # a host name may resolve to anything
 
 
-def listeners(settings: Settings) -> list[tuple[str, str]]:
-    """(key, address) of every gRPC listener the server opens."""
-    found = [("server.address", settings.server.address)]
-    if settings.server.worker_address:
-        found.append(("server.worker_address", settings.server.worker_address))
+def listeners(settings: Settings) -> list[tuple[str, str, str]]:
+    """(key, address, TLS certificate) of every gRPC listener the server opens."""
+    s = settings.server
+    found = [("server.address", s.address, s.tls_cert)]
+    if s.worker_address:
+        found.append(("server.worker_address", s.worker_address, s.worker_tls_cert))
     return found
+
+
+def _warn_plain_tokens(settings: Settings) -> None:
+    for key, address, cert in listeners(settings):
+        host, _ = parse_address(address, key)
+        if not cert and not is_loopback(host):
+            log.warning(
+                "%s = %s serves without TLS: tokens cross the network in plain text (set its "
+                "tls_cert and tls_key, or terminate TLS in front of it)",
+                key,
+                address,
+            )
 
 
 def check_exposure(settings: Settings, *, warn: bool = True) -> None:
     """Refuse (ConfigError, one line) to serve a non-loopback address with [auth] mode
     "none", unless [server] allow_insecure_public, which warns (if `warn`) instead."""
     if settings.auth.mode != "none":
+        if warn:
+            _warn_plain_tokens(settings)
         return
-    for key, address in listeners(settings):
+    for key, address, _cert in listeners(settings):
         host, _ = parse_address(address, key)
         if is_loopback(host):
             continue

@@ -21,6 +21,9 @@ from grpc_reflection.v1alpha import reflection
 
 from expbuild.auth.exposure import check_exposure
 from expbuild.auth.interceptor import WORKER_CERTIFICATE_SCOPES, AuthInterceptor
+from expbuild.auth.principal import Principal
+from expbuild.auth.scopes import WORKER as WORKER_SCOPE
+from expbuild.auth.token_secrets import new_secret
 from expbuild.auth.verifier import TokenVerifier
 from expbuild.cas.eviction import EvictionReport, evict_with_lock
 from expbuild.cas.store import FileStore
@@ -44,6 +47,8 @@ from expbuild.server.worker_admin import WorkerAdminServicer
 from expbuild.server.worker_api import WorkerServicer, task_name
 
 log = logging.getLogger(__name__)
+
+LOCAL_WORKERS = "local-workers"  # the principal of a replica's in-process workers
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAMES = (
@@ -104,6 +109,11 @@ class ServerApp:
         tracker = OperationTracker(self.pool, self.notifications)
         s = settings.server
         self.verifier = TokenVerifier(self.pool, settings.auth.cache_ttl.total_seconds())
+        # The credential of this replica's in-process workers (`expbuild up`, backend local).
+        self.local_worker_secret = new_secret()
+        self.verifier.add_static(
+            self.local_worker_secret, Principal.of(LOCAL_WORKERS, (WORKER_SCOPE,))
+        )
         self.health = health.aio.HealthServicer()
         separate_workers = bool(s.worker_address)
 
