@@ -79,8 +79,8 @@ class ChannelSecurity:
 
 
 class _Bearer:
-    """Adds `authorization: Bearer <token>` to every call (plain channels too, unlike call
-    credentials, so a token works against a loopback server without TLS)."""
+    """Adds `authorization: Bearer <token>` to every call on a plain channel, where gRPC
+    does not allow call credentials (a loopback server without TLS)."""
 
     def __init__(self, token: str):
         self.header = ("authorization", f"Bearer {token}")
@@ -126,20 +126,25 @@ def open_channel(target: str, security: ChannelSecurity | None = None) -> grpc.a
     Must be called with the event loop that will use it running (grpc.aio binds to it).
     """
     security = security or ChannelSecurity()
-    interceptors = _token_interceptors(security.token)
     if target.startswith(TLS_PREFIX):
+        credentials = security.credentials()
+        if security.token:
+            # gRPC core adds the header itself: cheaper than a Python interceptor.
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(security.token)
+            )
         channel = grpc.aio.secure_channel(
-            target.removeprefix(TLS_PREFIX),
-            security.credentials(),
-            options=_OPTIONS,
-            interceptors=interceptors,
+            target.removeprefix(TLS_PREFIX), credentials, options=_OPTIONS
         )
     else:
         if security.uses_tls_files:
             raise ChannelSecurityError(
                 f"TLS files are given but {target!r} is not a TLS address; use grpcs://{target}"
             )
-        channel = grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)
+        # Call credentials need a secure channel; on plain gRPC an interceptor adds the header.
+        channel = grpc.aio.insecure_channel(
+            target, options=_OPTIONS, interceptors=_token_interceptors(security.token)
+        )
     _targets[channel] = target
     return channel
 
