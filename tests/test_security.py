@@ -159,5 +159,12 @@ def test_the_local_backend_serves_tokens_with_its_own_workers(database_url, tmp_
         refused = expbuild("run", "--server", address, "--", "echo", "anyone")
         assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
         assert "anyone" not in refused.stdout
+        # The fleet is an admin's business: the local workers are listed for an admin only.
+        denied = expbuild("workers", "list", "--server", address, token=secret)
+        assert denied.returncode == 1 and "needs scope 'admin'" in denied.stderr
+        admin = expbuild("tokens", "create", "--name", "ops", "--scope", "admin").stdout.strip()
+        listed = expbuild("workers", "list", "--server", address, "--json", token=admin)
+        assert listed.returncode == 0, listed.stderr
+        assert len(json.loads(listed.stdout)) == 2
     finally:
         assert server.stop() == 0, server.log()
