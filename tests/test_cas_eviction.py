@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -14,12 +15,13 @@ import grpc
 import pytest
 
 from expbuild.cas import eviction
-from expbuild.cas.eviction import EVICTION_LOCK_KEY, evict_to_size, evict_with_lock
-from expbuild.cas.store import READ_TOUCH_AGE, FileStore
+from expbuild.cas.eviction import evict_to_size
+from expbuild.cas.layout import READ_TOUCH_AGE
+from expbuild.cas.store import FileStore
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.config import ConfigError, settings_from_mapping
-from expbuild.db.queries import sql
+from expbuild.db.locks import CAS_EVICTION_LOCK, try_advisory_lock
 from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -56,6 +58,12 @@ async def put_aged(store: FileStore, count: int, size: int = 1000) -> list[Diges
 
 def present(store: FileStore, digests: list[Digest]) -> list[bool]:
     return [store.path_of(d).exists() for d in digests]
+
+
+def bound_by_hand(app, max_size: int) -> None:
+    """Give a running server a CAS bound for `evict_once` calls. It started unbounded, so
+    it runs no eviction pass of its own that could race the test's."""
+    app.settings = replace(app.settings, cas=replace(app.settings.cas, max_size=max_size))
 
 
 # ----------------------------------------------------------------- the pass itself
@@ -141,44 +149,65 @@ async def test_temp_files_are_never_evicted(store):
 # ----------------------------------------------------------------- the advisory lock
 
 
-async def test_pass_is_skipped_while_another_holds_the_lock(store, pool):
-    digests = await put_aged(store, 5)
-    async with pool.acquire() as other:
-        assert await other.fetchval(sql("cas_eviction_try_lock"), EVICTION_LOCK_KEY)
-        assert await evict_with_lock(pool, store, 1000) is None
-        assert all(present(store, digests))
-        assert await other.fetchval(sql("cas_eviction_unlock"), EVICTION_LOCK_KEY)
-    report = await evict_with_lock(pool, store, 1000)
-    assert report is not None and report.removed == 5  # down to 900 bytes: every blob
-    # The lock was released with the pass.
-    async with pool.acquire() as other:
-        assert await other.fetchval(sql("cas_eviction_try_lock"), EVICTION_LOCK_KEY)
-        await other.fetchval(sql("cas_eviction_unlock"), EVICTION_LOCK_KEY)
+async def test_advisory_lock_is_exclusive_and_released(database_url):
+    async with try_advisory_lock(database_url, CAS_EVICTION_LOCK) as first:
+        assert first
+        async with try_advisory_lock(database_url, CAS_EVICTION_LOCK) as second:
+            assert not second
+        # A failed attempt releases nothing: the holder still holds it.
+        async with try_advisory_lock(database_url, CAS_EVICTION_LOCK) as third:
+            assert not third
+    async with try_advisory_lock(database_url, CAS_EVICTION_LOCK) as again:
+        assert again
 
 
-async def test_concurrent_passes_on_one_directory_do_not_both_evict(tmp_path, pool, monkeypatch):
-    root = tmp_path / "shared-cas"
-    one, two = FileStore(root, fsync=False), FileStore(root, fsync=False)  # two replicas
-    digests = await put_aged(one, 10)
+async def test_pass_is_skipped_while_another_holds_the_lock(database_url, tmp_path):
+    async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
+        bound_by_hand(app, 1000)
+        digests = await put_aged(app.store, 5)
+        async with try_advisory_lock(database_url, CAS_EVICTION_LOCK) as held:
+            assert held
+            assert await app.evict_once() is None
+            assert all(present(app.store, digests))
+        report = await app.evict_once()
+        assert report is not None and report.removed == 5  # down to 900 bytes: every blob
+        # The pass released the lock.
+        async with try_advisory_lock(database_url, CAS_EVICTION_LOCK) as held:
+            assert held
+
+
+async def test_a_pass_holds_no_pool_connection_while_it_scans(database_url, tmp_path, monkeypatch):
+    settings = server_settings(tmp_path / "cas")
+    settings = replace(
+        settings, database=replace(settings.database, pool_min_size=1, pool_max_size=1)
+    )
+    scanning, go_on = threading.Event(), threading.Event()
     real_scan = eviction._scan
 
-    def slow_scan(blob_dir):
-        time.sleep(0.5)  # both passes overlap for sure
+    def held_scan(blob_dir):
+        scanning.set()
+        go_on.wait(30)
         return real_scan(blob_dir)
 
-    monkeypatch.setattr(eviction, "_scan", slow_scan)
-    reports = await asyncio.gather(
-        evict_with_lock(pool, one, 5000), evict_with_lock(pool, two, 5000)
-    )
-    ran = [r for r in reports if r is not None]
-    assert len(ran) == 1, reports
-    assert ran[0].removed == 6  # down to 4500 bytes: 4 blobs left
-    assert present(one, digests) == [False] * 6 + [True] * 4
+    async with running_server(settings, database_url) as app:
+        bound_by_hand(app, 1000)
+        digests = await put_aged(app.store, 5)
+        monkeypatch.setattr(eviction, "_scan", held_scan)
+        evicting = asyncio.create_task(app.evict_once())
+        try:
+            assert await asyncio.to_thread(scanning.wait, 30)
+            # The pool's only connection is free for the server's calls meanwhile.
+            async with app.pool.acquire(timeout=5) as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            go_on.set()
+        report = await evicting
+        assert report is not None and report.removed == 5
+        assert not any(present(app.store, digests))
 
 
 async def test_two_servers_sharing_a_cas_take_turns(database_url, tmp_path, monkeypatch):
     settings = server_settings(tmp_path / "cas")
-    settings = replace(settings, cas=replace(settings.cas, max_size=5000))
     real_scan = eviction._scan
 
     def slow_scan(blob_dir):
@@ -189,6 +218,8 @@ async def test_two_servers_sharing_a_cas_take_turns(database_url, tmp_path, monk
         running_server(settings, database_url) as a,
         running_server(settings, database_url) as b,
     ):
+        bound_by_hand(a, 5000)
+        bound_by_hand(b, 5000)
         digests = await put_aged(a.store, 10)
         monkeypatch.setattr(eviction, "_scan", slow_scan)
         reports = await asyncio.gather(a.evict_once(), b.evict_once())
@@ -249,14 +280,15 @@ async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path
             assert present(store, digests) == [True] * 6
             # Age them all at once as far as eviction can tell: holding the replicas'
             # eviction lock, no pass can scan a half-aged store.
-            async with app.pool.acquire() as conn:
-                while not await conn.fetchval(sql("cas_eviction_try_lock"), EVICTION_LOCK_KEY):
-                    await asyncio.sleep(0.05)
-                try:
-                    for i, d in enumerate(digests):
-                        age(store, d, 10 * HOUR - i * 60)
-                finally:
-                    await conn.fetchval(sql("cas_eviction_unlock"), EVICTION_LOCK_KEY)
+            aged = False
+            while not aged:
+                async with try_advisory_lock(database_url, CAS_EVICTION_LOCK) as held:
+                    if held:
+                        for i, d in enumerate(digests):
+                            age(store, d, 10 * HOUR - i * 60)
+                        aged = True
+                if not aged:
+                    await asyncio.sleep(0.05)  # a pass is running; try again after it
             deadline = time.monotonic() + 10
             while store.path_of(stdout).exists() and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)

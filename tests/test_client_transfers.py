@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from click.testing import CliRunner
 from prometheus_client import REGISTRY
 
 from expbuild.cli.client_commands import EXIT_FAILURE, run
+from expbuild.client import batches
 from expbuild.client.capabilities import fetch_capabilities
 from expbuild.client.cas import (
     DEFAULT_MAX_BATCH_BYTES,
@@ -30,9 +32,9 @@ from expbuild.client.cas import (
     ZSTD,
     ZSTD_MIN_BYTES,
     CasClient,
-    parse_upload_resource,
 )
 from expbuild.client.channel import MAX_MESSAGE_BYTES, open_channel
+from expbuild.client.integrity import INLINE_CHECK_BYTES, BlobCheck
 from expbuild.client.run import run_command
 from expbuild.client.tree import materialize, merkle_tree_from_directory
 from expbuild.digest import Digest, digest_of
@@ -40,6 +42,7 @@ from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.reapi.resource_names import parse_upload_name
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
 from tests.serving import running_server, running_worker, server_settings
@@ -84,6 +87,12 @@ def compressible(size: int, seed: int = 0) -> bytes:
 
 def zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(data)
+
+
+def upload_key(name: str) -> tuple[Digest, bool]:
+    """(digest, compressed) of a ByteStream upload name."""
+    parsed = parse_upload_name(name)
+    return parsed.digest, parsed.compressor is not None
 
 
 async def stored(app: ServerApp, digest: Digest) -> bytes:
@@ -273,7 +282,7 @@ async def test_zstd_round_trip_through_batches_and_bytestream(server: ServerApp,
         assert sent[digest_of(text)].compressor == ZSTD
         assert len(sent[digest_of(text)].data) < len(text) // 10
 
-        written = {parse_upload_resource(name): size for name, size in wire.writes.items()}
+        written = {upload_key(name): size for name, size in wire.writes.items()}
         assert set(written) == {(digest_of(large_text), True), (digest_of(large_noise), True)}
         assert written[digest_of(large_text), True] < len(large_text) // 10
 
@@ -358,6 +367,45 @@ async def break_write(channel: grpc.aio.Channel, name: str, stream_bytes: bytes,
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "zstd"])
+async def test_reads_are_checked_off_the_event_loop(
+    server: ServerApp, channel, monkeypatch, compressed: bool
+):
+    """Hashing and decoding what arrives runs in threads, one hop per batch and per large
+    ByteStream message, so a worker's heartbeat never waits behind it; only small amounts
+    are checked inline, where a thread hop would cost more than the work."""
+    where: list[tuple[str, int, bool]] = []  # (what, bytes, on the event loop's thread)
+    loop_thread = threading.current_thread()
+    real_unpack, real_take = batches.unpack_read, BlobCheck.take
+
+    def unpack(response, *args, **kwargs):
+        where.append(("batch", response.ByteSize(), threading.current_thread() is loop_thread))
+        return real_unpack(response, *args, **kwargs)
+
+    def take(self, data):
+        where.append(("stream", len(data), threading.current_thread() is loop_thread))
+        return real_take(self, data)
+
+    monkeypatch.setattr(batches, "unpack_read", unpack)
+    monkeypatch.setattr(BlobCheck, "take", take)
+    cas = await CasClient.connect(channel) if compressed else CasClient(channel)
+    blobs = {digest_of(d): d for d in (os.urandom(100 * KiB) for _ in range(20))}
+    tiny = b"tiny"
+    large = os.urandom(5 * MiB)
+    blobs |= {digest_of(tiny): tiny, digest_of(large): large}
+    await cas.upload(blobs)
+
+    assert await cas.read_many(blobs) == blobs
+    assert await cas.read(digest_of(tiny)) == tiny
+
+    big_batches = [on_loop for what, size, on_loop in where if what == "batch" and size > MiB]
+    streamed = [(size, on_loop) for what, size, on_loop in where if what == "stream"]
+    assert big_batches and not any(big_batches)
+    assert sum(size for size, _ in streamed) >= (1 if compressed else len(large))
+    assert all(not on_loop for size, on_loop in streamed if size >= INLINE_CHECK_BYTES)
+    assert ("batch", True) in {(what, on_loop) for what, size, on_loop in where if size < 1000}
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "zstd"])
 async def test_resume_upload_continues_a_broken_stream_at_its_offset(
     server: ServerApp, channel, tmp_path: Path, compressed: bool
 ):
@@ -367,7 +415,7 @@ async def test_resume_upload_continues_a_broken_stream_at_its_offset(
     source.write_bytes(data)
     cas = await CasClient.connect(channel) if compressed else CasClient(channel)
     name = cas.upload_resource_name(digest)
-    assert parse_upload_resource(name) == (digest, compressed)
+    assert upload_key(name) == (digest, compressed)
     # Half the stream the client would send, then the connection "drops".
     stream = zstd(data) if compressed else data
     committed = await break_write(channel, name, stream[: len(stream) // 2], 128 * KiB)
@@ -387,7 +435,7 @@ async def test_resume_upload_of_an_unknown_upload_sends_it_whole(server: ServerA
     name = cas.upload_resource_name(digest_of(data))
     assert await cas.resume_upload(name, data) == 0
     assert await stored(server, digest_of(data)) == data
-    with pytest.raises(InvalidArgument, match="not an upload resource name"):
+    with pytest.raises(InvalidArgument, match="is not of the form"):
         await cas.resume_upload(f"blobs/{digest_of(data).hash}/{len(data)}", data)
     wrong = os.urandom(3 * MiB)
     with pytest.raises(InvalidArgument):

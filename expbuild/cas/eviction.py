@@ -18,8 +18,10 @@ Deleting a blob is always safe for correctness:
   check (`expbuild.cas.action_results`) turns it into a miss and the action runs again.
 * A reader that has the file open keeps reading it (unlinking does not affect open files).
 
-`evict_with_lock` runs a pass only while holding a Postgres advisory lock, so replicas
-sharing one CAS directory do not evict at the same time (and over-evict).
+This module knows no database. Replicas sharing one CAS directory must not evict at the
+same time (both would count the same bytes and over-evict), so the server runs a pass only
+while it holds `expbuild.db.locks.CAS_EVICTION_LOCK` (see `ServerApp.evict_once`). The
+lock covers the scan too: a pass must see the store as it is while no other pass deletes.
 """
 
 from __future__ import annotations
@@ -32,19 +34,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-import asyncpg
-
 from expbuild.cas.store import FileStore
-from expbuild.db.queries import sql
 
 DEFAULT_LOW_WATERMARK = 0.9
 DEFAULT_MIN_AGE = 300.0
 """Seconds since a blob's last use (mtime) before it may be evicted."""
-
-# The advisory lock key of the eviction pass (any constant bigint; shared by all replicas
-# on one database). Replicas with different CAS directories on one database also take
-# turns, which costs at most a skipped pass.
-EVICTION_LOCK_KEY = 0x45_58_50_43_41_53_45_56  # "EXPCASEV"
 
 
 @dataclass(frozen=True)
@@ -156,37 +150,9 @@ async def evict_to_size(
         raise
 
 
-async def evict_with_lock(
-    pool: asyncpg.Pool,
-    store: FileStore,
-    max_bytes: int,
-    *,
-    low_watermark: float = DEFAULT_LOW_WATERMARK,
-    min_age: float = DEFAULT_MIN_AGE,
-) -> EvictionReport | None:
-    """`evict_to_size` while holding the eviction advisory lock; None if another holds it.
-
-    The lock is a session lock on a connection taken from `pool` for the whole pass,
-    so only one replica among those sharing the database evicts at a time.
-    """
-    async with pool.acquire() as conn:
-        if not await conn.fetchval(sql("cas_eviction_try_lock"), EVICTION_LOCK_KEY):
-            return None
-        try:
-            return await evict_to_size(
-                store, max_bytes, low_watermark=low_watermark, min_age=min_age
-            )
-        finally:
-            # If this fails the connection is broken, and the lock went with its session.
-            with contextlib.suppress(Exception):
-                await conn.fetchval(sql("cas_eviction_unlock"), EVICTION_LOCK_KEY)
-
-
 __all__ = [
     "DEFAULT_LOW_WATERMARK",
     "DEFAULT_MIN_AGE",
-    "EVICTION_LOCK_KEY",
     "EvictionReport",
     "evict_to_size",
-    "evict_with_lock",
 ]

@@ -1,10 +1,7 @@
 """Content-addressed blob store on a local filesystem.
 
-Layout under the root directory::
-
-    sha256/<first two hex chars>/<hash>   one file per blob
-    tmp/<hash>.<uuid4 hex>                blobs being written
-    tmp/upload-<key>                      partial data of a resumable upload (`open_upload`)
+Where files live and how they are published: `expbuild.cas.layout`. Resumable uploads:
+`expbuild.cas.uploads`. Compression: `expbuild.reapi.compression`.
 
 What callers may rely on:
 
@@ -33,206 +30,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
-import stat
-import threading
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import BinaryIO, Self
+from typing import BinaryIO
 
-import zstandard
-
-from expbuild.digest import EMPTY, HASH_NAME, Digest, new_hasher
+from expbuild.cas.layout import (
+    COPY_CHUNK,
+    STALE_TEMP_AGE,
+    Layout,
+    close_quiet,
+    overflow_error,
+    size_error,
+    touch_if_stale,
+    unlink_quiet,
+    verify,
+)
+from expbuild.cas.uploads import MAX_IDLE_UPLOADS, UPLOAD_IDLE_TIMEOUT, Uploads, UploadSession
+from expbuild.digest import EMPTY, Digest, new_hasher
 from expbuild.errors import InvalidArgument, NotFound, OutOfRange
+from expbuild.reapi.compression import (
+    ZSTD,
+    StreamCompressor,
+    check_compressor,
+    decompress,
+    zstd_compressor,
+)
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
-STALE_TEMP_AGE = 3600.0
-"""Seconds after which a temporary file is taken to be left over by a crashed process."""
-
-# A BlobWriter keeps incoming chunks in memory until this many bytes are pending, then hands
-# them to a thread in one go: a small blob streamed in many pieces costs one thread hop.
-_WRITE_BUFFER = 1024 * 1024
-_COPY_CHUNK = 1024 * 1024
-_BLOB_MODE = 0o444
-
-READ_TOUCH_AGE = 3600.0
-"""A read bumps a blob's mtime (LRU "use") only if the mtime is older than this many seconds."""
-
-UPLOAD_IDLE_TIMEOUT = 900.0
-"""Seconds after which an unfinished upload nobody writes to may be dropped (see `open_upload`)."""
-MAX_IDLE_UPLOADS = 256
-"""Unfinished uploads kept for resumption beyond which the least recently used idle ones are dropped."""
-
-ZSTD = "zstd"
-SUPPORTED_COMPRESSORS: tuple[str, ...] = (ZSTD,)
-"""Compressors the store decodes and encodes, spelled as in REAPI resource names."""
-_ZSTD_LEVEL = 3
-
-
-def _size_error(digest: Digest, received: int) -> InvalidArgument:
-    return InvalidArgument(
-        f"blob {digest}: received {received} bytes, expected {digest.size_bytes}"
-    )
-
-
-def _overflow_error(digest: Digest, received: int) -> InvalidArgument:
-    return InvalidArgument(
-        f"blob {digest}: received at least {received} bytes, expected {digest.size_bytes}"
-    )
-
-
-def _verify(digest: Digest, received: int, hasher) -> None:
-    """Raise `InvalidArgument` unless `received` bytes hashing to `hasher` match `digest`."""
-    if received != digest.size_bytes:
-        raise _size_error(digest, received)
-    actual = hasher.hexdigest()
-    if actual != digest.hash:
-        raise InvalidArgument(f"blob {digest}: content hashes to {actual}, not {digest.hash}")
-
-
-def _unlink_quiet(path: Path | None) -> None:
-    if path is None:
-        return
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _close_quiet(f: BinaryIO | None) -> None:
-    if f is None:
-        return
-    try:
-        f.close()
-    except OSError:
-        pass
-
-
-def _touch_if_stale(f: BinaryIO, st: os.stat_result) -> None:
-    """Record a read as use for LRU eviction, at most once per `READ_TOUCH_AGE` per blob."""
-    if st.st_mtime < time.time() - READ_TOUCH_AGE:
-        # Through the descriptor: if eviction unlinked the file meanwhile, this is harmless.
-        with contextlib.suppress(OSError):
-            os.utime(f.fileno())
-
-
-def _read_file_chunks(f: BinaryIO) -> Iterator[bytes]:
-    return iter(lambda: f.read(_COPY_CHUNK), b"")
-
-
-# ------------------------------------------------------------- compression
-
-
-def check_compressor(compressor: str | None) -> str | None:
-    """Normalise a compressor name: None, "" or "identity" mean uncompressed (None).
-
-    Raises `InvalidArgument` naming the supported ones for anything else unknown.
-    """
-    if compressor is None or compressor in ("", "identity"):
-        return None
-    if compressor in SUPPORTED_COMPRESSORS:
-        return compressor
-    raise InvalidArgument(
-        f"compressor {compressor!r} is not supported; this server supports "
-        f"{', '.join(SUPPORTED_COMPRESSORS)} and uncompressed data"
-    )
-
-
-def _decompressed_overflow(digest: Digest, received: int) -> InvalidArgument:
-    return InvalidArgument(
-        f"blob {digest}: compressed data decompresses to at least {received} bytes, "
-        f"expected {digest.size_bytes}"
-    )
-
-
-def _decompressed_size_error(digest: Digest, received: int) -> InvalidArgument:
-    return InvalidArgument(
-        f"blob {digest}: compressed data decompresses to {received} bytes, "
-        f"expected {digest.size_bytes}"
-    )
-
-
-class _Sink:
-    """The file-like object zstandard's stream writer writes to; forwards to `target`."""
-
-    __slots__ = ("target",)
-
-    def __init__(self) -> None:
-        self.target = None
-
-    def write(self, data) -> int:
-        self.target(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _ZstdDecoder:
-    """Streaming zstd decompression that hands output on in pieces of at most 1 MiB.
-
-    `feed(data, target)` calls `target(piece)` as output is produced, so a target that
-    raises once too much has arrived stops a decompression bomb after at most one piece.
-    Concatenated frames are accepted; anything that is not zstd raises `InvalidArgument`.
-    """
-
-    def __init__(self, digest: Digest) -> None:
-        self._digest = digest
-        self._sink = _Sink()
-        self._writer = zstandard.ZstdDecompressor().stream_writer(
-            self._sink, write_size=_COPY_CHUNK, write_return_read=True
-        )
-
-    def feed(self, data: bytes, target) -> None:
-        self._sink.target = target
-        try:
-            self._writer.write(data)
-        except zstandard.ZstdError as exc:
-            raise InvalidArgument(
-                f"blob {self._digest}: compressed data is not valid zstd ({exc})"
-            ) from None
-        finally:
-            self._sink.target = None
-
-
-def _decompress(digest: Digest, data: bytes, compressor: str) -> bytes:
-    """Decompress a whole blob, refusing more output than `digest` says. Blocking."""
-    if check_compressor(compressor) is None:
-        return data
-    parts: list[bytes] = []
-    received = 0
-
-    def take(piece) -> None:
-        nonlocal received
-        received += len(piece)
-        if received > digest.size_bytes:
-            raise _decompressed_overflow(digest, received)
-        parts.append(bytes(piece))
-
-    _ZstdDecoder(digest).feed(data, take)
-    if received != digest.size_bytes:
-        raise _decompressed_size_error(digest, received)
-    return b"".join(parts)
-
-
-def _compressor_for(compressor: str | None):
-    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL) if compressor == ZSTD else None
-
-
-def _pieces(data: bytes, size: int) -> Iterator[bytes]:
-    for start in range(0, len(data), size):
-        yield data[start : start + size]
-
-
-def _upload_key(upload_id: str, digest: Digest, compressor: str | None) -> str:
-    text = f"{upload_id}\0{compressor or 'identity'}\0{digest}"
-    return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()[:32]
 
 
 class FileStore:
@@ -255,66 +80,28 @@ class FileStore:
         uploads kept (see `open_upload`).
         Construction does blocking I/O; build the store before serving.
         """
-        self.root = Path(root)
-        self.blob_dir = self.root / HASH_NAME
-        self.tmp_dir = self.root / "tmp"
-        self._fsync = fsync
-        self._upload_idle_timeout = upload_idle_timeout
-        self._max_idle_uploads = max_idle_uploads
-        self._uploads: dict[str, UploadSession] = {}
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.remove_stale_temp_files(stale_temp_age)
-
-    # ----------------------------------------------------------------- layout
+        self.layout = Layout(root, fsync=fsync)
+        self.root, self.blob_dir, self.tmp_dir = (
+            self.layout.root,
+            self.layout.blob_dir,
+            self.layout.tmp_dir,
+        )
+        self._uploads = Uploads(
+            self.layout, idle_timeout=upload_idle_timeout, max_idle=max_idle_uploads
+        )
+        self.layout.remove_stale_temp_files(stale_temp_age)
 
     def path_of(self, digest: Digest) -> Path:
         """Where the blob's file lives (whether or not it exists). Never write to it."""
-        return self.blob_dir / digest.hash[:2] / digest.hash
-
-    def _new_temp_path(self, digest: Digest) -> Path:
-        return self.tmp_dir / f"{digest.hash}.{uuid.uuid4().hex}"
-
-    def remove_stale_temp_files(self, max_age: float = STALE_TEMP_AGE) -> int:
-        """Delete temporary files not modified for `max_age` seconds; return how many.
-
-        Blocking; called by the constructor. A live writer's temp file is only
-        touched when it writes, so do not use a `max_age` shorter than the longest
-        pause a client may take in the middle of an upload.
-        """
-        cutoff = time.time() - max_age
-        removed = 0
-        with os.scandir(self.tmp_dir) as entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        removed += 1
-                except FileNotFoundError:
-                    pass  # another process cleaned it up first
-        return removed
+        return self.layout.path_of(digest)
 
     # --------------------------------------------------------------- presence
-
-    def _present(self, digest: Digest, *, touch: bool = False) -> bool:
-        if digest == EMPTY:
-            return True
-        path = self.path_of(digest)
-        try:
-            st = os.stat(path)
-            present = stat.S_ISREG(st.st_mode) and st.st_size == digest.size_bytes
-            if present and touch:
-                os.utime(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return False  # also covers eviction removing it between stat and utime
-        return present
 
     async def has(self, digest: Digest) -> bool:
         """True if the blob is stored with the right size (always true for `EMPTY`)."""
         if digest == EMPTY:
             return True
-        return await asyncio.to_thread(self._present, digest)
+        return await asyncio.to_thread(self.layout.present, digest)
 
     async def find_missing(self, digests: Iterable[Digest], *, touch: bool = False) -> list[Digest]:
         """The digests that are not stored, in first-seen order, without duplicates.
@@ -327,94 +114,45 @@ class FileStore:
             return []
 
         def scan() -> list[Digest]:
-            return [d for d in unique if not self._present(d, touch=touch)]
+            return [d for d in unique if not self.layout.present(d, touch=touch)]
 
         return await asyncio.to_thread(scan)
 
-    async def touch(self, digests: Iterable[Digest]) -> None:
-        """Bump the mtime (and atime) of the stored blobs among `digests`; absent ones are skipped."""
-        unique = [d for d in dict.fromkeys(digests) if d != EMPTY]
-        if not unique:
-            return
-
-        def bump() -> None:
-            for d in unique:
-                try:
-                    os.utime(self.path_of(d))
-                except (FileNotFoundError, NotADirectoryError):
-                    pass
-
-        await asyncio.to_thread(bump)
-
     # ---------------------------------------------------------------- writing
-
-    def _finish_file(self, f: BinaryIO) -> None:
-        f.flush()
-        os.fchmod(f.fileno(), _BLOB_MODE)
-        if self._fsync:
-            os.fsync(f.fileno())
-
-    def _publish(self, tmp: Path, final: Path) -> None:
-        """Atomically move a finished temp file into place."""
-        try:
-            os.replace(tmp, final)
-        except FileNotFoundError:
-            # The shard directory is made on first use (or was removed by eviction).
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-        if self._fsync:
-            # Persist the directory entry too; best effort where directories can't be fsynced.
-            try:
-                fd = os.open(final.parent, os.O_RDONLY)
-            except OSError:
-                return
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
 
     def _ingest(self, digest: Digest, chunks: Iterable[bytes]) -> bool:
         """Verify `chunks` against `digest` and store them; True if this call created the file.
 
-        Blocking. Leaves no temporary file behind on any failure.
+        Blocking. Leaves no temporary file behind on any failure. A blob already present
+        is not written again, but a client sending wrong content still hears about it.
         """
-        if digest.size_bytes == 0 or self._present(digest, touch=True):
-            # Nothing to write, but a client sending wrong content must still hear about it.
-            hasher = new_hasher()
-            received = 0
-            for chunk in chunks:
-                received += len(chunk)
-                if received > digest.size_bytes:
-                    raise _overflow_error(digest, received)
-                hasher.update(chunk)
-            _verify(digest, received, hasher)
-            return False
-
-        tmp = self._new_temp_path(digest)
+        present = digest.size_bytes == 0 or self.layout.present(digest, touch=True)
+        tmp = None if present else self.layout.new_temp_path(digest)
         try:
-            with open(tmp, "xb") as f:
+            with open(tmp, "xb") if tmp is not None else contextlib.nullcontext() as f:
                 hasher = new_hasher()
                 received = 0
                 for chunk in chunks:
                     received += len(chunk)
                     if received > digest.size_bytes:
-                        raise _overflow_error(digest, received)
+                        raise overflow_error(digest, received)
                     hasher.update(chunk)
-                    f.write(chunk)
-                _verify(digest, received, hasher)
-                self._finish_file(f)
-            self._publish(tmp, self.path_of(digest))
+                    if f is not None:
+                        f.write(chunk)
+                verify(digest, received, hasher)
+                if f is not None:
+                    self.layout.finish_file(f)
+            if tmp is not None:
+                self.layout.publish(tmp, self.path_of(digest))
         except BaseException:
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             raise
-        return True
+        return tmp is not None
 
     def _put_checked(self, digest: Digest, data: bytes) -> None:
         # The size check needs no I/O and spares writing a temp file that is bound to fail.
         if len(data) != digest.size_bytes:
-            raise _size_error(digest, len(data))
+            raise size_error(digest, len(data))
         self._ingest(digest, (data,))
 
     async def put(self, digest: Digest, data: bytes) -> None:
@@ -424,7 +162,7 @@ class FileStore:
         even when the blob is already present.
         """
         if len(data) != digest.size_bytes:
-            raise _size_error(digest, len(data))
+            raise size_error(digest, len(data))
         await asyncio.to_thread(self._ingest, digest, (data,))
 
     async def put_many(
@@ -446,8 +184,8 @@ class FileStore:
             for item in items:
                 digest, data = item[0], item[1]
                 try:
-                    if len(item) > 2 and item[2] is not None:
-                        data = _decompress(digest, data, item[2])
+                    if len(item) > 2 and check_compressor(item[2]) is not None:
+                        data = decompress(digest, data)
                     self._put_checked(digest, data)
                 except Exception as exc:  # noqa: BLE001 - each item gets its own status
                     results.append(exc)
@@ -459,32 +197,6 @@ class FileStore:
             return []
         return await asyncio.to_thread(run)
 
-    async def put_file(self, digest: Digest, path: Path) -> None:
-        """Store the content of the local file `path` as `digest`, streaming it.
-
-        The file is read whole even when the blob is present, so a mismatch is always
-        reported (`InvalidArgument`); call `has` first to skip the read. A missing or
-        unreadable `path` raises the `OSError` from opening it.
-        """
-
-        def run() -> None:
-            with open(path, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                if size != digest.size_bytes:
-                    raise _size_error(digest, size)
-                self._ingest(digest, _read_file_chunks(src))
-
-        await asyncio.to_thread(run)
-
-    def begin_write(self, digest: Digest) -> BlobWriter:
-        """Start a streaming write of `digest` (for ByteStream.Write). Does no I/O.
-
-        Use as ``async with store.begin_write(d) as w: await w.write(...)``: a normal
-        exit commits, an exception aborts. To skip uploads of blobs already stored,
-        check `has` before starting.
-        """
-        return BlobWriter(self, digest)
-
     # ---------------------------------------------------------------- reading
 
     def _read_whole(self, digest: Digest) -> bytes:
@@ -495,7 +207,7 @@ class FileStore:
                 st = os.fstat(f.fileno())
                 if st.st_size != digest.size_bytes:
                     raise NotFound(f"blob {digest} not found (stored file has the wrong size)")
-                _touch_if_stale(f, st)
+                touch_if_stale(f, st)
                 return f.read()
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"blob {digest} not found") from None
@@ -521,7 +233,7 @@ class FileStore:
             return []
 
         def run() -> list[bytes | Exception]:
-            cctx = _compressor_for(compressor)
+            cctx = zstd_compressor() if compressor == ZSTD else None
             results: list[bytes | Exception] = []
             for digest in digests:
                 try:
@@ -552,108 +264,32 @@ class FileStore:
             raise InvalidArgument("read_compressed needs a compressor; use read_chunks")
         if chunk_size < 1:
             raise InvalidArgument(f"chunk size {chunk_size} must be positive")
-        cctx = _compressor_for(compressor)
-        cobj = cctx.compressobj(size=max(digest.size_bytes - max(offset, 0), 0))
-        source = self.read_chunks(digest, offset, 0, chunk_size=_COPY_CHUNK)
+        stream = StreamCompressor(digest.size_bytes - max(offset, 0), chunk_size)
+        source = self.read_chunks(digest, offset, 0, chunk_size=COPY_CHUNK)
         async with contextlib.aclosing(source):
             async for data in source:
-                out = await asyncio.to_thread(cobj.compress, data)
-                for piece in _pieces(out, chunk_size):
+                for piece in await asyncio.to_thread(stream.compress, data):
                     yield piece
-        for piece in _pieces(cobj.flush(), chunk_size):
+        for piece in stream.flush():
             yield piece
 
     # ------------------------------------------------------ resumable uploads
 
-    def _upload_path(self, key: str) -> Path:
-        return self.tmp_dir / f"upload-{key}"
-
     async def open_upload(
         self, upload_id: str, digest: Digest, compressor: str | None = None
     ) -> UploadSession:
-        """Start or continue the resumable upload `upload_id` of `digest` (ByteStream Write).
-
-        An upload is named by (`upload_id`, `digest`, `compressor`). Its data is
-        verified as it arrives and kept (uncompressed) in `tmp/upload-<key>`; when a
-        stream breaks, the session stays here, and a later stream with the same names
-        continues it from `resume_offset()`. The file alone is enough to resume, so
-        uploads also survive a restart. Unfinished uploads idle for
-        `upload_idle_timeout`, or beyond `max_idle_uploads`, are dropped.
-
-        If the blob is stored already, the session returned is `complete` at once.
-        Raises `InvalidArgument` for an empty `upload_id` or an unsupported compressor.
-        """
-        compressor = check_compressor(compressor)
-        if not upload_id:
-            raise InvalidArgument(f"blob {digest}: the upload id is empty")
-        key = _upload_key(upload_id, digest, compressor)
-        await self._drop_idle_uploads()
-        session = self._uploads.get(key)
-
-        def present() -> bool:
-            if not self._present(digest, touch=True):
-                return False
-            if session is None:
-                _unlink_quiet(self._upload_path(key))  # left by an earlier process
-            return True
-
-        if await asyncio.to_thread(present):
-            if session is not None and not session.busy:
-                await session.abort()
-            return UploadSession(self, key, digest, compressor, complete=True)
-        if session is not None and session.usable:
-            session.last_used = time.monotonic()
-            return session
-        session = UploadSession(self, key, digest, compressor)
-        await asyncio.to_thread(session._restore_blocking)
-        existing = self._uploads.get(key)
-        if existing is not None and existing.usable:
-            return existing  # a concurrent call got there first
-        self._uploads[key] = session
-        return session
+        """Start or continue the resumable upload `upload_id` of `digest` (ByteStream
+        Write); see `Uploads.open`."""
+        return await self._uploads.open(upload_id, digest, compressor)
 
     async def upload_status(
         self, upload_id: str, digest: Digest, compressor: str | None = None
     ) -> tuple[int, bool]:
-        """(committed_size, complete) of an upload, as ByteStream QueryWriteStatus reports it.
+        """(committed_size, complete) of an upload, as QueryWriteStatus reports it; see
+        `Uploads.status`."""
+        return await self._uploads.status(upload_id, digest, compressor)
 
-        committed_size is where a new Write stream continues the upload (see
-        `UploadSession.resume_offset`); an unknown upload has committed 0 bytes. Complete
-        (with committed_size = the blob's size) once the blob is stored, by any upload.
-        """
-        compressor = check_compressor(compressor)
-        if await self.has(digest):
-            return digest.size_bytes, True
-        key = _upload_key(upload_id, digest, compressor)
-        session = self._uploads.get(key)
-        if session is not None and session.usable:
-            offset = await session.resume_offset()
-            return (digest.size_bytes, True) if session.complete else (offset, False)
-
-        def on_disk() -> int:
-            try:
-                size = os.stat(self._upload_path(key)).st_size
-            except (FileNotFoundError, NotADirectoryError):
-                return 0
-            return size if size <= digest.size_bytes else 0
-
-        return await asyncio.to_thread(on_disk), False
-
-    def _forget_upload(self, session: UploadSession) -> None:
-        if self._uploads.get(session.key) is session:
-            del self._uploads[session.key]
-
-    async def _drop_idle_uploads(self) -> None:
-        if not self._uploads:
-            return
-        now = time.monotonic()
-        idle = sorted((s for s in self._uploads.values() if not s.busy), key=lambda s: s.last_used)
-        drop = [s for s in idle if now - s.last_used > self._upload_idle_timeout]
-        excess = len(self._uploads) - len(drop) - self._max_idle_uploads
-        if excess > 0:
-            drop += [s for s in idle if s not in drop][:excess]
-        for session in drop:
-            await session.abort()
+    # ---------------------------------------------------------------- reading
 
     async def read_chunks(
         self,
@@ -704,7 +340,7 @@ class FileStore:
                     raise NotFound(f"blob {digest} not found (stored file has the wrong size)")
                 if offset > size:
                     raise out_of_range()
-                _touch_if_stale(f, st)
+                touch_if_stale(f, st)
                 f.seek(offset)
                 first = f.read(min(chunk_size, remaining)) if remaining else b""
                 if len(first) >= remaining:
@@ -731,470 +367,7 @@ class FileStore:
         finally:
             # Closing a read-only file does not wait on the disk, so it is done inline;
             # awaiting here would be unsafe while the generator is being closed.
-            _close_quiet(f)
+            close_quiet(f)
 
 
-class BlobWriter:
-    """One streaming upload of a blob, from `FileStore.begin_write`.
-
-    Chunks are hashed and written to a temporary file as they arrive; `commit`
-    verifies hash and size and publishes the blob atomically. A writer that is
-    neither committed nor aborted leaves a temp file that the next store
-    construction removes once stale. Not safe for concurrent use by several tasks.
-    """
-
-    def __init__(self, store: FileStore, digest: Digest) -> None:
-        self.digest = digest
-        self._store = store
-        self._hasher = new_hasher()
-        self._received = 0
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._tmp: Path | None = None
-        self._file: BinaryIO | None = None
-        self._state = "open"  # open -> committing -> committed, or -> aborted
-        self._stored_new = False
-        self._used_thread = False
-        # Serialises the thread-side work: after a cancellation, abort's thread must not
-        # race a write or commit that is still running in another thread.
-        self._lock = threading.Lock()
-
-    @property
-    def committed_size(self) -> int:
-        """Bytes accepted so far (what ByteStream reports as committed_size)."""
-        return self._received
-
-    @property
-    def done(self) -> bool:
-        """True once committed or aborted."""
-        return self._state in ("committed", "aborted")
-
-    async def write(self, chunk: bytes) -> None:
-        """Append `chunk`.
-
-        Raises `InvalidArgument` after commit or abort, and, aborting the writer,
-        as soon as more bytes arrive than the digest's size.
-        """
-        if self._state != "open":
-            raise InvalidArgument(f"blob {self.digest}: write after the upload was {self._state}")
-        if not chunk:
-            return
-        received = self._received + len(chunk)
-        if received > self.digest.size_bytes:
-            # Fail early so an oversized upload cannot fill the disk.
-            await self.abort()
-            raise _overflow_error(self.digest, received)
-        self._pending.append(bytes(chunk))  # copy a bytearray/memoryview the caller may reuse
-        self._pending_size += len(chunk)
-        self._received = received
-        if self._pending_size >= _WRITE_BUFFER:
-            pending = self._take_pending()
-            self._used_thread = True
-            await asyncio.to_thread(self._flush, pending)
-
-    async def commit(self) -> bool:
-        """Verify and publish the blob; True if this writer stored it, False if it was present.
-
-        Raises `InvalidArgument` naming the digest if size or hash differ (the writer
-        is then aborted and no file is left). Calling it again after success is a no-op.
-        """
-        if self._state == "committed":
-            return self._stored_new
-        if self._state != "open":
-            raise InvalidArgument(f"blob {self.digest}: commit after the upload was {self._state}")
-        if self._received != self.digest.size_bytes:
-            await self.abort()
-            raise _size_error(self.digest, self._received)
-        pending = self._take_pending()
-        self._state = "committing"
-        self._used_thread = True
-        try:
-            stored = await asyncio.to_thread(self._commit, pending)
-        except BaseException:
-            # _commit cleans up after itself; on cancellation the thread may still be
-            # running, and a later abort() waits for it through the lock.
-            if self._state == "committing":
-                self._state = "aborted"
-            raise
-        self._state = "committed"
-        self._stored_new = stored
-        return stored
-
-    async def abort(self) -> None:
-        """Discard the upload and its temp file. Idempotent; a no-op after commit."""
-        if self._state == "committed":
-            return
-        # Also runs when already aborted: after a cancelled commit, its thread may still
-        # hold a temp file, and _discard waits for it through the lock.
-        self._state = "aborted"
-        self._pending = []
-        self._pending_size = 0
-        if self._used_thread:
-            await asyncio.to_thread(self._discard)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            await self.commit()
-        else:
-            # The original exception matters more than a failed cleanup.
-            with contextlib.suppress(OSError):
-                await self.abort()
-        return False
-
-    # Thread side. Each method checks the state under the lock, so work dispatched
-    # before an abort does nothing once the abort has run.
-
-    def _take_pending(self) -> list[bytes]:
-        pending = self._pending
-        self._pending = []
-        self._pending_size = 0
-        return pending
-
-    def _open_temp(self) -> BinaryIO:
-        if self._file is None:
-            tmp = self._store._new_temp_path(self.digest)
-            self._file = open(tmp, "xb")  # noqa: SIM115 - stays open across writes
-            self._tmp = tmp
-        return self._file
-
-    def _flush(self, pending: list[bytes]) -> None:
-        with self._lock:
-            if self._state == "aborted":
-                return
-            f = self._open_temp()
-            for chunk in pending:
-                self._hasher.update(chunk)
-                f.write(chunk)
-
-    def _commit(self, pending: list[bytes]) -> bool:
-        with self._lock:
-            if self._state == "aborted":
-                raise InvalidArgument(f"blob {self.digest}: upload was aborted")
-            try:
-                for chunk in pending:
-                    self._hasher.update(chunk)
-                _verify(self.digest, self._received, self._hasher)
-                store = self._store
-                if self.digest.size_bytes == 0 or store._present(self.digest, touch=True):
-                    self._discard_locked()
-                    return False
-                f = self._open_temp()
-                for chunk in pending:
-                    f.write(chunk)
-                store._finish_file(f)
-                f.close()
-                self._file = None
-                store._publish(self._tmp, store.path_of(self.digest))
-                self._tmp = None
-                return True
-            except BaseException:
-                self._discard_locked()
-                raise
-
-    def _discard(self) -> None:
-        with self._lock:
-            self._discard_locked()
-
-    def _discard_locked(self) -> None:
-        _close_quiet(self._file)
-        self._file = None
-        _unlink_quiet(self._tmp)
-        self._tmp = None
-
-
-class UploadSession:
-    """One resumable upload of a blob, from `FileStore.open_upload`.
-
-    The upload arrives in one or more streams (ByteStream Write calls); each call of
-    `write` carries one message with its `write_offset`, as REAPI defines it:
-
-    * Uncompressed: offsets count the blob's bytes; a stream starts at
-      `resume_offset()` and each message at the end of the previous one.
-    * Compressed: a stream starts at `resume_offset()` in *uncompressed* bytes and
-      sends the rest of the blob as a new compressed stream; later messages of that
-      stream are at the first offset plus the compressed bytes sent since. (This is
-      what REAPI says and what Bazel does when it resumes.)
-
-    Data is buffered up to 1 MiB, then decompressed if need be, hashed and appended to
-    the upload's file in a worker thread. That work runs to the end even if the stream
-    that sent the data is cancelled, and the next call waits for it, so a broken
-    stream always leaves a consistent state to resume from.
-    """
-
-    def __init__(
-        self,
-        store: FileStore,
-        key: str,
-        digest: Digest,
-        compressor: str | None,
-        *,
-        complete: bool = False,
-    ) -> None:
-        self.key = key
-        self.digest = digest
-        self.compressor = compressor
-        self.path = store._upload_path(key)
-        self.last_used = time.monotonic()
-        self._store = store
-        self._next_offset = 0  # the write_offset the next message must carry
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._hasher = new_hasher()
-        self._written = 0  # uncompressed bytes hashed and in the file
-        self._decoder = _ZstdDecoder(digest) if compressor == ZSTD and not complete else None
-        self._state = "complete" if complete else "open"  # open -> complete | failed
-        self._already_stored = complete
-        self._error: BaseException | None = None
-        self._lock = asyncio.Lock()
-        self._inflight: asyncio.Future | None = None
-
-    @property
-    def next_offset(self) -> int:
-        """The write_offset the next message of the current stream must carry."""
-        return self._next_offset
-
-    @property
-    def complete(self) -> bool:
-        """True once the blob is stored, by this upload or another."""
-        return self._state == "complete"
-
-    @property
-    def usable(self) -> bool:
-        return self._state == "open"
-
-    @property
-    def busy(self) -> bool:
-        """True while a call is running or its thread work is unfinished."""
-        return self._lock.locked() or (self._inflight is not None and not self._inflight.done())
-
-    @property
-    def result_size(self) -> int:
-        """What WriteResponse.committed_size reports once the upload is complete.
-
-        The blob's size for an uncompressed upload. For a compressed one the end offset
-        of the stream (its first write_offset plus the compressed bytes it sent), or -1
-        if it finished early because the blob was already stored (the REAPI rules).
-        """
-        if self.compressor is None:
-            return self.digest.size_bytes
-        return -1 if self._already_stored else self._next_offset
-
-    async def resume_offset(self) -> int:
-        """Where a new stream continues this upload (QueryWriteStatus.committed_size).
-
-        Uncompressed: every byte received. Compressed: the uncompressed bytes decoded
-        from what was received; the tail of an unfinished compressed block is dropped
-        and sent again by the client in its new stream.
-        """
-        async with self._lock:
-            await self._settle()
-            if self._state == "complete":
-                return self.digest.size_bytes
-            if self._state != "open":
-                return 0
-            if self.compressor is None:
-                return self._next_offset
-            if self._pending:
-                with contextlib.suppress(InvalidArgument):
-                    await self._run(self._apply_blocking, self._take_pending())
-            if self._state == "complete":
-                return self.digest.size_bytes
-            return self._written if self._state == "open" else 0
-
-    async def write(
-        self, offset: int, data: bytes, *, first: bool = False, finish: bool = False
-    ) -> bool:
-        """Take one message of a stream (`first`: the stream's first); True once complete.
-
-        With `finish` the upload is verified and the blob published. Raises
-        `InvalidArgument` for a wrong offset (the upload is kept as it was) and for data
-        that does not match the digest (the upload is dropped). Returns True early,
-        without taking the data, if the blob got stored meanwhile.
-        """
-        async with self._lock:
-            await self._settle()
-            self.last_used = time.monotonic()
-            if self._state == "complete":
-                return True
-            self._check_open()
-            if first and self.compressor is not None:
-                await self._start_compressed_stream()
-                if self._state == "complete":
-                    return True
-            if offset != self._next_offset:
-                raise self._offset_error(offset, first)
-            if data:
-                end = self._next_offset + len(data)
-                if self.compressor is None and end > self.digest.size_bytes:
-                    error = _overflow_error(self.digest, end)
-                    self._take_pending()
-                    await self._run(self._discard_blocking, error)
-                    raise error
-                self._pending.append(bytes(data))
-                self._pending_size += len(data)
-                self._next_offset = end
-            if finish:
-                await self._run(self._finish_blocking, self._take_pending())
-                return True
-            if self._pending_size >= _WRITE_BUFFER:
-                await self._run(self._apply_blocking, self._take_pending())
-            return self._state == "complete"
-
-    async def abort(self) -> None:
-        """Drop the upload and its data. Idempotent; a no-op once complete."""
-        async with self._lock:
-            await self._settle()
-            if self._state == "open":
-                self._take_pending()
-                await self._run(self._discard_blocking, InvalidArgument("upload was aborted"))
-
-    # Loop side.
-
-    async def _start_compressed_stream(self) -> None:
-        """Decode what the previous stream sent, then expect a new compressed stream."""
-        if self._pending:
-            await self._run(self._apply_blocking, self._take_pending())
-        self._decoder = _ZstdDecoder(self.digest)
-        self._next_offset = self._written
-
-    def _offset_error(self, offset: int, first: bool) -> InvalidArgument:
-        if first or self.compressor is None:
-            return InvalidArgument(
-                f"blob {self.digest}: write_offset {offset} does not match the "
-                f"{self._next_offset} bytes committed so far (resume at {self._next_offset})"
-            )
-        return InvalidArgument(
-            f"blob {self.digest}: write_offset {offset} does not match {self._next_offset}, "
-            "the stream's first write_offset plus the compressed bytes sent since"
-        )
-
-    def _check_open(self) -> None:
-        if self._state == "failed":
-            raise InvalidArgument(f"blob {self.digest}: this upload failed earlier: {self._error}")
-
-    def _take_pending(self) -> list[bytes]:
-        pending = self._pending
-        self._pending = []
-        self._pending_size = 0
-        return pending
-
-    async def _settle(self) -> None:
-        """Wait for thread work started by an earlier (maybe cancelled) call."""
-        inflight = self._inflight
-        if inflight is not None and not inflight.done():
-            await asyncio.wait([inflight])
-
-    async def _run(self, fn, *args):
-        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        self._inflight = future
-        future.add_done_callback(self._thread_done)
-        # Shielded: cancelling the caller must not abandon a half-applied chunk.
-        return await asyncio.shield(future)
-
-    def _thread_done(self, future: asyncio.Future) -> None:
-        if future.cancelled():
-            self._state = "failed"
-            self._error = InvalidArgument("upload was interrupted")
-        else:
-            future.exception()  # retrieved here: the caller may have been cancelled
-        if self._state != "open":
-            self._store._forget_upload(self)
-
-    # Thread side. Only one runs at a time (see _settle); each sets the final state itself.
-
-    def _restore_blocking(self) -> None:
-        """Pick up the file of an upload left by an earlier session or process."""
-        try:
-            size = os.stat(self.path).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        if size > self.digest.size_bytes:
-            _unlink_quiet(self.path)
-            return
-        hasher = new_hasher()
-        received = 0
-        with open(self.path, "rb") as f:
-            for chunk in _read_file_chunks(f):
-                hasher.update(chunk)
-                received += len(chunk)
-        self._hasher = hasher
-        self._written = self._next_offset = received
-
-    def _consume(self, f: BinaryIO, chunks: list[bytes]) -> None:
-        size = self.digest.size_bytes
-        compressed = self.compressor is not None
-
-        def out(piece) -> None:
-            received = self._written + len(piece)
-            if received > size:
-                raise (_decompressed_overflow if compressed else _overflow_error)(
-                    self.digest, received
-                )
-            self._hasher.update(piece)
-            f.write(piece)
-            self._written = received
-
-        for chunk in chunks:
-            if self._decoder is not None:
-                self._decoder.feed(chunk, out)
-            else:
-                out(chunk)
-
-    def _failed(self, error: BaseException) -> None:
-        _unlink_quiet(self.path)
-        self._state = "failed"
-        self._error = error
-
-    def _apply_blocking(self, chunks: list[bytes]) -> None:
-        try:
-            with open(self.path, "ab") as f:
-                self._consume(f, chunks)
-            if self._store._present(self.digest, touch=True):
-                # Another upload of the same blob finished first.
-                _unlink_quiet(self.path)
-                self._state = "complete"
-                self._already_stored = True
-        except BaseException as exc:
-            self._failed(exc)
-            raise
-
-    def _finish_blocking(self, chunks: list[bytes]) -> None:
-        store = self._store
-        try:
-            with open(self.path, "ab") as f:
-                self._consume(f, chunks)
-                if self.compressor is not None and self._written != self.digest.size_bytes:
-                    raise _decompressed_size_error(self.digest, self._written)
-                _verify(self.digest, self._written, self._hasher)
-                present = self.digest.size_bytes == 0 or store._present(self.digest, touch=True)
-                if not present:
-                    store._finish_file(f)
-            if present:
-                _unlink_quiet(self.path)
-            else:
-                store._publish(self.path, store.path_of(self.digest))
-            self._state = "complete"
-        except BaseException as exc:
-            self._failed(exc)
-            raise
-
-    def _discard_blocking(self, error: BaseException) -> None:
-        self._failed(error)
-
-
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "MAX_IDLE_UPLOADS",
-    "READ_TOUCH_AGE",
-    "STALE_TEMP_AGE",
-    "SUPPORTED_COMPRESSORS",
-    "UPLOAD_IDLE_TIMEOUT",
-    "ZSTD",
-    "BlobWriter",
-    "FileStore",
-    "UploadSession",
-    "check_compressor",
-]
+__all__ = ["DEFAULT_CHUNK_SIZE", "FileStore"]

@@ -1,14 +1,15 @@
 """Moving blobs to and from a remote Content Addressable Storage.
 
-Small blobs travel in BatchUpdateBlobs / BatchReadBlobs requests, large ones through
-ByteStream Write / Read in 1 MiB chunks, so memory use stays bounded by the batch size and
-the number of concurrent transfers. Everything read is checked against its digest.
+Small blobs travel in BatchUpdateBlobs / BatchReadBlobs requests (`batches`), large ones
+through ByteStream Write / Read in 1 MiB chunks (`streams`), so memory use stays bounded
+by the batch size and the number of concurrent transfers. Everything read is checked
+against its digest (`integrity`), off the event loop for all but small amounts of data.
 
 With zstd on (`CasClient.connect` turns it on when the server offers it), blobs of at
 least `ZSTD_MIN_BYTES` travel compressed: through `compressed-blobs/zstd/...` ByteStream
 resources and as ZSTD entries of batches; the CAS itself always holds (and digests name)
 the uncompressed bytes. A ByteStream upload whose stream breaks is continued from where
-QueryWriteStatus says the server got to.
+QueryWriteStatus says the server got to (`resume`).
 """
 
 from __future__ import annotations
@@ -19,205 +20,37 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
-import zstandard
 
+from expbuild.aio import gather_or_cancel
+from expbuild.client import batches, resume, streams
+from expbuild.client.batches import (
+    ENTRY_OVERHEAD,
+    IDENTITY,
+    REQUEST_OVERHEAD,
+    ZSTD,
+    ZSTD_MIN_BYTES,
+)
 from expbuild.client.capabilities import fetch_capabilities
 from expbuild.client.channel import MAX_MESSAGE_BYTES, channel_target
-from expbuild.client.errors import RemoteError, from_rpc_error, from_status
-from expbuild.digest import Digest, new_hasher
-from expbuild.errors import InvalidArgument, NotFound
-from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
+from expbuild.client.errors import RemoteError, from_rpc_error
+from expbuild.client.files import CHUNK_BYTES, publish, temp_path_for, write_new_file
+from expbuild.client.integrity import INLINE_CHECK_BYTES
+from expbuild.digest import Digest
+from expbuild.errors import NotFound
+from expbuild.proto import bytestream_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
-
-T = TypeVar("T")
+from expbuild.reapi import resource_names
+from expbuild.reapi.compression import ZSTD as ZSTD_NAME
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BATCH_BYTES = 4 * MiB
-BYTESTREAM_CHUNK_BYTES = 1 * MiB
+BYTESTREAM_CHUNK_BYTES = CHUNK_BYTES
 FIND_MISSING_BATCH = 10_000
 DEFAULT_CONCURRENCY = 8
 DEFAULT_TREE_PAGE_SIZE = 0  # let the server choose
-ZSTD_MIN_BYTES = 1024
-"""Smaller blobs travel uncompressed even with zstd on: the frame overhead and the CPU
-spent would buy next to nothing."""
-
-IDENTITY = re_pb2.Compressor.IDENTITY
-ZSTD = re_pb2.Compressor.ZSTD
-
-# What a batch entry costs on the wire besides its data: the Digest message (64-char hash,
-# varint size) plus tags and length prefixes, rounded up generously.
-_ENTRY_OVERHEAD = 160
-# The request envelope: instance name, digest_function, the outer length prefixes.
-_REQUEST_OVERHEAD = 1024
-# A ByteStream Read broken by UNAVAILABLE after some data arrived is resumed at the
-# offset reached, at most this many times in a row; likewise a GetTree stream from its
-# last page token.
-_READ_RESUME_ATTEMPTS = 3
-# A ByteStream Write broken by one of these codes is continued after QueryWriteStatus, at
-# most this many times without the server's committed size moving forward.
-_WRITE_RESUME_ATTEMPTS = 3
-_RESUMABLE_WRITE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-    }
-)
-_ZSTD_LEVEL = 3
-# Largest piece of output zstd hands over at once when decoding: an oversize (or hostile)
-# stream is stopped after at most this much more than the blob's size.
-_DECODE_PIECE_BYTES = 256 * 1024
-_NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
-
-
-async def gather_or_cancel(aws: Iterable[Awaitable[T]]) -> list[T]:
-    """Await all of `aws` concurrently and return their results in order.
-
-    Unlike `asyncio.gather`, the first failure cancels the others (and waits for them to
-    finish) before it is raised as is, so no transfer outlives its caller and callers see
-    a plain exception rather than an ExceptionGroup.
-    """
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    if not tasks:
-        return []
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _verify(digest: Digest, data: bytes) -> None:
-    hasher = new_hasher()
-    hasher.update(data)
-    _check_hash(digest, len(data), hasher.hexdigest())
-
-
-def _check_hash(digest: Digest, size: int, actual_hash: str) -> None:
-    if size != digest.size_bytes or actual_hash != digest.hash:
-        raise RemoteError(
-            grpc.StatusCode.DATA_LOSS,
-            f"blob {digest} sent by the server is corrupt: got {size} bytes hashing to "
-            f"{actual_hash}",
-        )
-
-
-def _read_local(digest: Digest, source: bytes | Path) -> bytes:
-    """The bytes of a small blob to upload, refusing a file that changed since it was hashed."""
-    if isinstance(source, bytes):
-        return source
-    with open(source, "rb") as f:
-        data = f.read(digest.size_bytes + 1)
-    if len(data) != digest.size_bytes:
-        raise InvalidArgument(
-            f"{source} changed after it was hashed: it has {len(data)} bytes now, "
-            f"blob {digest} expects {digest.size_bytes}"
-        )
-    return data
-
-
-def _compressor_name(value: int) -> str:
-    try:
-        return re_pb2.Compressor.Value.Name(value)
-    except ValueError:
-        return f"compressor #{value}"
-
-
-def _backoff(failures: int) -> float:
-    return 0.5 * 2**failures
-
-
-class _Collected:
-    """The file-like sink zstd's stream_writer writes decoded output into."""
-
-    def __init__(self, digest: Digest, room: int) -> None:
-        self.pieces: list[bytes] = []
-        self._digest = digest
-        self._room = room
-
-    def write(self, piece) -> int:
-        self._room -= len(piece)
-        if self._room < 0:
-            raise RemoteError(
-                grpc.StatusCode.DATA_LOSS,
-                f"blob {self._digest}: the server sent data decompressing to more than "
-                f"{self._digest.size_bytes} bytes",
-            )
-        self.pieces.append(bytes(piece))
-        return len(piece)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _ZstdDecoder:
-    """Streaming zstd decoding of a blob from `offset` to its end (one or more frames).
-
-    Output beyond the blob's end raises DATA_LOSS as soon as it appears, so a
-    decompression bomb costs at most one piece. Blocking: feed large data from a thread.
-    """
-
-    def __init__(self, digest: Digest, offset: int = 0) -> None:
-        self._digest = digest
-        self._sink = _Collected(digest, digest.size_bytes - offset)
-        self._writer = zstandard.ZstdDecompressor().stream_writer(
-            self._sink, write_size=_DECODE_PIECE_BYTES, write_return_read=True
-        )
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """The decoded pieces that `data` (the next compressed bytes) completes."""
-        try:
-            self._writer.write(data)
-        except zstandard.ZstdError as e:
-            raise RemoteError(
-                grpc.StatusCode.DATA_LOSS,
-                f"blob {self._digest}: the server sent data that is not valid zstd ({e})",
-            ) from None
-        pieces, self._sink.pieces = self._sink.pieces, []
-        return pieces
-
-
-def _zstd_decompress(digest: Digest, data: bytes) -> bytes:
-    return b"".join(_ZstdDecoder(digest).feed(data))
-
-
-def parse_upload_resource(resource_name: str) -> tuple[Digest, bool]:
-    """(digest, compressed) of a ByteStream upload name:
-    `[{instance}/]uploads/{uuid}/blobs/{hash}/{size}[/...]` or
-    `[{instance}/]uploads/{uuid}/compressed-blobs/zstd/{hash}/{size}[/...]`.
-
-    Raises `InvalidArgument` for anything else (including other compressors).
-    """
-    segments = resource_name.split("/")
-    forms = (
-        "'[{instance}/]uploads/{uuid}/blobs/{hash}/{size}' or "
-        "'[{instance}/]uploads/{uuid}/compressed-blobs/zstd/{hash}/{size}'"
-    )
-    if "uploads" not in segments:
-        raise InvalidArgument(f"{resource_name!r} is not an upload resource name; expected {forms}")
-    rest = segments[segments.index("uploads") + 2 :]
-    compressed = rest[:2] == ["compressed-blobs", "zstd"]
-    if compressed:
-        rest = rest[2:]
-    elif rest[:1] == ["blobs"]:
-        rest = rest[1:]
-    else:
-        raise InvalidArgument(f"{resource_name!r} is not an upload resource name; expected {forms}")
-    if rest[:1] == ["sha256"]:  # REAPI 2.3's digest-function segment
-        rest = rest[1:]
-    if len(rest) < 2 or not rest[1].isdigit():
-        raise InvalidArgument(f"{resource_name!r} is not an upload resource name; expected {forms}")
-    return Digest(rest[0], int(rest[1])), compressed
 
 
 class CasClient:
@@ -247,8 +80,8 @@ class CasClient:
         self._bytestream = bytestream_pb2_grpc.ByteStreamStub(channel)
         self._target = channel_target(channel)
         self._max_batch_bytes = max_batch_bytes
-        self._batch_budget = max_batch_bytes - _REQUEST_OVERHEAD - len(instance_name.encode())
-        if self._batch_budget <= _ENTRY_OVERHEAD:
+        self._batch_budget = max_batch_bytes - REQUEST_OVERHEAD - len(instance_name.encode())
+        if self._batch_budget <= ENTRY_OVERHEAD:
             raise ValueError(f"max_batch_bytes={max_batch_bytes} is too small for any batch")
         self._rpc_slots = asyncio.Semaphore(concurrency)
         # ByteStream and BatchReadBlobs use `_compressor`; BatchUpdateBlobs entries use
@@ -273,7 +106,7 @@ class CasClient:
         cache = (await fetch_capabilities(channel, instance_name)).cache_capabilities
         # 0 means "no limit"; the channel's message size limit still applies.
         limit = min(cache.max_batch_total_size_bytes or DEFAULT_MAX_BATCH_BYTES, MAX_MESSAGE_BYTES)
-        tiny = limit - _REQUEST_OVERHEAD - len(instance_name.encode()) <= _ENTRY_OVERHEAD
+        tiny = limit - REQUEST_OVERHEAD - len(instance_name.encode()) <= ENTRY_OVERHEAD
         client = cls(
             channel,
             instance_name,
@@ -314,33 +147,13 @@ class CasClient:
 
     def fits_in_batch(self, digest: Digest) -> bool:
         """Whether the blob travels in Batch* requests (True) or through ByteStream."""
-        return digest.size_bytes + _ENTRY_OVERHEAD <= self._batch_budget
+        return digest.size_bytes + ENTRY_OVERHEAD <= self._batch_budget
 
     def _compresses(self, digest: Digest) -> bool:
         return self._compressor == ZSTD and digest.size_bytes >= ZSTD_MIN_BYTES
 
     def _batches(self, digests: Iterable[Digest]) -> list[list[Digest]]:
-        """Group small digests so each group's data plus overhead stays within the budget."""
-        batches: list[list[Digest]] = []
-        current: list[Digest] = []
-        used = 0
-        for digest in digests:
-            cost = digest.size_bytes + _ENTRY_OVERHEAD
-            if current and used + cost > self._batch_budget:
-                batches.append(current)
-                current, used = [], 0
-            current.append(digest)
-            used += cost
-        if current:
-            batches.append(current)
-        return batches
-
-    def _prefix(self) -> str:
-        return f"{self.instance_name}/" if self.instance_name else ""
-
-    def _blob_resource(self, digest: Digest, compressed: bool = False) -> str:
-        kind = "compressed-blobs/zstd" if compressed else "blobs"
-        return f"{self._prefix()}{kind}/{digest.hash}/{digest.size_bytes}"
+        return batches.plan(digests, self._batch_budget)
 
     def upload_resource_name(self, digest: Digest, *, compressed: bool | None = None) -> str:
         """A fresh ByteStream Write resource name for `digest` (a new uuid each call).
@@ -350,8 +163,9 @@ class CasClient:
         """
         if compressed is None:
             compressed = self._compresses(digest)
-        kind = "compressed-blobs/zstd" if compressed else "blobs"
-        return f"{self._prefix()}uploads/{uuid.uuid4()}/{kind}/{digest.hash}/{digest.size_bytes}"
+        return resource_names.upload_name(
+            self.instance_name, digest, ZSTD_NAME if compressed else None
+        )
 
     # -- FindMissingBlobs -------------------------------------------------------------
 
@@ -400,32 +214,13 @@ class CasClient:
         await gather_or_cancel(jobs)
         return sum(d.size_bytes for d in missing)
 
-    def _pack_batch(
-        self, items: list[tuple[Digest, bytes | Path]]
-    ) -> list[re_pb2.BatchUpdateBlobsRequest.Request]:
-        """The batch entries, zstd-compressed where that is on and pays off. Blocking."""
-        cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-        entries = []
-        for digest, source in items:
-            data, compressor = _read_local(digest, source), IDENTITY
-            if self._batch_update_compressor == ZSTD and digest.size_bytes >= ZSTD_MIN_BYTES:
-                packed = cctx.compress(data)
-                # Incompressible data grows a little; such a blob is better sent as is.
-                if len(packed) < len(data):
-                    data, compressor = packed, ZSTD
-            entries.append(
-                re_pb2.BatchUpdateBlobsRequest.Request(
-                    digest=digest.to_proto(), data=data, compressor=compressor
-                )
-            )
-        return entries
-
     async def _upload_batch(self, items: list[tuple[Digest, bytes | Path]]) -> None:
+        compress = self._batch_update_compressor == ZSTD
         # The slot is taken before reading the files so that at most `concurrency`
         # batches are held in memory at once.
         async with self._rpc_slots:
             # One thread hop reads (and compresses) every file of the batch.
-            entries = await asyncio.to_thread(self._pack_batch, items)
+            entries = await asyncio.to_thread(batches.pack_update, items, compress)
             request = re_pb2.BatchUpdateBlobsRequest(
                 instance_name=self.instance_name,
                 requests=entries,
@@ -434,28 +229,19 @@ class CasClient:
             del entries
             with self._translated_errors():
                 response = await self._cas.BatchUpdateBlobs(request)
-        sources = dict(items)
-        answered: set[Digest] = set()
-        for entry in response.responses:
-            digest = Digest.from_proto(entry.digest)
-            answered.add(digest)
-            if entry.status.code != 0:
-                source = sources.get(digest)
-                what = f"{source} (blob {digest})" if isinstance(source, Path) else f"blob {digest}"
-                raise from_status(entry.status, f"uploading {what}")
-        unanswered = [d for d, _ in items if d not in answered]
-        if unanswered:
-            raise RemoteError(
-                grpc.StatusCode.INTERNAL,
-                f"uploading blob {unanswered[0]}: the server's BatchUpdateBlobs response "
-                f"does not mention it ({len(unanswered)} blob(s) unanswered)",
-            )
+        batches.check_update(response, items)
 
     async def _write(self, digest: Digest, source: bytes | Path) -> None:
         resource = self.upload_resource_name(digest)
         async with self._rpc_slots:
-            await self._upload_resumably(
-                resource, digest, self._compresses(digest), source, resume=False
+            await resume.upload(
+                self._bytestream,
+                self._target,
+                resource,
+                digest,
+                self._compresses(digest),
+                source,
+                resume=False,
             )
 
     async def resume_upload(self, resource_name: str, source: bytes | Path) -> int:
@@ -471,171 +257,17 @@ class CasClient:
         Raises `InvalidArgument` for a name that is not an upload name, for `source` not
         matching its digest, or when the server refuses the data.
         """
-        digest, compressed = parse_upload_resource(resource_name)
+        parsed = resource_names.parse_upload_name(resource_name)
         async with self._rpc_slots:
-            return await self._upload_resumably(
-                resource_name, digest, compressed, source, resume=True
+            return await resume.upload(
+                self._bytestream,
+                self._target,
+                resource_name,
+                parsed.digest,
+                parsed.compressor is not None,
+                source,
+                resume=True,
             )
-
-    async def _upload_resumably(
-        self,
-        resource: str,
-        digest: Digest,
-        compressed: bool,
-        source: bytes | Path,
-        *,
-        resume: bool,
-    ) -> int:
-        """Write the blob under `resource`, from the committed offset if `resume`, and keep
-        going after broken streams. Returns the offset the first stream started at."""
-        what = f"{source} (blob {digest})" if isinstance(source, Path) else f"blob {digest}"
-        started_at: int | None = None
-        reached = -1 if resume else 0  # the highest committed size QueryWriteStatus reported
-        failures = 0
-        while True:
-            try:
-                offset = 0
-                if resume:
-                    status = await self._bytestream.QueryWriteStatus(
-                        bytestream_pb2.QueryWriteStatusRequest(resource_name=resource)
-                    )
-                    if status.complete or status.committed_size == -1:
-                        return digest.size_bytes if started_at is None else started_at
-                    offset = status.committed_size
-                    if not 0 <= offset <= digest.size_bytes:
-                        raise RemoteError(
-                            grpc.StatusCode.INTERNAL,
-                            f"uploading {what}: QueryWriteStatus reports {offset} bytes "
-                            f"committed of {digest.size_bytes}",
-                        )
-                    if offset > reached:  # progress: the attempts count afresh
-                        reached, failures = offset, 0
-                if started_at is None:
-                    started_at = offset
-                await self._write_stream(resource, digest, compressed, source, offset, what)
-                return started_at
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in _RESUMABLE_WRITE_CODES or failures >= _WRITE_RESUME_ATTEMPTS:
-                    raise from_rpc_error(e, self._target, f"uploading {what}") from None
-                failures += 1
-                resume = True
-                await asyncio.sleep(_backoff(failures))
-
-    async def _write_stream(
-        self,
-        resource: str,
-        digest: Digest,
-        compressed: bool,
-        source: bytes | Path,
-        offset: int,
-        what: str,
-    ) -> None:
-        """One Write stream sending the blob from uncompressed `offset` to its end.
-
-        Offsets follow REAPI: uncompressed, each message's write_offset is where its data
-        goes in the blob; compressed, the stream starts at `offset` and each later message
-        at that plus the compressed bytes sent before it. Raises AioRpcError for the
-        caller to decide on resuming.
-        """
-        # Set when `source` no longer matches its digest; the stream then ends without
-        # finish_write, the server fails the call, and this explains why.
-        problem: list[str] = []
-        sent = 0  # data bytes in the messages yielded so far
-
-        def message(data: bytes, *, finish: bool) -> bytestream_pb2.WriteRequest:
-            nonlocal sent
-            request = bytestream_pb2.WriteRequest(
-                resource_name="" if sent else resource,
-                write_offset=offset + sent,
-                data=data,
-                finish_write=finish,
-            )
-            sent += len(data)
-            return request
-
-        async def requests() -> AsyncIterator[bytestream_pb2.WriteRequest]:
-            if compressed:
-                chunks = self._compressed_chunks(source, digest, offset, problem)
-            else:
-                chunks = self._local_chunks(source, digest.size_bytes, problem, offset)
-            # One chunk of lookahead, so that the last one carries finish_write.
-            held: bytes | None = None
-            async with contextlib.aclosing(chunks) as stream:
-                async for chunk in stream:
-                    if held is not None:
-                        yield message(held, finish=False)
-                    held = chunk
-            if not problem:
-                yield message(held or b"", finish=True)
-
-        try:
-            response = await self._bytestream.Write(requests())
-        except grpc.aio.AioRpcError:
-            if problem:
-                raise InvalidArgument(problem[0]) from None
-            raise
-        if problem:
-            raise InvalidArgument(problem[0])
-        # -1: the server skipped (the rest of) an upload of a blob it already has. A
-        # compressed upload ends at its start offset plus the compressed bytes sent.
-        expected = {digest.size_bytes, -1} | ({offset + sent} if compressed else set())
-        if response.committed_size not in expected:
-            raise RemoteError(
-                grpc.StatusCode.DATA_LOSS,
-                f"uploading {what}: the server committed {response.committed_size} "
-                f"of {digest.size_bytes} bytes",
-            )
-
-    async def _compressed_chunks(
-        self, source: bytes | Path, digest: Digest, offset: int, problem: list[str]
-    ) -> AsyncIterator[bytes]:
-        """The blob from `offset` to its end as one new zstd frame, in pieces of at most
-        `BYTESTREAM_CHUNK_BYTES`."""
-        cobj = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compressobj(
-            size=digest.size_bytes - offset
-        )
-        out = bytearray()
-        local = self._local_chunks(source, digest.size_bytes, problem, offset)
-        async with contextlib.aclosing(local) as chunks:
-            async for chunk in chunks:
-                out += await asyncio.to_thread(cobj.compress, chunk)
-                while len(out) >= BYTESTREAM_CHUNK_BYTES:
-                    yield bytes(out[:BYTESTREAM_CHUNK_BYTES])
-                    del out[:BYTESTREAM_CHUNK_BYTES]
-        if problem:
-            return  # the frame would not match its declared size; the stream is failing anyway
-        out += cobj.flush()
-        for start in range(0, len(out), BYTESTREAM_CHUNK_BYTES):
-            yield bytes(out[start : start + BYTESTREAM_CHUNK_BYTES])
-
-    async def _local_chunks(
-        self, source: bytes | Path, size: int, problem: list[str], offset: int = 0
-    ) -> AsyncIterator[bytes]:
-        """The blob's bytes from `offset` to `size`, in chunks of `BYTESTREAM_CHUNK_BYTES`."""
-        if isinstance(source, bytes):
-            view = memoryview(source)[offset:size]
-            for start in range(0, len(view), BYTESTREAM_CHUNK_BYTES):
-                yield bytes(view[start : start + BYTESTREAM_CHUNK_BYTES])
-            if len(source) != size:
-                problem.append(f"blob data has {len(source)} bytes, its digest says {size}")
-            return
-        f = await asyncio.to_thread(open, source, "rb")
-        try:
-            if offset:
-                await asyncio.to_thread(f.seek, offset)
-            remaining = size - offset
-            while remaining > 0:
-                chunk = await asyncio.to_thread(f.read, min(BYTESTREAM_CHUNK_BYTES, remaining))
-                if not chunk:
-                    problem.append(
-                        f"{source} changed after it was hashed: it ended after "
-                        f"{size - remaining} bytes, its digest says {size}"
-                    )
-                    return
-                remaining -= len(chunk)
-                yield chunk
-        finally:
-            await asyncio.to_thread(f.close)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -719,93 +351,24 @@ class CasClient:
         async with self._rpc_slots:
             with self._translated_errors():
                 response = await self._cas.BatchReadBlobs(request)
-        found: dict[Digest, bytes] = {}
-        absent: set[Digest] = set()
-        for entry in response.responses:
-            digest = Digest.from_proto(entry.digest)
-            if entry.status.code == _NOT_FOUND and missing_ok:
-                absent.add(digest)
-                continue
-            if entry.status.code != 0:
-                raise from_status(entry.status, f"reading blob {digest}")
-            data = entry.data
-            if entry.compressor == ZSTD and compressed:
-                data = _zstd_decompress(digest, data)
-            elif entry.compressor != IDENTITY:
-                name = _compressor_name(entry.compressor)
-                asked = "zstd" if compressed else "no compression"
-                raise RemoteError(
-                    grpc.StatusCode.INTERNAL,
-                    f"reading blob {digest}: the server sent it compressed with {name} "
-                    f"although {asked} was requested",
-                )
-            _verify(digest, data)
-            found[digest] = data
-        for digest in digests:
-            if digest not in found and digest not in absent:
-                raise RemoteError(
-                    grpc.StatusCode.INTERNAL,
-                    f"reading blob {digest}: the server's BatchReadBlobs response does not "
-                    "mention it",
-                )
-        return found
+        unpack = (response, digests)
+        options = {"missing_ok": missing_ok, "compressed": compressed}
+        if response.ByteSize() < INLINE_CHECK_BYTES:
+            return batches.unpack_read(*unpack, **options)
+        # One thread hop decodes and hashes the whole batch.
+        return await asyncio.to_thread(batches.unpack_read, *unpack, **options)
 
     async def _verified_stream(self, digest: Digest) -> AsyncIterator[bytes]:
-        """`_read_stream`'s chunks; after the last one, raises DATA_LOSS unless they hash
-        to `digest`, so a consumer never completes on corrupt data."""
-        hasher = new_hasher()
-        received = 0
-        async with contextlib.aclosing(self._read_stream(digest)) as chunks:
-            async for chunk in chunks:
-                hasher.update(chunk)
-                received += len(chunk)
-                yield chunk
-        _check_hash(digest, received, hasher.hexdigest())
-
-    async def _read_stream(self, digest: Digest) -> AsyncIterator[bytes]:
-        """The blob's (uncompressed) chunks via ByteStream Read, resuming after a dropped
-        connection. With zstd on, reads `compressed-blobs/zstd/...` and decodes it.
-
-        The caller verifies the hash; this only guards against receiving too much.
-        """
+        """The blob's verified chunks via ByteStream Read (see `streams.read`)."""
         compressed = self._compresses(digest)
-        offset = 0  # uncompressed bytes received: where a resumed read starts
-        failures = 0
+        resource = resource_names.read_name(
+            self.instance_name, digest, ZSTD_NAME if compressed else None
+        )
         async with self._rpc_slots:
-            while True:
-                request = bytestream_pb2.ReadRequest(
-                    resource_name=self._blob_resource(digest, compressed), read_offset=offset
-                )
-                # A resumed compressed read is a new zstd stream of the rest of the blob.
-                decoder = _ZstdDecoder(digest, offset) if compressed else None
-                call = self._bytestream.Read(request)
-                try:
-                    async for response in call:
-                        if not response.data:
-                            continue
-                        if decoder is None:
-                            pieces = [response.data]
-                        else:
-                            pieces = await asyncio.to_thread(decoder.feed, response.data)
-                        for piece in pieces:
-                            offset += len(piece)
-                            failures = 0
-                            if offset > digest.size_bytes:
-                                raise RemoteError(
-                                    grpc.StatusCode.DATA_LOSS,
-                                    f"reading blob {digest}: the server sent more than "
-                                    f"{digest.size_bytes} bytes",
-                                )
-                            yield piece
-                    return
-                except grpc.aio.AioRpcError as e:
-                    resumable = e.code() == grpc.StatusCode.UNAVAILABLE and offset > 0
-                    if not resumable or failures >= _READ_RESUME_ATTEMPTS:
-                        raise from_rpc_error(e, self._target, f"reading blob {digest}") from None
-                    failures += 1
-                    await asyncio.sleep(_backoff(failures))
-                finally:
-                    call.cancel()
+            chunks = streams.read(self._bytestream, self._target, resource, digest, compressed)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
 
     async def read_to_file(self, digest: Digest, path: Path, executable: bool = False) -> None:
         """Write the blob to `path` (mode 0o755 if `executable`, else 0o644).
@@ -817,14 +380,14 @@ class CasClient:
         """
         mode = 0o755 if executable else 0o644
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.expbuild-{uuid.uuid4().hex}")
+        temp = temp_path_for(path, uuid.uuid4().hex)
         try:
             if digest.is_empty or self.fits_in_batch(digest):
                 data = await self.read(digest)
-                await asyncio.to_thread(_write_new_file, temp, data, mode)
+                await asyncio.to_thread(write_new_file, temp, data)
             else:
                 await self._stream_to_file(digest, temp)
-            await asyncio.to_thread(_finish_file, temp, path, mode)
+            await asyncio.to_thread(publish, temp, path, mode)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
@@ -885,12 +448,12 @@ class CasClient:
                         )
                 except grpc.aio.AioRpcError as e:
                     resumable = e.code() == grpc.StatusCode.UNAVAILABLE and bool(token)
-                    if not resumable or failures >= _READ_RESUME_ATTEMPTS:
+                    if not resumable or failures >= streams.READ_RESUME_ATTEMPTS:
                         raise from_rpc_error(
                             e, self._target, f"reading the tree of {root_digest}"
                         ) from None
                     failures += 1
-                    await asyncio.sleep(_backoff(failures))
+                    await asyncio.sleep(streams.backoff(failures))
                 finally:
                     call.cancel()
 
@@ -905,14 +468,3 @@ class CasClient:
             async for page in pages:
                 directories.extend(page)
         return directories
-
-
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-
-
-def _finish_file(temp: Path, path: Path, mode: int) -> None:
-    # chmod, not the umask-filtered open() mode: the executable bit must survive any umask.
-    os.chmod(temp, mode)
-    os.replace(temp, path)

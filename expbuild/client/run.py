@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from expbuild.aio import gather_or_cancel
 from expbuild.client.actions import PlatformSpec, build_action, build_command, check_output_path
-from expbuild.client.cas import CasClient, gather_or_cancel
+from expbuild.client.cas import CasClient
 from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.execution import ExecutionClient, response_error
 from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from_paths
@@ -241,6 +242,25 @@ async def _finish(
     return run_result
 
 
+async def _connect_and_execute(
+    target: str,
+    action_digest: Digest,
+    before: Callable[[CasClient], Awaitable[None]] | None,
+    *,
+    instance_name: str,
+    security: ChannelSecurity | None,
+    **options,
+) -> RunResult:
+    """Connect, run `before` (the uploads) if given, then execute and finish."""
+    async with open_channel(target, security) as channel:
+        cas = await CasClient.connect(channel, instance_name)
+        if before is not None:
+            await before(cas)
+        return await _execute_and_finish(
+            channel, cas, action_digest, instance_name=instance_name, **options
+        )
+
+
 async def _execute_and_finish(
     channel,
     cas: CasClient,
@@ -317,8 +337,7 @@ async def run_command(
         action_digest: action_bytes,
     }
 
-    async with open_channel(target, security) as channel:
-        cas = await CasClient.connect(channel, instance_name)
+    async def upload_inputs(cas: CasClient) -> None:
         missing = await cas.find_missing(blobs)
         if missing:
             size = sum(d.size_bytes for d in missing)
@@ -326,16 +345,18 @@ async def run_command(
             await cas.upload({d: blobs[d] for d in missing})
         else:
             _say(progress, "All inputs already in the CAS")
-        return await _execute_and_finish(
-            channel,
-            cas,
-            action_digest,
-            instance_name=instance_name,
-            skip_cache_lookup=skip_cache_lookup,
-            priority=priority,
-            download_to=download_to,
-            progress=progress,
-        )
+
+    return await _connect_and_execute(
+        target,
+        action_digest,
+        upload_inputs,
+        instance_name=instance_name,
+        security=security,
+        skip_cache_lookup=skip_cache_lookup,
+        priority=priority,
+        download_to=download_to,
+        progress=progress,
+    )
 
 
 async def execute_action(
@@ -355,15 +376,14 @@ async def execute_action(
     `run_command`; a missing Action or input surfaces as the server reports it (usually
     `FailedPrecondition` naming the missing blobs).
     """
-    async with open_channel(target, security) as channel:
-        cas = await CasClient.connect(channel, instance_name)
-        return await _execute_and_finish(
-            channel,
-            cas,
-            action_digest,
-            instance_name=instance_name,
-            skip_cache_lookup=skip_cache_lookup,
-            priority=priority,
-            download_to=download_to,
-            progress=progress,
-        )
+    return await _connect_and_execute(
+        target,
+        action_digest,
+        None,
+        instance_name=instance_name,
+        security=security,
+        skip_cache_lookup=skip_cache_lookup,
+        priority=priority,
+        download_to=download_to,
+        progress=progress,
+    )

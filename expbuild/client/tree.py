@@ -21,7 +21,8 @@ from typing import Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from expbuild.client.cas import CasClient, gather_or_cancel
+from expbuild.aio import gather_or_cancel
+from expbuild.client.cas import CasClient
 from expbuild.client.errors import RemoteError
 from expbuild.digest import Digest, digest_of, digest_of_file
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation

@@ -25,10 +25,11 @@ from expbuild.auth.principal import Principal
 from expbuild.auth.scopes import WORKER as WORKER_SCOPE
 from expbuild.auth.token_secrets import new_secret
 from expbuild.auth.verifier import TokenVerifier
-from expbuild.cas.eviction import EvictionReport, evict_with_lock
+from expbuild.cas.eviction import EvictionReport, evict_to_size
 from expbuild.cas.store import FileStore
 from expbuild.config import ConfigError, Settings, parse_address
 from expbuild.db import queue, workers
+from expbuild.db.locks import CAS_EVICTION_LOCK, try_advisory_lock
 from expbuild.db.migrate import migrate
 from expbuild.db.notifications import Notifications
 from expbuild.db.pool import create_pool
@@ -302,9 +303,11 @@ class ServerApp:
     async def evict_once(self) -> EvictionReport | None:
         """One LRU eviction pass down to `[cas] max_size`; None if another replica is at it."""
         max_size = self.settings.cas.max_size
-        report = await evict_with_lock(self.pool, self.store, max_size)
-        if report is None:
-            return None
+        # The lock is on a connection of its own, so a long scan holds none of the pool's.
+        async with try_advisory_lock(self.database_url, CAS_EVICTION_LOCK) as held:
+            if not held:
+                return None
+            report = await evict_to_size(self.store, max_size)
         metrics.CAS_STORE_BYTES.set(report.remaining_bytes)
         if report.removed:
             metrics.CAS_EVICTED_BLOBS.inc(report.removed)

@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 
 from google.protobuf.message import DecodeError
 
-from expbuild.cas.store import ZSTD, FileStore
+from expbuild.cas.store import FileStore
 from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.reapi.compression import ZSTD
 from expbuild.server.instances import InstanceNames
 from expbuild.server.metrics import CAS_BLOBS_READ, CAS_BYTES_READ
 from expbuild.server.status import ok_status, rpc, rpc_status

@@ -41,7 +41,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from expbuild.client.cas import CasClient, gather_or_cancel
+from expbuild.aio import gather_or_cancel
+from expbuild.client.cas import CasClient
 from expbuild.client.tree import download_files
 from expbuild.config import ConfigError
 from expbuild.digest import Digest, digest_of_file, new_hasher

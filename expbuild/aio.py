@@ -1,0 +1,31 @@
+"""Small asyncio helpers that the client, the worker and the server share."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all of `aws` concurrently and return their results in order.
+
+    Unlike `asyncio.gather`, the first failure cancels the others (and waits for them to
+    finish) before it is raised as is, so no transfer outlives its caller and callers see
+    a plain exception rather than an ExceptionGroup.
+    """
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    if not tasks:
+        return []
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+__all__ = ["gather_or_cancel"]
