@@ -268,6 +268,14 @@ async def test_action_cache_writes_need_ac_write(server):
     assert await server.pool.fetchval("SELECT count(*) FROM action_cache") == 0
     async with channel(server, uploader) as ch:
         await re_grpc.ActionCacheStub(ch).UpdateActionResult(forged)
+        # Even a trusted writer's result is checked: a malformed digest would be served.
+        bad = re_pb2.UpdateActionResultRequest()
+        bad.CopyFrom(forged)
+        bad.action_digest.CopyFrom(action_blobs(("true",))[0].to_proto())
+        bad.action_result.output_files.add(path="out", digest=re_pb2.Digest(hash="xyz"))
+        error = await refused(re_grpc.ActionCacheStub(ch).UpdateActionResult(bad))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "action_result.output_files[0].digest" in error.details()
     assert await server.pool.fetchval("SELECT count(*) FROM action_cache") == 1
 
 
@@ -432,3 +440,29 @@ async def test_the_cache_trusts_a_token_for_exactly_cache_ttl(pool):
         await verifier.verify(secret)
     with pytest.raises(Unauthenticated, match="not known"):
         await verifier.verify("ebt_nope")
+
+
+@pytest.mark.parametrize(
+    ("field", "fill"),
+    [
+        ("stdout_digest", lambda r: r.stdout_digest.CopyFrom(re_pb2.Digest(hash="0" * 63))),
+        ("stderr_digest", lambda r: r.stderr_digest.CopyFrom(re_pb2.Digest(size_bytes=-1))),
+        ("output_files[0].digest", lambda r: r.output_files.add(path="o")),
+        (
+            "output_directories[0].tree_digest",
+            lambda r: r.output_directories.add(
+                path="d", tree_digest=re_pb2.Digest(hash="Z" * 64, size_bytes=1)
+            ),
+        ),
+    ],
+)
+async def test_update_action_result_names_a_malformed_digest(server, field, fill):
+    uploader = await make_token(server.pool, "trusted-ci", "ac:write")
+    digest, _ = action_blobs()
+    request = re_pb2.UpdateActionResultRequest(action_digest=digest.to_proto())
+    fill(request.action_result)
+    async with channel(server, uploader) as ch:
+        error = await refused(re_grpc.ActionCacheStub(ch).UpdateActionResult(request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(f"action_result.{field}: ")
+    assert await server.pool.fetchval("SELECT count(*) FROM action_cache") == 0

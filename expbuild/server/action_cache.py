@@ -40,6 +40,19 @@ async def complete_action_result(
     return result
 
 
+def check_result_digests(result: re_pb2.ActionResult) -> None:
+    """InvalidArgument naming the first malformed digest of a client's ActionResult (it
+    would be stored and served to every later client of the action)."""
+    for name in ("stdout_digest", "stderr_digest"):
+        field = getattr(result, name)
+        if field.hash or field.size_bytes:
+            digest_field(field, f"action_result.{name}")
+    for index, output in enumerate(result.output_files):
+        digest_field(output.digest, f"action_result.output_files[{index}].digest")
+    for index, output in enumerate(result.output_directories):
+        digest_field(output.tree_digest, f"action_result.output_directories[{index}].tree_digest")
+
+
 class ActionCacheServicer(re_grpc.ActionCacheServicer):
     def __init__(
         self,
@@ -78,6 +91,7 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
                 "this server does not accept action results from clients "
                 "([server] allow_action_cache_updates = false)"
             )
+        check_result_digests(request.action_result)
         missing = await missing_blobs(self.store, request.action_result)
         if missing:
             raise FailedPrecondition(
