@@ -3,12 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+ADDRESS ?= 127.0.0.1:8980
 
-.PHONY: venv test run proto lint bench clean
+.PHONY: venv test run proto lint bench clean images
 
-$(VENV)/.installed: pyproject.toml
+# What running needs (`make run`); the test and dev extras come on top for everything else.
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PIP) install --quiet -e '.[test,dev]'
 	touch $@
 
@@ -18,9 +24,17 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q
 
-## run: embedded Postgres + server on 127.0.0.1:8980 + one local worker, in the foreground
-run: venv
-	$(VENV)/bin/expbuild up --workers 1
+## run: embedded Postgres + server on $(ADDRESS) (127.0.0.1:8980) + one local worker, in the foreground
+# Says once when a worker is online (the server answers and has somewhere to run actions);
+# Ctrl+C or a TERM to make stops everything.
+run: $(VENV)/.runtime
+	@$(VENV)/bin/expbuild up --workers 1 --address $(ADDRESS) & up=$$!; \
+	trap 'kill -TERM $$up 2>/dev/null; wait $$up; exit 130' INT TERM; \
+	until $(VENV)/bin/expbuild workers list --server $(ADDRESS) --json 2>/dev/null | grep -q '"online"'; do \
+		kill -0 $$up 2>/dev/null || { wait $$up; exit $$?; }; sleep 0.5; \
+	done; \
+	echo "ExpBuild is ready on $(ADDRESS); try: $(VENV)/bin/expbuild run $(if $(filter 127.0.0.1:8980,$(ADDRESS)),,--server $(ADDRESS) )-- echo hello"; \
+	wait $$up
 
 ## proto: regenerate the committed Python stubs from expbuild/proto/*.proto
 proto: venv
@@ -33,6 +47,10 @@ lint: venv
 bench: venv
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/execute_latency.py
+
+## images: expbuild, expbuild-postgres, expbuild-haproxy, expbuild-prometheus from Debian packages
+images:
+	docker/build.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

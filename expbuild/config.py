@@ -51,6 +51,8 @@ class ServerSettings:
     # Pollers and operation waiters re-check the database this often even without NOTIFY.
     notify_fallback_interval: timedelta = timedelta(seconds=2)
     max_batch_total_size_bytes: int = 4 * 1024 * 1024
+    # GetTree refuses a Directory message larger than this (RESOURCE_EXHAUSTED).
+    max_directory_size_bytes: int = 4 * 1024 * 1024
     allow_action_cache_updates: bool = True
     # Longest an action may run; also the limit of actions that set no timeout.
     max_action_timeout: timedelta = timedelta(hours=1)
@@ -560,6 +562,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         max_batch_total_size_bytes=srv(
             "max_batch_total_size_bytes", _positive_int, defaults_server
         ),
+        max_directory_size_bytes=srv("max_directory_size_bytes", _positive_int, defaults_server),
         allow_action_cache_updates=srv("allow_action_cache_updates", _bool, defaults_server),
         max_action_timeout=srv("max_action_timeout", _duration, defaults_server),
         reject_unmatched_platforms=srv("reject_unmatched_platforms", _bool, defaults_server),

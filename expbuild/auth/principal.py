@@ -26,10 +26,6 @@ class Principal:
     def is_admin(self) -> bool:
         return ADMIN in self.scopes
 
-    def owner_filter(self) -> str | None:
-        """The principal whose things this one may see; None: everyone's (admin)."""
-        return None if self.is_admin else self.name
-
     def check_instance(self, instance_name: str) -> None:
         if self.instances and instance_name not in self.instances:
             allowed = ", ".join(repr(i) for i in self.instances)

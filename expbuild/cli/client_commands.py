@@ -34,7 +34,8 @@ Exit status:
   {EXIT_USAGE}    invalid command line (bad option, missing --input path, bad digest)
   {EXIT_UNAVAILABLE}   the server could not be reached
   {EXIT_FAILURE}   remote execution failed (missing blobs, server error, ...)
-  {EXIT_TIMEOUT}  the action exceeded its timeout (its output so far is still printed)
+  {EXIT_TIMEOUT}  the action exceeded its timeout (its output so far is still printed;
+       with --json: 0, and the JSON says "timed_out": true)
 """
 
 
@@ -134,9 +135,10 @@ def _run_remote(
         ) from None
 
 
-def _json_fields(result: RunResult) -> dict[str, Any]:
+def _json_fields(result: RunResult, *, timed_out: bool = False) -> dict[str, Any]:
     return {
         "exit_code": result.exit_code,
+        "timed_out": timed_out,
         "stdout": result.stdout.decode("utf-8", errors="replace"),
         "stderr": result.stderr.decode("utf-8", errors="replace"),
         "action_digest": str(result.action_digest),
@@ -160,8 +162,16 @@ def _report(produce: Callable[[], RunResult], *, as_json: bool, verbose: bool) -
         result = produce()
     except _Failure as failure:
         if as_json:
-            fields = _json_fields(failure.result) if failure.result is not None else {}
+            timed_out = failure.exit_code == EXIT_TIMEOUT
+            fields = (
+                _json_fields(failure.result, timed_out=timed_out)
+                if failure.result is not None
+                else {}
+            )
             click.echo(json.dumps({**fields, "error": str(failure)}))
+            # The action ran and its result is in the JSON: like any other exit code of
+            # the action, a timeout is reported there and not as our exit status.
+            sys.exit(0 if timed_out and failure.result is not None else failure.exit_code)
         else:
             if failure.result is not None:
                 _print_streams(failure.result)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor
 
 
-async def queue_gauges(db: Executor) -> dict[str, float]:
+async def queue_gauges(db: Database) -> dict[str, float]:
     row = await db.fetchrow(sql("queue_gauges"))
     return {key: float(value) for key, value in row.items()}

@@ -1,6 +1,8 @@
-"""Apply `expbuild/migrations/NNNN_name.sql` in order, each once, recorded in schema_migrations.
+"""Apply `migrations/NNNN_name.sql` in order, each once, recorded in schema_migrations.
 
 Replicas starting together serialise on an advisory lock, so exactly one applies each file.
+The files live in the checkout's top-level `migrations/`; the wheel carries them inside the
+package as `expbuild/migrations/` (hatch force-include), so an installed copy finds them too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,26 @@ import asyncpg
 
 from expbuild.db.queries import sql
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _FILE = re.compile(r"^(\d{4})_([\w-]+)\.sql$")
 log = logging.getLogger(__name__)
+
+
+def find_migrations_dir() -> Path:
+    """The checkout's `migrations/`, else the installed wheel's `expbuild/migrations/`."""
+    package = Path(__file__).resolve().parent.parent
+    checkout, installed = package.parent / "migrations", package / "migrations"
+    # Only a source checkout (pyproject.toml beside the package) may supply the top-level
+    # folder: in site-packages a sibling `migrations/` would belong to some other project.
+    if (package.parent / "pyproject.toml").is_file() and checkout.is_dir():
+        if any(installed.glob("*.sql")):
+            raise FileNotFoundError(
+                f"migrations in two places: {checkout} and {installed}; "
+                "the schema lives in migrations/ only (the wheel copies it into the package)"
+            )
+        return checkout
+    if installed.is_dir():
+        return installed
+    raise FileNotFoundError(f"no migrations found: neither {checkout} nor {installed} exists")
 
 
 @dataclass(frozen=True)
@@ -26,7 +45,8 @@ class Migration:
     path: Path
 
 
-def available_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def available_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or find_migrations_dir()
     found = []
     for path in directory.glob("*.sql"):
         match = _FILE.match(path.name)
@@ -40,7 +60,7 @@ def available_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[Migration]:
     """Apply what is missing; returns the migrations applied by this call."""
     applied_now: list[Migration] = []
     async with conn.transaction():

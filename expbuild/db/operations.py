@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor
 from expbuild.digest import Digest
 from expbuild.errors import NotFound
+from expbuild.text import quoted
 
 DONE_STATES = frozenset({"completed", "failed", "cancelled"})
 
@@ -43,7 +44,7 @@ class OperationRecord:
 
 
 async def insert_cached_operation(
-    db: Executor,
+    db: Database,
     name: str,
     instance_name: str,
     action_digest: Digest,
@@ -86,28 +87,28 @@ def _record(r) -> OperationRecord:
 # principal's operation is "not found", so that its existence does not leak.
 
 
-async def get_operation(db: Executor, name: str, owner: str | None = None) -> OperationRecord:
+async def get_operation(db: Database, name: str, owner: str | None = None) -> OperationRecord:
     r = await db.fetchrow(sql("get_operation"), name, owner)
     if r is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
     return _record(r)
 
 
-async def cancel_operation(db: Executor, name: str, owner: str | None = None) -> bool:
+async def cancel_operation(db: Database, name: str, owner: str | None = None) -> bool:
     """Cancel the operation; returns True when its task was cancelled with it."""
     row = await db.fetchrow(sql("cancel_operation"), name, owner)
     if row is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
     return row["task_cancelled"]
 
 
-async def delete_operation(db: Executor, name: str, owner: str | None = None) -> None:
+async def delete_operation(db: Database, name: str, owner: str | None = None) -> None:
     if await db.fetchval(sql("delete_operation"), name, owner) is None:
-        raise NotFound(f"operation {name!r} does not exist")
+        raise NotFound(f"operation {quoted(name)} does not exist")
 
 
 async def list_operations(
-    db: Executor,
+    db: Database,
     *,
     stage: str | None,
     limit: int,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor
 from expbuild.errors import AlreadyExists, NotFound
 
 
@@ -39,7 +39,7 @@ def _record(row) -> TokenRecord:
 
 
 async def create_token(
-    db: Executor,
+    db: Database,
     *,
     name: str,
     secret_sha256: bytes,
@@ -53,16 +53,16 @@ async def create_token(
     return _record(row)
 
 
-async def find_token(db: Executor, secret_sha256: bytes) -> TokenRecord | None:
+async def find_token(db: Database, secret_sha256: bytes) -> TokenRecord | None:
     row = await db.fetchrow(sql("find_token"), secret_sha256)
     return None if row is None else _record(row)
 
 
-async def list_tokens(db: Executor) -> list[TokenRecord]:
+async def list_tokens(db: Database) -> list[TokenRecord]:
     return [_record(r) for r in await db.fetch(sql("list_tokens"))]
 
 
-async def revoke_token(db: Executor, name: str) -> datetime:
+async def revoke_token(db: Database, name: str) -> datetime:
     row = await db.fetchrow(sql("revoke_token"), name)
     if row is None:
         raise NotFound(f"no token named {name!r}; see `expbuild tokens list`")

@@ -36,16 +36,19 @@ from expbuild.db.pool import create_pool
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.scheduling.operations import OperationTracker
+from expbuild.scheduling.task_names import task_name
 from expbuild.server import metrics
 from expbuild.server.action_cache import ActionCacheServicer
 from expbuild.server.bytestream import ByteStreamServicer
 from expbuild.server.capabilities import CapabilitiesServicer
 from expbuild.server.cas import ContentAddressableStorageServicer
+from expbuild.server.decoding import DecodingInterceptor
 from expbuild.server.execution import ExecutionServicer
 from expbuild.server.instances import InstanceNames
-from expbuild.server.operations import OperationsServicer, OperationTracker
+from expbuild.server.operations import OperationsServicer
 from expbuild.server.worker_admin import WorkerAdminServicer
-from expbuild.server.worker_api import WorkerServicer, task_name
+from expbuild.server.worker_api import WorkerServicer
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,9 @@ class ServerApp:
 
         execution = ExecutionServicer(self.pool, self.store, tracker, instances, s)
         action_cache = ActionCacheServicer(self.pool, self.store, instances, s)
-        cas = ContentAddressableStorageServicer(self.store, instances, s.max_batch_total_size_bytes)
+        cas = ContentAddressableStorageServicer(
+            self.store, instances, s.max_batch_total_size_bytes, s.max_directory_size_bytes
+        )
         capabilities = CapabilitiesServicer(s, instances)
         bytestream = ByteStreamServicer(self.store, instances)
         worker_api = WorkerServicer(self.pool, self.store, self.notifications, s)
@@ -219,11 +224,15 @@ class ServerApp:
             )
 
     def _new_server(self, client_ca: str) -> grpc.aio.Server:
-        interceptors = []
+        # The first interceptor wraps the others: the caller is authenticated before its
+        # request body is even parsed, so a stranger's garbage is UNAUTHENTICATED, and only
+        # a known caller learns how its body is malformed (INVALID_ARGUMENT).
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.settings.auth.mode == "tokens":
             # A verified client certificate identifies a worker where a client CA is set.
             cert_scopes = WORKER_CERTIFICATE_SCOPES if client_ca else ()
             interceptors.append(AuthInterceptor(self.verifier, cert_scopes))
+        interceptors.append(DecodingInterceptor())
         return grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -13,6 +13,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.server.convert import timestamp
 from expbuild.server.status import rpc
+from expbuild.text import check_no_nul
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,6 @@ class WorkerAdminServicer(worker_pb2_grpc.WorkerAdminServiceServicer):
     async def DrainWorker(self, request: worker_pb2.DrainWorkerRequest, context):
         if not request.worker_id:
             raise InvalidArgument("worker_id is empty; give a worker id or name")
-        record = await workers.drain_worker(self.pool, request.worker_id)
+        record = await workers.drain_worker(self.pool, check_no_nul(request.worker_id, "worker_id"))
         log.info("Worker %s (%s) is draining", record.worker_id, record.name)
         return worker_pb2.DrainWorkerResponse(worker=worker_info(record))

@@ -35,12 +35,12 @@ WITH alive AS (
     UPDATE tasks t SET lease_expires_at = now() + $4::interval
     FROM reported r, alive
     WHERE t.id = r.task_id AND t.lease_token = r.lease_token
-      AND t.worker_id = alive.id AND t.state = 'leased' AND NOT t.cancel_requested
+      AND t.worker_id = alive.id AND t.state = 'leased'
     RETURNING t.id
 )
 SELECT r.task_id,
        CASE WHEN r.task_id IN (SELECT id FROM extended) THEN 'running'
-            WHEN (t.state = 'cancelled' OR t.cancel_requested) AND t.lease_token = r.lease_token
+            WHEN t.state = 'cancelled' AND t.lease_token = r.lease_token
                 THEN 'cancelled'
             ELSE 'lost' END AS fate,
        (SELECT state FROM alive) AS worker_state
