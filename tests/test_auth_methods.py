@@ -52,30 +52,30 @@ BROKEN_HEADERS = [
 
 
 async def _call(channel: grpc.aio.Channel, method: str, client_streaming: bool,
-                server_streaming: bool, metadata) -> grpc.StatusCode:  # fmt: skip
-    """Call `method` with an empty request (valid for every message type) and return the
-    status it ended with."""
+                server_streaming: bool, metadata, body: bytes = b"") -> grpc.StatusCode:  # fmt: skip
+    """Call `method` with `body` (by default the empty request, valid for every message
+    type) and return the status it ended with."""
     identity = bytes
     try:
         if client_streaming and server_streaming:
             call = channel.stream_stream(method, identity, identity)(
-                iter([b""]), metadata=metadata, timeout=30
+                iter([body]), metadata=metadata, timeout=30
             )
             async for _ in call:
                 pass
         elif client_streaming:
             await channel.stream_unary(method, identity, identity)(
-                iter([b""]), metadata=metadata, timeout=30
+                iter([body]), metadata=metadata, timeout=30
             )
         elif server_streaming:
             call = channel.unary_stream(method, identity, identity)(
-                b"", metadata=metadata, timeout=30
+                body, metadata=metadata, timeout=30
             )
             async for _ in call:
                 pass
         else:
             await channel.unary_unary(method, identity, identity)(
-                b"", metadata=metadata, timeout=30
+                body, metadata=metadata, timeout=30
             )
     except grpc.aio.AioRpcError as exc:
         return exc.code()
@@ -137,3 +137,25 @@ async def test_every_method_needs_exactly_its_scope(server):
     refused = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
     assert not {m: c for m, c in passed.items() if c in refused}, passed
     assert len(denied) > 25
+
+
+# A truncated varint: no message type parses it.
+GARBAGE = b"\x08\xff"
+
+
+async def test_a_body_that_is_not_protobuf_is_judged_only_for_a_known_caller(server):
+    """The auth interceptor runs before the body is parsed: a stranger's garbage is
+    UNAUTHENTICATED on every method, a known caller's is INVALID_ARGUMENT (from the
+    decoding interceptor), and an open method parses without a credential."""
+    admin = await make_token(server.pool, "garbage-admin", ADMIN)
+    stranger, known = {}, {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for method, client_streaming, server_streaming in METHODS:
+            call = (channel, method, client_streaming, server_streaming)
+            stranger[method] = await _call(*call, None, GARBAGE)
+            known[method] = await _call(*call, (("authorization", f"Bearer {admin}"),), GARBAGE)
+        health = await _call(channel, "/grpc.health.v1.Health/Check", False, False, None, GARBAGE)
+    assert set(stranger.values()) == {UNAUTHENTICATED}, stranger
+    assert set(known.values()) == {grpc.StatusCode.INVALID_ARGUMENT}, known
+    assert health == grpc.StatusCode.INVALID_ARGUMENT
+    assert await server.pool.fetchval("SELECT count(*) FROM tasks") == 0
