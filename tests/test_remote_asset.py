@@ -339,3 +339,42 @@ async def test_caller_without_download_right_gets_only_known_assets(pool, tmp_pa
     assert known.digest == digest_of(content) and not known.downloaded
     with pytest.raises(PermissionDenied, match="cas:write"):
         await catalog.fetch(FetchRequest("", BLOB, ["http://x.invalid/new"], no_qualifiers), reader)
+
+
+async def test_scopes_with_auth_on(database_url, tmp_path, http):
+    """cas:read may fetch what is known but not cause a download; cas:write may; Push needs
+    cas:write; requested_by is the token's name."""
+    from tests.secured import channel as secured_channel
+    from tests.secured import make_token, secured_settings
+
+    settings = secured_settings(tmp_path / "cas")
+    async with running_server(settings, database_url) as app:
+        reader = await make_token(app.pool, "reader", "cas:read")
+        writer = await make_token(app.pool, "writer", "cas:read", "cas:write")
+        request = ra_pb2.FetchBlobRequest(
+            uris=[http.url("/archive.tar.gz")], qualifiers=[checksum(ARCHIVE)]
+        )
+        async with secured_channel(app, reader) as ch:
+            denied = await ra_grpc.FetchStub(ch).FetchBlob(request)
+            assert denied.status.code == code_pb2.PERMISSION_DENIED, denied.status
+            assert "cas:write" in denied.status.message
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await ra_grpc.PushStub(ch).PushBlob(
+                    ra_pb2.PushBlobRequest(
+                        uris=["http://x.invalid/a"], blob_digest=digest_of(ARCHIVE).to_proto()
+                    )
+                )
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert http.requests == []
+        async with secured_channel(app, writer) as ch:
+            fetched = await ra_grpc.FetchStub(ch).FetchBlob(request)
+            assert fetched.status.code == code_pb2.OK, fetched.status
+        async with secured_channel(app, reader) as ch:
+            cached = await ra_grpc.FetchStub(ch).FetchBlob(request)
+            assert cached.status.code == code_pb2.OK, cached.status
+        rows = await fetches(database_url)
+        assert [(r["requested_by"], r["outcome"]) for r in rows] == [
+            ("reader", "failed"),
+            ("writer", "downloaded"),
+            ("reader", "cached"),
+        ]

@@ -14,6 +14,8 @@ from google.protobuf import timestamp_pb2
 
 from expbuild.assets.catalog import BLOB, DIRECTORY, AssetCatalog, Caller, FetchRequest
 from expbuild.assets.qualifiers import Qualifiers, parse_qualifiers
+from expbuild.auth.principal import current_principal
+from expbuild.auth.scopes import CAS_WRITE
 from expbuild.digest import check_digest_function, digest_field
 from expbuild.errors import ExpBuildError, InvalidArgument
 from expbuild.proto import remote_asset_pb2 as ra_pb2
@@ -55,7 +57,8 @@ def _to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
-    """Who is asking: the peer address and, if sent, the RequestMetadata's tool."""
+    """Who is asking (the credential's name, or the peer address with auth off), the
+    RequestMetadata's tool if sent, and whether it may make the server download."""
     tool = invocation = None
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_METADATA_KEY and isinstance(value, bytes):
@@ -67,7 +70,14 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
             details = metadata.tool_details
             tool = f"{details.tool_name} {details.tool_version}".strip() or None
             invocation = metadata.tool_invocation_id or None
-    return Caller(name=context.peer() or "unknown", tool=tool, tool_invocation_id=invocation)
+    principal = current_principal()
+    name = principal.name if principal.authenticated else (context.peer() or "unknown")
+    return Caller(
+        name=name,
+        tool=tool,
+        tool_invocation_id=invocation,
+        may_download=CAS_WRITE in principal.scopes,
+    )
 
 
 class FetchServicer(ra_grpc.FetchServicer):
