@@ -378,3 +378,14 @@ async def test_scopes_with_auth_on(database_url, tmp_path, http):
             ("writer", "downloaded"),
             ("reader", "cached"),
         ]
+
+
+async def test_v2_10_asset_digest_function_other_than_sha256_is_refused(server, channel):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ra_grpc.FetchStub(channel).FetchBlob(
+            ra_pb2.FetchBlobRequest(
+                uris=["http://x.invalid/a"], digest_function=re_pb2.DigestFunction.BLAKE3
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "BLAKE3" in caught.value.details()
