@@ -18,6 +18,8 @@ class Seen:
 @dataclass
 class AssetHttpServer:
     files: dict[str, bytes] = field(default_factory=dict)
+    # path -> where a 302 sends the client
+    redirects: dict[str, str] = field(default_factory=dict)
     requests: list[Seen] = field(default_factory=list)
     port: int = 0
 
@@ -28,13 +30,19 @@ class AssetHttpServer:
         return [r for r in self.requests if r.path == path]
 
     def __enter__(self) -> AssetHttpServer:
-        files, requests = self.files, self.requests
+        files, requests, redirects = self.files, self.requests, self.redirects
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
                 requests.append(
                     Seen(self.path, self.headers.get("User-Agent", ""), dict(self.headers))
                 )
+                if self.path in redirects:
+                    self.send_response(302)
+                    self.send_header("Location", redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = files.get(self.path)
                 if body is None:
                     self.send_error(404, "no such file")

@@ -389,3 +389,50 @@ async def test_v2_10_asset_digest_function_other_than_sha256_is_refused(server, 
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "BLAKE3" in caught.value.details()
+
+
+async def test_push_under_a_wrong_checksum_is_refused(server, channel, http):
+    """A blob pushed under checksum.sri answers every fetch with that checksum, so the
+    push is checked; a wrong one could otherwise hand anyone's download other bytes."""
+    content = b"honest bytes\n"
+    await CasClient(channel).upload({digest_of(content): content})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ra_grpc.PushStub(channel).PushBlob(
+            ra_pb2.PushBlobRequest(
+                uris=["http://x.invalid/a"],
+                qualifiers=[checksum(ARCHIVE)],
+                blob_digest=digest_of(content).to_proto(),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not match" in caught.value.details()
+    # So a fetch with that checksum still downloads the real content.
+    reply = await ra_grpc.FetchStub(channel).FetchBlob(
+        ra_pb2.FetchBlobRequest(uris=[http.url("/archive.tar.gz")], qualifiers=[checksum(ARCHIVE)])
+    )
+    assert Digest.from_proto(reply.blob_digest) == digest_of(ARCHIVE)
+
+
+async def test_redirects_keep_headers_on_the_same_host_only_and_stay_http(server, channel):
+    header = ra_pb2.Qualifier(name="http_header:Authorization", value="Bearer s3cret")
+    with AssetHttpServer(files={"/real": ARCHIVE}) as other:
+        with AssetHttpServer(
+            files={"/real": ARCHIVE},
+            redirects={
+                "/same": "/real",
+                "/away": other.url("/real"),
+                "/ftp": "ftp://127.0.0.1/real",
+            },
+        ) as http:
+            fetch = ra_grpc.FetchStub(channel)
+            for path in ("/same", "/away"):
+                reply = await fetch.FetchBlob(
+                    ra_pb2.FetchBlobRequest(uris=[http.url(path)], qualifiers=[header])
+                )
+                assert reply.status.code == code_pb2.OK, reply.status
+            ftp = await fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[http.url("/ftp")]))
+            [same] = http.requests_for("/real")
+    assert same.headers.get("Authorization") == "Bearer s3cret"
+    [away] = other.requests_for("/real")
+    assert "Authorization" not in away.headers
+    assert ftp.status.code == code_pb2.UNAVAILABLE and "not http or https" in ftp.status.message

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from expbuild.assets.download import download
 from expbuild.assets.qualifiers import Qualifiers
+from expbuild.cas.layout import read_file_chunks
 from expbuild.cas.store import FileStore
 from expbuild.config import AssetSettings
 from expbuild.db import assets as db_assets
@@ -25,6 +26,7 @@ from expbuild.digest import Digest
 from expbuild.errors import (
     ExpBuildError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     Violation,
@@ -127,7 +129,9 @@ class AssetCatalog:
             request.kind,
             request.uris,
             request.qualifiers.key,
-            request.qualifiers.checksum_sri,
+            # A checksum names a blob's bytes; a directory pushed under one is not checked
+            # against it, so it answers only its own URIs.
+            request.qualifiers.checksum_sri if request.kind == BLOB else None,
             request.oldest_content_accepted,
         )
         for asset in candidates:
@@ -194,6 +198,23 @@ class AssetCatalog:
                 f"the pushed {kind} {digest} is not in the CAS; upload it first",
                 [Violation("MISSING", f"blobs/{digest}")],
             )
+        if kind == BLOB and qualifiers.checksums:
+            # Pushed under a checksum, the blob answers every fetch with that checksum:
+            # it must really have it.
+            mismatch = await asyncio.to_thread(_checksum_mismatch, self._store, digest, qualifiers)
+            if mismatch:
+                raise InvalidArgument(f"the pushed blob {digest} does not match: {mismatch}")
         await db_assets.put_assets(
             self._db, instance_name, kind, uris, qualifiers.key, digest, "push", expires_at
         )
+
+
+def _checksum_mismatch(store: FileStore, digest: Digest, qualifiers: Qualifiers) -> str | None:
+    hashers = qualifiers.hashers()
+    if digest.is_empty:
+        return qualifiers.mismatch(hashers)  # no file backs the empty blob
+    with open(store.path_of(digest), "rb") as f:
+        for chunk in read_file_chunks(f):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+    return qualifiers.mismatch(hashers)

@@ -42,6 +42,26 @@ class DownloadTimedOut(ExpBuildError):
     code = code_pb2.DEADLINE_EXCEEDED
 
 
+class _HttpRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (never ftp: or file:), and do not carry the
+    `http_header:` qualifiers (credentials, often) to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urlsplit(newurl).scheme.lower() not in SCHEMES:
+            raise DownloadFailed(
+                f"{quoted(req.full_url)}: redirected to {quoted(newurl)}, which is not "
+                f"{' or '.join(SCHEMES)}"
+            )
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
+            for name in [n for n in new.headers if n.lower() != "user-agent"]:
+                del new.headers[name]
+        return new
+
+
+_OPENER = urllib.request.build_opener(_HttpRedirects)
+
+
 @dataclass(frozen=True)
 class Downloaded:
     uri: str
@@ -86,7 +106,7 @@ def download(
 def _open(request: urllib.request.Request, uri: str, deadline: float):
     timeout = min(_SOCKET_TIMEOUT, max(deadline - time.monotonic(), 0.001))
     try:
-        return urllib.request.urlopen(request, timeout=timeout)
+        return _OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code in (404, 410):
