@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mappin
 from pathlib import Path
 
 import grpc
+from google.rpc import code_pb2
 
 from expbuild.aio import gather_or_cancel
 from expbuild.client import batches, resume, streams
@@ -34,11 +35,11 @@ from expbuild.client.batches import (
 )
 from expbuild.client.capabilities import fetch_capabilities
 from expbuild.client.channel import MAX_MESSAGE_BYTES, channel_target
-from expbuild.client.errors import RemoteError, from_rpc_error
+from expbuild.client.errors import from_rpc_error
 from expbuild.client.files import CHUNK_BYTES, publish, temp_path_for, write_new_file
 from expbuild.client.integrity import INLINE_CHECK_BYTES
 from expbuild.digest import Digest
-from expbuild.errors import NotFound
+from expbuild.errors import NotFound, RemoteError
 from expbuild.proto import bytestream_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -442,7 +443,7 @@ class CasClient:
                         return
                     if token == request.page_token:
                         raise RemoteError(
-                            grpc.StatusCode.INTERNAL,
+                            code_pb2.INTERNAL,
                             f"reading the tree of {root_digest}: GetTree returned nothing "
                             "past its page token",
                         )

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from google.rpc import code_pb2
 
-from expbuild.client.errors import RemoteError, from_rpc_error
+from expbuild.client.errors import from_rpc_error
 from expbuild.client.files import CHUNK_BYTES, local_chunks
 from expbuild.client.integrity import INLINE_CHECK_BYTES, BlobCheck
 from expbuild.digest import Digest
-from expbuild.errors import InvalidArgument
+from expbuild.errors import InvalidArgument, RemoteError
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
 from expbuild.reapi.compression import StreamCompressor
 
@@ -149,7 +150,7 @@ async def write(
     expected = {digest.size_bytes, -1} | ({offset + sent} if compressed else set())
     if response.committed_size not in expected:
         raise RemoteError(
-            grpc.StatusCode.DATA_LOSS,
+            code_pb2.DATA_LOSS,
             f"uploading {what}: the server committed {response.committed_size} "
             f"of {digest.size_bytes} bytes",
         )

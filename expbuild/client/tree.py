@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import code_pb2
 
 from expbuild.aio import gather_or_cancel
 from expbuild.client.cas import CasClient
-from expbuild.client.errors import RemoteError
 from expbuild.digest import Digest, digest_of, digest_of_file
-from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, RemoteError
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import missing_blob
 
 # How many small files materialize fetches in one read_many call, by total size: bounds
 # the memory held while still amortizing round trips.
@@ -300,11 +300,7 @@ def _missing_blobs(missing: list[tuple[str, str, Digest]]) -> FailedPrecondition
         return "the root directory" if kind == "directory" and not path else f"{kind} {path!r}"
 
     violations = [
-        Violation(
-            "MISSING",
-            f"blobs/{digest.hash}/{digest.size_bytes}",
-            f"{what(kind, path)} ({digest}) is not in the CAS",
-        )
+        missing_blob(digest, f"{what(kind, path)} ({digest}) is not in the CAS")
         for kind, path, digest in missing
     ]
     named = ", ".join(f"{what(kind, path)} ({digest})" for kind, path, digest in missing[:3])
@@ -559,7 +555,7 @@ async def _tree_loader(cas: CasClient, root_digest: Digest) -> DirectoryLoader:
     except NotFound:
         directories = []  # the root itself is missing: the walk reports it
     except RemoteError as e:
-        if e.code != grpc.StatusCode.UNIMPLEMENTED:
+        if e.code != code_pb2.UNIMPLEMENTED:
             raise
         directories = []  # a server without GetTree: every level is read directly
     known = {digest_of(serialize(d)): d for d in directories}

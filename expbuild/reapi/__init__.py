@@ -1,3 +1,4 @@
 """One home per Remote Execution API concept, shared by the server, the CAS, the worker and
-the client: ByteStream resource names (`resource_names`) and blob compression
-(`compression`). Nothing here does I/O or knows gRPC."""
+the client: ByteStream resource names (`resource_names`), blob compression
+(`compression`) and the error table (`status`). Nothing here does I/O; only `status`
+knows gRPC (its StatusCode enum and the status-details trailer)."""

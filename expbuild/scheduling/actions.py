@@ -14,6 +14,7 @@ from expbuild.db.queue import PlatformSpec
 from expbuild.digest import Digest, digest_field
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import blob_subject, missing_blob
 from expbuild.scheduling.platforms import platform_spec
 from expbuild.text import quoted
 
@@ -39,11 +40,7 @@ class LoadedAction:
 
 
 def missing_violation(digest: Digest, what: str) -> Violation:
-    return Violation(
-        type="MISSING",
-        subject=f"blobs/{digest.hash}/{digest.size_bytes}",
-        description=f"{what} {digest} is not in the CAS",
-    )
+    return missing_blob(digest, f"{what} {digest} is not in the CAS")
 
 
 def _parse(message_type: type[Message], data: bytes, what: str, digest: Digest):
@@ -57,7 +54,7 @@ def _parse(message_type: type[Message], data: bytes, what: str, digest: Digest):
             [
                 Violation(
                     "INVALID",
-                    f"blobs/{digest.hash}/{digest.size_bytes}",
+                    blob_subject(digest),
                     f"{what} is not a {name} message",
                 )
             ],

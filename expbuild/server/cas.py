@@ -21,9 +21,10 @@ from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.reapi.compression import ZSTD
+from expbuild.reapi.status import ok_status, to_status
 from expbuild.server.instances import InstanceNames
 from expbuild.server.metrics import CAS_BLOBS_READ, CAS_BYTES_READ
-from expbuild.server.status import ok_status, rpc, rpc_status
+from expbuild.server.status import rpc
 from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _blob_status(error: Exception | None, digest: Digest | None = None):
         error = ResourceExhausted(f"no disk space left to store blob {digest}")
     elif isinstance(error, OSError):
         log.error("disk error on blob %s: %s", digest, error)
-    return rpc_status(error)
+    return to_status(error)
 
 
 def _page_token(root: Digest, offset: int) -> str:
@@ -132,7 +133,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
             try:
                 digest = _field_digest(r.digest, f"requests[{i}].digest")
             except InvalidArgument as exc:
-                statuses[i] = rpc_status(exc)
+                statuses[i] = to_status(exc)
                 continue
             items.append((digest, r.data, compressor_name(r.compressor)))
             slots.append(i)
@@ -161,7 +162,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
             try:
                 digests.append(_field_digest(d, f"digests[{i}]"))
             except InvalidArgument as exc:
-                responses[i].status.CopyFrom(rpc_status(exc))
+                responses[i].status.CopyFrom(to_status(exc))
                 continue
             slots.append(i)
         results = await self._store.get_many(digests, compressor=compressor)
