@@ -34,9 +34,10 @@ from expbuild.digest import Digest, digest_of
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.reapi.platforms import platform_message
 from expbuild.reapi.status import parse_blob_subject
 from expbuild.server.app import ServerApp
-from expbuild.worker.agent import WorkerAgent, platform_message
+from expbuild.worker.agent import WorkerAgent
 from tests.serving import running_server, server_settings
 
 DEADLINE = 15.0

@@ -13,10 +13,10 @@ from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db.notifications import Notifications
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.reapi.platforms import platform_spec
 from expbuild.scheduling import results, workers
 from expbuild.scheduling.actions import checked_duration
 from expbuild.scheduling.leases import Assignment, LeaseDispatcher
-from expbuild.scheduling.platforms import platform_spec
 from expbuild.scheduling.task_names import parse_task_name, task_name
 from expbuild.server.convert import duration, timestamp
 from expbuild.server.metrics import LEASE_ATTEMPTS, TASK_COMPLETIONS

@@ -32,6 +32,7 @@ from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.reapi.platforms import platform_message, platform_summary
 from expbuild.worker.blob_cache import open_blob_cache
 from expbuild.worker.execution import Executor
 from expbuild.worker.executor import make_executor
@@ -242,9 +243,7 @@ class WorkerAgent:
                 log.info(
                     "Worker %s platform: %s; up to %d concurrent task(s); heartbeat every %gs",
                     response.worker_id,
-                    json.dumps(
-                        {k: v[0] if len(v) == 1 else list(v) for k, v in self.platform().items()}
-                    ),
+                    json.dumps(platform_summary(self.platform())),
                     self.settings.max_concurrent_tasks,
                     self._heartbeat_interval.total_seconds(),
                 )
@@ -528,17 +527,6 @@ class WorkerAgent:
         except TimeoutError:
             pass
         return self._stopping
-
-
-def platform_message(platform: dict[str, tuple[str, ...]]) -> re_pb2.Platform:
-    """REAPI wants properties sorted by name, then value."""
-    return re_pb2.Platform(
-        properties=[
-            re_pb2.Platform.Property(name=name, value=value)
-            for name in sorted(platform)
-            for value in sorted(platform[name])
-        ]
-    )
 
 
 def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:

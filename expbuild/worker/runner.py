@@ -27,6 +27,7 @@ from expbuild.config import BackendSettings, LimitsSettings
 from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
+from expbuild.reapi.platforms import platform_spec, requested_platform
 from expbuild.reapi.status import to_status
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
@@ -127,7 +128,9 @@ class TaskRunner:
                 stderr_path=directory.stderr_path,
                 timeout=timeout,
                 input_root=directory.input_root,
-                platform=task_platform(task),
+                platform=platform_spec(
+                    requested_platform(task.action, task.command), "action platform"
+                ),
                 name=name,
             )
         )
@@ -217,15 +220,6 @@ def task_timeout(task: worker_pb2.Task) -> float | None:
         if seconds > 0:
             return seconds
     return None
-
-
-def task_platform(task: worker_pb2.Task) -> dict[str, tuple[str, ...]]:
-    """The action's platform (the Command's for pre-v2.2 clients), as the server matched it."""
-    platform = task.action.platform if task.action.platform.properties else task.command.platform
-    found: dict[str, tuple[str, ...]] = {}
-    for prop in platform.properties:
-        found[prop.name] = (*found.get(prop.name, ()), prop.value)
-    return found
 
 
 def failure_response(exc: BaseException) -> re_pb2.ExecuteResponse:
