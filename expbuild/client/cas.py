@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -352,14 +353,15 @@ class CasClient:
         async with self._rpc_slots:
             with self._translated_errors():
                 response = await self._cas.BatchReadBlobs(request)
-        unpack = (response, digests)
-        options = {"missing_ok": missing_ok, "compressed": compressed}
+        unpack = functools.partial(
+            batches.unpack_read, response, digests, missing_ok=missing_ok, compressed=compressed
+        )
         if response.ByteSize() < INLINE_CHECK_BYTES:
-            return batches.unpack_read(*unpack, **options)
+            return unpack()
         # One thread hop decodes and hashes the whole batch.
-        return await asyncio.to_thread(batches.unpack_read, *unpack, **options)
+        return await asyncio.to_thread(unpack)
 
-    async def _verified_stream(self, digest: Digest) -> AsyncIterator[bytes]:
+    async def _verified_stream(self, digest: Digest) -> AsyncGenerator[bytes, None]:
         """The blob's verified chunks via ByteStream Read (see `streams.read`)."""
         compressed = self._compresses(digest)
         resource = resource_names.read_name(
@@ -408,7 +410,7 @@ class CasClient:
 
     async def tree_pages(
         self, root_digest: Digest, *, page_size: int = DEFAULT_TREE_PAGE_SIZE
-    ) -> AsyncIterator[list[re_pb2.Directory]]:
+    ) -> AsyncGenerator[list[re_pb2.Directory], None]:
         """The Directory messages of the tree rooted at `root_digest`, one GetTree page
         (at most `page_size` directories; 0 lets the server choose) at a time.
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 from google.longrunning import operations_pb2
@@ -106,7 +106,7 @@ class ExecutionClient:
 
     async def _follow(
         self, first_call: Callable[[], grpc.aio.UnaryStreamCall], name: str
-    ) -> AsyncIterator[operations_pb2.Operation]:
+    ) -> AsyncGenerator[operations_pb2.Operation, None]:
         start = first_call
         quiet_attempts = 0
         while True:

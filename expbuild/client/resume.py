@@ -33,7 +33,7 @@ RESUMABLE_WRITE_CODES = frozenset(
 
 async def upload(
     stub: bytestream_pb2_grpc.ByteStreamStub,
-    target: str,
+    target: str | None,
     resource: str,
     digest: Digest,
     compressed: bool,

@@ -27,7 +27,7 @@ from expbuild.reapi.platforms import PlatformInput
 
 Progress = Callable[[str], None]
 
-_STAGE_LINES = {
+_STAGE_LINES: dict[int, str] = {
     re_pb2.ExecutionStage.CACHE_CHECK: "Checking the action cache",
     re_pb2.ExecutionStage.QUEUED: "Queued",
     re_pb2.ExecutionStage.COMPLETED: "Completed",

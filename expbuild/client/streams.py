@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -35,11 +35,11 @@ def backoff(failures: int) -> float:
 
 async def read(
     stub: bytestream_pb2_grpc.ByteStreamStub,
-    target: str,
+    target: str | None,
     resource: str,
     digest: Digest,
     compressed: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The blob's uncompressed bytes read from `resource` (a `compressed-blobs/zstd/...`
     name if `compressed`), resuming after a dropped connection. After the last piece,
     raises DATA_LOSS unless everything hashed to `digest`, so a consumer never completes
@@ -77,7 +77,7 @@ async def read(
 
 async def _compressed_chunks(
     source: bytes | Path, digest: Digest, offset: int, problem: list[str]
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The blob from `offset` to its end as one new zstd frame, in pieces of at most
     `CHUNK_BYTES`."""
     stream = StreamCompressor(digest.size_bytes - offset, CHUNK_BYTES)

@@ -248,7 +248,8 @@ def validate_directory(directory: re_pb2.Directory, where: str) -> None:
                 )
             seen[name] = kind
             previous = name
-    for node in (*directory.files, *directory.directories):
+    nodes: list[re_pb2.FileNode | re_pb2.DirectoryNode] = [*directory.files, *directory.directories]
+    for node in nodes:
         try:
             Digest.from_proto(node.digest)
         except InvalidArgument as e:

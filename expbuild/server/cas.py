@@ -36,7 +36,10 @@ MAX_TREE_PAGE_BYTES = 2 * 1024 * 1024
 _TREE_READ_BATCH = 1000
 _PAGE_TOKEN_VERSION = "t1"
 
-_COMPRESSOR_NAMES = {re_pb2.Compressor.IDENTITY: None, re_pb2.Compressor.ZSTD: ZSTD}
+_COMPRESSOR_NAMES: dict[int, str | None] = {
+    re_pb2.Compressor.IDENTITY: None,
+    re_pb2.Compressor.ZSTD: ZSTD,
+}
 
 
 def compressor_name(value: int) -> str | None:

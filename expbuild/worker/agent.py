@@ -25,6 +25,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from expbuild import __version__
+from expbuild.aio import current_task
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.errors import from_rpc_error
@@ -107,8 +108,9 @@ class WorkerAgent:
         self._wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
         self._poll_call: asyncio.Task | None = None
-        self._stub: worker_pb2_grpc.WorkerServiceStub | None = None
-        self._cas_channel: grpc.aio.Channel | None = None
+        # Both set by run() before anything calls the server.
+        self._stub: worker_pb2_grpc.WorkerServiceStub
+        self._cas_channel: grpc.aio.Channel
 
     @property
     def worker_id(self) -> str:
@@ -360,7 +362,7 @@ class WorkerAgent:
         try:
             response = await self._poll_call
         except asyncio.CancelledError:
-            if self._stopping and not asyncio.current_task().cancelling():
+            if self._stopping and not current_task().cancelling():
                 return None  # request_stop cancelled the poll, not our caller
             raise
         finally:
@@ -391,7 +393,7 @@ class WorkerAgent:
             except asyncio.CancelledError:
                 if running.stop_reason is None:
                     raise  # not ours: the whole worker is being torn down
-                asyncio.current_task().uncancel()
+                current_task().uncancel()
                 if running.stop_reason == SHUTDOWN_REASON:
                     await self._release(task.task_id, task.lease_token, SHUTDOWN_REASON)
                 else:

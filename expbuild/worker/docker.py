@@ -60,12 +60,13 @@ class DockerExecutor:
         self.limits = limits or LimitsSettings()
         self.user = user
         self.terminate_grace = terminate_grace
-        self.docker = shutil.which("docker")
-        if self.docker is None:
+        docker = shutil.which("docker")
+        if docker is None:
             raise ConfigError(
                 "worker.backend.type = 'docker' needs the docker CLI, but `docker` is not on "
                 "PATH (install docker.io, or docker-ce-cli for a remote engine)"
             )
+        self.docker: str = docker
         self._images = self._local_images()
 
     async def close(self) -> None:
