@@ -13,6 +13,7 @@ import errno
 import logging
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from expbuild.cas.store import FileStore
@@ -113,7 +114,9 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
             )
 
     @rpc
-    async def FindMissingBlobs(self, request, context):
+    async def FindMissingBlobs(
+        self, request: re_pb2.FindMissingBlobsRequest, context: grpc.aio.ServicerContext
+    ):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         digests = [
@@ -123,14 +126,16 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
 
     @rpc
-    async def BatchUpdateBlobs(self, request, context):
+    async def BatchUpdateBlobs(
+        self, request: re_pb2.BatchUpdateBlobsRequest, context: grpc.aio.ServicerContext
+    ):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         total = sum(max(len(r.data), r.digest.size_bytes, 0) for r in request.requests)
         self._check_batch_size(total, len(request.requests), "upload", "Write")
 
         statuses: list = [None] * len(request.requests)
-        items: list[tuple[Digest, bytes, str | None]] = []
+        items: list[tuple[Digest, bytes] | tuple[Digest, bytes, str | None]] = []
         slots: list[int] = []
         for i, r in enumerate(request.requests):
             try:
@@ -150,7 +155,9 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         )
 
     @rpc
-    async def BatchReadBlobs(self, request, context):
+    async def BatchReadBlobs(
+        self, request: re_pb2.BatchReadBlobsRequest, context: grpc.aio.ServicerContext
+    ):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         total = sum(max(d.size_bytes, 0) for d in request.digests)
@@ -182,7 +189,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         return re_pb2.BatchReadBlobsResponse(responses=responses)
 
     @rpc
-    async def GetTree(self, request, context):
+    async def GetTree(self, request: re_pb2.GetTreeRequest, context: grpc.aio.ServicerContext):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         root = _field_digest(request.root_digest, "root_digest")
