@@ -34,11 +34,12 @@ from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.execution import ExecutionClient
 from expbuild.client.run import run_command
-from expbuild.client.tree import materialize, merkle_tree_from_paths, serialize
+from expbuild.client.tree import materialize, merkle_tree_from_paths
 from expbuild.config import BackendSettings, WorkerSettings
 from expbuild.digest import EMPTY, digest_of
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, RemoteError
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.merkle import serialize
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
 from tests.serving import running_server, running_worker, server_settings

@@ -27,13 +27,14 @@ from expbuild.client.actions import build_action, build_command
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.execution import ExecutionClient
-from expbuild.client.tree import MerkleTree, merkle_tree_from_directory, serialize
+from expbuild.client.tree import MerkleTree, merkle_tree_from_directory
 from expbuild.config import BackendSettings, Settings, WorkerSettings
 from expbuild.db import operations as db_operations
 from expbuild.digest import Digest, digest_of
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.reapi.merkle import serialize
 from expbuild.reapi.platforms import platform_message
 from expbuild.reapi.status import parse_blob_subject
 from expbuild.server.app import ServerApp
