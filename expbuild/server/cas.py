@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from expbuild.cas.store import FileStore
-from expbuild.digest import Digest, check_digest_function
+from expbuild.digest import Digest, check_digest_function, digest_field
 from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -51,13 +51,6 @@ def compressor_name(value: int) -> str | None:
         return re_pb2.Compressor.Value.Name(value).lower()
     except ValueError:
         return f"compressor #{value}"
-
-
-def _field_digest(message: re_pb2.Digest, field: str) -> Digest:
-    try:
-        return Digest.from_proto(message)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{field}: {exc}") from None
 
 
 def _blob_status(error: Exception | None, digest: Digest | None = None):
@@ -120,7 +113,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         digests = [
-            _field_digest(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)
+            digest_field(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)
         ]
         missing = await self._store.find_missing(digests, touch=True)
         return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
@@ -139,7 +132,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         slots: list[int] = []
         for i, r in enumerate(request.requests):
             try:
-                digest = _field_digest(r.digest, f"requests[{i}].digest")
+                digest = digest_field(r.digest, f"requests[{i}].digest")
             except InvalidArgument as exc:
                 statuses[i] = to_status(exc)
                 continue
@@ -170,7 +163,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         slots: list[int] = []
         for i, d in enumerate(request.digests):
             try:
-                digests.append(_field_digest(d, f"digests[{i}]"))
+                digests.append(digest_field(d, f"digests[{i}]"))
             except InvalidArgument as exc:
                 responses[i].status.CopyFrom(to_status(exc))
                 continue
@@ -192,7 +185,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
     async def GetTree(self, request: re_pb2.GetTreeRequest, context: grpc.aio.ServicerContext):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
-        root = _field_digest(request.root_digest, "root_digest")
+        root = digest_field(request.root_digest, "root_digest")
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
         page_size = min(request.page_size or MAX_TREE_PAGE_SIZE, MAX_TREE_PAGE_SIZE)
