@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from expbuild.reapi.platforms import normalize_platform
+
 DEFAULT_ADDRESS = "127.0.0.1:8980"
 
 
@@ -401,13 +403,9 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a table of property = value")
-    result: dict[str, tuple[str, ...]] = {}
-    for name, value in raw.items():
-        if not str(name).strip():
-            raise ConfigError(f"{key}: a property has an empty name")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        result[str(name)] = tuple(str(v) for v in values)
-    return result
+    if any(not str(name).strip() for name in raw):
+        raise ConfigError(f"{key}: a property has an empty name")
+    return {name: tuple(values) for name, values in normalize_platform(raw).items()}
 
 
 def _section(raw: dict, name: str) -> dict:

@@ -17,12 +17,10 @@ from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.digest import Digest
 from expbuild.errors import Aborted, InvalidArgument, NotFound
+from expbuild.reapi.platforms import PlatformSpec, normalize_platform
 from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
-
-# {"OSFamily": ["Linux"], "Arch": ["x86_64"]}: property name -> every value required/offered.
-PlatformSpec = dict[str, list[str]]
 
 _ENQUEUE_RETRIES = 5
 
@@ -82,15 +80,6 @@ class TaskRecord:
     result: bytes | None
     error_code: int | None
     error: str | None
-
-
-def normalize_platform(properties: dict[str, Any]) -> PlatformSpec:
-    """Canonical jsonb shape: names kept, values as sorted unique lists of strings."""
-    spec: PlatformSpec = {}
-    for name, values in properties.items():
-        items = values if isinstance(values, (list, tuple, set)) else [values]
-        spec[str(name)] = sorted({str(v) for v in items})
-    return spec
 
 
 async def enqueue(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import grpc
 
 from expbuild.cas.action_results import inline_outputs
 from expbuild.cas.store import FileStore
@@ -30,7 +31,9 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         self.settings = settings
 
     @rpc
-    async def GetActionResult(self, request: re_pb2.GetActionResultRequest, context):
+    async def GetActionResult(
+        self, request: re_pb2.GetActionResultRequest, context: grpc.aio.ServicerContext
+    ):
         instance = self.instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         digest = digest_field(request.action_digest, "action_digest")
@@ -47,7 +50,9 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         return result
 
     @rpc
-    async def UpdateActionResult(self, request: re_pb2.UpdateActionResultRequest, context):
+    async def UpdateActionResult(
+        self, request: re_pb2.UpdateActionResultRequest, context: grpc.aio.ServicerContext
+    ):
         instance = self.instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         digest = digest_field(request.action_digest, "action_digest")

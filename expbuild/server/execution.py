@@ -7,6 +7,7 @@ in ExecuteResponse.status, as REAPI asks.
 from __future__ import annotations
 
 import asyncpg
+import grpc
 from google.longrunning import operations_pb2
 
 from expbuild.auth.principal import current_principal
@@ -41,7 +42,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         self.settings = settings
 
     @rpc
-    async def Execute(self, request: re_pb2.ExecuteRequest, context):
+    async def Execute(self, request: re_pb2.ExecuteRequest, context: grpc.aio.ServicerContext):
         check_digest_function(request.digest_function)
         inline = Inline(
             stdout=request.inline_stdout,
@@ -75,7 +76,9 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             yield await self._inlined(to_operation(record), inline)
 
     @rpc
-    async def WaitExecution(self, request: re_pb2.WaitExecutionRequest, context):
+    async def WaitExecution(
+        self, request: re_pb2.WaitExecutionRequest, context: grpc.aio.ServicerContext
+    ):
         async for record in self.tracker.follow(current_principal(), request.name):
             yield to_operation(record)
 

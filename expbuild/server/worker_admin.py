@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import asyncpg
+import grpc
 
 from expbuild.db import workers
 from expbuild.db.workers import WorkerRecord
@@ -45,12 +46,16 @@ class WorkerAdminServicer(worker_pb2_grpc.WorkerAdminServiceServicer):
         self.pool = pool
 
     @rpc
-    async def ListWorkers(self, request: worker_pb2.ListWorkersRequest, context):
+    async def ListWorkers(
+        self, request: worker_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ):
         records = await workers.list_workers(self.pool, request.include_offline)
         return worker_pb2.ListWorkersResponse(workers=[worker_info(r) for r in records])
 
     @rpc
-    async def DrainWorker(self, request: worker_pb2.DrainWorkerRequest, context):
+    async def DrainWorker(
+        self, request: worker_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ):
         if not request.worker_id:
             raise InvalidArgument("worker_id is empty; give a worker id or name")
         record = await workers.drain_worker(self.pool, check_no_nul(request.worker_id, "worker_id"))
