@@ -143,6 +143,9 @@ class WorkerSettings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    # Prometheus /metrics of `expbuild worker daemon`, e.g. "0.0.0.0:9465"; empty (the
+    # default, as several workers may share a host): no endpoint.
+    metrics_address: str = ""
 
     @property
     def cache_dir(self) -> Path:
@@ -522,6 +525,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
     if cas_url:
         grpc_target(cas_url, "worker.cas_url")
     heartbeat = w.get("heartbeat_interval")
+    worker_metrics = str(_get(w, "metrics_address", WorkerSettings.metrics_address))
+    if worker_metrics:
+        parse_address(worker_metrics, "worker.metrics_address")
     worker = WorkerSettings(
         server_url=server_url,
         cas_url=cas_url,
@@ -535,6 +541,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
+        metrics_address=worker_metrics,
     )
     return Settings(
         server=server, execution=execution, database=database, cas=cas, worker=worker, source=source

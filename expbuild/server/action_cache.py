@@ -16,15 +16,27 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.server.convert import digest_field
 from expbuild.server.instances import InstanceNames
+from expbuild.server.metrics import ACTION_CACHE_LOOKUPS
 from expbuild.server.status import rpc
 
 log = logging.getLogger(__name__)
 
 
 async def complete_action_result(
+    pool: asyncpg.Pool, store: FileStore, instance: str, digest: Digest, *, method: str
+) -> re_pb2.ActionResult | None:
+    """The cached result for the action, or None when absent or some output left the CAS.
+
+    Counted as a hit or a miss of `method` (GetActionResult, Execute) in the metrics.
+    """
+    result = await _lookup(pool, store, instance, digest)
+    ACTION_CACHE_LOOKUPS.labels(method, "miss" if result is None else "hit").inc()
+    return result
+
+
+async def _lookup(
     pool: asyncpg.Pool, store: FileStore, instance: str, digest: Digest
 ) -> re_pb2.ActionResult | None:
-    """The cached result for the action, or None when absent or some output left the CAS."""
     raw = await action_cache.get_action_result(pool, instance, digest)
     if raw is None:
         return None
@@ -57,7 +69,9 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
     async def GetActionResult(self, request: re_pb2.GetActionResultRequest, context):
         instance = self.instances.check(request.instance_name)
         digest = digest_field(request.action_digest, "action_digest")
-        result = await complete_action_result(self.pool, self.store, instance, digest)
+        result = await complete_action_result(
+            self.pool, self.store, instance, digest, method="GetActionResult"
+        )
         if result is None:
             raise NotFound(f"no action result for {digest}")
         await inline_outputs(

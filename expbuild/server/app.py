@@ -19,9 +19,9 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from expbuild.cas.eviction import EvictionReport, evict_to_size
+from expbuild.cas.eviction import EvictionReport, evict_to_size, measure_usage
 from expbuild.cas.store import FileStore
-from expbuild.config import Settings, parse_address
+from expbuild.config import ConfigError, Settings, parse_address
 from expbuild.db import queue, workers
 from expbuild.db.locks import CAS_EVICTION_LOCK, try_advisory_lock
 from expbuild.db.migrate import migrate
@@ -30,7 +30,7 @@ from expbuild.db.pool import create_pool
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
-from expbuild.server import metrics
+from expbuild.server import http, metrics
 from expbuild.server.action_cache import ActionCacheServicer
 from expbuild.server.bytestream import ByteStreamServicer
 from expbuild.server.capabilities import CapabilitiesServicer
@@ -62,8 +62,20 @@ class ServerApp:
     database_url: str
     port: int = 0
     metrics_port: int | None = None
+    # Who may read the status pages; the auth layer supplies this when tokens are on.
+    status_access: http.ReadAccess = http.allow_everyone
+    cas_usage_interval: float = metrics.CAS_USAGE_SECONDS
 
     async def start(self) -> None:
+        """Connect, migrate and serve; on any failure (a port in use: ConfigError naming
+        the key) whatever was started is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         self.pool: asyncpg.Pool = await create_pool(
             self.database_url,
@@ -126,7 +138,10 @@ class ServerApp:
             if ":" in host
             else f"{host}:{port if not self.port else self.port}"
         )
-        self.port = server.add_insecure_port(bind)
+        try:
+            self.port = server.add_insecure_port(bind)
+        except RuntimeError:
+            raise ConfigError(f"[server] address {bind} is already in use") from None
         await server.start()
         self.server = server
         for name in SERVICE_NAMES + ("",):
@@ -134,8 +149,11 @@ class ServerApp:
 
         if s.metrics_address:
             mhost, mport = parse_address(s.metrics_address, "server.metrics_address")
-            self.metrics_port = metrics.start_http_server(
-                mhost, mport if self.metrics_port is None else self.metrics_port
+            self.http_runner, self.metrics_port = await http.start(
+                self.pool,
+                mhost,
+                mport if self.metrics_port is None else self.metrics_port,
+                self.status_access,
             )
         self._background = [
             asyncio.create_task(
@@ -149,6 +167,10 @@ class ServerApp:
                     "metrics refresh",
                 ),
                 name="metrics",
+            ),
+            asyncio.create_task(
+                self._every(self.cas_usage_interval, self.measure_cas_once, "CAS usage"),
+                name="cas-usage",
             ),
         ]
         metrics.CAS_MAX_BYTES.set(settings.cas.max_size)
@@ -181,6 +203,9 @@ class ServerApp:
             log.warning("Worker %s missed its heartbeats; marked offline", worker_id)
         for task in await queue.reap_expired_leases(self.pool):
             metrics.REAPED_TASKS.labels(task.state).inc()
+            metrics.LEASE_EXPIRIES.labels(task.reason).inc()
+            if task.state == "queued":
+                metrics.TASK_REQUEUES.labels(task.reason).inc()
             outcome = (
                 f"failed after {task.attempts} attempts" if task.state == "failed" else "requeued"
             )
@@ -195,6 +220,10 @@ class ServerApp:
         if purged:
             log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)
 
+    async def measure_cas_once(self) -> None:
+        usage = await measure_usage(self.store)
+        metrics.set_cas_usage(usage.blobs, usage.total_bytes)
+
     async def evict_once(self) -> EvictionReport | None:
         """One LRU eviction pass down to `[cas] max_size`; None if another replica is at it."""
         max_size = self.settings.cas.max_size
@@ -203,7 +232,7 @@ class ServerApp:
             if not held:
                 return None
             report = await evict_to_size(self.store, max_size)
-        metrics.CAS_STORE_BYTES.set(report.remaining_bytes)
+        metrics.set_cas_usage(report.scanned - report.removed, report.remaining_bytes)
         if report.removed:
             metrics.CAS_EVICTED_BLOBS.inc(report.removed)
             metrics.CAS_EVICTED_BYTES.inc(report.removed_bytes)
@@ -222,6 +251,8 @@ class ServerApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if hasattr(self, "http_runner"):
+            await self.http_runner.cleanup()
         if hasattr(self, "server"):
             await self.server.stop(grace)
         if hasattr(self, "notifications"):

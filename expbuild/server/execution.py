@@ -118,7 +118,9 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         # Each stage is reported once the operation exists in the database, so a client
         # may switch to WaitExecution (on any replica) from the first message on.
         if not request.skip_cache_lookup:
-            cached = await complete_action_result(self.pool, self.store, instance, digest)
+            cached = await complete_action_result(
+                self.pool, self.store, instance, digest, method="Execute"
+            )
             if cached is not None:
                 await inline_outputs(
                     self.store,

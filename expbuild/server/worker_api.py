@@ -19,8 +19,8 @@ from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.server import metrics
 from expbuild.server.convert import duration, platform_spec, timestamp
-from expbuild.server.metrics import LEASE_ATTEMPTS, TASK_COMPLETIONS
 from expbuild.server.status import rpc
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             leased = await queue.lease_tasks(
                 self.pool, worker_id, worker.platform, limit, self.settings.lease_duration
             )
-            LEASE_ATTEMPTS.labels("leased" if leased else "empty").inc()
+            metrics.LEASE_ATTEMPTS.labels("leased" if leased else "empty").inc()
             if hops is not None and not leased:
                 # Woken for a task this worker cannot run (platform): let the next
                 # idle poller try. (Each queued task sends its own NOTIFY, so a full
@@ -170,7 +170,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         response = request.response
         succeeded = response.status.code == 0 and response.HasField("result")
         cacheable = succeeded and response.result.exit_code == 0
-        await queue.complete_task(
+        done = await queue.complete_task(
             self.pool,
             task_id,
             request.lease_token,
@@ -180,7 +180,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             cache_result=response.result.SerializeToString() if cacheable else None,
             detail={"exit_code": response.result.exit_code, "status": response.status.code},
         )
-        TASK_COMPLETIONS.labels("succeeded" if succeeded else "failed").inc()
+        metrics.TASK_COMPLETIONS.labels("succeeded" if succeeded else "failed").inc()
+        metrics.observe_finished_task(
+            done.platform, done.instance_name, done.queued_at, done.leased_at, done.completed_at
+        )
         log.info(
             "Task %s completed on worker %s (exit code %d)",
             request.task_id,
@@ -199,6 +202,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             worker_id,
             request.reason or "released by worker",
         )
+        metrics.TASK_REQUEUES.labels("released").inc()
         log.info(
             "Task %s handed back by worker %s: %s",
             request.task_id,

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from expbuild.config import LimitsSettings
 from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
+from expbuild.worker import metrics
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
@@ -98,16 +99,27 @@ class TaskRunner:
         metadata: re_pb2.ExecutedActionMetadata,
     ) -> re_pb2.ExecuteResponse:
         _stamp(metadata.input_fetch_start_timestamp)
+        cache_before = replace(self.blob_cache.stats) if self.blob_cache else None
         try:
-            directory = await prepare_inputs(cas, task, action_path, self.blob_cache)
+            with metrics.INPUT_FETCH.time():
+                directory = await prepare_inputs(cas, task, action_path, self.blob_cache)
         except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
             log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
             return failure_response(exc)
+        finally:
+            if self.blob_cache is not None:
+                after = self.blob_cache.stats
+                metrics.record_input_cache(
+                    after.hits - cache_before.hits,
+                    after.fetched_blobs - cache_before.fetched_blobs,
+                    after.fetched_bytes - cache_before.fetched_bytes,
+                )
         _stamp(metadata.input_fetch_completed_timestamp)
 
         command = task.command
         timeout = capped_timeout(task_timeout(task), self.limits)
         log.info("Executing command: %s", json.dumps(list(command.arguments)))
+        asked_at = datetime.now(UTC)
         outcome = await self.executor.execute(
             ExecutionRequest(
                 arguments=list(command.arguments),
@@ -122,6 +134,9 @@ class TaskRunner:
             )
         )
         metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
+        metrics.BACKEND_LAUNCH.labels(type(self.executor).__name__).observe(
+            max((outcome.started_at - asked_at).total_seconds(), 0.0)
+        )
         metadata.execution_completed_timestamp.FromDatetime(outcome.completed_at)
         if outcome.timed_out:
             log.warning("Command timed out after %gs (exit code %d)", timeout, outcome.exit_code)
