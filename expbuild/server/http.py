@@ -23,6 +23,7 @@ ReadAccess = Callable[[str | None], bool]
 """Given the request's token (None: it presented none), may it read the status pages?"""
 
 COOKIE = "expbuild_status_token"
+COOKIE_SECONDS = 8 * 3600  # a working day; then sign in again
 
 
 def allow_everyone(token: str | None) -> bool:
@@ -55,6 +56,7 @@ def _access_middleware(may_read: ReadAccess):
             response.set_cookie(
                 COOKIE,
                 request.query["token"],
+                max_age=COOKIE_SECONDS,
                 httponly=True,
                 samesite="Strict",
                 path="/",
