@@ -228,6 +228,11 @@ def grpc_target(url: str, key: str) -> str:
     return text
 
 
+def parse_duration(value: Any, key: str) -> timedelta:
+    """A positive duration: seconds, or "500ms", "30s", "5m", "1h", "7d"; the error names `key`."""
+    return _duration(value, key)
+
+
 def _duration(value: Any, key: str) -> timedelta:
     """Seconds as a number, or a string with a unit: "500ms", "30s", "5m", "1h", "7d"."""
     if isinstance(value, timedelta):
