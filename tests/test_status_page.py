@@ -81,6 +81,7 @@ class Tables(HTMLParser):
 
 def chromium(url: str, profile: Path, *, screenshot: Path | None = None) -> str:
     """Load `url` in headless Chromium; the DOM as rendered (or take a screenshot)."""
+    assert Path(CHROMIUM).exists(), "the status page tests need Debian's chromium"
     flags = [
         "--headless",
         "--no-sandbox",
