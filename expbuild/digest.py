@@ -67,6 +67,30 @@ class Digest:
         return self.size_bytes == 0
 
 
+def check_digest_function(value: int) -> None:
+    """Only SHA-256 is served; UNKNOWN (unset) means SHA-256 too."""
+    from expbuild.proto import remote_execution_pb2
+
+    if value not in (
+        remote_execution_pb2.DigestFunction.UNKNOWN,
+        remote_execution_pb2.DigestFunction.SHA256,
+    ):
+        try:
+            name = remote_execution_pb2.DigestFunction.Value.Name(value)
+        except ValueError:
+            name = f"#{value}"
+        raise InvalidArgument(f"digest_function {name} is not supported; this server uses SHA256")
+
+
+def digest_field(message, field: str) -> Digest:
+    """Validate a REAPI `Digest` message that is field `field` of a request, naming the
+    field in the error."""
+    try:
+        return Digest.from_proto(message)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
+
+
 def digest_of(data: bytes) -> Digest:
     return Digest(hashlib.sha256(data).hexdigest(), len(data))
 

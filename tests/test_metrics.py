@@ -306,6 +306,8 @@ async def test_worker_serves_its_own_metrics(database_url, tmp_path):
             "EXPBUILD_WORKER__METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
             "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
             "EXPBUILD_WORKER__PLATFORM__OSFAMILY": "Linux",
+            # pytest's tmp tree is root's alone, so actions cannot run as nobody there.
+            "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",
         }
         worker = processes.start("worker", ["expbuild-worker", "daemon"], tmp_path, env)
         try:
@@ -379,6 +381,7 @@ def test_a_port_in_use_ends_worker_start_up_with_one_line(tmp_path):
             **os.environ,
             "EXPBUILD_WORKER__METRICS_ADDRESS": f"127.0.0.1:{port}",
             "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
+            "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",
         }
         done = subprocess.run(
             [str(processes.BIN / "expbuild-worker"), "daemon"],

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from expbuild.db import operations as db_operations
 from expbuild.db import queue, workers
 from expbuild.digest import digest_of
 from expbuild.errors import Aborted, InvalidArgument
@@ -202,7 +203,7 @@ async def test_heartbeat_extends_leases_with_hot_updates_and_reports_fates(pool)
     for n in range(3):
         await queue.enqueue(pool, task(n), f"op-{n}")
     a, b, c = await queue.lease_tasks(pool, w, LINUX, 3, LEASE)
-    await pool.execute("UPDATE tasks SET cancel_requested = true WHERE id = $1", b.task_id)
+    assert await db_operations.cancel_operation(pool, "op-1")  # b's task, which keeps running
     await queue.complete_task(
         pool, c.task_id, c.lease_token, w, succeeded=True, response=b"", cache_result=None
     )

@@ -862,12 +862,11 @@ async def test_capabilities_follow_settings():
     servicer = CapabilitiesServicer(
         ServerSettings(allow_action_cache_updates=False, max_batch_total_size_bytes=1234),
         InstanceNames([""]),
-        execution_enabled=False,
     )
     caps = await servicer.GetCapabilities(re_pb2.GetCapabilitiesRequest(), None)
     assert not caps.cache_capabilities.action_cache_update_capabilities.update_enabled
     assert caps.cache_capabilities.max_batch_total_size_bytes == 1234
-    assert not caps.execution_capabilities.exec_enabled
+    assert caps.execution_capabilities.exec_enabled
 
 
 async def test_unknown_instance_is_rejected_everywhere(env):

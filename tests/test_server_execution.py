@@ -7,6 +7,7 @@ protocol (poll, heartbeat, complete with a stale token) can be checked on its ow
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import grpc
@@ -38,6 +39,20 @@ async def slow_fallback_server(database_url, tmp_path):
     )
     async with running_server(settings, database_url) as app:
         yield app
+
+
+async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+def idle_pollers(app, count: int):
+    """A predicate: exactly `count` long polls of `app` wait for a wake-up."""
+    return lambda: app.notifications.idle_pollers == count
 
 
 def channel_to(app) -> grpc.aio.Channel:
@@ -257,7 +272,7 @@ async def test_poll_wakes_on_notify_without_waiting_for_the_timeout(slow_fallbac
         poll = asyncio.ensure_future(
             workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))
         )
-        await asyncio.sleep(0.3)
+        await wait_until(idle_pollers(server, 1), what="the poll waiting for a wake-up")
         assert not poll.done()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -355,7 +370,7 @@ async def test_one_task_wakes_one_idle_poller_not_all(slow_fallback_server):
             )
             for w in ids
         ]
-        await asyncio.sleep(0.3)
+        await wait_until(idle_pollers(server, 6), what="six polls waiting for a wake-up")
         before = await _lease_attempts(server)
         stream = re_grpc.ExecutionStub(channel).Execute(
             re_pb2.ExecuteRequest(action_digest=digest.to_proto())
@@ -363,7 +378,9 @@ async def test_one_task_wakes_one_idle_poller_not_all(slow_fallback_server):
         await stream.read()
         done, _pending = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED, timeout=5)
         assert sum(len(p.result().tasks) for p in done) == 1
-        await asyncio.sleep(0.5)  # well inside the 5 s fallback interval
+        # Waking every poller would empty the waiting list at once; the five without a
+        # task are waiting again only after each ran its lease statement.
+        await wait_until(idle_pollers(server, 5), what="the other five polls waiting again")
         assert await _lease_attempts(server) - before <= 2, "every idle poller went to the database"
         for poll in polls:
             poll.cancel()
@@ -393,11 +410,12 @@ async def test_a_wake_passes_over_pollers_of_another_platform(slow_fallback_serv
             )
             for w in macs
         ]
-        await asyncio.sleep(0.2)  # the Mac pollers wait longest, so they are woken first
+        # The Mac pollers wait longest, so they are woken first.
+        await wait_until(idle_pollers(server, 3), what="the Mac polls waiting")
         linux_poll = asyncio.ensure_future(
             workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=linux, max_tasks=1))
         )
-        await asyncio.sleep(0.05)
+        await wait_until(idle_pollers(server, 4), what="the Linux poll waiting")
         loop = asyncio.get_running_loop()
         started = loop.time()
         stream = re_grpc.ExecutionStub(channel).Execute(

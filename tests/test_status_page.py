@@ -124,7 +124,11 @@ async def server(database_url, tmp_path):
         lease_duration=timedelta(seconds=2),
         heartbeat_interval=timedelta(milliseconds=300),
     )
-    app = ServerApp(settings, database_url, status_access=lambda token: token == TOKEN)
+
+    async def only_our_token(token: str | None) -> bool:
+        return token == TOKEN
+
+    app = ServerApp(settings, database_url, status_access=only_our_token)
     await app.start()
     try:
         yield app
@@ -253,3 +257,60 @@ async def test_status_page_access_by_bearer_token(server):
     assert await asyncio.to_thread(get, "/", None) == 401
     assert await asyncio.to_thread(get, "/tasks/task-1", None) == 401
     assert await asyncio.to_thread(get, "/metrics", None) == 200
+
+
+async def test_with_tokens_the_pages_and_task_rpcs_need_the_admin_scope(database_url, tmp_path):
+    """`[auth] mode = "tokens"`: the real TokenVerifier decides; admin reads, a client
+    token, a revoked one or none do not; `/metrics` stays open for Prometheus."""
+    import urllib.error
+    import urllib.request
+
+    from expbuild.db import tokens as db_tokens
+    from tests.secured import CLIENT_SCOPES, channel, make_token, secured_settings
+
+    settings = secured_settings(tmp_path / "cas", metrics_address="127.0.0.1:0")
+    app = ServerApp(settings, database_url)
+    await app.start()
+    try:
+        admin = await make_token(app.pool, "ops", "admin")
+        client = await make_token(app.pool, "ci", *CLIENT_SCOPES)
+        revoked = await make_token(app.pool, "old-ops", "admin")
+        await db_tokens.revoke_token(app.pool, "old-ops")
+        base = f"http://127.0.0.1:{app.metrics_port}"
+
+        def status(path: str, token: str | None) -> int:
+            request = urllib.request.Request(base + path)
+            if token:
+                request.add_header("Authorization", f"Bearer {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert await asyncio.to_thread(status, "/", admin) == 200
+        assert await asyncio.to_thread(status, "/", client) == 403
+        assert await asyncio.to_thread(status, "/", revoked) == 403
+        assert await asyncio.to_thread(status, "/", None) == 401
+        assert await asyncio.to_thread(status, "/metrics", None) == 200
+
+        # The browser login: ?token= sets the cookie, and the cookie alone then reads.
+        profile = tmp_path / "chromium"
+        login = await load(f"{base}/?token={admin}", profile)
+        assert "queue" in login.tables
+        assert "queue" in (await load(f"{base}/", profile)).tables
+
+        for token, allowed in ((admin, True), (client, False)):
+            async with channel(app, token) as ch:
+                stub = worker_pb2_grpc.WorkerAdminServiceStub(ch)
+                if allowed:
+                    await stub.ListTasks(worker_pb2.ListTasksRequest())
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await stub.ListTasks(worker_pb2.ListTasksRequest())
+                    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await stub.GetTaskHistory(worker_pb2.GetTaskHistoryRequest(task="task-1"))
+                    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await app.stop(grace=0.5)

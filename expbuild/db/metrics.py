@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor, PlatformSpec
+from expbuild.db.queue import PlatformSpec
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,10 @@ class QueueDepth:
     tasks: int
 
 
-async def queue_gauges(db: Executor) -> dict[str, float]:
+async def queue_gauges(db: Database) -> dict[str, float]:
     row = await db.fetchrow(sql("queue_gauges"))
     return {key: float(value) for key, value in row.items()}
 
 
-async def queue_depth(db: Executor) -> list[QueueDepth]:
+async def queue_depth(db: Database) -> list[QueueDepth]:
     return [QueueDepth(**row) for row in await db.fetch(sql("queue_depth"))]

@@ -84,6 +84,11 @@ class Notifications:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
+    @property
+    def idle_pollers(self) -> int:
+        """How many long polls of this replica are waiting for a wake-up right now."""
+        return sum(1 for waiter in self._pollers if not waiter.done())
+
     def _on_queued(self, *_args) -> None:
         # The wake may travel on through every poller waiting now, and no further.
         if not self._wake_next(hops=len(self._pollers) - 1):

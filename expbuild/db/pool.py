@@ -12,6 +12,10 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
+# What a query runs on: the pool (each statement on any free connection) or one
+# connection (several statements in one transaction).
+Database = asyncpg.Pool | asyncpg.Connection
+
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached in time; the message says where and why."""

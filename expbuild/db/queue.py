@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
-
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.digest import Digest
 from expbuild.errors import Aborted, InvalidArgument, NotFound
+from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
 
-Executor = asyncpg.Pool | asyncpg.Connection
 # {"OSFamily": ["Linux"], "Arch": ["x86_64"]}: property name -> every value required/offered.
 PlatformSpec = dict[str, list[str]]
 
@@ -106,8 +105,11 @@ def normalize_platform(properties: dict[str, Any]) -> PlatformSpec:
     return spec
 
 
-async def enqueue(db: Executor, task: NewTask, operation_name: str) -> Enqueued:
-    """Queue `task` (or join its identical in-flight twin) and record `operation_name`."""
+async def enqueue(
+    db: Database, task: NewTask, operation_name: str, principal: str = ""
+) -> Enqueued:
+    """Queue `task` (or join its identical in-flight twin) and record `operation_name`,
+    owned by `principal`."""
     timeout = task.timeout if task.timeout else None
     for _ in range(_ENQUEUE_RETRIES):
         row = await db.fetchrow(
@@ -120,6 +122,7 @@ async def enqueue(db: Executor, task: NewTask, operation_name: str) -> Enqueued:
             timeout,
             task.max_attempts,
             operation_name,
+            principal,
         )
         if row is not None:
             return Enqueued(task_id=row["task_id"], is_new=row["is_new"])
@@ -128,7 +131,7 @@ async def enqueue(db: Executor, task: NewTask, operation_name: str) -> Enqueued:
 
 
 async def lease_tasks(
-    db: Executor, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
+    db: Database, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
 ) -> list[LeasedTask]:
     """Lease up to `limit` matching tasks to the worker in one statement."""
     if limit <= 0:
@@ -152,7 +155,7 @@ async def lease_tasks(
     ]
 
 
-async def _refusal(db: Executor, task_id: int, worker_id: str, verb: str) -> Exception:
+async def _refusal(db: Database, task_id: int, worker_id: str, verb: str) -> Exception:
     row = await db.fetchrow(sql("describe_task_lease"), task_id)
     if row is None:
         return NotFound(f"task {task_id} does not exist")
@@ -171,11 +174,13 @@ def _uuid(token: str, task_id: int) -> uuid.UUID:
     try:
         return uuid.UUID(token)
     except (ValueError, TypeError, AttributeError):
-        raise InvalidArgument(f"lease token {token!r} for task {task_id} is not a UUID") from None
+        raise InvalidArgument(
+            f"lease token {quoted(token)} for task {task_id} is not a UUID"
+        ) from None
 
 
 async def complete_task(
-    db: Executor,
+    db: Database,
     task_id: int,
     lease_token: str,
     worker_id: str,
@@ -212,7 +217,7 @@ async def complete_task(
 
 
 async def release_task(
-    db: Executor, task_id: int, lease_token: str, worker_id: str, reason: str
+    db: Database, task_id: int, lease_token: str, worker_id: str, reason: str
 ) -> None:
     """Hand a lease back unrun: the task is queued again at once, its attempt not counted."""
     row = await db.fetchrow(
@@ -222,19 +227,19 @@ async def release_task(
         raise await _refusal(db, task_id, worker_id, "release")
 
 
-async def reap_expired_leases(db: Executor, batch_size: int = 500) -> list[ReapedTask]:
+async def reap_expired_leases(db: Database, batch_size: int = 500) -> list[ReapedTask]:
     rows = await db.fetch(sql("reap_expired_leases"), batch_size)
     return [
         ReapedTask(r["id"], r["state"], r["attempts"], r["reason"], r["worker_id"]) for r in rows
     ]
 
 
-async def purge_finished_tasks(db: Executor, retention: timedelta, batch_size: int = 1000) -> int:
+async def purge_finished_tasks(db: Database, retention: timedelta, batch_size: int = 1000) -> int:
     """Delete finished tasks older than `retention`; returns how many went."""
     return len(await db.fetch(sql("purge_finished_tasks"), retention, batch_size))
 
 
-async def get_task(db: Executor, task_id: int) -> TaskRecord:
+async def get_task(db: Database, task_id: int) -> TaskRecord:
     r = await db.fetchrow(sql("get_task"), task_id)
     if r is None:
         raise NotFound(f"task {task_id} does not exist")

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor, PlatformSpec
+from expbuild.db.queue import PlatformSpec
 from expbuild.errors import InvalidArgument, NotFound
 
 MAX_LIST = 1000
@@ -67,7 +68,7 @@ def _summary(row) -> TaskSummary:
 
 
 async def list_tasks(
-    db: Executor,
+    db: Database,
     *,
     state: str | None = None,
     platform: PlatformSpec | None = None,
@@ -84,7 +85,7 @@ async def list_tasks(
     return [_summary(row) for row in rows]
 
 
-async def resolve_task(db: Executor, task: str) -> int:
+async def resolve_task(db: Database, task: str) -> int:
     """A task id from `42`, `task-42` or an operation name; NotFound when none matches."""
     raw = task.strip().removeprefix("task-")
     if raw.isdigit():
@@ -97,7 +98,7 @@ async def resolve_task(db: Executor, task: str) -> int:
     return task_id
 
 
-async def task_history(db: Executor, task_id: int) -> TaskHistory:
+async def task_history(db: Database, task_id: int) -> TaskHistory:
     """The task (if still kept) and every event recorded for it; NotFound if neither."""
     row = await db.fetchrow(sql("get_task_summary"), task_id)
     events = [
@@ -110,5 +111,5 @@ async def task_history(db: Executor, task_id: int) -> TaskHistory:
     return TaskHistory(task_id, _summary(row) if row else None, events, operations)
 
 
-async def state_counts(db: Executor, finished_within: timedelta) -> list[StateCount]:
+async def state_counts(db: Database, finished_within: timedelta) -> list[StateCount]:
     return [StateCount(**row) for row in await db.fetch(sql("task_state_counts"), finished_within)]

@@ -6,9 +6,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import Executor, PlatformSpec, normalize_platform
-from expbuild.errors import InvalidArgument, NotFound
+from expbuild.db.queue import PlatformSpec, normalize_platform
+from expbuild.errors import InvalidArgument, NotFound, PermissionDenied
+from expbuild.text import quoted
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def new_worker_id() -> str:
 
 
 async def register_worker(
-    db: Executor,
+    db: Database,
     *,
     worker_id: str,
     name: str,
@@ -47,7 +49,10 @@ async def register_worker(
     platform: PlatformSpec,
     max_concurrent: int,
     version: str = "",
+    principal: str = "",
 ) -> str:
+    """Insert or revive the worker; PermissionDenied when `worker_id` belongs to
+    another principal."""
     if max_concurrent < 1:
         raise InvalidArgument(f"max_concurrent_tasks must be at least 1, got {max_concurrent}")
     row = await db.fetchrow(
@@ -58,12 +63,23 @@ async def register_worker(
         normalize_platform(platform),
         max_concurrent,
         version,
+        principal,
     )
+    if row is None:
+        raise PermissionDenied(
+            f"worker id {quoted(worker_id)} was registered with another credential; register "
+            "without an id to get one of your own"
+        )
     return row["id"]
 
 
+async def worker_principal(db: Database, worker_id: str) -> str | None:
+    """The principal that registered `worker_id`; None when there is no such worker."""
+    return await db.fetchval(sql("worker_principal"), worker_id)
+
+
 async def heartbeat(
-    db: Executor,
+    db: Database,
     worker_id: str,
     running: list[tuple[int, str]],
     lease_duration: timedelta,
@@ -76,7 +92,7 @@ async def heartbeat(
             tokens.append(uuid.UUID(token))
         except (ValueError, TypeError):
             raise InvalidArgument(
-                f"lease token {token!r} for task {task_id} is not a UUID"
+                f"lease token {quoted(token)} for task {task_id} is not a UUID"
             ) from None
     rows = await db.fetch(sql("heartbeat"), worker_id, ids, tokens, lease_duration)
     if not rows:
@@ -89,7 +105,7 @@ async def heartbeat(
     return outcome
 
 
-async def deregister_worker(db: Executor, worker_id: str) -> int:
+async def deregister_worker(db: Database, worker_id: str) -> int:
     """Mark the worker offline and requeue its leases; returns how many were requeued."""
     row = await db.fetchrow(sql("deregister_worker"), worker_id)
     if not row["found"]:
@@ -97,7 +113,7 @@ async def deregister_worker(db: Executor, worker_id: str) -> int:
     return row["requeued"]
 
 
-async def mark_silent_workers_offline(db: Executor, offline_timeout: timedelta) -> list[str]:
+async def mark_silent_workers_offline(db: Database, offline_timeout: timedelta) -> list[str]:
     rows = await db.fetch(sql("mark_silent_workers_offline"), offline_timeout)
     return [r["id"] for r in rows]
 
@@ -117,28 +133,28 @@ def _record(r) -> WorkerRecord:
     )
 
 
-async def get_worker(db: Executor, worker_id: str) -> WorkerRecord:
+async def get_worker(db: Database, worker_id: str) -> WorkerRecord:
     row = await db.fetchrow(sql("get_worker"), worker_id)
     if row is None:
         raise NotFound(f"worker {worker_id} is not registered")
     return _record(row)
 
 
-async def list_workers(db: Executor, include_offline: bool = False) -> list[WorkerRecord]:
+async def list_workers(db: Database, include_offline: bool = False) -> list[WorkerRecord]:
     return [_record(r) for r in await db.fetch(sql("list_workers"), include_offline)]
 
 
-async def platform_offer(db: Executor, platform: PlatformSpec) -> tuple[bool, bool, list[dict]]:
+async def platform_offer(db: Database, platform: PlatformSpec) -> tuple[bool, bool, list[dict]]:
     """(some online worker offers `platform`, any worker online, the platforms online)."""
     row = await db.fetchrow(sql("platform_is_offered"), normalize_platform(platform))
     return row["offered"], row["any_online"], row["offers"]
 
 
-async def drain_worker(db: Executor, worker: str) -> WorkerRecord:
+async def drain_worker(db: Database, worker: str) -> WorkerRecord:
     """Mark the worker (id, or unique name) draining; NotFound when no such live worker."""
     worker_id = await db.fetchval(sql("drain_worker"), worker)
     if worker_id is None:
         raise NotFound(
-            f"no online worker has the id or unique name {worker!r}; see `expbuild workers list`"
+            f"no online worker has the id or unique name {quoted(worker)}; see `expbuild workers list`"
         )
     return await get_worker(db, worker_id)

@@ -22,9 +22,7 @@ def _semver(version: tuple[int, int]) -> semver_pb2.SemVer:
     return semver_pb2.SemVer(major=version[0], minor=version[1])
 
 
-def server_capabilities(
-    settings: ServerSettings, execution_enabled: bool = True
-) -> re_pb2.ServerCapabilities:
+def server_capabilities(settings: ServerSettings) -> re_pb2.ServerCapabilities:
     """The capabilities message (the same for every served instance)."""
     sha256 = re_pb2.DigestFunction.SHA256
     zstd = re_pb2.Compressor.ZSTD
@@ -42,7 +40,7 @@ def server_capabilities(
         execution_capabilities=re_pb2.ExecutionCapabilities(
             digest_function=sha256,
             digest_functions=[sha256],
-            exec_enabled=execution_enabled,
+            exec_enabled=True,
             execution_priority_capabilities=re_pb2.PriorityCapabilities(
                 priorities=[
                     re_pb2.PriorityCapabilities.PriorityRange(
@@ -58,14 +56,9 @@ def server_capabilities(
 
 
 class CapabilitiesServicer(re_grpc.CapabilitiesServicer):
-    def __init__(
-        self,
-        settings: ServerSettings,
-        instances: InstanceNames,
-        execution_enabled: bool = True,
-    ) -> None:
+    def __init__(self, settings: ServerSettings, instances: InstanceNames) -> None:
         self._instances = instances
-        self._capabilities = server_capabilities(settings, execution_enabled)
+        self._capabilities = server_capabilities(settings)
 
     @rpc
     async def GetCapabilities(self, request, context):

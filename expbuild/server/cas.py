@@ -11,12 +11,12 @@ import base64
 import binascii
 import errno
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from google.protobuf.message import DecodeError
 
 from expbuild.cas.store import FileStore
-from expbuild.digest import Digest
+from expbuild.digest import Digest, check_digest_function
 from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -24,6 +24,7 @@ from expbuild.reapi.compression import ZSTD
 from expbuild.server.instances import InstanceNames
 from expbuild.server.metrics import CAS_BLOBS_READ, CAS_BYTES_READ
 from expbuild.server.status import ok_status, rpc, rpc_status
+from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,6 @@ _TREE_READ_BATCH = 1000
 _PAGE_TOKEN_VERSION = "t1"
 
 _COMPRESSOR_NAMES = {re_pb2.Compressor.IDENTITY: None, re_pb2.Compressor.ZSTD: ZSTD}
-
-
-def check_digest_function(value: int) -> None:
-    """Only SHA-256 is served; UNKNOWN (unset) means SHA-256 too."""
-    if value not in (re_pb2.DigestFunction.UNKNOWN, re_pb2.DigestFunction.SHA256):
-        try:
-            name = re_pb2.DigestFunction.Value.Name(value)
-        except ValueError:
-            name = f"#{value}"
-        raise InvalidArgument(f"digest_function {name} is not supported; this server uses SHA256")
 
 
 def compressor_name(value: int) -> str | None:
@@ -92,17 +83,22 @@ def _page_offset(token: str, root: Digest) -> int:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise InvalidArgument(
-        f"page_token {token!r} is not a next_page_token this server returned for root_digest {root}"
+        f"page_token {quoted(token)} is not a next_page_token this server returned for root_digest {root}"
     )
 
 
 class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageServicer):
     def __init__(
-        self, store: FileStore, instances: InstanceNames, max_batch_total_size_bytes: int
+        self,
+        store: FileStore,
+        instances: InstanceNames,
+        max_batch_total_size_bytes: int,
+        max_directory_size_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._store = store
         self._instances = instances
         self._max_batch = max_batch_total_size_bytes
+        self._max_directory = max_directory_size_bytes
 
     def _check_batch_size(self, total: int, count: int, verb: str, alternative: str) -> None:
         if total > self._max_batch:
@@ -212,15 +208,16 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
 
         The order is stable for unchanged CAS content, which page tokens rely on.
         Directories missing from the CAS (other than the root) are left out with
-        everything below them, as REAPI asks.
+        everything below them, as REAPI asks. Blobs are read in batches of about one
+        page's bytes, and none larger than `max_directory_size_bytes`, so a walk holds
+        about one page of directories in memory.
         """
         level = [root]
         seen = {root}
         position = 0
         while level:
             following: list[Digest] = []
-            for start in range(0, len(level), _TREE_READ_BATCH):
-                batch = level[start : start + _TREE_READ_BATCH]
+            for batch in self._read_batches(level):
                 for digest, blob in zip(batch, await self._store.get_many(batch), strict=True):
                     is_root = position == 0 and digest == root
                     if isinstance(blob, NotFound):
@@ -232,7 +229,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                     directory = re_pb2.Directory()
                     try:
                         directory.ParseFromString(blob)
-                    except DecodeError:
+                    except (DecodeError, RecursionError):
                         if is_root:
                             raise InvalidArgument(
                                 f"root_digest {root} names a blob that is not a Directory message"
@@ -244,7 +241,10 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                             child = Digest.from_proto(node.digest)
                         except InvalidArgument as exc:
                             log.warning(
-                                "GetTree %s: directory %r: %s; skipped", root, node.name, exc
+                                "GetTree %s: directory %s: %s; skipped",
+                                root,
+                                quoted(node.name),
+                                exc,
                             )
                             continue
                         if child not in seen:
@@ -253,3 +253,25 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                     yield position, directory, len(blob)
                     position += 1
             level = following
+
+    def _read_batches(self, digests: list[Digest]) -> Iterator[list[Digest]]:
+        """`digests` in batches of at most _TREE_READ_BATCH and about one page's bytes;
+        RESOURCE_EXHAUSTED for a directory above the size bound, before it is read."""
+        batch: list[Digest] = []
+        batch_bytes = 0
+        for digest in digests:
+            if digest.size_bytes > self._max_directory:
+                raise ResourceExhausted(
+                    f"directory {digest} is {digest.size_bytes} bytes, more than this server's "
+                    f"limit of {self._max_directory} ([server] max_directory_size_bytes)"
+                )
+            if batch and (
+                len(batch) >= _TREE_READ_BATCH
+                or batch_bytes + digest.size_bytes > MAX_TREE_PAGE_BYTES
+            ):
+                yield batch
+                batch, batch_bytes = [], 0
+            batch.append(digest)
+            batch_bytes += digest.size_bytes
+        if batch:
+            yield batch

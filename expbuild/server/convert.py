@@ -4,30 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.longrunning import operations_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 
-from expbuild.db.queue import PlatformSpec
-from expbuild.digest import Digest
-from expbuild.errors import InvalidArgument
+from expbuild.db.operations import OperationRecord
+from expbuild.digest import Digest, digest_field
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.scheduling.operations import Stage, final_response, stage_of
 
-
-def platform_spec(platform: re_pb2.Platform, where: str = "platform") -> PlatformSpec:
-    """REAPI Platform properties -> {name: [values]}; a name may appear with several values."""
-    spec: PlatformSpec = {}
-    for prop in platform.properties:
-        if not prop.name.strip():
-            raise InvalidArgument(f"{where}: a property has an empty name (value {prop.value!r})")
-        spec.setdefault(prop.name, []).append(prop.value)
-    return spec
-
-
-def digest_field(message: re_pb2.Digest, field: str) -> Digest:
-    """Validate a Digest field, naming the field in the error."""
-    try:
-        return Digest.from_proto(message)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{field}: {exc}") from None
+__all__ = ["digest_field", "duration", "operation", "timestamp", "to_operation"]
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -42,3 +27,39 @@ def duration(value: timedelta) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromTimedelta(value)
     return d
+
+
+def operation(
+    name: str, digest: Digest, stage: int, response: re_pb2.ExecuteResponse | None = None
+) -> operations_pb2.Operation:
+    """An Execute operation at `stage`; done when it carries its `response`."""
+    metadata = re_pb2.ExecuteOperationMetadata(stage=stage, action_digest=digest.to_proto())
+    message = operations_pb2.Operation(name=name, done=response is not None)
+    message.metadata.Pack(metadata)
+    if response is not None:
+        packed = any_pb2.Any()
+        packed.Pack(response)
+        message.response.CopyFrom(packed)
+    return message
+
+
+def to_operation(record: OperationRecord) -> operations_pb2.Operation:
+    metadata = re_pb2.ExecuteOperationMetadata(
+        stage=stage_of(record), action_digest=record.action_digest.to_proto()
+    )
+    if metadata.stage == Stage.EXECUTING and record.worker_id:
+        # Lets clients show where their action runs while it runs.
+        metadata.partial_execution_metadata.worker = record.worker_name or record.worker_id
+        if record.queued_at is not None:
+            metadata.partial_execution_metadata.queued_timestamp.FromDatetime(record.queued_at)
+        if record.leased_at is not None:
+            metadata.partial_execution_metadata.worker_start_timestamp.FromDatetime(
+                record.leased_at
+            )
+    message = operations_pb2.Operation(name=record.name, done=record.done)
+    message.metadata.Pack(metadata)
+    if record.done:
+        response = any_pb2.Any()
+        response.Pack(final_response(record))
+        message.response.CopyFrom(response)
+    return message

@@ -10,7 +10,7 @@ Prometheus scrapes it without credentials.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import prometheus_client
@@ -19,14 +19,14 @@ from aiohttp import web
 from expbuild.config import ConfigError
 from expbuild.server import status_page
 
-ReadAccess = Callable[[str | None], bool]
+ReadAccess = Callable[[str | None], Awaitable[bool]]
 """Given the request's token (None: it presented none), may it read the status pages?"""
 
 COOKIE = "expbuild_status_token"
 COOKIE_SECONDS = 8 * 3600  # a working day; then sign in again
 
 
-def allow_everyone(token: str | None) -> bool:
+async def allow_everyone(token: str | None) -> bool:
     """Access without auth (`[auth] mode` off, or a loopback-only server)."""
     return True
 
@@ -44,7 +44,7 @@ def _access_middleware(may_read: ReadAccess):
         if request.path == "/metrics":
             return await handler(request)
         token = presented_token(request)
-        if not may_read(token):
+        if not await may_read(token):
             return status_page.login_required(request, token is not None)
         if "token" in request.query:
             # Browser login: keep the token in a cookie, and out of the address bar,

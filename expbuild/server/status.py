@@ -11,51 +11,29 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import uuid
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
+from expbuild.text import shorten
 
 log = logging.getLogger(__name__)
 
-CODES: dict[type[errors.ExpBuildError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Aborted: grpc.StatusCode.ABORTED,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-}
+# An error message echoes the client's input; a few KiB is plenty to say what was wrong.
+MAX_MESSAGE_CHARS = 4096
 
 
 def grpc_code(error: BaseException) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in CODES:
-            return CODES[cls]
+    """The gRPC status code of `error`: its class's code, INTERNAL for anything else."""
+    if isinstance(error, errors.ExpBuildError):
+        return _GRPC_CODES[error.code]
     return grpc.StatusCode.INTERNAL
 
 
-def rpc_status(error: BaseException) -> status_pb2.Status:
-    """The google.rpc.Status for `error` (used inside Operation.error and ExecuteResponse)."""
-    code = grpc_code(error)
-    status = status_pb2.Status(code=code.value[0], message=str(error))
-    if isinstance(error, errors.FailedPrecondition) and error.violations:
-        failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type=v.type, subject=v.subject, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(failure)
-        status.details.append(detail)
-    return status
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+rpc_status = errors.rpc_status
 
 
 def ok_status() -> status_pb2.Status:
@@ -65,11 +43,16 @@ def ok_status() -> status_pb2.Status:
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
     code = grpc_code(error)
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("internal error in %s", method, exc_info=error)
-        message = f"internal error in {method}: {error}"
+        # The client gets an id to quote; the text (which may hold paths, SQL or the
+        # client's own input) stays in the log line with that id.
+        incident = uuid.uuid4().hex[:12]
+        log.error(
+            "internal error %s in %s: %s", incident, method, shorten(str(error)), exc_info=error
+        )
+        message = f"internal error (id {incident}); the server log has the details"
     else:
-        log.info("%s: %s: %s", method, code.name, error)
-        message = str(error)
+        message = shorten(str(error), MAX_MESSAGE_CHARS)
+        log.info("%s: %s: %s", method, code.name, shorten(message))
     status = rpc_status(error)
     status.code = code.value[0]
     status.message = message

@@ -14,8 +14,10 @@ from expbuild.db.workers import WorkerRecord
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
-from expbuild.server.convert import platform_spec, timestamp
+from expbuild.scheduling.platforms import platform_spec
+from expbuild.server.convert import timestamp
 from expbuild.server.status import rpc
+from expbuild.text import check_no_nul
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class WorkerAdminServicer(worker_pb2_grpc.WorkerAdminServiceServicer):
     async def DrainWorker(self, request: worker_pb2.DrainWorkerRequest, context):
         if not request.worker_id:
             raise InvalidArgument("worker_id is empty; give a worker id or name")
-        record = await workers.drain_worker(self.pool, request.worker_id)
+        record = await workers.drain_worker(self.pool, check_no_nul(request.worker_id, "worker_id"))
         log.info("Worker %s (%s) is draining", record.worker_id, record.name)
         return worker_pb2.DrainWorkerResponse(worker=worker_info(record))
 
@@ -103,7 +105,7 @@ class WorkerAdminServicer(worker_pb2_grpc.WorkerAdminServiceServicer):
     async def ListTasks(self, request: worker_pb2.ListTasksRequest, context):
         found = await tasks.list_tasks(
             self.pool,
-            state=request.state or None,
+            state=check_no_nul(request.state, "state") or None,
             platform=platform_spec(request.platform, "platform") or None,
             since=request.since.ToDatetime(UTC) if request.HasField("since") else None,
             limit=request.limit or DEFAULT_TASK_LIMIT,
@@ -112,7 +114,7 @@ class WorkerAdminServicer(worker_pb2_grpc.WorkerAdminServiceServicer):
 
     @rpc
     async def GetTaskHistory(self, request: worker_pb2.GetTaskHistoryRequest, context):
-        task_id = await tasks.resolve_task(self.pool, request.task)
+        task_id = await tasks.resolve_task(self.pool, check_no_nul(request.task, "task"))
         history = await tasks.task_history(self.pool, task_id)
         reply = worker_pb2.GetTaskHistoryResponse(
             task_id=f"task-{task_id}",

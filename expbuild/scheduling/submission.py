@@ -1,0 +1,136 @@
+"""Submitting an action (Execute): answer from the action cache, or queue a task.
+
+A cached answer is recorded as a finished operation; otherwise the Action and Command are
+read and checked, and the task is queued, or joined when the same cacheable action is in
+flight already. Either way the caller gets an operation name that any replica can follow.
+The operation belongs to the submitting principal (see `expbuild.scheduling.operations`);
+a joined task is shared, but each submitter gets an operation of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+from google.rpc import code_pb2, status_pb2
+
+from expbuild.auth.principal import Principal
+from expbuild.cas.action_results import inline_outputs
+from expbuild.cas.store import FileStore
+from expbuild.config import ServerSettings
+from expbuild.db import operations as db_operations
+from expbuild.db import queue
+from expbuild.digest import Digest
+from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.scheduling.actions import (
+    check_command,
+    check_working_directory,
+    effective_timeout,
+    load_action,
+)
+from expbuild.scheduling.cached_results import lookup_cached_result
+from expbuild.scheduling.platforms import check_platform_offered
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inline:
+    """Which outputs the client wants inlined in the response (up to a size budget)."""
+
+    stdout: bool = False
+    stderr: bool = False
+    files: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.stdout or self.stderr or bool(self.files)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    operation_name: str
+    action_digest: Digest
+    outcome: str  # "cache_hit", "queued" (a new task) or "joined" (an in-flight one)
+    cached: re_pb2.ExecuteResponse | None = None  # the whole answer, for a cache hit
+    task_id: int | None = None
+
+
+async def inline_into(store: FileStore, response: re_pb2.ExecuteResponse, inline: Inline) -> None:
+    """Fill the response's result with the outputs `inline` asks for."""
+    if inline and response.HasField("result"):
+        await inline_outputs(
+            store,
+            response.result,
+            stdout=inline.stdout,
+            stderr=inline.stderr,
+            files=inline.files,
+        )
+
+
+async def submit_action(
+    pool: asyncpg.Pool,
+    store: FileStore,
+    settings: ServerSettings,
+    principal: Principal,
+    *,
+    instance: str,
+    digest: Digest,
+    skip_cache_lookup: bool = False,
+    priority: int = 0,
+    inline: Inline = Inline(),
+) -> Submitted:
+    """Answer the action from the cache or queue it; the operation exists on return,
+    owned by `principal`."""
+    operation_name = str(uuid.uuid4())
+    if not skip_cache_lookup:
+        cached = await lookup_cached_result(pool, store, instance, digest)
+        if cached is not None:
+            response = re_pb2.ExecuteResponse(
+                result=cached, cached_result=True, status=status_pb2.Status(code=code_pb2.OK)
+            )
+            await inline_into(store, response, inline)
+            await db_operations.insert_cached_operation(
+                pool,
+                operation_name,
+                instance,
+                digest,
+                response.SerializeToString(),
+                principal=principal.name,
+            )
+            log.info("Action %s answered from the action cache", digest)
+            return Submitted(operation_name, digest, "cache_hit", cached=response)
+
+    loaded = await load_action(store, digest)
+    check_command(loaded.command)
+    await check_working_directory(store, loaded)
+    platform = loaded.platform
+    timeout = effective_timeout(loaded.action, settings.max_action_timeout)
+    if settings.reject_unmatched_platforms:
+        await check_platform_offered(pool, platform)
+    enqueued = await queue.enqueue(
+        pool,
+        queue.NewTask(
+            instance_name=instance,
+            action_digest=digest,
+            platform=platform,
+            priority=priority,
+            do_not_cache=loaded.action.do_not_cache,
+            timeout=timeout,
+            max_attempts=settings.max_attempts,
+        ),
+        operation_name,
+        principal=principal.name,
+    )
+    if enqueued.is_new:
+        log.info(
+            "Task task-%d submitted to queue (action %s, priority %d)",
+            enqueued.task_id,
+            digest,
+            priority,
+        )
+    else:
+        log.info("Action %s joined in-flight task task-%d", digest, enqueued.task_id)
+    outcome = "queued" if enqueued.is_new else "joined"
+    return Submitted(operation_name, digest, outcome, task_id=enqueued.task_id)

@@ -1,0 +1,626 @@
+"""Hostile input gets a precise answer: the exact status, never UNKNOWN or INTERNAL.
+
+One real server (real gRPC over loopback, real PostgreSQL, a real CAS directory) takes
+every malformed request below; each case asserts the status code it must get. At the end
+the server still answers, nothing was queued, no internal error was logged and no log
+line grew past a bounded length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+
+from expbuild.cas.store import FileStore
+from expbuild.digest import Digest, digest_of
+from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
+from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.server.app import ServerApp
+from tests.conftest import TEMPLATE, with_database
+from tests.serving import running_server, server_settings
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+MAX_DIRECTORY = 4096
+MAX_LOG_LINE = 4000
+HASH = "a" * 64
+
+
+@dataclass
+class Env:
+    app: ServerApp
+    channel: grpc.aio.Channel
+    store: FileStore
+    records: list[logging.LogRecord]
+
+
+class _Collect(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]):
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(postgres_admin_url, tmp_path_factory):
+    name = f"expbuild_hostile_{os.getpid()}"
+    admin = await asyncpg.connect(postgres_admin_url)
+    await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    await admin.close()
+    records: list[logging.LogRecord] = []
+    handler = _Collect(records)
+    logging.getLogger("expbuild").addHandler(handler)
+    previous_level = logging.getLogger("expbuild").level
+    logging.getLogger("expbuild").setLevel(logging.DEBUG)
+    settings = server_settings(
+        tmp_path_factory.mktemp("hostile") / "cas",
+        # "*": any instance name is served, so a hostile one reaches the database.
+        instance_names=("*",),
+        max_directory_size_bytes=MAX_DIRECTORY,
+        reject_unmatched_platforms=False,
+    )
+    try:
+        async with running_server(settings, with_database(postgres_admin_url, name)) as app:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                yield Env(app, channel, app.store, records)
+    finally:
+        logging.getLogger("expbuild").removeHandler(handler)
+        logging.getLogger("expbuild").setLevel(previous_level)
+        admin = await asyncpg.connect(postgres_admin_url)
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def code_of(call) -> grpc.StatusCode:
+    """The status a unary call, a response stream or a call object ends with."""
+    try:
+        if hasattr(call, "read") and not asyncio.iscoroutine(call):
+            async with asyncio.timeout(20):
+                async for _ in call:
+                    pass
+        else:
+            async with asyncio.timeout(20):
+                await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def put(store: FileStore, message_or_bytes) -> Digest:
+    data = (
+        message_or_bytes
+        if isinstance(message_or_bytes, bytes)
+        else message_or_bytes.SerializeToString()
+    )
+    digest = digest_of(data)
+    await store.put(digest, data)
+    return digest
+
+
+# -- bodies that are not protobuf, on every method -----------------------------------------
+
+GARBAGE = {
+    "truncated-varint": b"\x08\xff",
+    "overlong-varint": b"\x08" + b"\xff" * 11 + b"\x01",
+    "truncated-length": b"\x0a\x05ab",
+    "field-number-zero": b"\x00",
+    "wire-type-7": b"\x0f",
+    "stray-end-group": b"\x0c",
+    "100k-nested-groups": b"\x0b" * 100_000,
+}
+
+
+def _methods():
+    services = [
+        re_pb2.DESCRIPTOR.services_by_name[name]
+        for name in ("Execution", "ActionCache", "ContentAddressableStorage", "Capabilities")
+    ]
+    services += [
+        bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"],
+        worker_pb2.DESCRIPTOR.services_by_name["WorkerService"],
+        worker_pb2.DESCRIPTOR.services_by_name["WorkerAdminService"],
+        operations_pb2.DESCRIPTOR.services_by_name["Operations"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    ]
+    for service in services:
+        for method in service.methods:
+            yield (
+                f"/{service.full_name}/{method.name}",
+                method.client_streaming,
+                method.server_streaming,
+            )
+
+
+@pytest.mark.parametrize("body", list(GARBAGE.values()), ids=list(GARBAGE))
+@pytest.mark.parametrize(
+    "path,client_streaming,server_streaming", list(_methods()), ids=lambda v: str(v)
+)
+async def test_a_body_that_is_not_protobuf_is_invalid_argument(
+    env, path, client_streaming, server_streaming, body
+):
+    kinds = {
+        (False, False): env.channel.unary_unary,
+        (False, True): env.channel.unary_stream,
+        (True, False): env.channel.stream_unary,
+        (True, True): env.channel.stream_stream,
+    }
+    method = kinds[(client_streaming, server_streaming)](path)
+    call = method(iter([body]) if client_streaming else body)
+    assert await code_of(call) == INVALID
+
+
+# -- digest functions --------------------------------------------------------------------
+
+DIGEST_FUNCTIONS = {
+    "md5": re_pb2.DigestFunction.MD5,
+    "sha1": re_pb2.DigestFunction.SHA1,
+    "sha512": re_pb2.DigestFunction.SHA512,
+    "undefined-999": 999,
+}
+
+
+def _digest_function_calls(env: Env, function: int):
+    d = re_pb2.Digest(hash=HASH, size_bytes=1)
+    execution = re_grpc.ExecutionStub(env.channel)
+    cache = re_grpc.ActionCacheStub(env.channel)
+    cas = re_grpc.ContentAddressableStorageStub(env.channel)
+    return {
+        "Execute": lambda: execution.Execute(
+            re_pb2.ExecuteRequest(action_digest=d, digest_function=function)
+        ),
+        "GetActionResult": lambda: cache.GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=d, digest_function=function)
+        ),
+        "UpdateActionResult": lambda: cache.UpdateActionResult(
+            re_pb2.UpdateActionResultRequest(action_digest=d, digest_function=function)
+        ),
+        "FindMissingBlobs": lambda: cas.FindMissingBlobs(
+            re_pb2.FindMissingBlobsRequest(blob_digests=[d], digest_function=function)
+        ),
+        "BatchUpdateBlobs": lambda: cas.BatchUpdateBlobs(
+            re_pb2.BatchUpdateBlobsRequest(digest_function=function)
+        ),
+        "BatchReadBlobs": lambda: cas.BatchReadBlobs(
+            re_pb2.BatchReadBlobsRequest(digests=[d], digest_function=function)
+        ),
+        "GetTree": lambda: cas.GetTree(
+            re_pb2.GetTreeRequest(root_digest=d, digest_function=function)
+        ),
+    }
+
+
+@pytest.mark.parametrize("function", list(DIGEST_FUNCTIONS.values()), ids=list(DIGEST_FUNCTIONS))
+@pytest.mark.parametrize(
+    "method",
+    [
+        "Execute",
+        "GetActionResult",
+        "UpdateActionResult",
+        "FindMissingBlobs",
+        "BatchUpdateBlobs",
+        "BatchReadBlobs",
+        "GetTree",
+    ],
+)
+async def test_an_unsupported_digest_function_is_invalid_argument(env, method, function):
+    assert await code_of(_digest_function_calls(env, function)[method]()) == INVALID
+
+
+# -- NUL bytes (and overlong worker names) in strings bound for PostgreSQL ------------
+
+NUL = "bad\x00name"
+
+
+def _nul_calls(env: Env):
+    workers = worker_pb2_grpc.WorkerServiceStub(env.channel)
+    admin = worker_pb2_grpc.WorkerAdminServiceStub(env.channel)
+    operations = operations_pb2_grpc.OperationsStub(env.channel)
+    execution = re_grpc.ExecutionStub(env.channel)
+    cache = re_grpc.ActionCacheStub(env.channel)
+    d = re_pb2.Digest(hash=HASH, size_bytes=1)
+    token = "00000000-0000-0000-0000-000000000000"
+
+    def register(**fields):
+        request = worker_pb2.RegisterWorkerRequest(name="w", max_concurrent_tasks=1)
+        platform = fields.pop("platform", None)
+        if platform:
+            request.platform.properties.add(name=platform[0], value=platform[1])
+        for key, value in fields.items():
+            setattr(request, key, value)
+        return workers.RegisterWorker(request)
+
+    return {
+        "instance-name": lambda: cache.GetActionResult(
+            re_pb2.GetActionResultRequest(instance_name=NUL, action_digest=d)
+        ),
+        "GetOperation": lambda: operations.GetOperation(
+            operations_pb2.GetOperationRequest(name=NUL)
+        ),
+        "CancelOperation": lambda: operations.CancelOperation(
+            operations_pb2.CancelOperationRequest(name=NUL)
+        ),
+        "DeleteOperation": lambda: operations.DeleteOperation(
+            operations_pb2.DeleteOperationRequest(name=NUL)
+        ),
+        "WaitExecution": lambda: execution.WaitExecution(re_pb2.WaitExecutionRequest(name=NUL)),
+        "register-worker-id": lambda: register(worker_id=NUL),
+        "register-name": lambda: register(name=NUL),
+        "register-hostname": lambda: register(hostname=NUL),
+        "register-version": lambda: register(version=NUL),
+        "register-long-worker-id": lambda: register(worker_id="w" * 100_000),
+        "register-long-name": lambda: register(name="n" * 100_000),
+        "register-platform-name": lambda: register(platform=(NUL, "x")),
+        "register-platform-value": lambda: register(platform=("OSFamily", NUL)),
+        "heartbeat-worker-id": lambda: workers.Heartbeat(
+            worker_pb2.HeartbeatRequest(worker_id=NUL)
+        ),
+        "poll-worker-id": lambda: workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=NUL)),
+        "deregister-worker-id": lambda: workers.DeregisterWorker(
+            worker_pb2.DeregisterWorkerRequest(worker_id=NUL)
+        ),
+        "drain-worker-id": lambda: admin.DrainWorker(worker_pb2.DrainWorkerRequest(worker_id=NUL)),
+        "release-reason": lambda: workers.ReleaseTask(
+            worker_pb2.ReleaseTaskRequest(
+                worker_id="w", task_id="task-1", lease_token=token, reason=NUL
+            )
+        ),
+        "lease-token": lambda: workers.ReleaseTask(
+            worker_pb2.ReleaseTaskRequest(worker_id="w", task_id="task-1", lease_token=NUL)
+        ),
+        "task-id": lambda: workers.CompleteTask(
+            worker_pb2.CompleteTaskRequest(worker_id="w", task_id=NUL, lease_token=token)
+        ),
+    }
+
+
+NUL_CASES = [
+    "instance-name",
+    "GetOperation",
+    "CancelOperation",
+    "DeleteOperation",
+    "WaitExecution",
+    "register-worker-id",
+    "register-name",
+    "register-hostname",
+    "register-version",
+    "register-long-worker-id",
+    "register-long-name",
+    "register-platform-name",
+    "register-platform-value",
+    "heartbeat-worker-id",
+    "poll-worker-id",
+    "deregister-worker-id",
+    "drain-worker-id",
+    "release-reason",
+    "lease-token",
+    "task-id",
+]
+
+
+@pytest.mark.parametrize("case", NUL_CASES)
+async def test_a_nul_byte_or_an_overlong_name_is_invalid_argument(env, case):
+    assert await code_of(_nul_calls(env)[case]()) == INVALID
+
+
+async def test_a_list_page_token_hiding_a_nul_is_invalid_argument(env):
+    import base64
+
+    token = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|a\x00b").decode()
+    operations = operations_pb2_grpc.OperationsStub(env.channel)
+    call = operations.ListOperations(operations_pb2.ListOperationsRequest(page_token=token))
+    assert await code_of(call) == INVALID
+
+
+# -- Execute: Actions and Commands refused before they are queued --------------------------
+
+
+async def execute(env: Env, *, action=None, command=None, root=None, action_bytes=None):
+    """Upload the blobs and Execute; the status the stream ends with."""
+    root_digest = await put(env.store, root if root is not None else re_pb2.Directory())
+    if action_bytes is None:
+        command_digest = await put(
+            env.store, command if command is not None else re_pb2.Command(arguments=["true"])
+        )
+        action = action if action is not None else re_pb2.Action()
+        action.command_digest.CopyFrom(command_digest.to_proto())
+        action.input_root_digest.CopyFrom(root_digest.to_proto())
+        action_bytes = action.SerializeToString()
+    digest = await put(env.store, action_bytes)
+    stub = re_grpc.ExecutionStub(env.channel)
+    return await code_of(
+        stub.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto(), skip_cache_lookup=True))
+    )
+
+
+def _timeout(seconds: int, nanos: int = 0) -> re_pb2.Action:
+    return re_pb2.Action(timeout=duration_pb2.Duration(seconds=seconds, nanos=nanos))
+
+
+def _command(**fields) -> re_pb2.Command:
+    env = fields.pop("env", ())
+    command = re_pb2.Command(**{"arguments": ["true"], **fields})
+    for name, value in env:
+        command.environment_variables.add(name=name, value=value)
+    return command
+
+
+def _platform_command(name: str, value: str) -> re_pb2.Command:
+    command = _command()
+    command.platform.properties.add(name=name, value=value)
+    return command
+
+
+EXECUTE_CASES = {
+    "timeout-int64-max": ({"action": _timeout(2**63 - 1)}, INVALID),
+    "timeout-nanos-too-large": ({"action": _timeout(1, 2_000_000_000)}, INVALID),
+    "timeout-mixed-signs": ({"action": _timeout(1, -1)}, INVALID),
+    "timeout-negative": ({"action": _timeout(-5)}, INVALID),
+    "timeout-above-maximum": ({"action": _timeout(10**9)}, INVALID),
+    "action-not-protobuf": ({"action_bytes": b"\x08\xff"}, PRECONDITION),
+    "no-arguments": ({"command": re_pb2.Command()}, INVALID),
+    "empty-argv0": ({"command": _command(arguments=["", "x"])}, INVALID),
+    "nul-in-argument": ({"command": _command(arguments=["sh", "a\x00b"])}, INVALID),
+    "empty-env-name": ({"command": _command(env=[("", "x")])}, INVALID),
+    "env-name-with-equals": ({"command": _command(env=[("A=B", "x")])}, INVALID),
+    "nul-in-env-name": ({"command": _command(env=[("A\x00", "x")])}, INVALID),
+    "nul-in-env-value": ({"command": _command(env=[("A", "x\x00")])}, INVALID),
+    "output-file-absolute": ({"command": _command(output_files=["/etc/passwd"])}, INVALID),
+    "output-file-trailing-slash": ({"command": _command(output_files=["out/"])}, INVALID),
+    "output-file-empty": ({"command": _command(output_files=[""])}, INVALID),
+    "output-file-escapes": ({"command": _command(output_files=["../x"])}, INVALID),
+    "output-directory-escapes": (
+        {"command": _command(output_directories=["a/../../x"])},
+        INVALID,
+    ),
+    "output-path-trailing-slash": ({"command": _command(output_paths=["d/"])}, INVALID),
+    "output-path-absolute": ({"command": _command(output_paths=["/tmp/x"])}, INVALID),
+    "output-escapes-through-working-directory": (
+        {"command": _command(working_directory="", output_paths=["sub/../../x"])},
+        INVALID,
+    ),
+    "working-directory-absolute": ({"command": _command(working_directory="/tmp")}, INVALID),
+    "working-directory-escapes": ({"command": _command(working_directory="../up")}, INVALID),
+    "working-directory-absent": (
+        {"command": _command(working_directory="no/such/dir")},
+        PRECONDITION,
+    ),
+    "platform-name-nul": ({"command": _platform_command("OS\x00", "Linux")}, INVALID),
+    "platform-value-nul": ({"command": _platform_command("OSFamily", "Lin\x00ux")}, INVALID),
+    "platform-name-empty": ({"command": _platform_command("", "Linux")}, INVALID),
+}
+
+
+@pytest.mark.parametrize("case", list(EXECUTE_CASES))
+async def test_execute_refuses_a_bad_action_or_command(env, case):
+    fields, expected = EXECUTE_CASES[case]
+    assert await execute(env, **fields) == expected
+
+
+async def test_a_command_blob_that_is_not_protobuf_is_failed_precondition_naming_it(env):
+    command_digest = await put(env.store, b"\x0a\x05ab")
+    root_digest = await put(env.store, re_pb2.Directory())
+    action = re_pb2.Action(
+        command_digest=command_digest.to_proto(), input_root_digest=root_digest.to_proto()
+    )
+    digest = await put(env.store, action)
+    stub = re_grpc.ExecutionStub(env.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())):
+            pass
+    assert info.value.code() == PRECONDITION
+    assert str(command_digest) in info.value.details()
+    assert "not a valid Command" in info.value.details()
+
+
+async def test_a_working_directory_that_is_a_file_is_failed_precondition(env):
+    file_digest = await put(env.store, b"contents")
+    root = re_pb2.Directory()
+    root.files.add(name="src", digest=file_digest.to_proto())
+    code = await execute(env, command=_command(working_directory="src"), root=root)
+    assert code == PRECONDITION
+
+
+async def test_nothing_refused_was_queued(env):
+    # Runs after the Execute cases above (file order): none of them left a task behind.
+    assert await env.app.pool.fetchval("SELECT count(*) FROM tasks") == 0
+
+
+# -- the action cache ----------------------------------------------------------------------
+
+
+def _result(**fields) -> re_pb2.ActionResult:
+    return re_pb2.ActionResult(**fields)
+
+
+BAD = re_pb2.Digest(hash="not-hex", size_bytes=1)
+NEGATIVE = re_pb2.Digest(hash=HASH, size_bytes=-1)
+ACTION_RESULT_CASES = {
+    "output-file-bad-hash": _result(output_files=[re_pb2.OutputFile(path="a", digest=BAD)]),
+    "output-file-negative-size": _result(
+        output_files=[re_pb2.OutputFile(path="a", digest=NEGATIVE)]
+    ),
+    "output-file-no-digest": _result(output_files=[re_pb2.OutputFile(path="a")]),
+    "tree-digest-bad": _result(
+        output_directories=[re_pb2.OutputDirectory(path="d", tree_digest=BAD)]
+    ),
+    "root-directory-digest-bad": _result(
+        output_directories=[
+            re_pb2.OutputDirectory(
+                path="d",
+                tree_digest=re_pb2.Digest(hash=HASH, size_bytes=1),
+                root_directory_digest=BAD,
+            )
+        ]
+    ),
+    "stdout-digest-bad": _result(stdout_digest=BAD),
+    "stderr-digest-negative": _result(stderr_digest=NEGATIVE),
+}
+
+
+@pytest.mark.parametrize("case", list(ACTION_RESULT_CASES))
+async def test_update_action_result_validates_every_digest(env, case):
+    stub = re_grpc.ActionCacheStub(env.channel)
+    call = stub.UpdateActionResult(
+        re_pb2.UpdateActionResultRequest(
+            action_digest=re_pb2.Digest(hash=HASH, size_bytes=1),
+            action_result=ACTION_RESULT_CASES[case],
+        )
+    )
+    assert await code_of(call) == INVALID
+
+
+# -- ByteStream QueryWriteStatus -------------------------------------------------------------
+
+WRITE_NAMES = {
+    "empty": "",
+    "read-form": f"blobs/{HASH}/1",
+    "empty-uuid": f"uploads//blobs/{HASH}/1",
+    "bad-hash": f"uploads/u/blobs/{'z' * 64}/1",
+    "short-hash": "uploads/u/blobs/abc/1",
+    "negative-size": f"uploads/u/blobs/{HASH}/-1",
+    "size-not-a-number": f"uploads/u/blobs/{HASH}/1e3",
+    "unknown-compressor": f"uploads/u/compressed-blobs/lz4/{HASH}/1",
+    "identity-compressor": f"uploads/u/compressed-blobs/identity/{HASH}/1",
+    "md5-digest-function": f"uploads/u/blobs/md5/{HASH}/1",
+    "no-keyword": "garbage",
+    "nul": f"uploads/u\x00/blobs/{HASH}/1\x00",
+}
+
+
+@pytest.mark.parametrize("name", list(WRITE_NAMES.values()), ids=list(WRITE_NAMES))
+async def test_query_write_status_validates_its_resource_name(env, name):
+    stub = bytestream_pb2_grpc.ByteStreamStub(env.channel)
+    call = stub.QueryWriteStatus(bytestream_pb2.QueryWriteStatusRequest(resource_name=name))
+    assert await code_of(call) == INVALID
+
+
+# -- GetTree ---------------------------------------------------------------------------------
+
+
+def _big_directory(files: int) -> re_pb2.Directory:
+    directory = re_pb2.Directory()
+    for n in range(files):
+        directory.files.add(name=f"file-{n:06d}", digest=re_pb2.Digest(hash=HASH, size_bytes=n))
+    return directory
+
+
+async def test_get_tree_refuses_a_root_directory_above_the_bound(env):
+    root = _big_directory(200)
+    assert root.ByteSize() > MAX_DIRECTORY
+    digest = await put(env.store, root)
+    stub = re_grpc.ContentAddressableStorageStub(env.channel)
+    call = stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
+    assert await code_of(call) == EXHAUSTED
+
+
+async def test_get_tree_refuses_a_child_directory_above_the_bound(env):
+    child = await put(env.store, _big_directory(200))
+    root = re_pb2.Directory()
+    root.directories.add(name="big", digest=child.to_proto())
+    digest = await put(env.store, root)
+    stub = re_grpc.ContentAddressableStorageStub(env.channel)
+    call = stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
+    assert await code_of(call) == EXHAUSTED
+
+
+async def test_get_tree_serves_directories_within_the_bound(env):
+    child = await put(env.store, _big_directory(10))
+    root = re_pb2.Directory()
+    root.directories.add(name="small", digest=child.to_proto())
+    digest = await put(env.store, root)
+    stub = re_grpc.ContentAddressableStorageStub(env.channel)
+    pages = [p async for p in stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))]
+    assert sum(len(p.directories) for p in pages) == 2
+
+
+# -- operations and the Worker API -----------------------------------------------------------
+
+
+async def test_list_operations_refuses_a_negative_page_size(env):
+    operations = operations_pb2_grpc.OperationsStub(env.channel)
+    call = operations.ListOperations(operations_pb2.ListOperationsRequest(page_size=-1))
+    assert await code_of(call) == INVALID
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        duration_pb2.Duration(seconds=2**63 - 1),
+        duration_pb2.Duration(seconds=0, nanos=-2_000_000_000),
+        duration_pb2.Duration(seconds=-1, nanos=5),
+    ],
+    ids=["int64-max", "nanos-out-of-range", "mixed-signs"],
+)
+async def test_poll_tasks_refuses_an_invalid_timeout(env, timeout):
+    workers = worker_pb2_grpc.WorkerServiceStub(env.channel)
+    call = workers.PollTasks(worker_pb2.PollTasksRequest(worker_id="w", timeout=timeout))
+    assert await code_of(call) == INVALID
+
+
+@pytest.mark.parametrize("task_id", ["task-x", "task-", "task-٣", "-1", ""])
+async def test_a_malformed_task_id_is_invalid_argument(env, task_id):
+    workers = worker_pb2_grpc.WorkerServiceStub(env.channel)
+    call = workers.CompleteTask(
+        worker_pb2.CompleteTaskRequest(worker_id="w", task_id=task_id, lease_token="x")
+    )
+    assert await code_of(call) == INVALID
+
+
+async def test_a_huge_operation_name_gets_a_short_answer(env):
+    name = "x" * 1_000_000
+    operations = operations_pb2_grpc.OperationsStub(env.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await operations.GetOperation(operations_pb2.GetOperationRequest(name=name))
+    assert info.value.code() == NOT_FOUND
+    assert len(info.value.details()) < 1000
+
+
+# -- afterwards ------------------------------------------------------------------------------
+
+
+async def test_the_server_still_answers_and_logged_no_internal_error(env):
+    stub = re_grpc.CapabilitiesStub(env.channel)
+    caps = await stub.GetCapabilities(re_pb2.GetCapabilitiesRequest())
+    assert caps.execution_capabilities.exec_enabled
+    messages = [record.getMessage() for record in env.records]
+    assert messages, "the server logged nothing: the handler is not attached"
+    assert not [m for m in messages if "internal error" in m]
+    assert not [record for record in env.records if record.exc_info]
+    assert max(len(m) for m in messages) < MAX_LOG_LINE
+
+
+async def test_an_internal_error_hides_its_text_behind_an_id(env, caplog):
+    # A real fault: the database connection pool is closed under the servicer. This
+    # breaks the module's server, so it is the file's last test.
+    caplog.set_level(logging.ERROR, logger="expbuild.server.status")
+    pool = env.app.pool
+    await pool.close()
+    stub = re_grpc.ActionCacheStub(env.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=re_pb2.Digest(hash=HASH, size_bytes=1))
+        )
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    details = info.value.details()
+    assert details.startswith("internal error (id ")
+    incident = details.removeprefix("internal error (id ").split(")")[0]
+    assert "pool" not in details.lower()
+    assert any(incident in record.getMessage() for record in caplog.records)
