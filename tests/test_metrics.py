@@ -325,7 +325,14 @@ async def test_worker_serves_its_own_metrics(database_url, tmp_path):
                     digest, root_size = await _worker_input_action(app.store, argv, payload)
                     reader, _ = await start_execute(channel, digest)
                     await asyncio.wait_for(reader, 60)
-            samples = await asyncio.to_thread(scrape, metrics_port)
+
+            async def idle():
+                # The client hears of the result before the worker's report call returns
+                # and the action leaves its running set: wait for that, not for a time.
+                samples = await asyncio.to_thread(scrape, metrics_port)
+                return samples if total(samples, "expbuild_worker_running_actions") == 0 else None
+
+            samples = await wait_until(idle, what="the worker to finish reporting")
         finally:
             assert worker.stop() == 0, worker.log()
     # The first action fetched its input root (the root Directory and input.txt) into the
