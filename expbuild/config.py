@@ -179,6 +179,9 @@ class WorkerSettings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    # Prometheus /metrics of `expbuild worker daemon`, e.g. "0.0.0.0:9465"; empty (the
+    # default, as several workers may share a host): no endpoint.
+    metrics_address: str = ""
     # TLS (grpcs:// server_url): CA file to trust; tls_cert/tls_key: this worker's client
     # certificate for mutual TLS.
     tls_ca: str = ""
@@ -276,6 +279,11 @@ def grpc_target(url: str, key: str) -> str:
         return f"{prefix}{host}:{parsed.port}"
     parse_address(text, key)
     return text
+
+
+def parse_duration(value: Any, key: str) -> timedelta:
+    """A positive duration: seconds, or "500ms", "30s", "5m", "1h", "7d"; the error names `key`."""
+    return _duration(value, key)
 
 
 def _duration(value: Any, key: str) -> timedelta:
@@ -579,6 +587,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
     if cas_url:
         grpc_target(cas_url, "worker.cas_url")
     heartbeat = w.get("heartbeat_interval")
+    worker_metrics = str(_get(w, "metrics_address", WorkerSettings.metrics_address))
+    if worker_metrics:
+        parse_address(worker_metrics, "worker.metrics_address")
     worker = WorkerSettings(
         server_url=server_url,
         cas_url=cas_url,
@@ -592,6 +603,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
+        metrics_address=worker_metrics,
         tls_ca=str(_get(w, "tls_ca", "")),
         tls_cert=str(_get(w, "tls_cert", "")),
         tls_key=str(_get(w, "tls_key", "")),

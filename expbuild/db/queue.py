@@ -56,6 +56,18 @@ class LeasedTask:
 
 
 @dataclass(frozen=True)
+class CompletedTask:
+    """When a task that just finished was queued, leased (last) and completed."""
+
+    task_id: int
+    instance_name: str
+    platform: PlatformSpec
+    queued_at: datetime
+    leased_at: datetime
+    completed_at: datetime
+
+
+@dataclass(frozen=True)
 class ReapedTask:
     task_id: int
     state: str  # 'queued' again, or 'failed' after max_attempts
@@ -166,7 +178,7 @@ async def complete_task(
     response: bytes,
     cache_result: bytes | None,
     detail: dict[str, Any] | None = None,
-) -> None:
+) -> CompletedTask:
     """Store the worker's ExecuteResponse; put `cache_result` in the action cache if given.
 
     Raises `Aborted` (and changes nothing) unless `lease_token` is the task's current lease.
@@ -183,6 +195,14 @@ async def complete_task(
     )
     if row is None:
         raise await _refusal(db, task_id, worker_id, "complete")
+    return CompletedTask(
+        task_id=row["id"],
+        instance_name=row["instance_name"],
+        platform=row["platform"],
+        queued_at=row["queued_at"],
+        leased_at=row["leased_at"],
+        completed_at=row["completed_at"],
+    )
 
 
 async def release_task(

@@ -14,6 +14,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.scheduling.cached_results import lookup_cached_result, store_client_result
 from expbuild.server.instances import InstanceNames
+from expbuild.server.metrics import ACTION_CACHE_LOOKUPS
 from expbuild.server.status import rpc
 
 
@@ -38,6 +39,7 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         check_digest_function(request.digest_function)
         digest = digest_field(request.action_digest, "action_digest")
         result = await lookup_cached_result(self.pool, self.store, instance, digest)
+        ACTION_CACHE_LOOKUPS.labels("GetActionResult", "miss" if result is None else "hit").inc()
         if result is None:
             raise NotFound(f"no action result for {digest}")
         await inline_outputs(

@@ -20,7 +20,7 @@ from expbuild.scheduling.operations import OperationTracker
 from expbuild.scheduling.submission import Inline, inline_into, submit_action
 from expbuild.server.convert import operation, to_operation
 from expbuild.server.instances import InstanceNames
-from expbuild.server.metrics import EXECUTE_REQUESTS
+from expbuild.server.metrics import ACTION_CACHE_LOOKUPS, EXECUTE_REQUESTS
 from expbuild.server.status import rpc
 
 Stage = re_pb2.ExecutionStage
@@ -62,6 +62,9 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             inline=inline,
         )
         EXECUTE_REQUESTS.labels(submitted.outcome).inc()
+        if not request.skip_cache_lookup:
+            hit = submitted.cached is not None
+            ACTION_CACHE_LOOKUPS.labels("Execute", "hit" if hit else "miss").inc()
         name, digest = submitted.operation_name, submitted.action_digest
         # Each stage is reported once the operation exists in the database, so a client
         # may switch to WaitExecution (on any replica) from the first message on.

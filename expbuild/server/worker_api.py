@@ -20,6 +20,7 @@ from expbuild.scheduling import results, workers
 from expbuild.scheduling.actions import checked_duration
 from expbuild.scheduling.leases import Assignment, LeaseDispatcher
 from expbuild.scheduling.task_names import parse_task_name, task_name
+from expbuild.server import metrics
 from expbuild.server.convert import duration, timestamp
 from expbuild.server.metrics import LEASE_ATTEMPTS, TASK_COMPLETIONS
 from expbuild.server.status import rpc
@@ -93,7 +94,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def CompleteTask(
         self, request: worker_pb2.CompleteTaskRequest, context: grpc.aio.ServicerContext
     ):
-        succeeded = await results.accept_result(
+        accepted = await results.accept_result(
             self.pool,
             current_principal(),
             workers.require_worker_id(request.worker_id),
@@ -101,7 +102,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             request.lease_token,
             request.response,
         )
-        TASK_COMPLETIONS.labels("succeeded" if succeeded else "failed").inc()
+        TASK_COMPLETIONS.labels("succeeded" if accepted.succeeded else "failed").inc()
+        done = accepted.task
+        metrics.observe_finished_task(
+            done.platform, done.instance_name, done.queued_at, done.leased_at, done.completed_at
+        )
         return worker_pb2.CompleteTaskResponse()
 
     @rpc
@@ -116,6 +121,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             request.lease_token,
             request.reason,
         )
+        metrics.TASK_REQUEUES.labels("released").inc()
         return worker_pb2.ReleaseTaskResponse()
 
     @rpc

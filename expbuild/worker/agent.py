@@ -34,6 +34,7 @@ from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.reapi.platforms import platform_message, platform_summary
+from expbuild.worker import metrics
 from expbuild.worker.blob_cache import open_blob_cache
 from expbuild.worker.execution import Executor
 from expbuild.worker.executor import make_executor
@@ -395,6 +396,7 @@ class WorkerAgent:
     async def _serve(
         self, runner: TaskRunner, task: worker_pb2.Task, running: _RunningTask
     ) -> None:
+        metrics.RUNNING_ACTIONS.inc()
         try:
             try:
                 response = await runner.run(task)
@@ -414,6 +416,7 @@ class WorkerAgent:
         except Exception:
             log.exception("Task %s: unexpected error while serving it", task.task_id)
         finally:
+            metrics.RUNNING_ACTIONS.dec()
             self._running.pop(task.task_id, None)
             self._wakeup.set()
 

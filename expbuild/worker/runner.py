@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
 from expbuild.reapi.platforms import platform_spec, requested_platform
 from expbuild.reapi.status import to_status
+from expbuild.worker import metrics
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
@@ -89,19 +90,29 @@ class TaskRunner:
         metadata: re_pb2.ExecutedActionMetadata,
     ) -> re_pb2.ExecuteResponse:
         """The stages, each timed into `metadata`: inputs, execution, outputs."""
+        cache_before = replace(self.blob_cache.stats) if self.blob_cache else None
         with _timed(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp):
             try:
-                directory = await prepare_inputs(
-                    cas,
-                    task,
-                    action_path,
-                    self.blob_cache,
-                    self.executor.user,
-                    self.max_directory_size,
-                )
+                with metrics.INPUT_FETCH.time():
+                    directory = await prepare_inputs(
+                        cas,
+                        task,
+                        action_path,
+                        self.blob_cache,
+                        self.executor.user,
+                        self.max_directory_size,
+                    )
             except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
                 log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
                 return failure_response(exc)
+            finally:
+                if self.blob_cache is not None:
+                    after = self.blob_cache.stats
+                    metrics.record_input_cache(
+                        after.hits - cache_before.hits,
+                        after.fetched_blobs - cache_before.fetched_blobs,
+                        after.fetched_bytes - cache_before.fetched_bytes,
+                    )
         timeout = capped_timeout(task_timeout(task), self.limits)
         outcome = await self._execute(task, directory, action_path.name, timeout)
         metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
@@ -119,6 +130,7 @@ class TaskRunner:
     ) -> ExecutionOutcome:
         command = task.command
         log.info("Executing command: %s", json.dumps(list(command.arguments)))
+        asked_at = datetime.now(UTC)
         outcome = await self.executor.execute(
             ExecutionRequest(
                 arguments=list(command.arguments),
@@ -133,6 +145,9 @@ class TaskRunner:
                 ),
                 name=name,
             )
+        )
+        metrics.BACKEND_LAUNCH.labels(type(self.executor).__name__).observe(
+            max((outcome.started_at - asked_at).total_seconds(), 0.0)
         )
         if outcome.timed_out:
             log.warning("Command timed out after %gs (exit code %d)", timeout, outcome.exit_code)
