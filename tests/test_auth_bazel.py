@@ -144,6 +144,7 @@ def secured_cluster(request, bazel_exe, postgres_admin_url, tmp_path_factory):
                 **base_env,
                 "EXPBUILD_WORKER__MAX_CONCURRENT_TASKS": "8",
                 "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(folder / "work"),
+                "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
                 **({"EXPBUILD_WORKER__TLS_CA": str(ca.pem)} if tls else {}),
                 "EXPBUILD_WORKER__TOKEN_FILE": str(worker_token),
             },

@@ -126,6 +126,7 @@ def test_the_local_backend_serves_tokens_with_its_own_workers(database_url, tmp_
 
     env = server_env(database_url, tmp_path)
     env["EXPBUILD_WORKER__BACKEND__WORK_DIR"] = str(tmp_path / "work")
+    env["EXPBUILD_WORKER__BACKEND__RUN_AS"] = "root"  # pytest's tmp tree is root's alone
     env["EXPBUILD_AUTH__MODE"] = "tokens"
     server = start(
         "server-local-tokens",
