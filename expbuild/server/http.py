@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import prometheus_client
 from aiohttp import web
+from multidict import MultiDict
 
 from expbuild.config import ConfigError
 from expbuild.server import status_page
@@ -49,7 +50,7 @@ def _access_middleware(may_read: ReadAccess):
         if "token" in request.query:
             # Browser login: keep the token in a cookie, and out of the address bar,
             # history and Referer headers.
-            query = request.query.copy()
+            query = MultiDict(request.query)
             del query["token"]
             location = request.rel_url.with_query(query)
             response = web.HTTPSeeOther(location=str(location))

@@ -106,9 +106,10 @@ QUEUE_DEPTH = Gauge(
 
 def platform_label(platform: Mapping[str, Sequence[str]] | str) -> str:
     """A platform requirement as one label value: `Arch=x86_64,OSFamily=Linux`."""
-    if isinstance(platform, str):
-        platform = json.loads(platform)
-    return ",".join(f"{name}={'|'.join(platform[name])}" for name in sorted(platform))
+    spec: Mapping[str, Sequence[str]] = (
+        json.loads(platform) if isinstance(platform, str) else platform
+    )
+    return ",".join(f"{name}={'|'.join(spec[name])}" for name in sorted(spec))
 
 
 def observe_finished_task(

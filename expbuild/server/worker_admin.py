@@ -15,7 +15,7 @@ from expbuild.db.workers import WorkerRecord
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
-from expbuild.scheduling.platforms import platform_spec
+from expbuild.reapi.platforms import platform_spec
 from expbuild.server.convert import timestamp
 from expbuild.server.status import rpc
 from expbuild.text import check_no_nul
@@ -67,9 +67,9 @@ def task_info(task: tasks.TaskSummary) -> worker_pb2.TaskInfo:
         error=task.error or "",
     )
     if task.leased_at is not None:
-        info.leased_at.CopyFrom(timestamp(task.leased_at))
+        info.leased_at.FromDatetime(task.leased_at)
     if task.completed_at is not None:
-        info.completed_at.CopyFrom(timestamp(task.completed_at))
+        info.completed_at.FromDatetime(task.completed_at)
     return info
 
 

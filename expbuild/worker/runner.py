@@ -133,7 +133,7 @@ class TaskRunner:
                 log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
                 return failure_response(exc)
             finally:
-                if self.blob_cache is not None:
+                if self.blob_cache is not None and cache_before is not None:
                     after = self.blob_cache.stats
                     metrics.record_input_cache(
                         after.hits - cache_before.hits,
