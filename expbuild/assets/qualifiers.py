@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from expbuild.errors import InvalidArgument
 from expbuild.text import check_no_nul, quoted
@@ -25,6 +26,12 @@ CHECKSUM_SRI = "checksum.sri"
 CANONICAL_ID = "bazel.canonical_id"
 HTTP_HEADER_PREFIX = "http_header:"
 _SRI_ALGORITHMS = {"sha256": 32, "sha384": 48, "sha512": 64}
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,10 @@ class Qualifiers:
     def checksum_sri(self) -> str | None:
         return self.values.get(CHECKSUM_SRI)
 
-    def hashers(self) -> dict[str, object]:
+    def hashers(self) -> dict[str, Hasher]:
         return {c.algorithm: hashlib.new(c.algorithm) for c in self.checksums}
 
-    def mismatch(self, hashers: dict) -> str | None:
+    def mismatch(self, hashers: dict[str, Hasher]) -> str | None:
         """None if every checksum matches the hashed content, else what was got instead."""
         for checksum in self.checksums:
             got = hashers[checksum.algorithm].digest()

@@ -15,6 +15,7 @@ and a failed splice leaves nothing behind. Blocking: run both in a thread.
 from __future__ import annotations
 
 import os
+from typing import Final
 
 from pyfastcdc import FastCDC
 
@@ -24,7 +25,7 @@ from expbuild.digest import EMPTY, Digest, digest_of, new_hasher
 from expbuild.errors import InvalidArgument, NotFound
 
 AVERAGE_CHUNK = 512 * 1024
-NORMALIZATION = 2
+NORMALIZATION: Final = 2
 
 
 def split_blob(store: FileStore, digest: Digest) -> list[Digest]:

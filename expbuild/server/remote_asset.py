@@ -21,9 +21,10 @@ from expbuild.errors import ExpBuildError, InvalidArgument
 from expbuild.proto import remote_asset_pb2 as ra_pb2
 from expbuild.proto import remote_asset_pb2_grpc as ra_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import ok_status, to_status
 from expbuild.scheduling.actions import checked_duration
 from expbuild.server.instances import InstanceNames
-from expbuild.server.status import ok_status, rpc, rpc_status
+from expbuild.server.status import rpc
 from expbuild.text import check_no_nul
 
 REQUEST_METADATA_KEY = "build.bazel.remote.execution.v2.requestmetadata-bin"
@@ -108,7 +109,7 @@ class FetchServicer(ra_grpc.FetchServicer):
         try:
             got = await self._catalog.fetch(fetch, caller_of(context))
         except ExpBuildError as exc:
-            return ra_pb2.FetchBlobResponse(status=rpc_status(exc))
+            return ra_pb2.FetchBlobResponse(status=to_status(exc))
         return ra_pb2.FetchBlobResponse(
             status=ok_status(),
             uri=got.uri,
@@ -124,7 +125,7 @@ class FetchServicer(ra_grpc.FetchServicer):
         try:
             got = await self._catalog.fetch(fetch, caller_of(context))
         except ExpBuildError as exc:
-            return ra_pb2.FetchDirectoryResponse(status=rpc_status(exc))
+            return ra_pb2.FetchDirectoryResponse(status=to_status(exc))
         return ra_pb2.FetchDirectoryResponse(
             status=ok_status(),
             uri=got.uri,
