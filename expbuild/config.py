@@ -116,6 +116,16 @@ class CasSettings:
     eviction_interval: timedelta = timedelta(seconds=60)
 
 
+@dataclass(frozen=True)
+class AssetSettings:
+    """The Remote Asset API's downloads (FetchBlob)."""
+
+    # Largest body a download may have; a larger one is refused (RESOURCE_EXHAUSTED).
+    max_download_size: int = 2 * 1024**3
+    # A download's time limit when the request sets none, and the most a request may ask.
+    download_timeout: timedelta = timedelta(minutes=10)
+
+
 # Host directories a "workdir"-mode sandbox sees read-only when none are configured.
 DEFAULT_RO_BINDS = ("/usr", "/bin", "/lib", "/lib64", "/etc/alternatives")
 
@@ -212,6 +222,7 @@ class Settings:
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     cas: CasSettings = field(default_factory=CasSettings)
+    asset: AssetSettings = field(default_factory=AssetSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     source: str = "defaults"
@@ -446,6 +457,7 @@ SECTIONS: dict[str, type | None] = {
     "execution": ExecutionSettings,
     "database": DatabaseSettings,
     "cas": CasSettings,
+    "asset": AssetSettings,
     "auth": AuthSettings,
     "worker": WorkerSettings,
     "worker.backend": BackendSettings,
@@ -564,6 +576,11 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         max_size=cas_field("max_size", _size_or_off, CasSettings()),
         eviction_interval=cas_field("eviction_interval", _duration, CasSettings()),
     )
+    asset_field = _reader(_section(raw, "asset"), "asset")
+    asset = AssetSettings(
+        max_download_size=asset_field("max_download_size", _size, AssetSettings()),
+        download_timeout=asset_field("download_timeout", _duration, AssetSettings()),
+    )
 
     b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
     ro_binds = b.get("ro_binds")
@@ -615,6 +632,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         execution=execution,
         database=database,
         cas=cas,
+        asset=asset,
         worker=worker,
         auth=auth,
         source=source,

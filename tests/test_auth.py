@@ -79,11 +79,11 @@ async def task_count(app) -> int:
 
 
 def test_every_served_method_needs_a_listed_scope():
-    from expbuild.proto import remote_execution_pb2, worker_pb2
+    from expbuild.proto import remote_asset_pb2, remote_execution_pb2, worker_pb2
 
     methods = [
         f"/{service.full_name}/{method.name}"
-        for module in (remote_execution_pb2, worker_pb2, bytestream_pb2)
+        for module in (remote_execution_pb2, worker_pb2, bytestream_pb2, remote_asset_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     ]

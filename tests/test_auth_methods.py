@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from expbuild.auth.scopes import ADMIN, ANY_TOKEN, METHOD_SCOPES, OPEN, SCOPES
-from expbuild.proto import bytestream_pb2, worker_pb2
+from expbuild.proto import bytestream_pb2, remote_asset_pb2, worker_pb2
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from tests.secured import make_token, secured_settings
 from tests.serving import running_server
@@ -22,7 +22,7 @@ def _methods() -> list[tuple[str, bool, bool]]:
     from google.longrunning import operations_pb2
 
     found = []
-    for module in (re_pb2, worker_pb2, bytestream_pb2, operations_pb2):
+    for module in (re_pb2, worker_pb2, bytestream_pb2, remote_asset_pb2, operations_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 found.append(

@@ -10,7 +10,7 @@ import pytest
 
 from expbuild.proto import generate as gen
 
-PROTO_MODULES = ["bytestream", "remote_execution", "semver", "worker"]
+PROTO_MODULES = ["bytestream", "remote_asset", "remote_execution", "semver", "worker"]
 
 # proto module -> {service full name: sorted method names}
 EXPECTED_SERVICES = {
@@ -26,6 +26,10 @@ EXPECTED_SERVICES = {
             "SplitBlob",
         ],
         "build.bazel.remote.execution.v2.Capabilities": ["GetCapabilities"],
+    },
+    "remote_asset": {
+        "build.bazel.remote.asset.v1.Fetch": ["FetchBlob", "FetchDirectory"],
+        "build.bazel.remote.asset.v1.Push": ["PushBlob", "PushDirectory"],
     },
     "bytestream": {
         "google.bytestream.ByteStream": ["QueryWriteStatus", "Read", "Write"],

@@ -23,6 +23,7 @@ OPEN = "open"
 
 _REAPI = "build.bazel.remote.execution.v2"
 _WORKER = "expbuild.worker.v1"
+_ASSET = "build.bazel.remote.asset.v1"
 METHOD_SCOPES: dict[str, str] = {
     f"/{_REAPI}.Execution/Execute": EXECUTE,
     f"/{_REAPI}.Execution/WaitExecution": EXECUTE,
@@ -35,6 +36,12 @@ METHOD_SCOPES: dict[str, str] = {
     f"/{_REAPI}.ContentAddressableStorage/BatchUpdateBlobs": CAS_WRITE,
     f"/{_REAPI}.ContentAddressableStorage/SpliceBlob": CAS_WRITE,
     f"/{_REAPI}.Capabilities/GetCapabilities": ANY_TOKEN,
+    # A fetch is a read by name; a download it causes also needs cas:write, checked inside
+    # (expbuild/assets/catalog.py). A push changes what everyone's fetches answer.
+    f"/{_ASSET}.Fetch/FetchBlob": CAS_READ,
+    f"/{_ASSET}.Fetch/FetchDirectory": CAS_READ,
+    f"/{_ASSET}.Push/PushBlob": CAS_WRITE,
+    f"/{_ASSET}.Push/PushDirectory": CAS_WRITE,
     "/google.bytestream.ByteStream/Read": CAS_READ,
     "/google.bytestream.ByteStream/Write": CAS_WRITE,
     "/google.bytestream.ByteStream/QueryWriteStatus": CAS_WRITE,

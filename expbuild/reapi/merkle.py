@@ -18,6 +18,7 @@ from typing import Protocol
 
 from expbuild.digest import Digest, digest_of, digest_of_file
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.node_properties import node_properties
 
 
 def serialize(message: re_pb2.Directory | re_pb2.Tree) -> bytes:
@@ -56,6 +57,8 @@ class DirectoryContents:
     files: dict[str, re_pb2.FileNode] = field(default_factory=dict)
     directories: dict[str, DirectoryContents] = field(default_factory=dict)
     symlinks: dict[str, re_pb2.SymlinkNode] = field(default_factory=dict)
+    # Set only when node properties are asked for (Command.output_node_properties).
+    properties: re_pb2.NodeProperties | None = None
 
     def has(self, name: str) -> bool:
         return name in self.files or name in self.directories or name in self.symlinks
@@ -68,18 +71,31 @@ class TreeBuilder:
     Reads and hashes every file: call it from a thread in async code.
     """
 
-    def __init__(self, rules: EntryRules) -> None:
+    def __init__(self, rules: EntryRules, wanted_properties: frozenset[str] = frozenset()) -> None:
         self.rules = rules
+        # Node properties to record on every node (`mtime`, `unix_mode`); none by default,
+        # so that input roots hash the same on every machine.
+        self.wanted_properties = wanted_properties
         self.files: dict[Digest, Path] = {}
         # Every Directory closed so far, children before their parents.
         self.directories: dict[Digest, re_pb2.Directory] = {}
 
-    def file_node(self, name: str, path: Path, mode: int) -> re_pb2.FileNode:
+    def file_node(
+        self, name: str, path: Path, mode: int, st: os.stat_result | None = None
+    ) -> re_pb2.FileNode:
         digest = digest_of_file(path)
         self.files.setdefault(digest, path)
         return re_pb2.FileNode(
-            name=name, digest=digest.to_proto(), is_executable=is_executable(mode)
+            name=name,
+            digest=digest.to_proto(),
+            is_executable=is_executable(mode),
+            node_properties=self._properties(st),
         )
+
+    def _properties(self, st: os.stat_result | None) -> re_pb2.NodeProperties | None:
+        if st is None or not self.wanted_properties:
+            return None
+        return node_properties(st, self.wanted_properties)
 
     def scan(self, path: Path, into: DirectoryContents) -> None:
         """Add the contents of local directory `path` to `into`, recursively."""
@@ -89,15 +105,18 @@ class TreeBuilder:
             name = self.rules.name(entry.name, entry.path)
             if into.has(name):
                 raise self.rules.collision(entry.path)
-            mode = entry.stat(follow_symlinks=False).st_mode
+            st = entry.stat(follow_symlinks=False)
+            mode = st.st_mode
             if stat.S_ISLNK(mode):
                 target = self.rules.symlink_target(entry.path)
-                into.symlinks[name] = re_pb2.SymlinkNode(name=name, target=target)
+                into.symlinks[name] = re_pb2.SymlinkNode(
+                    name=name, target=target, node_properties=self._properties(st)
+                )
             elif stat.S_ISDIR(mode):
-                sub = into.directories[name] = DirectoryContents()
+                sub = into.directories[name] = DirectoryContents(properties=self._properties(st))
                 self.scan(Path(entry.path), sub)
             elif stat.S_ISREG(mode):
-                into.files[name] = self.file_node(name, Path(entry.path), mode)
+                into.files[name] = self.file_node(name, Path(entry.path), mode, st)
             else:
                 raise self.rules.unsupported(entry.path, mode)
 
@@ -113,6 +132,7 @@ class TreeBuilder:
                 for n in sorted(contents.directories)
             ],
             symlinks=[contents.symlinks[n] for n in sorted(contents.symlinks)],
+            node_properties=contents.properties,
         )
         digest = digest_of(serialize(message))
         self.directories.setdefault(digest, message)
@@ -120,6 +140,6 @@ class TreeBuilder:
 
     def read(self, path: Path) -> tuple[Digest, re_pb2.Directory]:
         """The Directory of local directory `path` itself (see `scan` and `close`)."""
-        contents = DirectoryContents()
+        contents = DirectoryContents(properties=self._properties(os.lstat(path)))
         self.scan(path, contents)
         return self.close(contents)

@@ -13,6 +13,7 @@ from expbuild.cas.store import FileStore
 from expbuild.digest import Digest, digest_field
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.node_properties import check_output_node_properties
 from expbuild.reapi.platforms import PlatformSpec, platform_spec, requested_platform
 from expbuild.reapi.status import blob_subject, missing_blob
 from expbuild.text import quoted
@@ -133,6 +134,7 @@ def check_command(command: re_pb2.Command) -> None:
             raise InvalidArgument(f"{where}: a name cannot contain '='")
         if "\x00" in variable.name or "\x00" in variable.value:
             raise InvalidArgument(f"{where} contains a NUL character")
+    check_output_node_properties(command.output_node_properties)
     working_directory = _relative_path(
         command.working_directory, "command.working_directory", may_be_empty=True
     )

@@ -19,6 +19,7 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from expbuild.assets.catalog import AssetCatalog
 from expbuild.auth.exposure import check_exposure
 from expbuild.auth.interceptor import WORKER_CERTIFICATE_SCOPES, AuthInterceptor
 from expbuild.auth.principal import Principal
@@ -34,6 +35,8 @@ from expbuild.db.migrate import migrate
 from expbuild.db.notifications import Notifications
 from expbuild.db.pool import create_pool
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
+from expbuild.proto import remote_asset_pb2 as ra_pb2
+from expbuild.proto import remote_asset_pb2_grpc as ra_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.scheduling.operations import OperationTracker
@@ -47,6 +50,7 @@ from expbuild.server.decoding import DecodingInterceptor
 from expbuild.server.execution import ExecutionServicer
 from expbuild.server.instances import InstanceNames
 from expbuild.server.operations import OperationsServicer
+from expbuild.server.remote_asset import FetchServicer, PushServicer
 from expbuild.server.worker_admin import WorkerAdminServicer
 from expbuild.server.worker_api import WorkerServicer
 
@@ -61,6 +65,8 @@ SERVICE_NAMES = (
     re_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name,
     re_pb2.DESCRIPTOR.services_by_name["Capabilities"].full_name,
     bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name,
+    ra_pb2.DESCRIPTOR.services_by_name["Fetch"].full_name,
+    ra_pb2.DESCRIPTOR.services_by_name["Push"].full_name,
     worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     worker_pb2.DESCRIPTOR.services_by_name["WorkerAdminService"].full_name,
     "google.longrunning.Operations",
@@ -154,6 +160,9 @@ class ServerApp:
         re_grpc.add_ExecutionServicer_to_server(execution, server)
         re_grpc.add_ActionCacheServicer_to_server(action_cache, server)
         storage(server)
+        catalog = AssetCatalog(self.pool, self.store, settings.asset)
+        ra_grpc.add_FetchServicer_to_server(FetchServicer(catalog, instances), server)
+        ra_grpc.add_PushServicer_to_server(PushServicer(catalog, instances), server)
         if not separate_workers:
             worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker_api, server)
         worker_pb2_grpc.add_WorkerAdminServiceServicer_to_server(

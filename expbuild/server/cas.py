@@ -1,12 +1,13 @@
 """ContentAddressableStorage: FindMissingBlobs, the batch calls and GetTree over a `FileStore`.
 
 A thin adapter: it validates and translates messages; storing, reading, verifying and
-(de)compressing blobs is `expbuild.cas.store`'s job. SplitBlob and SpliceBlob are not
-offered (the capabilities say so) and answer UNIMPLEMENTED.
+(de)compressing blobs is `expbuild.cas.store`'s job; splitting and splicing
+`expbuild.cas.chunking`'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import errno
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from expbuild.cas.chunking import splice_blob, split_blob
 from expbuild.cas.store import FileStore
 from expbuild.digest import Digest, check_digest_function, digest_field
 from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -180,6 +182,38 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
                 CAS_BLOBS_READ.labels("BatchReadBlobs").inc()
                 CAS_BYTES_READ.labels("BatchReadBlobs").inc(len(result))
         return re_pb2.BatchReadBlobsResponse(responses=responses)
+
+    @rpc
+    async def SplitBlob(self, request, context):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        digest = digest_field(request.blob_digest, "blob_digest")
+        chunks = await asyncio.to_thread(split_blob, self._store, digest)
+        # The chunking is this server's own choice (see expbuild.cas.chunking).
+        return re_pb2.SplitBlobResponse(
+            chunk_digests=[c.to_proto() for c in chunks],
+            chunking_function=re_pb2.ChunkingFunction.UNKNOWN,
+        )
+
+    @rpc
+    async def SpliceBlob(self, request, context):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        if not request.HasField("blob_digest"):
+            raise InvalidArgument("blob_digest is not set; SpliceBlob needs the expected digest")
+        digest = digest_field(request.blob_digest, "blob_digest")
+        chunks = [
+            digest_field(d, f"chunk_digests[{i}]") for i, d in enumerate(request.chunk_digests)
+        ]
+        # Whatever chunking_function the client used, the check is the same: the chunks
+        # must concatenate to blob_digest.
+        try:
+            spliced = await asyncio.to_thread(splice_blob, self._store, digest, chunks)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"no disk space left to splice blob {digest}") from None
+            raise
+        return re_pb2.SpliceBlobResponse(blob_digest=spliced.to_proto())
 
     @rpc
     async def GetTree(self, request: re_pb2.GetTreeRequest, context: grpc.aio.ServicerContext):

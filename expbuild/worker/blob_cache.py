@@ -46,6 +46,7 @@ from expbuild.client.cas import CasClient
 from expbuild.client.tree import download_files
 from expbuild.config import ConfigError
 from expbuild.digest import Digest, digest_of_file, new_hasher
+from expbuild.worker import action_log
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,7 @@ class BlobCache:
                             del pending[key]
                             self._entries.move_to_end(key)
                             self.stats.hits += 1
+                            action_log.count_cache_hits(1)
                 if claimed:
                     outcomes = await self._fill(cas, claimed)
                     for key, outcome in outcomes.items():
@@ -455,6 +457,7 @@ class BlobCache:
                 self._total += size
                 self.stats.fetched_blobs += 1
                 self.stats.fetched_bytes += size
+                action_log.count_cache_fetch(size)
                 outcomes[key] = _Outcome.READY
             return outcomes
         finally:

@@ -6,6 +6,8 @@ as paths, Tree/Directory messages as bytes). The caller uploads the blobs; only 
 that upload succeeds may the result be reported.
 
 Rules (REAPI v2):
+- Command.output_node_properties (v2.1) `mtime` / `unix_mode` are set on every output
+  node (files, symlinks, and the nodes and Directory messages of output directories).
 - Command.output_paths (v2.1) wins over output_files/output_directories (v2.0).
 - Paths are relative to the working directory; a missing output is simply absent.
 - A symlink at an output path is reported as a symlink with its target text, never
@@ -26,6 +28,7 @@ from expbuild.digest import Digest, digest_of, digest_of_file
 from expbuild.errors import FailedPrecondition, InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.reapi.merkle import TreeBuilder, is_executable, serialize
+from expbuild.reapi.node_properties import node_properties
 from expbuild.worker.paths import check_inside, join_inside
 
 _CHUNK = 1024 * 1024
@@ -51,6 +54,11 @@ class CollectedOutputs:
     result: re_pb2.ActionResult = field(default_factory=re_pb2.ActionResult)
     # Every non-empty blob the result names (the empty blob is always present in a CAS).
     blobs: dict[Digest, Blob] = field(default_factory=dict)
+    # Command.output_node_properties (v2.1): what to report on every output node.
+    wanted_properties: frozenset[str] = frozenset()
+
+    def properties(self, st: os.stat_result) -> re_pb2.NodeProperties | None:
+        return node_properties(st, self.wanted_properties)
 
     def add_blob(self, digest: Digest, content: Blob) -> None:
         if not digest.is_empty:
@@ -98,18 +106,23 @@ def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutpu
     """Read the declared outputs of a finished action (blocking; run it in a thread)."""
     workdir = working_directory(command, input_root)
     tree_format = command.output_directory_format
-    collected = CollectedOutputs()
+    collected = CollectedOutputs(wanted_properties=frozenset(command.output_node_properties))
     result = collected.result
     for output in declared_outputs(command):
         what = f"{output.kind.value} {output.path!r}"
         path = join_inside(workdir, output.path, output.kind.value)
         check_inside(input_root, path, output.kind.value)
         try:
-            mode = os.lstat(path).st_mode
+            st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             continue  # REAPI: outputs the action did not produce are omitted
+        mode = st.st_mode
         if stat.S_ISLNK(mode):
-            symlink = re_pb2.OutputSymlink(path=output.path, target=_symlink_target(path, what))
+            symlink = re_pb2.OutputSymlink(
+                path=output.path,
+                target=_symlink_target(path, what),
+                node_properties=collected.properties(st),
+            )
             {
                 OutputKind.ANY: result.output_symlinks,
                 OutputKind.FILE: result.output_file_symlinks,
@@ -122,7 +135,10 @@ def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutpu
             collected.add_blob(digest, path)
             result.output_files.append(
                 re_pb2.OutputFile(
-                    path=output.path, digest=digest.to_proto(), is_executable=is_executable(mode)
+                    path=output.path,
+                    digest=digest.to_proto(),
+                    is_executable=is_executable(mode),
+                    node_properties=collected.properties(st),
                 )
             )
         elif stat.S_ISDIR(mode):
@@ -199,7 +215,7 @@ def _output_directory(
     declared: str, path: Path, what: str, tree_format: int, collected: CollectedOutputs
 ) -> re_pb2.OutputDirectory:
     """Build the directory's Tree (root plus every distinct descendant) and its blobs."""
-    builder = TreeBuilder(_OutputRules(what, path))
+    builder = TreeBuilder(_OutputRules(what, path), collected.wanted_properties)
     root_digest, root = builder.read(path)
     for digest, file in builder.files.items():
         collected.add_blob(digest, file)

@@ -24,12 +24,13 @@ from google.rpc import code_pb2, status_pb2
 from expbuild import errors
 from expbuild.client.cas import CasClient
 from expbuild.config import BackendSettings, LimitsSettings
-from expbuild.digest import Digest
+from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
 from expbuild.reapi.platforms import platform_spec, requested_platform
 from expbuild.reapi.status import to_status
-from expbuild.worker import metrics
+from expbuild.worker import action_log, metrics
+from expbuild.worker.action_log import LOG_NAME, ActionLog
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
@@ -57,7 +58,33 @@ class TaskRunner:
     max_directory_size: int = BackendSettings.max_directory_size
 
     async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
+        """Run the task; the response carries this action's log as server_logs["worker.log"]."""
+        with action_log.capture(task.task_id) as this_log:
+            response = await self._run(task)
+            if LOG_NAME not in response.server_logs:
+                # Failed before its outputs went up: the log goes on its own.
+                await self._upload_log(task, response, this_log)
+        return response
+
+    async def _upload_log(
+        self, task: worker_pb2.Task, response: re_pb2.ExecuteResponse, this_log: ActionLog
+    ) -> None:
+        _note_status(response)
+        digest, data = _log_blob(this_log)
+        try:
+            cas = await self.cas_for(task.instance_name)
+            await cas.upload({digest: data})
+        except (errors.ExpBuildError, grpc.aio.AioRpcError, OSError) as exc:
+            log.warning("Task %s: its log could not be uploaded: %s", task.task_id, exc)
+            return
+        _attach_log(response, digest)
+
+    async def _run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
         log.info("Starting execution of task %s", task.task_id)
+        action_log.note(
+            f"task {task.task_id} (attempt {task.attempt}) on worker {self.worker_name}: "
+            f"action {Digest.from_proto(task.action_digest)}"
+        )
         metadata = re_pb2.ExecutedActionMetadata(worker=self.worker_name)
         _stamp(metadata.worker_start_timestamp)
         if task.HasField("queued_at"):
@@ -113,6 +140,7 @@ class TaskRunner:
                         after.fetched_blobs - cache_before.fetched_blobs,
                         after.fetched_bytes - cache_before.fetched_bytes,
                     )
+        _note_inputs(metadata)
         timeout = capped_timeout(task_timeout(task), self.limits)
         outcome = await self._execute(task, directory, action_path.name, timeout)
         metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
@@ -120,16 +148,28 @@ class TaskRunner:
         with _timed(
             metadata.output_upload_start_timestamp, metadata.output_upload_completed_timestamp
         ):
-            result, output_error = await self._upload_outputs(cas, task.command, directory, outcome)
+            result, blobs, output_error = await asyncio.to_thread(
+                gather_outputs, task.command, directory, self.limits
+            )
+            result.exit_code = outcome.exit_code
+            response = execute_response(result, outcome, timeout, output_error)
+            # The log goes up with the outputs: one round trip for both.
+            _note_status(response, len(blobs))
+            digest, data = _log_blob(action_log.current())
+            blobs[digest] = data
+            sent = await cas.upload(blobs)
+            log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(blobs), sent)
+            _attach_log(response, digest)
         _stamp(metadata.worker_completed_timestamp)
-        result.execution_metadata.CopyFrom(metadata)
-        return execute_response(result, outcome, timeout, output_error)
+        response.result.execution_metadata.CopyFrom(metadata)
+        return response
 
     async def _execute(
         self, task: worker_pb2.Task, directory: ActionDirectory, name: str, timeout: float | None
     ) -> ExecutionOutcome:
         command = task.command
         log.info("Executing command: %s", json.dumps(list(command.arguments)))
+        action_log.note(_launch_line(self.executor, task, timeout, self.limits))
         asked_at = datetime.now(UTC)
         outcome = await self.executor.execute(
             ExecutionRequest(
@@ -154,23 +194,6 @@ class TaskRunner:
         else:
             log.info("Command exited with code: %d", outcome.exit_code)
         return outcome
-
-    async def _upload_outputs(
-        self,
-        cas: CasClient,
-        command: re_pb2.Command,
-        directory: ActionDirectory,
-        outcome: ExecutionOutcome,
-    ) -> tuple[re_pb2.ActionResult, errors.ExpBuildError | None]:
-        """Collect (in one thread hop: it walks and hashes files) and upload the outputs."""
-        result, blobs, output_error = await asyncio.to_thread(
-            gather_outputs, command, directory, self.limits
-        )
-        result.exit_code = outcome.exit_code
-        if blobs:
-            sent = await cas.upload(blobs)
-            log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(blobs), sent)
-        return result, output_error
 
 
 def gather_outputs(
@@ -226,6 +249,65 @@ def execute_response(
         response.status.code = code_pb2.OK
     response.message = response.status.message
     return response
+
+
+def _launch_line(
+    executor: Executor, task: worker_pb2.Task, timeout: float | None, limits: LimitsSettings
+) -> str:
+    """How the action is started: backend, user, directory, time and resource limits."""
+    command = task.command
+    user = executor.user
+    caps = {
+        "timeout": f"{timeout:g}s" if timeout else "none",
+        "memory": limits.memory,
+        "cpu_time": limits.cpu_time and f"{limits.cpu_time}s",
+        "processes": limits.max_processes,
+        "cpus": limits.cpus,
+        "output": limits.max_output_size,
+    }
+    shown = ", ".join(f"{k}={v}" for k, v in caps.items() if v is not None)
+    return (
+        f"launch: {json.dumps(list(command.arguments))[:500]} with {type(executor).__name__} "
+        f"as {user if user is not None else 'the worker user'} in "
+        f"{command.working_directory or '.'!r}; limits: {shown}"
+    )
+
+
+def _note_inputs(metadata: re_pb2.ExecutedActionMetadata) -> None:
+    this_log = action_log.current()
+    if this_log is None:
+        return
+    took = _seconds(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp)
+    this_log.note(
+        f"inputs ready in {took:.3f}s: {this_log.cache_hits} blob(s) from the worker cache, "
+        f"{this_log.cache_fetched_blobs} fetched ({this_log.cache_fetched_bytes} bytes)"
+    )
+
+
+def _note_status(response: re_pb2.ExecuteResponse, output_blobs: int | None = None) -> None:
+    if output_blobs is not None:
+        action_log.note(
+            f"exit code {response.result.exit_code}; {output_blobs} output blob(s) to upload"
+        )
+    status = response.status
+    if status.code == code_pb2.OK:
+        action_log.note("status: OK")
+    else:
+        action_log.note(f"status: {code_pb2.Code.Name(status.code)}: {status.message}", "WARNING")
+
+
+def _log_blob(this_log: ActionLog | None) -> tuple[Digest, bytes]:
+    data = this_log.text() if this_log is not None else b""
+    return digest_of(data), data
+
+
+def _attach_log(response: re_pb2.ExecuteResponse, digest: Digest) -> None:
+    response.server_logs[LOG_NAME].digest.CopyFrom(digest.to_proto())
+    response.server_logs[LOG_NAME].human_readable = True
+
+
+def _seconds(start, end) -> float:
+    return (end.ToDatetime() - start.ToDatetime()).total_seconds()
 
 
 def task_timeout(task: worker_pb2.Task) -> float | None:
