@@ -3,7 +3,8 @@
 Servicer methods are wrapped with `@rpc`: an `ExpBuildError` raised below becomes the
 matching status with the error's message (and, for FailedPrecondition, the REAPI
 `PreconditionFailure` details); anything else is logged with its traceback and becomes
-INTERNAL, so one bad request never takes the server down.
+INTERNAL, so one bad request never takes the server down. A database outage (asyncpg's
+connection errors, `expbuild.db.outages`) becomes UNAVAILABLE, which clients retry.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
+from expbuild.db.outages import is_database_outage, outage_error
 from expbuild.text import shorten
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,15 @@ def ok_status() -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.OK)
 
 
+def domain_error(error: BaseException) -> BaseException:
+    """`error` itself, or the domain error it stands for (a database outage: Unavailable)."""
+    if not isinstance(error, errors.ExpBuildError) and is_database_outage(error):
+        return outage_error(error)
+    return error
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
+    error = domain_error(error)
     code = grpc_code(error)
     if code == grpc.StatusCode.INTERNAL:
         # The client gets an id to quote; the text (which may hold paths, SQL or the
