@@ -59,7 +59,9 @@ WITH picked AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
 )
-SELECT * FROM leased ORDER BY priority, id;
+-- The NOTIFY tells clients streaming the task that it is now EXECUTING (they do not poll).
+SELECT *, pg_notify('expbuild_task_done', id::text) AS notified
+FROM leased ORDER BY priority, id;
 
 -- name: complete_task
 -- Accept a worker's result only under the current lease. No row back means the token is
@@ -111,6 +113,7 @@ SELECT id, state, worker_id, attempts, lease_token FROM tasks WHERE id = $1;
 WITH expired AS (
     SELECT t.id, t.worker_id,
            CASE WHEN w.id IS NULL THEN 'worker-gone'
+                WHEN w.state = 'offline' AND w.disconnected_at IS NOT NULL THEN 'session-lost'
                 WHEN w.state = 'offline' THEN 'heartbeat-missed'
                 ELSE 'lease-expired' END AS reason
     FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id
