@@ -40,6 +40,9 @@ class ServerSettings:
     heartbeat_interval: timedelta = timedelta(seconds=30)
     # A worker silent this long is marked offline and its leases are requeued.
     worker_offline_timeout: timedelta = timedelta(seconds=90)
+    # A worker whose session stream broke without DeregisterWorker, and that has not
+    # reconnected within this grace, is taken for dead and its leases are requeued.
+    worker_disconnect_grace: timedelta = timedelta(seconds=5)
     # Longest time a PollTasks call waits for work before answering empty.
     poll_timeout: timedelta = timedelta(seconds=30)
     # How often each replica runs the reaper.
@@ -466,6 +469,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         lease_duration=srv("lease_duration", _duration, defaults_server),
         heartbeat_interval=srv("heartbeat_interval", _duration, defaults_server),
         worker_offline_timeout=srv("worker_offline_timeout", _duration, defaults_server),
+        worker_disconnect_grace=srv("worker_disconnect_grace", _duration, defaults_server),
         poll_timeout=srv("poll_timeout", _duration, defaults_server),
         reap_interval=srv("reap_interval", _duration, defaults_server),
         max_attempts=srv("max_attempts", _positive_int, defaults_server),

@@ -17,6 +17,7 @@ from expbuild.scheduling import results, workers
 from expbuild.scheduling.actions import checked_duration
 from expbuild.scheduling.leases import Assignment, LeaseDispatcher
 from expbuild.scheduling.platforms import platform_spec
+from expbuild.scheduling.sessions import WorkerSessions
 from expbuild.scheduling.task_names import parse_task_name, task_name
 from expbuild.server.convert import duration, timestamp
 from expbuild.server.metrics import LEASE_ATTEMPTS, TASK_COMPLETIONS
@@ -30,10 +31,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         store: FileStore,
         notifications: Notifications,
         settings: ServerSettings,
+        sessions: WorkerSessions,
     ):
         self.pool = pool
         self.settings = settings
         self.leases = LeaseDispatcher(pool, store, notifications, settings)
+        self.sessions = sessions
 
     @rpc
     async def RegisterWorker(self, request: worker_pb2.RegisterWorkerRequest, context):
@@ -102,6 +105,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             request.reason,
         )
         return worker_pb2.ReleaseTaskResponse()
+
+    @rpc
+    async def OpenSession(self, request: worker_pb2.OpenSessionRequest, context):
+        async for _ in self.sessions.hold(workers.require_worker_id(request.worker_id)):
+            yield worker_pb2.SessionEvent(opened=True)
 
     @rpc
     async def DeregisterWorker(self, request: worker_pb2.DeregisterWorkerRequest, context):

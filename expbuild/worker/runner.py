@@ -63,6 +63,9 @@ class TaskRunner:
     # Where input files come from when set; None: downloaded for every action.
     blob_cache: BlobCache | None = None
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    # Whether a task's lease may still be valid: while it is, an upload that fails because
+    # the server is away is retried rather than turned into a failed action.
+    still_leased: Callable[[str], bool] = lambda _task_id: False
 
     async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
         log.info("Starting execution of task %s", task.task_id)
@@ -129,7 +132,9 @@ class TaskRunner:
             log.info("Command exited with code: %d", outcome.exit_code)
 
         _stamp(metadata.output_upload_start_timestamp)
-        result, output_error = await self._upload_outputs(cas, command, directory, outcome)
+        result, output_error = await self._upload_outputs(
+            cas, command, directory, outcome, task.task_id
+        )
         _stamp(metadata.output_upload_completed_timestamp)
         _stamp(metadata.worker_completed_timestamp)
         result.execution_metadata.CopyFrom(metadata)
@@ -156,6 +161,7 @@ class TaskRunner:
         command: re_pb2.Command,
         directory: ActionDirectory,
         outcome: ExecutionOutcome,
+        task_id: str,
     ) -> tuple[re_pb2.ActionResult, errors.ExpBuildError | None]:
         """Collect and upload outputs plus stdout/stderr.
 
@@ -188,9 +194,35 @@ class TaskRunner:
             digest = await asyncio.to_thread(file_digest, path)
             collected.add_blob(digest, path)
             digest_field.CopyFrom(digest.to_proto())
-        sent = await cas.upload(collected.blobs)
+        sent = await self._upload_while_leased(cas, collected, task_id)
         log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(collected.blobs), sent)
         return result, output_error
+
+    async def _upload_while_leased(
+        self, cas: CasClient, collected: CollectedOutputs, task_id: str
+    ) -> int:
+        delay = 0.25
+        while True:
+            try:
+                return await cas.upload(collected.blobs)
+            except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
+                if not _server_away(exc) or not self.still_leased(task_id):
+                    raise
+                log.warning(
+                    "Task %s: uploading outputs failed (%s); retrying in %gs",
+                    task_id,
+                    _describe(exc),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _server_away(error: BaseException) -> bool:
+    """An error that says the server is unreachable or restarting, not that we erred."""
+    code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(error, "code", None)
+    away = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return code in away or code in (c.value[0] for c in away)
 
 
 def task_timeout(task: worker_pb2.Task) -> float | None:
