@@ -8,15 +8,12 @@ import asyncio
 import time
 from datetime import timedelta
 
-import asyncpg
 import grpc
 import pytest
 
-from expbuild.db.migrate import migrate
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.proto import worker_pb2, worker_pb2_grpc
-from tests.postgres import LocalPostgres, postgres_bindir
 from tests.serving import running_server, server_settings
 from tests.test_server_execution import (
     channel_to,
@@ -31,25 +28,6 @@ from tests.test_server_execution import (
 Stage = re_pb2.ExecutionStage
 
 
-@pytest.fixture
-async def own_postgres():
-    """A PostgreSQL of this test's own, which it may stop and restart."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        pytest.skip("needs the machine's PostgreSQL binaries (postgresql-15)")
-    cluster = LocalPostgres(bindir)
-    await asyncio.to_thread(cluster.init_and_start)
-    conn = await asyncpg.connect(cluster.url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    try:
-        yield cluster
-    finally:
-        await asyncio.to_thread(cluster.remove)
-
-
 async def lease_one(workers, worker_id: str) -> worker_pb2.Task:
     [task] = (
         await workers.PollTasks(worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1))
@@ -57,14 +35,14 @@ async def lease_one(workers, worker_id: str) -> worker_pb2.Task:
     return task
 
 
-async def test_rpcs_answer_unavailable_while_the_database_is_down(own_postgres, tmp_path):
-    async with running_server(server_settings(tmp_path / "cas"), own_postgres.url) as app:
+async def test_rpcs_answer_unavailable_while_the_database_is_down(restartable_postgres, tmp_path):
+    async with running_server(server_settings(tmp_path / "cas"), restartable_postgres.url) as app:
         digest = await put_action(app.store, do_not_cache=True)
         async with channel_to(app) as channel:
             execution = re_grpc.ExecutionStub(channel)
             workers = worker_pb2_grpc.WorkerServiceStub(channel)
             worker_id = await register(workers)
-            await asyncio.to_thread(own_postgres.stop)
+            await asyncio.to_thread(restartable_postgres.stop)
             calls = {
                 "Execute": lambda: execution.Execute(
                     re_pb2.ExecuteRequest(action_digest=digest.to_proto())
@@ -84,7 +62,7 @@ async def test_rpcs_answer_unavailable_while_the_database_is_down(own_postgres, 
                     await call()
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE, name
                 assert "database is unavailable" in info.value.details(), name
-            await asyncio.to_thread(own_postgres.start)
+            await asyncio.to_thread(restartable_postgres.start)
             # Back without a restart of the server: the pool reconnects on its own.
             stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
             assert stage(await stream.read()) == Stage.CACHE_CHECK
@@ -93,8 +71,8 @@ async def test_rpcs_answer_unavailable_while_the_database_is_down(own_postgres, 
             assert await app.pool.fetchval("SELECT count(*) FROM tasks") == 1
 
 
-async def test_an_execute_stream_rides_out_a_postgres_restart(own_postgres, tmp_path):
-    async with running_server(server_settings(tmp_path / "cas"), own_postgres.url) as app:
+async def test_an_execute_stream_rides_out_a_postgres_restart(restartable_postgres, tmp_path):
+    async with running_server(server_settings(tmp_path / "cas"), restartable_postgres.url) as app:
         digest = await put_action(app.store, do_not_cache=True)
         async with channel_to(app) as channel:
             workers = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -104,7 +82,7 @@ async def test_an_execute_stream_rides_out_a_postgres_restart(own_postgres, tmp_
             )
             while stage(await stream.read()) != Stage.QUEUED:
                 pass
-            await asyncio.to_thread(own_postgres.restart)
+            await asyncio.to_thread(restartable_postgres.restart)
             deadline = time.monotonic() + 20
             while True:  # the worker side retries as a worker does
                 try:
