@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform as _platform
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -103,6 +102,11 @@ class BackendSettings:
     # sandbox: host paths bind-mounted read-only; None: DEFAULT_RO_BINDS in "workdir"
     # mode, nothing in "root" mode (the input root brings its own system).
     ro_binds: tuple[str, ...] | None = None
+    # A worker running as root runs actions as this user: a name, "uid" or "uid:gid";
+    # "root" or "" keeps them root (with a warning). Ignored by a worker that is not root.
+    run_as: str = "nobody"
+    # Directory messages of an input root larger than this are refused, not parsed.
+    max_directory_size: int = 16 * 1024**2
 
     @property
     def sandbox_ro_binds(self) -> tuple[str, ...]:
@@ -364,66 +368,6 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
     return result
 
 
-# Arch (`uname -m`) -> ISA in the REAPI platform lexicon's spelling.
-_ISA = {
-    "x86_64": "x86-64",
-    "i386": "x86-32",
-    "i686": "x86-32",
-    "aarch64": "arm-a64",
-    "armv7l": "arm-a32",
-    "ppc64le": "power-isa-le",
-    "ppc64": "power-isa-be",
-    "sparc64": "sparc-v9",
-}
-# The CPU flags each x86-64 micro-architecture level adds (psABI); v1 is plain x86-64.
-_X86_64_LEVELS = (
-    ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
-    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
-    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
-)
-
-
-def detected_platform() -> dict[str, tuple[str, ...]]:
-    """What a worker advertises when its configuration does not say.
-
-    OSFamily, Arch (`x86_64`), ISA (`x86-64` plus every x86-64-vN level the CPU
-    supports, so an action may ask for `x86-64-v3`), and cpu_count (the CPUs this
-    process may run on).
-    """
-    machine = _platform.machine()
-    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    platform = {"OSFamily": (_platform.system(),), "Arch": (arch,)}
-    if arch in _ISA:
-        isa = [_ISA[arch]]
-        if arch == "x86_64":
-            isa += _x86_64_levels(_cpu_flags())
-        platform["ISA"] = tuple(isa)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cpus:
-        platform["cpu_count"] = (str(cpus),)
-    return platform
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _x86_64_levels(flags: set[str]) -> list[str]:
-    levels = []
-    for level, required in _X86_64_LEVELS:
-        if not required <= flags:
-            break
-        levels.append(level)
-    return levels
-
-
 def _section(raw: dict, name: str) -> dict:
     value = raw.get(name) or {}
     if not isinstance(value, dict):
@@ -521,6 +465,11 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
             _get(b, "sandbox_root", "workdir"), "worker.backend.sandbox_root", SANDBOX_ROOTS
         ),
         ro_binds=None if ro_binds is None else _absolute_paths(ro_binds, "worker.backend.ro_binds"),
+        run_as=str(_get(b, "run_as", BackendSettings.run_as)),
+        max_directory_size=_size(
+            _get(b, "max_directory_size", BackendSettings.max_directory_size),
+            "worker.backend.max_directory_size",
+        ),
     )
     limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
     server_url = str(_get(w, "server_url", WorkerSettings.server_url))

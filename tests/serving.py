@@ -48,7 +48,7 @@ async def running_worker(
         name=name,
         max_concurrent_tasks=slots,
         poll_timeout=timedelta(seconds=1),
-        backend=BackendSettings(type="host", work_dir=str(work_dir)),
+        backend=BackendSettings(type="host", work_dir=str(work_dir), run_as="root"),
         **worker_overrides,
     )
     agent = WorkerAgent(settings, shutdown_grace=2)

@@ -423,6 +423,7 @@ def cluster(bazel_exe, postgres_admin_url, tmp_path_factory, request):
         **base_env,
         "EXPBUILD_WORKER__MAX_CONCURRENT_TASKS": str(JOBS),
         "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(folder / "work"),
+        "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
     }
     processes: list[Process] = []
     failed_before = request.session.testsfailed

@@ -43,6 +43,7 @@ def worker(name: str, address: str, tmp_path: Path, slots: int):
         "EXPBUILD_WORKER__NAME": name,
         "EXPBUILD_WORKER__MAX_CONCURRENT_TASKS": str(slots),
         "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / f"work-{name}"),
+        "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
     }
     process = start(name, ["expbuild", "worker", "daemon"], tmp_path, env)
     wait_for_log(process, "registered successfully")

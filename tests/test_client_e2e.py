@@ -436,7 +436,7 @@ async def test_execute_survives_a_server_restart(database_url, tmp_path: Path, c
         server_url=f"http://{target}",
         name="worker-restart",
         poll_timeout=timedelta(seconds=1),
-        backend=BackendSettings(type="host", work_dir=str(tmp_path / "work")),
+        backend=BackendSettings(type="host", work_dir=str(tmp_path / "work"), run_as="root"),
     )
     agent = WorkerAgent(worker_settings, shutdown_grace=2)
     agent_job = asyncio.create_task(agent.run())

@@ -41,6 +41,7 @@ def cluster(database_url, tmp_path):
                 "EXPBUILD_WORKER__SERVER_URL": f"http://{address}",
                 "EXPBUILD_WORKER__CAS_URL": f"http://{address}",
                 "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
+                "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
                 "EXPBUILD_WORKER__NAME": "e2e-worker",
                 "EXPBUILD_WORKER__HEARTBEAT_INTERVAL": "0.5",
             },
@@ -241,6 +242,7 @@ def test_workers_list_and_drain(cluster, tmp_path, database_url):
 def test_server_with_the_local_backend_runs_actions_itself(database_url, tmp_path):
     env = server_env(database_url, tmp_path)
     env["EXPBUILD_WORKER__BACKEND__WORK_DIR"] = str(tmp_path / "work")
+    env["EXPBUILD_WORKER__BACKEND__RUN_AS"] = "root"  # pytest's tmp tree is root's alone
     server = start(
         "server-local",
         ["expbuild", "server", "--config", "configs/expbuild-server.toml"],

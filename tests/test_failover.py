@@ -31,6 +31,7 @@ def worker(name, address, tmp_path, **extra):
         "EXPBUILD_WORKER__NAME": name,
         "EXPBUILD_WORKER__HEARTBEAT_INTERVAL": "0.5",
         "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / f"work-{name}"),
+        "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
         **extra,
     }
     process = start(name, ["expbuild", "worker", "daemon"], tmp_path, env)

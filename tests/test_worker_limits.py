@@ -20,7 +20,7 @@ from google.rpc import code_pb2
 from expbuild.config import LimitsSettings
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.cgroups import CgroupSupport
-from expbuild.worker.executor import ExecutionRequest, Executor
+from expbuild.worker.execution import ExecutionRequest, Executor
 from expbuild.worker.host import HostExecutor
 from expbuild.worker.limits import capped_timeout, format_size
 from tests.serving import running_server, server_settings

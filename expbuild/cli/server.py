@@ -45,7 +45,7 @@ async def serve(settings: Settings, database_url: str, *, local_workers: int = 0
         # Fail before serving anything if the configured backend cannot work here.
         from expbuild.worker.executor import make_executor
 
-        make_executor(settings.worker.backend, settings.worker.limits)
+        await make_executor(settings.worker.backend, settings.worker.limits).close()
     await app.start()
     if local_workers:
         from dataclasses import replace

@@ -124,7 +124,7 @@ class OperationTracker:
                 if time.monotonic() + delay > give_up:
                     raise outage_error(exc) from exc
                 # Pooled connections may all be dead: open fresh ones on the next try.
-                self.pool.expire_connections()
+                await self.pool.expire_connections()
                 log.info("Operation %s: database unavailable (%s); retrying", name, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

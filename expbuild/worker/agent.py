@@ -5,7 +5,7 @@ its own asyncio task (at most `max_concurrent_tasks` at once). Stopping a runnin
 means cancelling its asyncio task; the execution backend kills the process group and the
 runner removes the action directory on the way out.
 
-Shutdown (`request_stop`, wired to SIGINT/SIGTERM by `run_until_signalled`): polling stops
+Shutdown (`request_stop`, wired to SIGINT/SIGTERM by `expbuild worker daemon`): polling stops
 at once (the in-flight long poll is cancelled), running actions get `shutdown_grace`
 seconds to finish and report, the rest are killed and handed back with ReleaseTask, then
 the worker deregisters. A second `request_stop` skips what is left of the grace period.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,12 +35,14 @@ from expbuild import __version__
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.errors import from_rpc_error
-from expbuild.config import WorkerSettings, detected_platform
+from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.worker.blob_cache import open_blob_cache
-from expbuild.worker.executor import Executor, make_executor
+from expbuild.worker.execution import Executor
+from expbuild.worker.executor import make_executor
+from expbuild.worker.host_platform import detected_platform
 from expbuild.worker.runner import TaskRunner
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class WorkerAgent:
         self.settings = settings
         self.shutdown_grace = shutdown_grace
         self.name = settings.name or socket.gethostname()
+        # Closed by run() when made here; a caller passing its own executor closes it.
+        self._owns_executor = executor is None
         self._executor = executor or make_executor(settings.backend, settings.limits)
         self._registration = _Registration()
         self._heartbeat_interval = settings.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
@@ -173,6 +176,7 @@ class WorkerAgent:
             cas_for=self._cas_client,
             blob_cache=blob_cache,
             limits=self.settings.limits,
+            max_directory_size=self.settings.backend.max_directory_size,
             still_leased=self._still_leased,
         )
         background: list[asyncio.Task] = []
@@ -198,6 +202,8 @@ class WorkerAgent:
                 await cas_channel.close()
             if blob_cache is not None:
                 blob_cache.close()
+            if self._owns_executor:
+                await self._executor.close()
         log.info("Worker %s stopped", self.worker_id or self.name)
 
     # ---- registration ----------------------------------------------------------------
@@ -601,19 +607,6 @@ def platform_message(platform: dict[str, tuple[str, ...]]) -> re_pb2.Platform:
             for value in sorted(platform[name])
         ]
     )
-
-
-async def run_until_signalled(agent: WorkerAgent) -> None:
-    """Run `agent` with SIGINT/SIGTERM wired to `request_stop` (for the CLI entry)."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, agent.request_stop)
-    try:
-        await agent.run()
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
 
 
 def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:

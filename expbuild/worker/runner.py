@@ -10,9 +10,10 @@ every case.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,12 +25,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from expbuild import errors
 from expbuild.client.cas import CasClient
 from expbuild.client.errors import RemoteError
-from expbuild.config import LimitsSettings
+from expbuild.config import BackendSettings, LimitsSettings
 from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
 from expbuild.worker.blob_cache import BlobCache
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest, Executor
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
     ActionDirectory,
     create_action_directory,
@@ -37,7 +38,7 @@ from expbuild.worker.inputs import (
     remove_action_directory,
 )
 from expbuild.worker.limits import capped_timeout, output_size, output_too_large
-from expbuild.worker.outputs import CollectedOutputs, collect_outputs, file_digest
+from expbuild.worker.outputs import Blob, CollectedOutputs, collect_outputs, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class TaskRunner:
     # Where input files come from when set; None: downloaded for every action.
     blob_cache: BlobCache | None = None
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    max_directory_size: int = BackendSettings.max_directory_size
     # Whether a task's lease may still be valid: while it is, an upload that fails because
     # the server is away is retried rather than turned into a failed action.
     still_leased: Callable[[str], bool] = lambda _task_id: False
@@ -100,16 +102,38 @@ class TaskRunner:
         cas: CasClient,
         metadata: re_pb2.ExecutedActionMetadata,
     ) -> re_pb2.ExecuteResponse:
-        _stamp(metadata.input_fetch_start_timestamp)
-        try:
-            directory = await prepare_inputs(cas, task, action_path, self.blob_cache)
-        except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
-            log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
-            return failure_response(exc)
-        _stamp(metadata.input_fetch_completed_timestamp)
-
-        command = task.command
+        """The stages, each timed into `metadata`: inputs, execution, outputs."""
+        with _timed(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp):
+            try:
+                directory = await prepare_inputs(
+                    cas,
+                    task,
+                    action_path,
+                    self.blob_cache,
+                    self.executor.user,
+                    self.max_directory_size,
+                )
+            except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
+                log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
+                return failure_response(exc)
         timeout = capped_timeout(task_timeout(task), self.limits)
+        outcome = await self._execute(task, directory, action_path.name, timeout)
+        metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
+        metadata.execution_completed_timestamp.FromDatetime(outcome.completed_at)
+        with _timed(
+            metadata.output_upload_start_timestamp, metadata.output_upload_completed_timestamp
+        ):
+            result, output_error = await self._upload_outputs(
+                cas, task.command, directory, outcome, task.task_id
+            )
+        _stamp(metadata.worker_completed_timestamp)
+        result.execution_metadata.CopyFrom(metadata)
+        return execute_response(result, outcome, timeout, output_error)
+
+    async def _execute(
+        self, task: worker_pb2.Task, directory: ActionDirectory, name: str, timeout: float | None
+    ) -> ExecutionOutcome:
+        command = task.command
         log.info("Executing command: %s", json.dumps(list(command.arguments)))
         outcome = await self.executor.execute(
             ExecutionRequest(
@@ -121,39 +145,14 @@ class TaskRunner:
                 timeout=timeout,
                 input_root=directory.input_root,
                 platform=task_platform(task),
-                name=action_path.name,
+                name=name,
             )
         )
-        metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
-        metadata.execution_completed_timestamp.FromDatetime(outcome.completed_at)
         if outcome.timed_out:
             log.warning("Command timed out after %gs (exit code %d)", timeout, outcome.exit_code)
         else:
             log.info("Command exited with code: %d", outcome.exit_code)
-
-        _stamp(metadata.output_upload_start_timestamp)
-        result, output_error = await self._upload_outputs(
-            cas, command, directory, outcome, task.task_id
-        )
-        _stamp(metadata.output_upload_completed_timestamp)
-        _stamp(metadata.worker_completed_timestamp)
-        result.execution_metadata.CopyFrom(metadata)
-
-        response = re_pb2.ExecuteResponse(result=result)
-        if outcome.timed_out:
-            response.status.code = code_pb2.DEADLINE_EXCEEDED
-            response.status.message = f"action timed out after {timeout:g}s"
-            if output_error is not None:
-                response.status.message += f"; its outputs could not be collected: {output_error}"
-        elif outcome.limit_exceeded:
-            response.status.code = code_pb2.RESOURCE_EXHAUSTED
-            response.status.message = outcome.limit_exceeded
-        elif output_error is not None:
-            response.status.CopyFrom(error_status(output_error))
-        else:
-            response.status.code = code_pb2.OK
-        response.message = response.status.message
-        return response
+        return outcome
 
     async def _upload_outputs(
         self,
@@ -163,48 +162,23 @@ class TaskRunner:
         outcome: ExecutionOutcome,
         task_id: str,
     ) -> tuple[re_pb2.ActionResult, errors.ExpBuildError | None]:
-        """Collect and upload outputs plus stdout/stderr.
-
-        An unusable output (bad type, path escaping the root) does not lose the logs:
-        the result then carries exit code and stdout/stderr only, plus the error.
-        """
-        output_error: errors.ExpBuildError | None = None
-        if self.limits.max_output_size is not None:
-            logs = (directory.stdout_path, directory.stderr_path)
-            total = await asyncio.to_thread(output_size, command, directory.input_root, logs)
-            if total > self.limits.max_output_size:
-                # Nothing is uploaded; the action directory is removed as always.
-                message = output_too_large(total, self.limits)
-                log.warning("Outputs not uploaded: %s", message)
-                return re_pb2.ActionResult(exit_code=outcome.exit_code), errors.ResourceExhausted(
-                    message
-                )
-        try:
-            collected = await asyncio.to_thread(collect_outputs, command, directory.input_root)
-        except errors.ExpBuildError as exc:
-            log.warning("Outputs cannot be collected: %s", exc)
-            output_error = exc
-            collected = CollectedOutputs()
-        result = collected.result
+        """Collect (in one thread hop: it walks and hashes files) and upload the outputs."""
+        result, blobs, output_error = await asyncio.to_thread(
+            gather_outputs, command, directory, self.limits
+        )
         result.exit_code = outcome.exit_code
-        for path, digest_field in (
-            (directory.stdout_path, result.stdout_digest),
-            (directory.stderr_path, result.stderr_digest),
-        ):
-            digest = await asyncio.to_thread(file_digest, path)
-            collected.add_blob(digest, path)
-            digest_field.CopyFrom(digest.to_proto())
-        sent = await self._upload_while_leased(cas, collected, task_id)
-        log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(collected.blobs), sent)
+        if blobs:
+            sent = await self._upload_while_leased(cas, blobs, task_id)
+            log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(blobs), sent)
         return result, output_error
 
     async def _upload_while_leased(
-        self, cas: CasClient, collected: CollectedOutputs, task_id: str
+        self, cas: CasClient, blobs: dict[Digest, Blob], task_id: str
     ) -> int:
         delay = 0.25
         while True:
             try:
-                return await cas.upload(collected.blobs)
+                return await cas.upload(blobs)
             except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
                 if not _server_away(exc) or not self.still_leased(task_id):
                     raise
@@ -223,6 +197,61 @@ def _server_away(error: BaseException) -> bool:
     code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(error, "code", None)
     away = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     return code in away or code in (c.value[0] for c in away)
+
+
+def gather_outputs(
+    command: re_pb2.Command, directory: ActionDirectory, limits: LimitsSettings
+) -> tuple[re_pb2.ActionResult, dict[Digest, Blob], errors.ExpBuildError | None]:
+    """The result's outputs and logs, the blobs to upload, and why outputs are missing.
+
+    Over `max_output_size` nothing is uploaded. An unusable output (bad type, path
+    escaping the root) does not lose the logs: the result then carries stdout/stderr
+    only, plus the error. Blocking: run it in a thread.
+    """
+    logs = (directory.stdout_path, directory.stderr_path)
+    if limits.max_output_size is not None:
+        total = output_size(command, directory.input_root, logs)
+        if total > limits.max_output_size:
+            message = output_too_large(total, limits)
+            log.warning("Outputs not uploaded: %s", message)
+            return re_pb2.ActionResult(), {}, errors.ResourceExhausted(message)
+    output_error: errors.ExpBuildError | None = None
+    try:
+        collected = collect_outputs(command, directory.input_root)
+    except errors.ExpBuildError as exc:
+        log.warning("Outputs cannot be collected: %s", exc)
+        output_error = exc
+        collected = CollectedOutputs()
+    result = collected.result
+    for path, digest_field in zip(logs, (result.stdout_digest, result.stderr_digest), strict=True):
+        digest = file_digest(path)
+        collected.add_blob(digest, path)
+        digest_field.CopyFrom(digest.to_proto())
+    return result, collected.blobs, output_error
+
+
+def execute_response(
+    result: re_pb2.ActionResult,
+    outcome: ExecutionOutcome,
+    timeout: float | None,
+    output_error: errors.ExpBuildError | None,
+) -> re_pb2.ExecuteResponse:
+    """The status says why the action did not simply finish: time, a limit, its outputs."""
+    response = re_pb2.ExecuteResponse(result=result)
+    if outcome.timed_out:
+        response.status.code = code_pb2.DEADLINE_EXCEEDED
+        response.status.message = f"action timed out after {timeout:g}s"
+        if output_error is not None:
+            response.status.message += f"; its outputs could not be collected: {output_error}"
+    elif outcome.limit_exceeded:
+        response.status.code = code_pb2.RESOURCE_EXHAUSTED
+        response.status.message = outcome.limit_exceeded
+    elif output_error is not None:
+        response.status.CopyFrom(error_status(output_error))
+    else:
+        response.status.code = code_pb2.OK
+    response.message = response.status.message
+    return response
 
 
 def task_timeout(task: worker_pb2.Task) -> float | None:
@@ -290,16 +319,12 @@ def _describe(exc: BaseException) -> str:
     return f"{code_pb2.Code.Name(code)}: {message}"
 
 
-def missing_digests(status: status_pb2.Status) -> list[Digest]:
-    """The blobs a FAILED_PRECONDITION status reports as MISSING (for logs and tests)."""
-    found = []
-    for detail in status.details:
-        failure = error_details_pb2.PreconditionFailure()
-        if detail.Unpack(failure):
-            for violation in failure.violations:
-                if violation.type == "MISSING":
-                    found.append(Digest.parse(violation.subject.removeprefix("blobs/")))
-    return found
+@contextlib.contextmanager
+def _timed(start, completed) -> Iterator[None]:
+    """Stamp `start` and `completed` (Timestamp fields) around a stage that returns normally."""
+    _stamp(start)
+    yield
+    _stamp(completed)
 
 
 def _stamp(timestamp) -> None:
