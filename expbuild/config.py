@@ -161,12 +161,18 @@ class WorkerSettings:
         return work_dir.with_name(f"{work_dir.name}-cache")
 
     @property
+    def server_addresses(self) -> tuple[str, ...]:
+        """Every replica `server_url` names (`host:port` each), in the order given."""
+        return grpc_targets(self.server_url, "worker.server_url")
+
+    @property
     def server_target(self) -> str:
-        return grpc_target(self.server_url, "worker.server_url")
+        """The first replica; `expbuild.client.replicas` makes a target of all of them."""
+        return self.server_addresses[0]
 
     @property
     def cas_target(self) -> str:
-        return grpc_target(self.cas_url or self.server_url, "worker.cas_url")
+        return grpc_target(self.cas_url, "worker.cas_url") if self.cas_url else self.server_target
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,23 @@ def grpc_target(url: str, key: str) -> str:
         host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
         return f"{host}:{parsed.port}"
     parse_address(text, key)
+    return text
+
+
+def grpc_targets(urls: str, key: str) -> tuple[str, ...]:
+    """Several replicas' URLs, separated by commas, each as `grpc_target` takes it."""
+    parts = [part for part in str(urls).split(",") if part.strip()]
+    if not parts:
+        raise ConfigError(f"{key} = {urls!r}: no server address")
+    return tuple(grpc_target(part, key) for part in parts)
+
+
+def _url_list(value: Any, key: str) -> str:
+    """A TOML list of URLs (or one string, commas allowed) as one comma-separated string."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v).strip() for v in value)
+    text = str(value)
+    grpc_targets(text, key)
     return text
 
 
@@ -472,9 +495,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         ),
     )
     limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
-    server_url = str(_get(w, "server_url", WorkerSettings.server_url))
+    # Several replicas: a TOML list, or commas; the worker moves to another when one fails.
+    server_url = _url_list(_get(w, "server_url", WorkerSettings.server_url), "worker.server_url")
     cas_url = str(_get(w, "cas_url", ""))
-    grpc_target(server_url, "worker.server_url")
     if cas_url:
         grpc_target(cas_url, "worker.cas_url")
     heartbeat = w.get("heartbeat_interval")

@@ -11,9 +11,12 @@ from datetime import timedelta
 import grpc
 import pytest
 
+from expbuild.config import BackendSettings, WorkerSettings
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.server.app import ServerApp
+from expbuild.worker.agent import WorkerAgent
 from tests.serving import running_server, server_settings
 from tests.test_server_execution import (
     channel_to,
@@ -212,3 +215,43 @@ async def test_a_lease_the_worker_does_not_report_is_requeued_at_its_heartbeat(
             await workers.Heartbeat(worker_pb2.HeartbeatRequest(worker_id=worker_id))
             row = await app.pool.fetchrow("SELECT state, worker_id, attempts FROM tasks")
             assert row["state"] == "queued" and row["worker_id"] is None
+
+
+async def test_a_worker_given_two_replicas_moves_to_the_other_when_one_stops(
+    database_url, tmp_path
+):
+    cas = tmp_path / "cas"
+    async with running_server(server_settings(cas), database_url) as b:
+        a = ServerApp(server_settings(cas), database_url)
+        await a.start()
+        settings = WorkerSettings(
+            server_url=f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}",
+            name="roamer",
+            max_concurrent_tasks=1,
+            poll_timeout=timedelta(seconds=1),
+            backend=BackendSettings(type="host", work_dir=str(tmp_path / "work"), run_as="root"),
+        )
+        agent = WorkerAgent(settings, shutdown_grace=2)
+        job = asyncio.create_task(agent.run())
+        try:
+            await wait_until(lambda: bool(agent.worker_id), what="the worker registered")
+            await a.stop(grace=0.5)  # the replica the worker talks to goes away
+            digest = await put_action(b.store, ("echo", "moved"), do_not_cache=True)
+            async with channel_to(b) as channel:
+                stream = re_grpc.ExecutionStub(channel).Execute(
+                    re_pb2.ExecuteRequest(action_digest=digest.to_proto())
+                )
+                last = await asyncio.wait_for(_last_operation(stream), timeout=30)
+            result = unpack_response(last).result
+            assert result.exit_code == 0
+            assert result.execution_metadata.worker == "roamer"
+        finally:
+            agent.request_stop()
+            await asyncio.wait_for(job, 20)
+
+
+async def _last_operation(stream):
+    last = await stream.read()
+    while not last.done:
+        last = await stream.read()
+    return last

@@ -35,6 +35,7 @@ from expbuild import __version__
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.errors import from_rpc_error
+from expbuild.client.replicas import replicas_target
 from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
@@ -163,8 +164,9 @@ class WorkerAgent:
             if cache.max_size
             else None
         )
-        server_target = self.settings.server_target
-        cas_target = self.settings.cas_target
+        # Several replicas: one channel that moves to another when its replica fails.
+        server_target = replicas_target(self.settings.server_addresses)
+        cas_target = server_target if not self.settings.cas_url else self.settings.cas_target
         server_channel = open_channel(server_target)
         cas_channel = server_channel if cas_target == server_target else open_channel(cas_target)
         self._stub = worker_pb2_grpc.WorkerServiceStub(server_channel)
@@ -244,7 +246,7 @@ class WorkerAgent:
                         raise from_rpc_error(exc) from None
                     log.warning(
                         "Server %s unreachable (%s); retrying in %gs",
-                        self.settings.server_target,
+                        self.settings.server_url,
                         _rpc_reason(exc),
                         delay,
                     )
