@@ -7,6 +7,7 @@ twice to completion, and recover within the bound of issue #9:
 | kill -9 a busy worker | its actions start again elsewhere within 10 s |
 | kill -9 the replica, start it again 2 s later | no action runs twice |
 | restart PostgreSQL (`pg_ctl restart -m fast`) | every Execute succeeds (the client sees at most UNAVAILABLE, which it retries) |
+| SIGTERM a busy worker | its actions finish; it exits within its grace (30 s) + 5 s |
 """
 
 from __future__ import annotations
@@ -164,6 +165,32 @@ async def test_restart_postgres(restartable_postgres, tmp_path):
     finally:
         for each in workers:
             each.stop()
+        server.stop()
+
+
+async def test_sigterm_a_busy_worker(restartable_postgres, tmp_path):
+    url, port = restartable_postgres.url, free_port()
+    address = f"127.0.0.1:{port}"
+    server = replica(url, tmp_path, port)
+    leaving = worker("leaving", address, tmp_path, slots=5)
+    marker = tmp_path / "marker"
+    staying = None
+    try:
+        clients = submit_all(address, tmp_path, marker)
+        await wait_running(url, 5)
+        staying = worker("staying", address, tmp_path, slots=5)
+        await wait_running(url, ACTIONS)
+        asked = time.monotonic()
+        leaving.popen.send_signal(signal.SIGTERM)
+        assert leaving.popen.wait(timeout=35) == 0, leaving.log()
+        assert time.monotonic() - asked <= 30 + 5
+        assert_all_once(clients, marker)
+        assert await events(url, "requeued") == []
+        assert await events(url, "released") == []  # finished within the grace, not handed back
+    finally:
+        leaving.stop(signal.SIGKILL)
+        if staying is not None:
+            staying.stop()
         server.stop()
 
 
