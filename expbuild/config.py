@@ -42,6 +42,9 @@ class ServerSettings:
     # A worker whose session stream broke without DeregisterWorker, and that has not
     # reconnected within this grace, is taken for dead and its leases are requeued.
     worker_disconnect_grace: timedelta = timedelta(seconds=5)
+    # Execute answers RESOURCE_EXHAUSTED while an instance has this many tasks queued;
+    # 0: no limit.
+    max_queued_tasks: int = 0
     # Longest time a PollTasks call waits for work before answering empty.
     poll_timeout: timedelta = timedelta(seconds=30)
     # How often each replica runs the reaper.
@@ -284,6 +287,13 @@ def _duration(value: Any, key: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _non_negative_int(value: Any, key: str) -> int:
+    """An integer >= 0 (0 usually meaning "no limit")."""
+    if value in (0, "0"):
+        return 0
+    return _positive_int(value, key)
+
+
 def _positive_int(value: Any, key: str) -> int:
     """An integer >= 1, given as a TOML integer or a decimal string (from the environment)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -437,6 +447,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         heartbeat_interval=srv("heartbeat_interval", _duration, defaults_server),
         worker_offline_timeout=srv("worker_offline_timeout", _duration, defaults_server),
         worker_disconnect_grace=srv("worker_disconnect_grace", _duration, defaults_server),
+        max_queued_tasks=srv("max_queued_tasks", _non_negative_int, defaults_server),
         poll_timeout=srv("poll_timeout", _duration, defaults_server),
         reap_interval=srv("reap_interval", _duration, defaults_server),
         max_attempts=srv("max_attempts", _positive_int, defaults_server),

@@ -9,6 +9,7 @@ connection errors, `expbuild.db.outages`) becomes UNAVAILABLE, which clients ret
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
@@ -43,8 +44,13 @@ def ok_status() -> status_pb2.Status:
 
 
 def domain_error(error: BaseException) -> BaseException:
-    """`error` itself, or the domain error it stands for (a database outage: Unavailable)."""
-    if not isinstance(error, errors.ExpBuildError) and is_database_outage(error):
+    """`error` itself, or the domain error it stands for: a database outage is
+    Unavailable, a full disk (the CAS's) ResourceExhausted."""
+    if isinstance(error, errors.ExpBuildError):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted("the server's storage is full; try again later")
+    if is_database_outage(error):
         return outage_error(error)
     return error
 

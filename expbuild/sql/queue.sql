@@ -36,6 +36,13 @@ SELECT c.id AS task_id, c.is_new,
        CASE WHEN c.is_new THEN pg_notify('expbuild_task_queued', '') END AS notified
 FROM chosen c JOIN operation o ON o.task_id = c.id;
 
+-- name: count_queued_tasks
+-- For [server] max_queued_tasks: counts along the queue index and stops at $2.
+-- $1 instance_name, $2 count up to
+SELECT count(*) FROM (
+    SELECT 1 FROM tasks WHERE state = 'queued' AND instance_name = $1 LIMIT $2
+) AS queued;
+
 -- name: lease_tasks
 -- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1, oldest of
 -- the most urgent first. SKIP LOCKED lets any number of pollers run this at once.

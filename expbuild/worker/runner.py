@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -304,6 +305,9 @@ def error_status(exc: BaseException) -> status_pb2.Status:
 
 
 def _code_and_message(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # The worker's own disk: this action fails clearly, the worker goes on.
+        return code_pb2.RESOURCE_EXHAUSTED, f"the worker's disk is full: {exc}"
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code().value[0], exc.details() or exc.code().name
     if isinstance(exc, RemoteError):  # the client's error for codes without a domain class
