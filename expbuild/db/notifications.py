@@ -70,6 +70,8 @@ class Notifications:
                 await self._supervisor
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
+        self._connected.clear()
+        self._wake_all()  # waiters still sleeping fall back to polling
 
     @property
     def connected(self) -> bool:
