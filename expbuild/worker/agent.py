@@ -246,7 +246,7 @@ class WorkerAgent:
                         raise from_rpc_error(exc) from None
                     log.warning(
                         "Server %s unreachable (%s); retrying in %gs",
-                        self.settings.server_url,
+                        ", ".join(self.settings.server_addresses),
                         _rpc_reason(exc),
                         delay,
                     )
