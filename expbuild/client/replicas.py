@@ -4,7 +4,8 @@ gRPC's `pick_first` policy connects to the first address of its target that answ
 when that connection breaks, tries the list again: a worker given several replicas keeps
 working when one dies. A DNS name with several addresses behaves the same way through
 gRPC's own resolver. A list of `host:port` is turned into one `ipv4:`/`ipv6:` target by
-resolving each host when the channel is made.
+resolving each host when the channel is made. With TLS the certificate must match the
+name dialled, so several TLS replicas are given as one DNS name, not as a list.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from expbuild.client.channel import TLS_PREFIX
 from expbuild.config import ConfigError, parse_address
 
 
@@ -20,6 +22,11 @@ def replicas_target(addresses: tuple[str, ...], key: str = "worker.server_url") 
     `ipv4:a:p,b:p` (`ipv6:[a]:p,…`) list of every address they resolve to."""
     if len(addresses) == 1:
         return addresses[0]
+    if any(address.startswith(TLS_PREFIX) for address in addresses):
+        raise ConfigError(
+            f"{key}: several TLS replicas must be one DNS name with several addresses "
+            "(the certificate is checked against the name dialled), not a list"
+        )
     resolved: list[str] = []
     families = set()
     for address in addresses:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from expbuild.auth.principal import current_principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db.notifications import Notifications
@@ -42,6 +43,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def RegisterWorker(self, request: worker_pb2.RegisterWorkerRequest, context):
         worker_id = await workers.register(
             self.pool,
+            current_principal(),
             worker_id=request.worker_id,
             name=request.name,
             hostname=request.hostname,
@@ -61,7 +63,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         workers.require_worker_id(request.worker_id)
         running = [(parse_task_name(lease.task_id), lease.lease_token) for lease in request.running]
         outcome = await workers.heartbeat(
-            self.pool, request.worker_id, running, self.settings.lease_duration
+            self.pool, current_principal(), request.worker_id, running, self.settings.lease_duration
         )
         if not outcome.known:
             return worker_pb2.HeartbeatResponse(reregister=True)
@@ -77,7 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         timeout = (
             checked_duration(request.timeout, "timeout") if request.HasField("timeout") else None
         )
-        polled = await self.leases.poll(worker_id, request.max_tasks, timeout)
+        polled = await self.leases.poll(current_principal(), worker_id, request.max_tasks, timeout)
         LEASE_ATTEMPTS.labels("empty").inc(polled.empty_leases)
         if polled.leased:
             LEASE_ATTEMPTS.labels("leased").inc()
@@ -87,6 +89,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def CompleteTask(self, request: worker_pb2.CompleteTaskRequest, context):
         succeeded = await results.accept_result(
             self.pool,
+            current_principal(),
             workers.require_worker_id(request.worker_id),
             parse_task_name(request.task_id),
             request.lease_token,
@@ -99,6 +102,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ReleaseTask(self, request: worker_pb2.ReleaseTaskRequest, context):
         await results.release_lease(
             self.pool,
+            current_principal(),
             workers.require_worker_id(request.worker_id),
             parse_task_name(request.task_id),
             request.lease_token,
@@ -108,12 +112,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc
     async def OpenSession(self, request: worker_pb2.OpenSessionRequest, context):
-        async for _ in self.sessions.hold(workers.require_worker_id(request.worker_id)):
+        worker_id = await workers.acting_worker(self.pool, current_principal(), request.worker_id)
+        async for _ in self.sessions.hold(worker_id):
             yield worker_pb2.SessionEvent(opened=True)
 
     @rpc
     async def DeregisterWorker(self, request: worker_pb2.DeregisterWorkerRequest, context):
-        await workers.deregister(self.pool, request.worker_id)
+        await workers.deregister(self.pool, current_principal(), request.worker_id)
         return worker_pb2.DeregisterWorkerResponse()
 
 
