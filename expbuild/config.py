@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from expbuild.reapi.platforms import normalize_platform
+
 DEFAULT_ADDRESS = "127.0.0.1:8980"
 
 
@@ -183,6 +185,9 @@ class WorkerSettings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    # Prometheus /metrics of `expbuild worker daemon`, e.g. "0.0.0.0:9465"; empty (the
+    # default, as several workers may share a host): no endpoint.
+    metrics_address: str = ""
     # TLS (grpcs:// server_url): CA file to trust; tls_cert/tls_key: this worker's client
     # certificate for mutual TLS.
     tls_ca: str = ""
@@ -303,6 +308,11 @@ def _url_list(value: Any, key: str) -> str:
     text = str(value)
     grpc_targets(text, key)
     return text
+
+
+def parse_duration(value: Any, key: str) -> timedelta:
+    """A positive duration: seconds, or "500ms", "30s", "5m", "1h", "7d"; the error names `key`."""
+    return _duration(value, key)
 
 
 def _duration(value: Any, key: str) -> timedelta:
@@ -437,13 +447,9 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a table of property = value")
-    result: dict[str, tuple[str, ...]] = {}
-    for name, value in raw.items():
-        if not str(name).strip():
-            raise ConfigError(f"{key}: a property has an empty name")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        result[str(name)] = tuple(str(v) for v in values)
-    return result
+    if any(not str(name).strip() for name in raw):
+        raise ConfigError(f"{key}: a property has an empty name")
+    return {name: tuple(values) for name, values in normalize_platform(raw).items()}
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -619,6 +625,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
     if cas_url:
         grpc_target(cas_url, "worker.cas_url")
     heartbeat = w.get("heartbeat_interval")
+    worker_metrics = str(_get(w, "metrics_address", WorkerSettings.metrics_address))
+    if worker_metrics:
+        parse_address(worker_metrics, "worker.metrics_address")
     worker = WorkerSettings(
         server_url=server_url,
         cas_url=cas_url,
@@ -632,6 +641,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
+        metrics_address=worker_metrics,
         tls_ca=str(_get(w, "tls_ca", "")),
         tls_cert=str(_get(w, "tls_cert", "")),
         tls_key=str(_get(w, "tls_key", "")),

@@ -40,7 +40,12 @@ EXPECTED_SERVICES = {
             "RegisterWorker",
             "ReleaseTask",
         ],
-        "expbuild.worker.v1.WorkerAdminService": ["DrainWorker", "ListWorkers"],
+        "expbuild.worker.v1.WorkerAdminService": [
+            "DrainWorker",
+            "GetTaskHistory",
+            "ListTasks",
+            "ListWorkers",
+        ],
     },
     "semver": {},
 }

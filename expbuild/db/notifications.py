@@ -94,7 +94,7 @@ class Notifications:
                     # Whatever happened while we were deaf: everyone re-checks once.
                     self._wake_all()
                 connected_before = True
-                await self._watch(closed)
+                await self._watch(self._conn, closed)
                 log.warning("LISTEN connection closed; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -110,13 +110,13 @@ class Notifications:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-    async def _watch(self, closed: asyncio.Event) -> None:
+    async def _watch(self, conn: asyncpg.Connection, closed: asyncio.Event) -> None:
         """Return when the connection closes or stops answering."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closed.wait(), timeout=self.check_interval)
                 return
-            await asyncio.wait_for(self._conn.fetchval("SELECT 1"), timeout=self.check_interval)
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=self.check_interval)
 
     def _wait_seconds(self, timeout: float) -> float:
         return timeout if self.connected else min(timeout, self.fallback_interval)

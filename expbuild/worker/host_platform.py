@@ -37,7 +37,7 @@ def detected_platform() -> dict[str, tuple[str, ...]]:
     """
     machine = _platform.machine()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    platform = {"OSFamily": (_platform.system(),), "Arch": (arch,)}
+    platform: dict[str, tuple[str, ...]] = {"OSFamily": (_platform.system(),), "Arch": (arch,)}
     if arch in _ISA:
         isa = [_ISA[arch]]
         if arch == "x86_64":
