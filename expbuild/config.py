@@ -43,6 +43,12 @@ class ServerSettings:
     heartbeat_interval: timedelta = timedelta(seconds=30)
     # A worker silent this long is marked offline and its leases are requeued.
     worker_offline_timeout: timedelta = timedelta(seconds=90)
+    # A worker whose session stream broke without DeregisterWorker, and that has not
+    # reconnected within this grace, is taken for dead and its leases are requeued.
+    worker_disconnect_grace: timedelta = timedelta(seconds=5)
+    # Execute answers RESOURCE_EXHAUSTED while an instance has this many tasks queued;
+    # 0: no limit.
+    max_queued_tasks: int = 0
     # Longest time a PollTasks call waits for work before answering empty.
     poll_timeout: timedelta = timedelta(seconds=30)
     # How often each replica runs the reaper.
@@ -208,12 +214,18 @@ class WorkerSettings:
         return work_dir.with_name(f"{work_dir.name}-cache")
 
     @property
+    def server_addresses(self) -> tuple[str, ...]:
+        """Every replica `server_url` names (`host:port` each), in the order given."""
+        return grpc_targets(self.server_url, "worker.server_url")
+
+    @property
     def server_target(self) -> str:
-        return grpc_target(self.server_url, "worker.server_url")
+        """The first replica; `expbuild.client.replicas` makes a target of all of them."""
+        return self.server_addresses[0]
 
     @property
     def cas_target(self) -> str:
-        return grpc_target(self.cas_url or self.server_url, "worker.cas_url")
+        return grpc_target(self.cas_url, "worker.cas_url") if self.cas_url else self.server_target
 
 
 @dataclass(frozen=True)
@@ -292,6 +304,23 @@ def grpc_target(url: str, key: str) -> str:
     return text
 
 
+def grpc_targets(urls: str, key: str) -> tuple[str, ...]:
+    """Several replicas' URLs, separated by commas, each as `grpc_target` takes it."""
+    parts = [part for part in str(urls).split(",") if part.strip()]
+    if not parts:
+        raise ConfigError(f"{key} = {urls!r}: no server address")
+    return tuple(grpc_target(part, key) for part in parts)
+
+
+def _url_list(value: Any, key: str) -> str:
+    """A TOML list of URLs (or one string, commas allowed) as one comma-separated string."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v).strip() for v in value)
+    text = str(value)
+    grpc_targets(text, key)
+    return text
+
+
 def parse_duration(value: Any, key: str) -> timedelta:
     """A positive duration: seconds, or "500ms", "30s", "5m", "1h", "7d"; the error names `key`."""
     return _duration(value, key)
@@ -322,6 +351,13 @@ def _duration(value: Any, key: str) -> timedelta:
     if seconds <= 0:
         raise ConfigError(f"{key} = {value!r}: must be positive")
     return timedelta(seconds=seconds)
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    """An integer >= 0 (0 usually meaning "no limit")."""
+    if value in (0, "0"):
+        return 0
+    return _positive_int(value, key)
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -517,6 +553,8 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         lease_duration=srv("lease_duration", _duration, defaults_server),
         heartbeat_interval=srv("heartbeat_interval", _duration, defaults_server),
         worker_offline_timeout=srv("worker_offline_timeout", _duration, defaults_server),
+        worker_disconnect_grace=srv("worker_disconnect_grace", _duration, defaults_server),
+        max_queued_tasks=srv("max_queued_tasks", _non_negative_int, defaults_server),
         poll_timeout=srv("poll_timeout", _duration, defaults_server),
         reap_interval=srv("reap_interval", _duration, defaults_server),
         max_attempts=srv("max_attempts", _positive_int, defaults_server),
@@ -598,9 +636,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         ),
     )
     limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
-    server_url = str(_get(w, "server_url", WorkerSettings.server_url))
+    # Several replicas: a TOML list, or commas; the worker moves to another when one fails.
+    server_url = _url_list(_get(w, "server_url", WorkerSettings.server_url), "worker.server_url")
     cas_url = str(_get(w, "cas_url", ""))
-    grpc_target(server_url, "worker.server_url")
     if cas_url:
         grpc_target(cas_url, "worker.cas_url")
     heartbeat = w.get("heartbeat_interval")

@@ -61,6 +61,12 @@ class Aborted(ExpBuildError):
     code = code_pb2.ABORTED
 
 
+class Unavailable(ExpBuildError):
+    """A dependency (the database) is away for now; the client should retry."""
+
+    code = code_pb2.UNAVAILABLE
+
+
 @dataclass
 class Violation:
     """One entry of a google.rpc.PreconditionFailure."""

@@ -275,3 +275,17 @@ def test_command_environment_variables_are_not_settings(monkeypatch):
     monkeypatch.setenv("EXPBUILD_TOKEN", "ebt_x")
     monkeypatch.setenv("EXPBUILD_CONFIG", "configs/expbuild-server.toml")
     assert load_settings(None).auth.mode == "none"
+
+
+def test_worker_server_url_may_name_several_replicas():
+    listed = settings_from_mapping(
+        {"worker": {"server_url": ["http://10.0.0.1:8980", "10.0.0.2:8981"]}}, source="t"
+    )
+    assert listed.worker.server_addresses == ("10.0.0.1:8980", "10.0.0.2:8981")
+    assert listed.worker.server_target == "10.0.0.1:8980"
+    commas = settings_from_mapping({"worker": {"server_url": "a:1, b:2"}}, source="t")
+    assert commas.worker.server_addresses == ("a:1", "b:2")
+    from expbuild.client.replicas import replicas_target
+
+    assert replicas_target(("127.0.0.1:1", "127.0.0.2:2")) == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert replicas_target(("localhost:5",)) == "localhost:5"

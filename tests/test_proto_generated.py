@@ -39,6 +39,7 @@ EXPECTED_SERVICES = {
             "CompleteTask",
             "DeregisterWorker",
             "Heartbeat",
+            "OpenSession",
             "PollTasks",
             "RegisterWorker",
             "ReleaseTask",
@@ -60,6 +61,7 @@ STREAMING = {
     ("build.bazel.remote.execution.v2.ContentAddressableStorage", "GetTree"): (False, True),
     ("google.bytestream.ByteStream", "Read"): (False, True),
     ("google.bytestream.ByteStream", "Write"): (True, False),
+    ("expbuild.worker.v1.WorkerService", "OpenSession"): (False, True),
 }
 
 

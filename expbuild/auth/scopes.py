@@ -56,6 +56,7 @@ METHOD_SCOPES: dict[str, str] = {
     f"/{_WORKER}.WorkerService/CompleteTask": WORKER,
     f"/{_WORKER}.WorkerService/ReleaseTask": WORKER,
     f"/{_WORKER}.WorkerService/DeregisterWorker": WORKER,
+    f"/{_WORKER}.WorkerService/OpenSession": WORKER,
     f"/{_WORKER}.WorkerAdminService/ListWorkers": ADMIN,
     f"/{_WORKER}.WorkerAdminService/DrainWorker": ADMIN,
     f"/{_WORKER}.WorkerAdminService/ListTasks": ADMIN,

@@ -44,14 +44,14 @@ def daemon_command(
     from dataclasses import replace
 
     from expbuild.client.channel import ChannelSecurityError
-    from expbuild.config import ConfigError, grpc_target
+    from expbuild.config import ConfigError, grpc_targets
 
     setup_logging(verbose)
     settings = settings_or_exit(config)
     worker = settings.worker
     if server_url:
         try:
-            grpc_target(server_url, "--server")
+            grpc_targets(server_url, "--server")
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
         worker = replace(worker, server_url=server_url, cas_url="")

@@ -119,6 +119,11 @@ async def enqueue(
     raise RuntimeError(f"could not enqueue {task.action_digest} after {_ENQUEUE_RETRIES} tries")
 
 
+async def count_queued(db: Database, instance_name: str, up_to: int) -> int:
+    """Queued tasks of the instance, counted no further than `up_to` (a cheap bound check)."""
+    return await db.fetchval(sql("count_queued_tasks"), instance_name, up_to)
+
+
 async def lease_tasks(
     db: Database, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
 ) -> list[LeasedTask]:

@@ -34,6 +34,8 @@ class HeartbeatOutcome:
     running: list[int] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
+    # Leases the worker holds but did not report: expired now, for the reaper to requeue.
+    unreported: int = 0
 
 
 def new_worker_id() -> str:
@@ -83,8 +85,10 @@ async def heartbeat(
     worker_id: str,
     running: list[tuple[int, str]],
     lease_duration: timedelta,
+    reconcile_margin: timedelta = timedelta(seconds=5),
 ) -> HeartbeatOutcome:
-    """Extend the leases of `running` (task id, lease token) and report each one's fate."""
+    """Extend the leases of `running` (task id, lease token) and report each one's fate;
+    expire the worker's other leases granted more than `reconcile_margin` ago."""
     ids = [task_id for task_id, _ in running]
     tokens = []
     for task_id, token in running:
@@ -94,10 +98,14 @@ async def heartbeat(
             raise InvalidArgument(
                 f"lease token {quoted(token)} for task {task_id} is not a UUID"
             ) from None
-    rows = await db.fetch(sql("heartbeat"), worker_id, ids, tokens, lease_duration)
+    rows = await db.fetch(
+        sql("heartbeat"), worker_id, ids, tokens, lease_duration, reconcile_margin
+    )
     if not rows:
         return HeartbeatOutcome(known=False)
-    outcome = HeartbeatOutcome(known=True, worker_state=rows[0]["worker_state"])
+    outcome = HeartbeatOutcome(
+        known=True, worker_state=rows[0]["worker_state"], unreported=rows[0]["unreported"]
+    )
     for row in rows:
         if row["task_id"] is None:
             continue
@@ -111,6 +119,22 @@ async def deregister_worker(db: Database, worker_id: str) -> int:
     if not row["found"]:
         raise NotFound(f"worker {worker_id} is not registered")
     return row["requeued"]
+
+
+async def open_session(db: Database, worker_id: str, session_id: uuid.UUID) -> None:
+    """Make `session_id` the worker's current session; NotFound for an unknown worker."""
+    if await db.fetchval(sql("open_worker_session"), worker_id, session_id) is None:
+        raise NotFound(f"worker {worker_id} is not registered; register again")
+
+
+async def close_session(db: Database, worker_id: str, session_id: uuid.UUID) -> bool:
+    """Record that the session broke; False if it was no longer the worker's current one."""
+    return await db.fetchval(sql("close_worker_session"), worker_id, session_id) is not None
+
+
+async def mark_disconnected_workers_offline(db: Database, grace: timedelta) -> list[str]:
+    rows = await db.fetch(sql("mark_disconnected_workers_offline"), grace)
+    return [r["id"] for r in rows]
 
 
 async def mark_silent_workers_offline(db: Database, offline_timeout: timedelta) -> list[str]:

@@ -149,6 +149,18 @@ class DeregisterWorkerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("opened",)
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    opened: bool
+    def __init__(self, opened: _Optional[bool] = ...) -> None: ...
+
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "name", "hostname", "platform", "max_concurrent_tasks", "state", "version", "registered_at", "last_heartbeat_at", "running_tasks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

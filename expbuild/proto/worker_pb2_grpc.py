@@ -65,6 +65,11 @@ class WorkerServiceStub:
                 request_serializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerRequest.SerializeToString,
                 response_deserializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/expbuild.worker.v1.WorkerService/OpenSession',
+                request_serializer=expbuild_dot_proto_dot_worker__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=expbuild_dot_proto_dot_worker__pb2.SessionEvent.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -113,6 +118,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Held open by a running worker. When it breaks without a DeregisterWorker, the server
+        requeues the worker's tasks unless it reconnects within the server's grace. The
+        server sends one event once the session is recorded; the stream ends (OK) only when
+        the replica shuts down, and the worker then opens a new one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +160,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.DeregisterWorker,
                     request_deserializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerRequest.FromString,
                     response_serializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=expbuild_dot_proto_dot_worker__pb2.OpenSessionRequest.FromString,
+                    response_serializer=expbuild_dot_proto_dot_worker__pb2.SessionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +330,33 @@ class WorkerService:
             '/expbuild.worker.v1.WorkerService/DeregisterWorker',
             expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerRequest.SerializeToString,
             expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerService/OpenSession',
+            expbuild_dot_proto_dot_worker__pb2.OpenSessionRequest.SerializeToString,
+            expbuild_dot_proto_dot_worker__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,

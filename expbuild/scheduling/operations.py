@@ -2,8 +2,12 @@
 
 `OperationTracker.follow` is the stream behind Execute and WaitExecution: it reads the
 operation from Postgres, yields it whenever its stage changes, and sleeps on the replica's
-LISTEN wake-ups (or the polling fallback) in between. Nothing about an operation lives in
-one replica's memory, so any replica can stream any operation.
+LISTEN wake-ups in between (polling only while the listener is disconnected). Nothing about
+an operation lives in one replica's memory, so any replica can stream any operation.
+
+A database outage does not end a stream at once: it keeps trying to read the operation,
+with backoff, for `outage_patience` seconds, then ends with UNAVAILABLE so that the
+client re-attaches (WaitExecution) — to this replica or another.
 
 An operation belongs to the principal that submitted it (`expbuild.auth`): only it, or an
 admin, may get, follow, list, cancel or delete it. Another principal's operation is
@@ -13,6 +17,7 @@ anonymous admin and sees everything.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -27,6 +32,7 @@ from expbuild.auth.principal import Principal
 from expbuild.db import operations as db_operations
 from expbuild.db.notifications import Notifications
 from expbuild.db.operations import OperationRecord
+from expbuild.db.outages import is_database_outage, outage_error
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.text import check_no_nul, quoted
@@ -81,9 +87,12 @@ def owner_filter(principal: Principal) -> str | None:
 
 
 class OperationTracker:
-    def __init__(self, pool: asyncpg.Pool, notifications: Notifications):
+    def __init__(
+        self, pool: asyncpg.Pool, notifications: Notifications, outage_patience: float = 30.0
+    ):
         self.pool = pool
         self.notifications = notifications
+        self.outage_patience = outage_patience
 
     async def get(self, principal: Principal, name: str) -> OperationRecord:
         return await db_operations.get_operation(
@@ -103,18 +112,42 @@ class OperationTracker:
         owner = owner_filter(principal)
         deadline = time.monotonic() + max_wait
         last_stage = seen_stage
+        record = await self._read(name, owner)
+        if record.task_id is None:
+            yield record
+            return
+        with self.notifications.watching_task(record.task_id) as changed:
+            while True:
+                # Read after watching: a change committed from now on sets `changed`.
+                record = await self._read(name, owner)
+                stage = stage_of(record)
+                if stage != last_stage or record.done:
+                    yield record
+                    last_stage = stage
+                if record.done:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                await self.notifications.wait_for_change(changed, remaining)
+
+    async def _read(self, name: str, owner) -> OperationRecord:
+        """The operation; through a database outage, retried for `outage_patience` seconds."""
+        give_up = time.monotonic() + self.outage_patience
+        delay = 0.25
         while True:
-            record = await db_operations.get_operation(self.pool, name, owner)
-            stage = stage_of(record)
-            if stage != last_stage or record.done:
-                yield record
-                last_stage = stage
-            if record.done or record.task_id is None:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            await self.notifications.wait_for_task_done(record.task_id, remaining)
+            try:
+                return await db_operations.get_operation(self.pool, name, owner)
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    raise
+                if time.monotonic() + delay > give_up:
+                    raise outage_error(exc) from exc
+                # Pooled connections may all be dead: open fresh ones on the next try.
+                await self.pool.expire_connections()
+                log.info("Operation %s: database unavailable (%s); retrying", name, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def cancel(self, principal: Principal, name: str) -> None:
         """Cancel the operation; its task too when no other operation waits on it."""

@@ -23,6 +23,7 @@ from expbuild.config import ServerSettings
 from expbuild.db import operations as db_operations
 from expbuild.db import queue
 from expbuild.digest import Digest
+from expbuild.errors import ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.scheduling.actions import (
     check_command,
@@ -32,6 +33,7 @@ from expbuild.scheduling.actions import (
 )
 from expbuild.scheduling.cached_results import lookup_cached_result
 from expbuild.scheduling.platforms import check_platform_offered
+from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,17 @@ async def inline_into(store: FileStore, response: re_pb2.ExecuteResponse, inline
             stdout=inline.stdout,
             stderr=inline.stderr,
             files=inline.files,
+        )
+
+
+async def check_queue_room(pool: asyncpg.Pool, instance: str, limit: int) -> None:
+    """Refuse a new action while `limit` tasks of the instance wait in the queue: a burst
+    beyond what the workers can take is pushed back to the clients (they retry) instead of
+    growing the queue without bound. Concurrent Executes may overshoot by a few."""
+    if await queue.count_queued(pool, instance, limit) >= limit:
+        raise ResourceExhausted(
+            f"instance {quoted(instance)} has {limit} actions queued, the most "
+            "[server] max_queued_tasks allows; retry later"
         )
 
 
@@ -109,6 +122,8 @@ async def submit_action(
     timeout = effective_timeout(loaded.action, settings.max_action_timeout)
     if settings.reject_unmatched_platforms:
         await check_platform_offered(pool, platform)
+    if settings.max_queued_tasks:
+        await check_queue_room(pool, instance, settings.max_queued_tasks)
     enqueued = await queue.enqueue(
         pool,
         queue.NewTask(

@@ -15,10 +15,11 @@ from datetime import timedelta
 import asyncpg
 
 from expbuild.auth.principal import Principal
-from expbuild.db import workers
+from expbuild.db import queue, workers
 from expbuild.db.workers import HeartbeatOutcome
 from expbuild.errors import InvalidArgument, PermissionDenied
 from expbuild.reapi.platforms import PlatformSpec, platform_summary
+from expbuild.scheduling.task_names import task_name
 from expbuild.text import check_no_nul, quoted, shorten
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ async def register(
     return worker_id
 
 
+# A heartbeat may have been sent before a PollTasks reply reached the worker: leases granted
+# this recently are not held against it when they are missing from its running set.
+UNREPORTED_LEASE_MARGIN = timedelta(seconds=5)
+
+
 async def heartbeat(
     pool: asyncpg.Pool,
     principal: Principal,
@@ -105,9 +111,25 @@ async def heartbeat(
     running: list[tuple[int, str]],
     lease_duration: timedelta,
 ) -> HeartbeatOutcome:
-    """Extend the leases the worker still holds; say which were cancelled or lost."""
-    worker_id = await acting_worker(pool, principal, worker_id)
-    return await workers.heartbeat(pool, worker_id, running, lease_duration)
+    """Extend the leases the worker still holds; say which were cancelled or lost.
+
+    Reconciliation: a lease the worker holds but does not report is requeued at once."""
+    outcome = await workers.heartbeat(
+        pool,
+        await acting_worker(pool, principal, worker_id),
+        running,
+        lease_duration,
+        UNREPORTED_LEASE_MARGIN,
+    )
+    if outcome.unreported:
+        for task in await queue.reap_expired_leases(pool):
+            log.warning(
+                "Task %s %s: worker %s does not report running it",
+                task_name(task.task_id),
+                "failed" if task.state == "failed" else "requeued",
+                task.worker_id,
+            )
+    return outcome
 
 
 async def deregister(pool: asyncpg.Pool, principal: Principal, worker_id: str) -> None:

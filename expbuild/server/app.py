@@ -33,6 +33,7 @@ from expbuild.db import queue, workers
 from expbuild.db.locks import CAS_EVICTION_LOCK, try_advisory_lock
 from expbuild.db.migrate import migrate
 from expbuild.db.notifications import Notifications
+from expbuild.db.outages import is_database_outage
 from expbuild.db.pool import create_pool
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
 from expbuild.proto import remote_asset_pb2 as ra_pb2
@@ -40,6 +41,7 @@ from expbuild.proto import remote_asset_pb2_grpc as ra_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.scheduling.operations import OperationTracker
+from expbuild.scheduling.sessions import WorkerSessions
 from expbuild.scheduling.task_names import task_name
 from expbuild.server import http, metrics
 from expbuild.server.action_cache import ActionCacheServicer
@@ -147,7 +149,8 @@ class ServerApp:
         )
         capabilities = CapabilitiesServicer(s, instances)
         bytestream = ByteStreamServicer(self.store, instances)
-        worker_api = WorkerServicer(self.pool, self.store, self.notifications, s)
+        self.sessions = WorkerSessions(self.pool, s.worker_disconnect_grace, self.reap_once)
+        worker_api = WorkerServicer(self.pool, self.store, self.notifications, s, self.sessions)
 
         def storage(server: grpc.aio.Server) -> None:
             re_grpc.add_ContentAddressableStorageServicer_to_server(cas, server)
@@ -333,12 +336,19 @@ class ServerApp:
                 await one_pass()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - try again next time
-                log.exception("%s pass failed", what)
+            except Exception as exc:  # noqa: BLE001 - try again next time
+                if is_database_outage(exc):
+                    log.warning("%s pass skipped: the database is unavailable (%s)", what, exc)
+                else:
+                    log.exception("%s pass failed", what)
             await asyncio.sleep(seconds)
 
     async def reap_once(self) -> None:
         s = self.settings.server
+        for worker_id in await workers.mark_disconnected_workers_offline(
+            self.pool, s.worker_disconnect_grace
+        ):
+            log.warning("Worker %s did not reconnect; marked offline", worker_id)
         for worker_id in await workers.mark_silent_workers_offline(
             self.pool, s.worker_offline_timeout
         ):
@@ -389,6 +399,9 @@ class ServerApp:
         return report
 
     async def stop(self, grace: float = 5.0) -> None:
+        if hasattr(self, "sessions"):
+            # Before the listener closes: this replica going away is no worker's death.
+            await self.sessions.close()
         for task in getattr(self, "_background", []):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

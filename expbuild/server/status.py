@@ -4,11 +4,13 @@ is `expbuild.reapi.status`).
 Servicer methods are wrapped with `@rpc`: an `ExpBuildError` raised below becomes the
 matching status with the error's message (and, for FailedPrecondition, the REAPI
 `PreconditionFailure` details); anything else is logged with its traceback and becomes
-INTERNAL, so one bad request never takes the server down.
+INTERNAL, so one bad request never takes the server down. A database outage (asyncpg's
+connection errors, `expbuild.db.outages`) becomes UNAVAILABLE, which clients retry.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
@@ -17,6 +19,7 @@ import uuid
 import grpc
 
 from expbuild import errors
+from expbuild.db.outages import is_database_outage, outage_error
 from expbuild.reapi.status import error_code, grpc_code, status_trailer, to_status
 from expbuild.text import shorten
 
@@ -26,7 +29,20 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4096
 
 
+def domain_error(error: BaseException) -> BaseException:
+    """`error` itself, or the domain error it stands for: a database outage is
+    Unavailable, a full disk (the CAS's) ResourceExhausted."""
+    if isinstance(error, errors.ExpBuildError):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted("the server's storage is full; try again later")
+    if is_database_outage(error):
+        return outage_error(error)
+    return error
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
+    error = domain_error(error)
     code = grpc_code(error_code(error))
     if code == grpc.StatusCode.INTERNAL:
         # The client gets an id to quote; the text (which may hold paths, SQL or the

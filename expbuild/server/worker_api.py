@@ -19,6 +19,7 @@ from expbuild.reapi.platforms import platform_spec
 from expbuild.scheduling import results, workers
 from expbuild.scheduling.actions import checked_duration
 from expbuild.scheduling.leases import Assignment, LeaseDispatcher
+from expbuild.scheduling.sessions import WorkerSessions
 from expbuild.scheduling.task_names import parse_task_name, task_name
 from expbuild.server import metrics
 from expbuild.server.convert import duration, timestamp
@@ -33,10 +34,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         store: FileStore,
         notifications: Notifications,
         settings: ServerSettings,
+        sessions: WorkerSessions,
     ):
         self.pool = pool
         self.settings = settings
         self.leases = LeaseDispatcher(pool, store, notifications, settings)
+        self.sessions = sessions
 
     @rpc
     async def RegisterWorker(
@@ -123,6 +126,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         metrics.TASK_REQUEUES.labels("released").inc()
         return worker_pb2.ReleaseTaskResponse()
+
+    @rpc
+    async def OpenSession(
+        self, request: worker_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ):
+        worker_id = await workers.acting_worker(self.pool, current_principal(), request.worker_id)
+        async for _ in self.sessions.hold(worker_id):
+            yield worker_pb2.SessionEvent(opened=True)
 
     @rpc
     async def DeregisterWorker(

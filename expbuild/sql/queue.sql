@@ -36,6 +36,13 @@ SELECT c.id AS task_id, c.is_new,
        CASE WHEN c.is_new THEN pg_notify('expbuild_task_queued', '') END AS notified
 FROM chosen c JOIN operation o ON o.task_id = c.id;
 
+-- name: count_queued_tasks
+-- For [server] max_queued_tasks: counts along the queue index and stops at $2.
+-- $1 instance_name, $2 count up to
+SELECT count(*) FROM (
+    SELECT 1 FROM tasks WHERE state = 'queued' AND instance_name = $1 LIMIT $2
+) AS queued;
+
 -- name: lease_tasks
 -- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1, oldest of
 -- the most urgent first. SKIP LOCKED lets any number of pollers run this at once.
@@ -59,7 +66,9 @@ WITH picked AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
 )
-SELECT * FROM leased ORDER BY priority, id;
+-- The NOTIFY tells clients streaming the task that it is now EXECUTING (they do not poll).
+SELECT *, pg_notify('expbuild_task_done', id::text) AS notified
+FROM leased ORDER BY priority, id;
 
 -- name: complete_task
 -- Accept a worker's result only under the current lease. No row back means the token is
@@ -114,6 +123,7 @@ SELECT id, state, worker_id, attempts, lease_token FROM tasks WHERE id = $1;
 WITH expired AS (
     SELECT t.id, t.worker_id,
            CASE WHEN w.id IS NULL THEN 'worker-gone'
+                WHEN w.state = 'offline' AND w.disconnected_at IS NOT NULL THEN 'session-lost'
                 WHEN w.state = 'offline' THEN 'heartbeat-missed'
                 ELSE 'lease-expired' END AS reason
     FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id

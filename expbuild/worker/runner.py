@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -56,6 +57,9 @@ class TaskRunner:
     blob_cache: BlobCache | None = None
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     max_directory_size: int = BackendSettings.max_directory_size
+    # Whether a task's lease may still be valid: while it is, an upload that fails because
+    # the server is away is retried rather than turned into a failed action.
+    still_leased: Callable[[str], bool] = lambda _task_id: False
 
     async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
         """Run the task; the response carries this action's log as server_logs["worker.log"]."""
@@ -157,7 +161,7 @@ class TaskRunner:
             _note_status(response, len(blobs))
             digest, data = _log_blob(action_log.current())
             blobs[digest] = data
-            sent = await cas.upload(blobs)
+            sent = await self._upload_while_leased(cas, blobs, task.task_id)
             log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(blobs), sent)
             _attach_log(response, digest)
         _stamp(metadata.worker_completed_timestamp)
@@ -194,6 +198,32 @@ class TaskRunner:
         else:
             log.info("Command exited with code: %d", outcome.exit_code)
         return outcome
+
+    async def _upload_while_leased(
+        self, cas: CasClient, blobs: dict[Digest, Blob], task_id: str
+    ) -> int:
+        delay = 0.25
+        while True:
+            try:
+                return await cas.upload(blobs)
+            except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
+                if not _server_away(exc) or not self.still_leased(task_id):
+                    raise
+                log.warning(
+                    "Task %s: uploading outputs failed (%s); retrying in %gs",
+                    task_id,
+                    _describe(exc),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _server_away(error: BaseException) -> bool:
+    """An error that says the server is unreachable or restarting, not that we erred."""
+    code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(error, "code", None)
+    away = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return code in away or code in (c.value[0] for c in away)
 
 
 def gather_outputs(
@@ -330,6 +360,9 @@ def error_status(exc: BaseException) -> status_pb2.Status:
     Blobs missing while fetching inputs arrive as `FailedPrecondition` from `materialize`
     with a MISSING violation per blob: that is what makes Bazel upload them and retry.
     """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # The worker's own disk: this action fails clearly, the worker goes on.
+        return to_status(errors.ResourceExhausted(f"the worker's disk is full: {exc}"))
     if isinstance(exc, errors.ExpBuildError | grpc.aio.AioRpcError):
         return to_status(exc)
     return to_status(exc, f"internal worker error: {type(exc).__name__}: {exc}")
