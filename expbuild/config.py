@@ -11,6 +11,7 @@ frozen dataclasses below. A bad value raises `ConfigError` whose message names t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -19,6 +20,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from expbuild.reapi.os_family import OS_FAMILY, respelled
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:8980"
 
@@ -351,7 +356,7 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
 
 
 def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
-    """`{OSFamily = "Linux", ISA = ["x86-64", "x86_64"]}` -> {"OSFamily": ("Linux",), ...}."""
+    """`{OSFamily = "linux", ISA = ["x86-64", "x86_64"]}` -> {"OSFamily": ("linux",), ...}."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -363,6 +368,24 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
         values = value if isinstance(value, (list, tuple)) else [value]
         result[str(name)] = tuple(str(v) for v in values)
     return result
+
+
+def worker_platform(raw: Any) -> dict[str, tuple[str, ...]]:
+    """`[worker.platform]`, its OSFamily in the REAPI lexicon's spelling: an older
+    configuration's `OSFamily = "Linux"` still works, with a warning."""
+    platform = parse_platform(raw, "worker.platform")
+    if OS_FAMILY in platform:
+        values = tuple(respelled(platform[OS_FAMILY]))
+        if values != platform[OS_FAMILY]:
+            log.warning(
+                "[worker.platform] OSFamily = %s: REAPI's platform lexicon spells it %s; "
+                "advertising %s (actions asking for either spelling match)",
+                ", ".join(platform[OS_FAMILY]),
+                ", ".join(values),
+                ", ".join(values),
+            )
+            platform[OS_FAMILY] = values
+    return platform
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -481,7 +504,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
             _get(w, "max_concurrent_tasks", 4), "worker.max_concurrent_tasks"
         ),
         name=str(_get(w, "name", "")) or socket.gethostname(),
-        platform=parse_platform(w.get("platform"), "worker.platform"),
+        platform=worker_platform(w.get("platform")),
         heartbeat_interval=_duration(heartbeat, "worker.heartbeat_interval") if heartbeat else None,
         poll_timeout=_duration(_get(w, "poll_timeout", 30), "worker.poll_timeout"),
         backend=backend,

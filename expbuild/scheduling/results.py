@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import asyncpg
+from google.rpc import code_pb2
 
 from expbuild.db import queue
 from expbuild.proto import remote_execution_pb2 as re_pb2
@@ -41,13 +42,31 @@ async def accept_result(
         cache_result=response.result.SerializeToString() if cacheable else None,
         detail={"exit_code": response.result.exit_code, "status": response.status.code},
     )
-    log.info(
-        "Task %s completed on worker %s (exit code %d)",
-        task_name(task_id),
-        worker_id,
-        response.result.exit_code,
-    )
+    if response.status.code != code_pb2.OK:
+        # The action did not run to an exit code (bad input, a limit, a timeout...).
+        log.warning(
+            "Task %s failed on worker %s: %s: %s",
+            task_name(task_id),
+            worker_id,
+            status_name(response.status.code),
+            shorten(response.status.message),
+        )
+    else:
+        log.info(
+            "Task %s completed on worker %s (exit code %d)",
+            task_name(task_id),
+            worker_id,
+            response.result.exit_code,
+        )
     return succeeded
+
+
+def status_name(code: int) -> str:
+    """`3` -> `INVALID_ARGUMENT`; a code google.rpc does not know as its number."""
+    try:
+        return code_pb2.Code.Name(code)
+    except ValueError:
+        return f"status {code}"
 
 
 async def release_lease(
