@@ -11,11 +11,13 @@ frozen dataclasses below. A bad value raises `ConfigError` whose message names t
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
 import socket
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,32 @@ class ServerSettings:
     reject_unmatched_platforms: bool = True
     # Finished tasks (and their operations) are deleted after this; task_events keep history.
     task_retention: timedelta = timedelta(days=7)
+    # The Worker API's own listener; empty: it shares `address` with the clients' services.
+    worker_address: str = ""
+    # Serve with [auth] mode = "none" on a non-loopback address anyway (warns at each start).
+    allow_insecure_public: bool = False
+    # TLS for `address` (PEM files); tls_client_ca: callers must show a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # TLS for `worker_address` (used only when it is set).
+    worker_tls_cert: str = ""
+    worker_tls_key: str = ""
+    worker_tls_client_ca: str = ""
+
+
+AUTH_MODES = ("none", "tokens")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """`[auth]`: who may call the server (expbuild.auth)."""
+
+    # "none": every caller may do everything (loopback only, unless allow_insecure_public);
+    # "tokens": every call needs a bearer token (or a worker's client certificate).
+    mode: str = "none"
+    # How long a replica trusts what it read about a token; a revocation takes this long.
+    cache_ttl: timedelta = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,13 @@ class WorkerSettings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    # TLS (grpcs:// server_url): CA file to trust; tls_cert/tls_key: this worker's client
+    # certificate for mutual TLS.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # File holding the bearer token (scope "worker") sent with every call.
+    token_file: str = ""
 
     @property
     def cache_dir(self) -> Path:
@@ -178,6 +213,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     cas: CasSettings = field(default_factory=CasSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     source: str = "defaults"
 
     def cas_root(self) -> Path:
@@ -219,19 +255,28 @@ def parse_address(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), port_number
 
 
+TLS_SCHEMES = ("grpcs", "https")
+
+
 def grpc_target(url: str, key: str) -> str:
-    """Turn the guide's `http://host:port` (or plain `host:port`) into a gRPC target."""
+    """Turn the guide's `http://host:port` (or plain `host:port`) into a gRPC target.
+
+    `grpcs://host:port` and `https://host:port` (TLS) become `grpcs://host:port`, which
+    `expbuild.client.channel.open_channel` opens with TLS.
+    """
     text = str(url).strip()
     if "://" in text:
         parsed = urlparse(text)
-        if parsed.scheme not in ("http", "grpc"):
+        if parsed.scheme not in ("http", "grpc") + TLS_SCHEMES:
             raise ConfigError(
-                f"{key} = {url!r}: scheme {parsed.scheme!r} is not supported (use http:// or grpc://)"
+                f"{key} = {url!r}: scheme {parsed.scheme!r} is not supported "
+                "(use http://, grpc://, or grpcs:// for TLS)"
             )
         if not parsed.hostname or not parsed.port:
             raise ConfigError(f"{key} = {url!r}: expected http://host:port")
         host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-        return f"{host}:{parsed.port}"
+        prefix = "grpcs://" if parsed.scheme in TLS_SCHEMES else ""
+        return f"{prefix}{host}:{parsed.port}"
     parse_address(text, key)
     return text
 
@@ -411,9 +456,53 @@ def _reader(section: dict, prefix: str):
     return read
 
 
-def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
-    """Build and validate typed settings from a plain nested mapping."""
+# Each table of the configuration and the settings class whose fields are its keys;
+# None: a free-form table (platform properties).
+SECTIONS: dict[str, type | None] = {
+    "server": ServerSettings,
+    "execution": ExecutionSettings,
+    "database": DatabaseSettings,
+    "cas": CasSettings,
+    "auth": AuthSettings,
+    "worker": WorkerSettings,
+    "worker.backend": BackendSettings,
+    "worker.limits": LimitsSettings,
+    "worker.cache": CacheSettings,
+    "worker.platform": None,
+}
+
+
+def _known_keys(section: str) -> list[str]:
+    if not section:
+        return [name for name in SECTIONS if "." not in name]
+    cls = SECTIONS[section]
+    return [f.name for f in fields(cls)] if cls is not None else []
+
+
+def check_known_keys(raw: dict, origin: str, section: str = "") -> None:
+    """Raise ConfigError for the first key that no setting reads (a misspelling would
+    otherwise be silently ignored), naming the nearest known key."""
+    for key, value in raw.items():
+        name = str(key).lower()
+        path = f"{section}.{name}" if section else name
+        if path in SECTIONS:
+            if SECTIONS[path] is not None and isinstance(value, dict):
+                check_known_keys(value, origin, path)
+            continue
+        known = _known_keys(section)
+        if name in known:
+            continue
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        where = f"[{section}] {name}" if section else f"[{name}]"
+        hint = f"; did you mean {nearest[0]}?" if nearest else f"; known: {', '.join(known)}"
+        raise ConfigError(f"unknown key {where} in {origin}{hint}")
+
+
+def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") -> Settings:
+    """Build and validate typed settings from a plain nested mapping (`origin`, for
+    messages, says where it came from; `source` by default)."""
     raw = {str(k).lower(): v for k, v in raw.items()}
+    check_known_keys(raw, origin or source)
     s, e, d, c, w = (_section(raw, n) for n in ("server", "execution", "database", "cas", "worker"))
     defaults_server = ServerSettings()
 
@@ -445,12 +534,30 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         max_action_timeout=srv("max_action_timeout", _duration, defaults_server),
         reject_unmatched_platforms=srv("reject_unmatched_platforms", _bool, defaults_server),
         task_retention=srv("task_retention", _duration, defaults_server),
+        worker_address=str(_get(s, "worker_address", "")),
+        allow_insecure_public=srv("allow_insecure_public", _bool, defaults_server),
+        **{key: str(_get(s, key, "")) for key in TLS_FILE_KEYS},
+    )
+    if server.worker_address:
+        parse_address(server.worker_address, "server.worker_address")
+    _check_tls_pair(server.tls_cert, server.tls_key, "server.tls_cert", "server.tls_key")
+    _check_tls_pair(
+        server.worker_tls_cert,
+        server.worker_tls_key,
+        "server.worker_tls_cert",
+        "server.worker_tls_key",
     )
     if server.lease_duration <= server.heartbeat_interval:
         raise ConfigError(
             f"server.lease_duration ({server.lease_duration.total_seconds():g}s) must be longer than "
             f"server.heartbeat_interval ({server.heartbeat_interval.total_seconds():g}s)"
         )
+
+    a = _section(raw, "auth")
+    auth = AuthSettings(
+        mode=_choice(_get(a, "mode", AuthSettings.mode), "auth.mode", AUTH_MODES),
+        cache_ttl=_reader(a, "auth")("cache_ttl", _duration, AuthSettings()),
+    )
 
     execution = ExecutionSettings(
         backend=_choice(_get(e, "backend", "scheduler"), "execution.backend", EXECUTION_BACKENDS),
@@ -510,10 +617,37 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
+        tls_ca=str(_get(w, "tls_ca", "")),
+        tls_cert=str(_get(w, "tls_cert", "")),
+        tls_key=str(_get(w, "tls_key", "")),
+        token_file=str(_get(w, "token_file", "")),
     )
+    _check_tls_pair(worker.tls_cert, worker.tls_key, "worker.tls_cert", "worker.tls_key")
     return Settings(
-        server=server, execution=execution, database=database, cas=cas, worker=worker, source=source
+        server=server,
+        execution=execution,
+        database=database,
+        cas=cas,
+        worker=worker,
+        auth=auth,
+        source=source,
     )
+
+
+TLS_FILE_KEYS = (
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "worker_tls_cert",
+    "worker_tls_key",
+    "worker_tls_client_ca",
+)
+
+
+def _check_tls_pair(cert: str, key: str, cert_name: str, key_name: str) -> None:
+    if bool(cert) != bool(key):
+        missing = key_name if cert else cert_name
+        raise ConfigError(f"{missing} is empty: a TLS certificate needs its key and vice versa")
 
 
 def _cache(raw: dict) -> CacheSettings:
@@ -591,4 +725,11 @@ def load_settings(config_path: str | None = None) -> Settings:
         ).as_dict()
     except Exception as exc:  # dynaconf surfaces TOML syntax errors as various types
         raise ConfigError(f"cannot read {source}: {exc}") from None
-    return settings_from_mapping(raw, source=source)
+    if files and files[0].endswith(".toml"):
+        with open(files[0], "rb") as handle:
+            check_known_keys(tomllib.load(handle), source)
+    # Top-level EXPBUILD_ variables that name no table are the commands' own (EXPBUILD_TOKEN,
+    # EXPBUILD_CONFIG, ...); inside a table every key must be known, from a file or not.
+    raw = {k: v for k, v in raw.items() if str(k).lower() in SECTIONS}
+    origin = f"{source} or EXPBUILD_ environment variables" if files else "EXPBUILD_ variables"
+    return settings_from_mapping(raw, source=source, origin=origin)

@@ -50,7 +50,8 @@ class ResourceExhausted(ExpBuildError):
 
 
 class PermissionDenied(ExpBuildError):
-    """The operation is switched off by configuration."""
+    """The caller may not do this: switched off by configuration, or not its to do
+    (another credential's worker, a token limited to other instances)."""
 
     code = code_pb2.PERMISSION_DENIED
 

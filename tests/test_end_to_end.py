@@ -24,6 +24,17 @@ def cluster(database_url, tmp_path):
     """A server and one worker as separate processes, like two hosts would run them."""
     env = server_env(database_url, tmp_path)
     address = env["EXPBUILD_SERVER__ADDRESS"]
+    # The shipped config is for a network (TLS, tokens, a worker listener); here it runs on
+    # loopback without them, like the original guide (tests/test_tls.py and test_auth*.py
+    # cover the secured setup).
+    env.update(
+        {
+            "EXPBUILD_AUTH__MODE": "none",
+            "EXPBUILD_SERVER__WORKER_ADDRESS": "",
+            **{f"EXPBUILD_SERVER__{key}": "" for key in ("TLS_CERT", "TLS_KEY")},
+            **{f"EXPBUILD_SERVER__WORKER_{key}": "" for key in ("TLS_CERT", "TLS_KEY")},
+        }
+    )
     server = start(
         "server",
         ["re-server", "--config", "configs/expbuild-server-remote-workers.toml", "--verbose"],

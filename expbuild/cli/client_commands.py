@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import click
 import grpc
 
-from expbuild.cli.common import server_option
+from expbuild.cli.common import channel_security, server_option
 from expbuild.client.actions import check_output_path, parse_pair, platform_from_pairs
 from expbuild.client.errors import RemoteError
 from expbuild.client.run import RunResult, execute_action, run_command
@@ -278,6 +278,8 @@ def run(
       expbuild run --server http://build.example.com:8980 --json -- uname -a
     """
 
+    security = channel_security()
+
     def produce() -> RunResult:
         try:
             platform = platform_from_pairs(platform_pairs)
@@ -304,6 +306,7 @@ def run(
         work = run_command(
             server,
             list(command),
+            security=security,
             instance_name=instance,
             inputs=paths,
             outputs=list(outputs),
@@ -346,6 +349,8 @@ def execute(
       expbuild execute --skip-cache --json 8f3c...e1a0/142
     """
 
+    security = channel_security()
+
     def produce() -> RunResult:
         try:
             digest = Digest.parse(action_digest)
@@ -357,6 +362,7 @@ def execute(
         work = execute_action(
             server,
             digest,
+            security=security,
             instance_name=instance,
             skip_cache_lookup=skip_cache,
             priority=priority,

@@ -7,6 +7,7 @@ import click
 from expbuild import __version__
 from expbuild.cli.client_commands import execute, run
 from expbuild.cli.server import db_group, server_command
+from expbuild.cli.tokens import tokens_group
 from expbuild.cli.up import up_command
 from expbuild.cli.worker import worker_group
 from expbuild.cli.workers import workers_group
@@ -30,6 +31,7 @@ main.add_command(server_command)
 main.add_command(worker_group)
 main.add_command(workers_group)
 main.add_command(db_group)
+main.add_command(tokens_group)
 main.add_command(up_command)
 main.add_command(run)
 main.add_command(execute)

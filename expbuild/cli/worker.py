@@ -43,6 +43,7 @@ def daemon_command(
     """
     from dataclasses import replace
 
+    from expbuild.client.channel import ChannelSecurityError
     from expbuild.config import ConfigError, grpc_target
 
     setup_logging(verbose)
@@ -58,7 +59,7 @@ def daemon_command(
         worker = replace(worker, max_concurrent_tasks=max_concurrent_tasks)
     try:
         asyncio.run(_run_agent(worker))
-    except ConfigError as exc:  # e.g. the configured backend cannot work on this host
+    except (ConfigError, ChannelSecurityError) as exc:  # e.g. the backend cannot work here
         raise click.ClickException(f"configuration error: {exc}") from None
 
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import click
 import grpc
 
-from expbuild.cli.common import server_option
+from expbuild.cli.common import channel_security, server_option
 from expbuild.client.channel import open_channel
 from expbuild.client.errors import from_rpc_error
 from expbuild.proto import worker_pb2, worker_pb2_grpc
@@ -18,8 +18,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 
 def _call(target: str, method: str, request):
+    security = channel_security()
+
     async def run():
-        async with open_channel(target) as channel:
+        async with open_channel(target, security) as channel:
             stub = worker_pb2_grpc.WorkerAdminServiceStub(channel)
             try:
                 return await getattr(stub, method)(request, timeout=30)

@@ -17,7 +17,7 @@ from pathlib import Path
 from expbuild.aio import gather_or_cancel
 from expbuild.client.actions import PlatformSpec, build_action, build_command, check_output_path
 from expbuild.client.cas import CasClient
-from expbuild.client.channel import open_channel
+from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.execution import ExecutionClient, response_error
 from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from_paths
 from expbuild.digest import Digest, digest_of
@@ -248,10 +248,11 @@ async def _connect_and_execute(
     before: Callable[[CasClient], Awaitable[None]] | None,
     *,
     instance_name: str,
+    security: ChannelSecurity | None,
     **options,
 ) -> RunResult:
     """Connect, run `before` (the uploads) if given, then execute and finish."""
-    async with open_channel(target) as channel:
+    async with open_channel(target, security) as channel:
         cas = await CasClient.connect(channel, instance_name)
         if before is not None:
             await before(cas)
@@ -287,6 +288,7 @@ async def run_command(
     target: str,
     argv: list[str],
     *,
+    security: ChannelSecurity | None = None,
     instance_name: str = "",
     inputs: Sequence[Path] = (),
     outputs: Sequence[str] = (),
@@ -349,6 +351,7 @@ async def run_command(
         action_digest,
         upload_inputs,
         instance_name=instance_name,
+        security=security,
         skip_cache_lookup=skip_cache_lookup,
         priority=priority,
         download_to=download_to,
@@ -360,6 +363,7 @@ async def execute_action(
     target: str,
     action_digest: Digest,
     *,
+    security: ChannelSecurity | None = None,
     instance_name: str = "",
     skip_cache_lookup: bool = False,
     priority: int = 0,
@@ -377,6 +381,7 @@ async def execute_action(
         action_digest,
         None,
         instance_name=instance_name,
+        security=security,
         skip_cache_lookup=skip_cache_lookup,
         priority=priority,
         download_to=download_to,

@@ -21,7 +21,7 @@ from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
 
-# {"OSFamily": ["Linux"], "Arch": ["x86_64"]}: property name -> every value required/offered.
+# {"OSFamily": ["linux"], "Arch": ["x86_64"]}: property name -> every value required/offered.
 PlatformSpec = dict[str, list[str]]
 
 _ENQUEUE_RETRIES = 5
@@ -93,8 +93,11 @@ def normalize_platform(properties: dict[str, Any]) -> PlatformSpec:
     return spec
 
 
-async def enqueue(db: Database, task: NewTask, operation_name: str) -> Enqueued:
-    """Queue `task` (or join its identical in-flight twin) and record `operation_name`."""
+async def enqueue(
+    db: Database, task: NewTask, operation_name: str, principal: str = ""
+) -> Enqueued:
+    """Queue `task` (or join its identical in-flight twin) and record `operation_name`,
+    owned by `principal`."""
     timeout = task.timeout if task.timeout else None
     for _ in range(_ENQUEUE_RETRIES):
         row = await db.fetchrow(
@@ -107,6 +110,7 @@ async def enqueue(db: Database, task: NewTask, operation_name: str) -> Enqueued:
             timeout,
             task.max_attempts,
             operation_name,
+            principal,
         )
         if row is not None:
             return Enqueued(task_id=row["task_id"], is_new=row["is_new"])

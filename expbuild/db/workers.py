@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.db.queue import PlatformSpec, normalize_platform
-from expbuild.errors import InvalidArgument, NotFound
+from expbuild.errors import InvalidArgument, NotFound, PermissionDenied
 from expbuild.text import quoted
 
 
@@ -49,7 +49,10 @@ async def register_worker(
     platform: PlatformSpec,
     max_concurrent: int,
     version: str = "",
+    principal: str = "",
 ) -> str:
+    """Insert or revive the worker; PermissionDenied when `worker_id` belongs to
+    another principal."""
     if max_concurrent < 1:
         raise InvalidArgument(f"max_concurrent_tasks must be at least 1, got {max_concurrent}")
     row = await db.fetchrow(
@@ -60,8 +63,19 @@ async def register_worker(
         normalize_platform(platform),
         max_concurrent,
         version,
+        principal,
     )
+    if row is None:
+        raise PermissionDenied(
+            f"worker id {quoted(worker_id)} was registered with another credential; register "
+            "without an id to get one of your own"
+        )
     return row["id"]
+
+
+async def worker_principal(db: Database, worker_id: str) -> str | None:
+    """The principal that registered `worker_id`; None when there is no such worker."""
+    return await db.fetchval(sql("worker_principal"), worker_id)
 
 
 async def heartbeat(

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import asyncpg
 
+from expbuild.auth.principal import Principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db import queue, workers
@@ -23,6 +24,7 @@ from expbuild.errors import FailedPrecondition, NotFound, rpc_status
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.scheduling.actions import load_action
 from expbuild.scheduling.task_names import task_name
+from expbuild.scheduling.workers import acting_worker
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,20 @@ class LeaseDispatcher:
         self.notifications = notifications
         self.settings = settings
 
-    async def poll(self, worker_id: str, max_tasks: int, timeout: timedelta | None) -> PollOutcome:
-        """Lease up to `max_tasks` (within the worker's limit), waiting up to `timeout`
-        (never longer than `[server] poll_timeout`) for work to come.
+    async def poll(
+        self,
+        principal: Principal,
+        worker_id: str,
+        max_tasks: int,
+        timeout: timedelta | None,
+    ) -> PollOutcome:
+        """Lease up to `max_tasks` (within the worker's limit) to the worker `principal`
+        registered, waiting up to `timeout` (never longer than `[server] poll_timeout`)
+        for work to come.
 
         A task whose Action or Command left the CAS fails and is left out.
         """
+        worker_id = await acting_worker(self.pool, principal, worker_id)
         try:
             worker = await workers.get_worker(self.pool, worker_id)
         except NotFound:

@@ -4,6 +4,11 @@
 operation from Postgres, yields it whenever its stage changes, and sleeps on the replica's
 LISTEN wake-ups (or the polling fallback) in between. Nothing about an operation lives in
 one replica's memory, so any replica can stream any operation.
+
+An operation belongs to the principal that submitted it (`expbuild.auth`): only it, or an
+admin, may get, follow, list, cancel or delete it. Another principal's operation is
+"not found", so that its existence does not leak. With auth off every caller is the one
+anonymous admin and sees everything.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from datetime import datetime
 import asyncpg
 from google.rpc import code_pb2, status_pb2
 
+from expbuild.auth.principal import Principal
 from expbuild.db import operations as db_operations
 from expbuild.db.notifications import Notifications
 from expbuild.db.operations import OperationRecord
@@ -68,23 +74,37 @@ def operation_name(name: str) -> str:
     return check_no_nul(name, "operation name")
 
 
+def owner_filter(principal: Principal) -> str | None:
+    """Whose operations `principal` may see and act on: its own; an admin's, everyone's
+    (None)."""
+    return None if principal.is_admin else principal.name
+
+
 class OperationTracker:
     def __init__(self, pool: asyncpg.Pool, notifications: Notifications):
         self.pool = pool
         self.notifications = notifications
 
-    async def get(self, name: str) -> OperationRecord:
-        return await db_operations.get_operation(self.pool, operation_name(name))
+    async def get(self, principal: Principal, name: str) -> OperationRecord:
+        return await db_operations.get_operation(
+            self.pool, operation_name(name), owner_filter(principal)
+        )
 
     async def follow(
-        self, name: str, *, seen_stage: int | None = None, max_wait: float = 24 * 3600
+        self,
+        principal: Principal,
+        name: str,
+        *,
+        seen_stage: int | None = None,
+        max_wait: float = 24 * 3600,
     ) -> AsyncIterator[OperationRecord]:
         """Yield the operation at every stage change (from `seen_stage` on) until it is done."""
         name = operation_name(name)
+        owner = owner_filter(principal)
         deadline = time.monotonic() + max_wait
         last_stage = seen_stage
         while True:
-            record = await db_operations.get_operation(self.pool, name)
+            record = await db_operations.get_operation(self.pool, name, owner)
             stage = stage_of(record)
             if stage != last_stage or record.done:
                 yield record
@@ -96,21 +116,32 @@ class OperationTracker:
                 return
             await self.notifications.wait_for_task_done(record.task_id, remaining)
 
-    async def cancel(self, name: str) -> None:
+    async def cancel(self, principal: Principal, name: str) -> None:
         """Cancel the operation; its task too when no other operation waits on it."""
-        task_cancelled = await db_operations.cancel_operation(self.pool, operation_name(name))
+        task_cancelled = await db_operations.cancel_operation(
+            self.pool, operation_name(name), owner_filter(principal)
+        )
         log.info("Operation %s cancelled%s", name, " with its task" if task_cancelled else "")
 
-    async def delete(self, name: str) -> None:
-        await db_operations.delete_operation(self.pool, operation_name(name))
+    async def delete(self, principal: Principal, name: str) -> None:
+        await db_operations.delete_operation(
+            self.pool, operation_name(name), owner_filter(principal)
+        )
 
-    async def list(self, filter_text: str, page_size: int, page_token: str) -> OperationPage:
-        """Newest first, `page_size` at most (default 100, never more than MAX_LIST_PAGE)."""
+    async def list(
+        self, principal: Principal, filter_text: str, page_size: int, page_token: str
+    ) -> OperationPage:
+        """Newest first, `page_size` at most (default 100, never more than MAX_LIST_PAGE);
+        only the principal's own operations unless it is an admin."""
         if page_size < 0:
             raise InvalidArgument(f"page_size {page_size} is negative")
         limit = min(page_size or 100, MAX_LIST_PAGE)
         records = await db_operations.list_operations(
-            self.pool, stage=_list_filter(filter_text), limit=limit, after=_after(page_token)
+            self.pool,
+            stage=_list_filter(filter_text),
+            limit=limit,
+            after=_after(page_token),
+            owner=owner_filter(principal),
         )
         next_token = _page_token(records[-1]) if len(records) == limit else ""
         return OperationPage(records, next_token)

@@ -1,7 +1,8 @@
 """Accepting results: a worker reports a task's ExecuteResponse, or hands the lease back.
 
 Both are fenced by the lease token (`expbuild.db.queue`): a stale worker's late report
-changes nothing and is refused with `Aborted`.
+changes nothing and is refused with `Aborted`. And both act for a worker only when the
+caller is the credential that registered it (`expbuild.scheduling.workers.acting_worker`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import logging
 import asyncpg
 from google.rpc import code_pb2
 
+from expbuild.auth.principal import Principal
 from expbuild.db import queue
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.scheduling.task_names import task_name
+from expbuild.scheduling.workers import acting_worker
 from expbuild.text import check_no_nul, shorten
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 
 async def accept_result(
     pool: asyncpg.Pool,
+    principal: Principal,
     worker_id: str,
     task_id: int,
     lease_token: str,
@@ -30,6 +34,7 @@ async def accept_result(
 
     Only a successful run that exited 0 goes to the action cache (the task's
     do_not_cache is honoured by the statement)."""
+    worker_id = await acting_worker(pool, principal, worker_id)
     succeeded = response.status.code == 0 and response.HasField("result")
     cacheable = succeeded and response.result.exit_code == 0
     await queue.complete_task(
@@ -70,9 +75,15 @@ def status_name(code: int) -> str:
 
 
 async def release_lease(
-    pool: asyncpg.Pool, worker_id: str, task_id: int, lease_token: str, reason: str
+    pool: asyncpg.Pool,
+    principal: Principal,
+    worker_id: str,
+    task_id: int,
+    lease_token: str,
+    reason: str,
 ) -> None:
     """Hand the lease back unrun: the task is queued again at once."""
+    worker_id = await acting_worker(pool, principal, worker_id)
     reason = check_no_nul(reason, "reason") or "released by worker"
     await queue.release_task(pool, task_id, lease_token, worker_id, reason)
     log.info("Task %s handed back by worker %s: %s", task_name(task_id), worker_id, shorten(reason))

@@ -3,6 +3,8 @@
 A cached answer is recorded as a finished operation; otherwise the Action and Command are
 read and checked, and the task is queued, or joined when the same cacheable action is in
 flight already. Either way the caller gets an operation name that any replica can follow.
+The operation belongs to the submitting principal (see `expbuild.scheduling.operations`);
+a joined task is shared, but each submitter gets an operation of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 from google.rpc import code_pb2, status_pb2
 
+from expbuild.auth.principal import Principal
 from expbuild.cas.action_results import inline_outputs
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
@@ -70,6 +73,7 @@ async def submit_action(
     pool: asyncpg.Pool,
     store: FileStore,
     settings: ServerSettings,
+    principal: Principal,
     *,
     instance: str,
     digest: Digest,
@@ -77,7 +81,8 @@ async def submit_action(
     priority: int = 0,
     inline: Inline = Inline(),
 ) -> Submitted:
-    """Answer the action from the cache or queue it; the operation exists on return."""
+    """Answer the action from the cache or queue it; the operation exists on return,
+    owned by `principal`."""
     operation_name = str(uuid.uuid4())
     if not skip_cache_lookup:
         cached = await lookup_cached_result(pool, store, instance, digest)
@@ -87,7 +92,12 @@ async def submit_action(
             )
             await inline_into(store, response, inline)
             await db_operations.insert_cached_operation(
-                pool, operation_name, instance, digest, response.SerializeToString()
+                pool,
+                operation_name,
+                instance,
+                digest,
+                response.SerializeToString(),
+                principal=principal.name,
             )
             log.info("Action %s answered from the action cache", digest)
             return Submitted(operation_name, digest, "cache_hit", cached=response)
@@ -111,6 +121,7 @@ async def submit_action(
             max_attempts=settings.max_attempts,
         ),
         operation_name,
+        principal=principal.name,
     )
     if enqueued.is_new:
         log.info(

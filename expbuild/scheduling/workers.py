@@ -1,4 +1,11 @@
-"""Worker lifecycle as the Worker API sees it: register, heartbeat, deregister."""
+"""Worker lifecycle as the Worker API sees it: register, heartbeat, deregister.
+
+A worker is bound to the credential (principal) that registered it: only that credential
+may register its id again, heartbeat, poll, or report and hand back tasks for it, so one
+worker's token cannot steal or forge another worker's leases. Ids are the server's to
+give: an authenticated worker that names an id nobody holds gets a fresh one. With auth
+off every caller is the same anonymous principal and nothing is refused.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,12 @@ from datetime import timedelta
 
 import asyncpg
 
+from expbuild.auth.principal import Principal
 from expbuild.db import workers
 from expbuild.db.queue import PlatformSpec
 from expbuild.db.workers import HeartbeatOutcome
-from expbuild.errors import InvalidArgument
-from expbuild.text import check_no_nul, shorten
+from expbuild.errors import InvalidArgument, PermissionDenied
+from expbuild.text import check_no_nul, quoted, shorten
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +32,24 @@ def require_worker_id(worker_id: str) -> str:
     return check_no_nul(worker_id, "worker_id")
 
 
+async def acting_worker(pool: asyncpg.Pool, principal: Principal, worker_id: str) -> str:
+    """The worker id a call acts for, once the caller is known to be the credential that
+    registered it; PermissionDenied otherwise. (An unknown id passes: the call itself
+    answers that the worker must register again.)"""
+    worker_id = require_worker_id(worker_id)
+    if principal.authenticated:
+        owner = await workers.worker_principal(pool, worker_id)
+        if owner is not None and owner != principal.name:
+            raise PermissionDenied(
+                f"worker {quoted(worker_id)} was registered with another credential; "
+                "a worker may act only for the id it registered"
+            )
+    return worker_id
+
+
 async def register(
     pool: asyncpg.Pool,
+    principal: Principal,
     *,
     worker_id: str,
     name: str,
@@ -34,7 +58,7 @@ async def register(
     max_concurrent: int,
     version: str,
 ) -> str:
-    """Register (or re-register) the worker; returns its id."""
+    """Register (or re-register) the worker as `principal`'s; returns its id."""
     for value, what in (
         (worker_id, "worker_id"),
         (name, "name"),
@@ -45,8 +69,20 @@ async def register(
         # They appear in every log line about the worker's tasks: keep those short.
         if len(value) > MAX_NAME_CHARS:
             raise InvalidArgument(f"{what} is {len(value)} characters; at most {MAX_NAME_CHARS}")
+    if principal.authenticated and worker_id:
+        owner = await workers.worker_principal(pool, worker_id)
+        if owner is None:
+            worker_id = ""  # an id nobody holds: not the caller's to choose, get a new one
+        elif owner != principal.name:
+            raise PermissionDenied(
+                f"worker id {quoted(worker_id)} was registered with another credential; "
+                "register without an id to get one of your own"
+            )
+    # The statement refuses too (PermissionDenied) should another credential take the id
+    # between the check and the write.
     worker_id = await workers.register_worker(
         pool,
+        principal=principal.name,
         worker_id=worker_id,
         name=name or hostname or "worker",
         hostname=hostname,
@@ -64,14 +100,17 @@ async def register(
 
 async def heartbeat(
     pool: asyncpg.Pool,
+    principal: Principal,
     worker_id: str,
     running: list[tuple[int, str]],
     lease_duration: timedelta,
 ) -> HeartbeatOutcome:
     """Extend the leases the worker still holds; say which were cancelled or lost."""
-    return await workers.heartbeat(pool, require_worker_id(worker_id), running, lease_duration)
+    worker_id = await acting_worker(pool, principal, worker_id)
+    return await workers.heartbeat(pool, worker_id, running, lease_duration)
 
 
-async def deregister(pool: asyncpg.Pool, worker_id: str) -> None:
-    requeued = await workers.deregister_worker(pool, require_worker_id(worker_id))
+async def deregister(pool: asyncpg.Pool, principal: Principal, worker_id: str) -> None:
+    worker_id = await acting_worker(pool, principal, worker_id)
+    requeued = await workers.deregister_worker(pool, worker_id)
     log.info("Worker %s deregistered (%d task(s) requeued)", worker_id, requeued)

@@ -19,9 +19,15 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from expbuild.auth.exposure import check_exposure
+from expbuild.auth.interceptor import WORKER_CERTIFICATE_SCOPES, AuthInterceptor
+from expbuild.auth.principal import Principal
+from expbuild.auth.scopes import WORKER as WORKER_SCOPE
+from expbuild.auth.token_secrets import new_secret
+from expbuild.auth.verifier import TokenVerifier
 from expbuild.cas.eviction import EvictionReport, evict_to_size
 from expbuild.cas.store import FileStore
-from expbuild.config import Settings, parse_address
+from expbuild.config import ConfigError, Settings, parse_address
 from expbuild.db import queue, workers
 from expbuild.db.locks import CAS_EVICTION_LOCK, try_advisory_lock
 from expbuild.db.migrate import migrate
@@ -46,6 +52,8 @@ from expbuild.server.worker_api import WorkerServicer
 
 log = logging.getLogger(__name__)
 
+LOCAL_WORKERS = "local-workers"  # the principal of a replica's in-process workers
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAMES = (
     re_pb2.DESCRIPTOR.services_by_name["Execution"].full_name,
@@ -57,6 +65,21 @@ SERVICE_NAMES = (
     worker_pb2.DESCRIPTOR.services_by_name["WorkerAdminService"].full_name,
     "google.longrunning.Operations",
 )
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+WORKER_LISTENER_SERVICES = (
+    WORKER_SERVICE,
+    re_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name,
+    re_pb2.DESCRIPTOR.services_by_name["Capabilities"].full_name,
+    bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name,
+)
+
+
+def _read_pem(path: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"{key} = {path!r}: cannot read it: {exc.strerror}") from None
 
 
 @dataclass
@@ -65,9 +88,12 @@ class ServerApp:
     database_url: str
     port: int = 0
     metrics_port: int | None = None
+    # Non-zero: the Worker API listener's port instead of [server] worker_address's (tests).
+    worker_port_override: int = 0
 
     async def start(self) -> None:
         settings = self.settings
+        check_exposure(settings)  # before anything starts: a refusal leaves nothing behind
         self.pool: asyncpg.Pool = await create_pool(
             self.database_url,
             settings.database.pool_min_size,
@@ -85,55 +111,69 @@ class ServerApp:
 
         instances = InstanceNames(settings.server.instance_names)
         tracker = OperationTracker(self.pool, self.notifications)
-        server = grpc.aio.server(
-            interceptors=[DecodingInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ],
-        )
         s = settings.server
-        re_grpc.add_ExecutionServicer_to_server(
-            ExecutionServicer(self.pool, self.store, tracker, instances, s), server
+        self.verifier = TokenVerifier(self.pool, settings.auth.cache_ttl.total_seconds())
+        # The credential of this replica's in-process workers (`expbuild up`, backend local).
+        self.local_worker_secret = new_secret()
+        self.verifier.add_static(
+            self.local_worker_secret, Principal.of(LOCAL_WORKERS, (WORKER_SCOPE,))
         )
-        re_grpc.add_ActionCacheServicer_to_server(
-            ActionCacheServicer(self.pool, self.store, instances, s), server
+        self.health = health.aio.HealthServicer()
+        separate_workers = bool(s.worker_address)
+
+        execution = ExecutionServicer(self.pool, self.store, tracker, instances, s)
+        action_cache = ActionCacheServicer(self.pool, self.store, instances, s)
+        cas = ContentAddressableStorageServicer(
+            self.store, instances, s.max_batch_total_size_bytes, s.max_directory_size_bytes
         )
-        re_grpc.add_ContentAddressableStorageServicer_to_server(
-            ContentAddressableStorageServicer(
-                self.store, instances, s.max_batch_total_size_bytes, s.max_directory_size_bytes
-            ),
-            server,
-        )
-        re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesServicer(s, instances), server)
-        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(
-            ByteStreamServicer(self.store, instances), server
-        )
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.pool, self.store, self.notifications, s), server
-        )
+        capabilities = CapabilitiesServicer(s, instances)
+        bytestream = ByteStreamServicer(self.store, instances)
+        worker_api = WorkerServicer(self.pool, self.store, self.notifications, s)
+
+        def storage(server: grpc.aio.Server) -> None:
+            re_grpc.add_ContentAddressableStorageServicer_to_server(cas, server)
+            re_grpc.add_CapabilitiesServicer_to_server(capabilities, server)
+            bytestream_pb2_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+
+        # Clients: REAPI, Operations, admin, health, reflection (and the Worker API when
+        # it has no listener of its own).
+        server = self._new_server(s.tls_client_ca)
+        re_grpc.add_ExecutionServicer_to_server(execution, server)
+        re_grpc.add_ActionCacheServicer_to_server(action_cache, server)
+        storage(server)
+        if not separate_workers:
+            worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker_api, server)
         worker_pb2_grpc.add_WorkerAdminServiceServicer_to_server(
             WorkerAdminServicer(self.pool), server
         )
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(tracker), server)
-
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            SERVICE_NAMES
-            + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
+        client_services = tuple(
+            n for n in SERVICE_NAMES if not (separate_workers and n == WORKER_SERVICE)
         )
-        host, port = parse_address(s.address, "server.address")
-        bind = (
-            f"[{host}]:{port if not self.port else self.port}"
-            if ":" in host
-            else f"{host}:{port if not self.port else self.port}"
+        self._add_health_and_reflection(server, client_services)
+        self.port = self._listen(
+            server, s.address, self.port, s.tls_cert, s.tls_key, s.tls_client_ca, "server."
         )
-        self.port = server.add_insecure_port(bind)
-        await server.start()
+        self.servers = [server]
+        self.worker_port = self.port
+        if separate_workers:
+            # Workers: the Worker API and the CAS they fetch inputs from and upload to.
+            worker_server = self._new_server(s.worker_tls_client_ca)
+            worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker_api, worker_server)
+            storage(worker_server)
+            self._add_health_and_reflection(worker_server, WORKER_LISTENER_SERVICES)
+            self.worker_port = self._listen(
+                worker_server,
+                s.worker_address,
+                self.worker_port_override,
+                s.worker_tls_cert,
+                s.worker_tls_key,
+                s.worker_tls_client_ca,
+                "server.worker_",
+            )
+            self.servers.append(worker_server)
+        for each in self.servers:
+            await each.start()
         self.server = server
         for name in SERVICE_NAMES + ("",):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -165,7 +205,75 @@ class ServerApp:
                     self._every(interval, self.evict_once, "CAS eviction"), name="cas-eviction"
                 )
             )
-        log.info("ExpBuild server listening on %s:%d (CAS at %s)", host, self.port, self.store.root)
+        host, _ = parse_address(s.address, "server.address")
+        log.info(
+            "ExpBuild server listening on %s:%d%s (CAS at %s; auth: %s)",
+            host,
+            self.port,
+            " with TLS" if s.tls_cert else "",
+            self.store.root,
+            settings.auth.mode,
+        )
+        if separate_workers:
+            whost, _ = parse_address(s.worker_address, "server.worker_address")
+            log.info(
+                "Worker API listening on %s:%d%s",
+                whost,
+                self.worker_port,
+                " with TLS" if s.worker_tls_cert else "",
+            )
+
+    def _new_server(self, client_ca: str) -> grpc.aio.Server:
+        # The first interceptor wraps the others: the caller is authenticated before its
+        # request body is even parsed, so a stranger's garbage is UNAUTHENTICATED, and only
+        # a known caller learns how its body is malformed (INVALID_ARGUMENT).
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.settings.auth.mode == "tokens":
+            # A verified client certificate identifies a worker where a client CA is set.
+            cert_scopes = WORKER_CERTIFICATE_SCOPES if client_ca else ()
+            interceptors.append(AuthInterceptor(self.verifier, cert_scopes))
+        interceptors.append(DecodingInterceptor())
+        return grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+
+    def _add_health_and_reflection(self, server: grpc.aio.Server, services) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            tuple(services)
+            + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+
+    @staticmethod
+    def _listen(
+        server: grpc.aio.Server,
+        address: str,
+        port_override: int,
+        cert: str,
+        key: str,
+        client_ca: str,
+        prefix: str,
+    ) -> int:
+        """Bind `address` (port `port_override` when non-zero), with TLS when `cert` is set;
+        `prefix` ("server." or "server.worker_") names the keys in errors."""
+        host, port = parse_address(address, f"{prefix}address")
+        port = port_override or port
+        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if not cert:
+            return server.add_insecure_port(bind)
+        credentials = grpc.ssl_server_credentials(
+            [(_read_pem(key, f"{prefix}tls_key"), _read_pem(cert, f"{prefix}tls_cert"))],
+            root_certificates=_read_pem(client_ca, f"{prefix}tls_client_ca") if client_ca else None,
+            require_client_auth=bool(client_ca),
+        )
+        return server.add_secure_port(bind, credentials)
 
     async def _every(self, seconds: float, one_pass, what: str) -> None:
         """Run `one_pass` forever, `seconds` apart; a failed pass is logged, not fatal
@@ -228,8 +336,7 @@ class ServerApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if hasattr(self, "server"):
-            await self.server.stop(grace)
+        await asyncio.gather(*(server.stop(grace) for server in getattr(self, "servers", [])))
         if hasattr(self, "notifications"):
             await self.notifications.stop()
         if hasattr(self, "pool"):

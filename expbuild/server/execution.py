@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncpg
 from google.longrunning import operations_pb2
 
+from expbuild.auth.principal import current_principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.digest import check_digest_function, digest_field
@@ -47,10 +48,12 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             stderr=request.inline_stderr,
             files=tuple(request.inline_output_files),
         )
+        principal = current_principal()
         submitted = await submit_action(
             self.pool,
             self.store,
             self.settings,
+            principal,
             instance=self.instances.check(request.instance_name),
             digest=digest_field(request.action_digest, "action_digest"),
             skip_cache_lookup=request.skip_cache_lookup,
@@ -68,12 +71,12 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             return
         # Always report QUEUED, even if a worker leased the task before we read it back.
         yield operation(name, digest, Stage.QUEUED)
-        async for record in self.tracker.follow(name, seen_stage=Stage.QUEUED):
+        async for record in self.tracker.follow(principal, name, seen_stage=Stage.QUEUED):
             yield await self._inlined(to_operation(record), inline)
 
     @rpc
     async def WaitExecution(self, request: re_pb2.WaitExecutionRequest, context):
-        async for record in self.tracker.follow(request.name):
+        async for record in self.tracker.follow(current_principal(), request.name):
             yield to_operation(record)
 
     async def _inlined(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from expbuild.auth.principal import current_principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db.notifications import Notifications
@@ -39,6 +40,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def RegisterWorker(self, request: worker_pb2.RegisterWorkerRequest, context):
         worker_id = await workers.register(
             self.pool,
+            current_principal(),
             worker_id=request.worker_id,
             name=request.name,
             hostname=request.hostname,
@@ -58,7 +60,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         workers.require_worker_id(request.worker_id)
         running = [(parse_task_name(lease.task_id), lease.lease_token) for lease in request.running]
         outcome = await workers.heartbeat(
-            self.pool, request.worker_id, running, self.settings.lease_duration
+            self.pool, current_principal(), request.worker_id, running, self.settings.lease_duration
         )
         if not outcome.known:
             return worker_pb2.HeartbeatResponse(reregister=True)
@@ -74,7 +76,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         timeout = (
             checked_duration(request.timeout, "timeout") if request.HasField("timeout") else None
         )
-        polled = await self.leases.poll(worker_id, request.max_tasks, timeout)
+        polled = await self.leases.poll(current_principal(), worker_id, request.max_tasks, timeout)
         LEASE_ATTEMPTS.labels("empty").inc(polled.empty_leases)
         if polled.leased:
             LEASE_ATTEMPTS.labels("leased").inc()
@@ -84,6 +86,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def CompleteTask(self, request: worker_pb2.CompleteTaskRequest, context):
         succeeded = await results.accept_result(
             self.pool,
+            current_principal(),
             workers.require_worker_id(request.worker_id),
             parse_task_name(request.task_id),
             request.lease_token,
@@ -96,6 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ReleaseTask(self, request: worker_pb2.ReleaseTaskRequest, context):
         await results.release_lease(
             self.pool,
+            current_principal(),
             workers.require_worker_id(request.worker_id),
             parse_task_name(request.task_id),
             request.lease_token,
@@ -105,7 +109,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc
     async def DeregisterWorker(self, request: worker_pb2.DeregisterWorkerRequest, context):
-        await workers.deregister(self.pool, request.worker_id)
+        await workers.deregister(self.pool, current_principal(), request.worker_id)
         return worker_pb2.DeregisterWorkerResponse()
 
 

@@ -28,8 +28,8 @@ WITH inserted AS (
     INSERT INTO task_events (task_id, event, attempt, detail)
     SELECT id, 'queued', 0, jsonb_build_object('priority', priority) FROM inserted
 ), operation AS (
-    INSERT INTO operations (name, instance_name, action_digest, task_id)
-    SELECT $8, $1, $2, id FROM chosen
+    INSERT INTO operations (name, instance_name, action_digest, task_id, principal)
+    SELECT $8, $1, $2, id, $9 FROM chosen
     RETURNING task_id
 )
 SELECT c.id AS task_id, c.is_new,

@@ -2,14 +2,21 @@
 
 -- name: register_worker
 -- Insert or revive a worker. A worker re-registering under its old id comes back online.
--- $1 id, $2 name, $3 hostname, $4 platform, $5 max_concurrent, $6 version
-INSERT INTO workers (id, name, hostname, platform, max_concurrent, version)
-VALUES ($1, $2, $3, $4, $5, $6)
+-- Only the credential that registered an id may register it again: another principal's
+-- attempt updates nothing and returns no row.
+-- $1 id, $2 name, $3 hostname, $4 platform, $5 max_concurrent, $6 version, $7 principal
+INSERT INTO workers (id, name, hostname, platform, max_concurrent, version, principal)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (id) DO UPDATE
 SET name = excluded.name, hostname = excluded.hostname, platform = excluded.platform,
     max_concurrent = excluded.max_concurrent, version = excluded.version,
     state = 'online', last_heartbeat_at = now()
+WHERE workers.principal = excluded.principal
 RETURNING id, state;
+
+-- name: worker_principal
+-- The credential that registered worker $1 (no row: no such worker).
+SELECT principal FROM workers WHERE id = $1;
 
 -- name: heartbeat
 -- Record that the worker lives, extend the leases it still holds, and tell it the fate of

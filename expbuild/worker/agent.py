@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2
 
 from expbuild import __version__
 from expbuild.client.cas import CasClient
-from expbuild.client.channel import open_channel
+from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.errors import from_rpc_error
 from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
@@ -149,8 +149,16 @@ class WorkerAgent:
         )
         server_target = self.settings.server_target
         cas_target = self.settings.cas_target
-        server_channel = open_channel(server_target)
-        cas_channel = server_channel if cas_target == server_target else open_channel(cas_target)
+        security = ChannelSecurity.from_files(
+            ca_file=self.settings.tls_ca,
+            cert_file=self.settings.tls_cert,
+            key_file=self.settings.tls_key,
+            token_file=self.settings.token_file,
+        )
+        server_channel = open_channel(server_target, security)
+        cas_channel = (
+            server_channel if cas_target == server_target else open_channel(cas_target, security)
+        )
         self._stub = worker_pb2_grpc.WorkerServiceStub(server_channel)
         self._cas_channel = cas_channel
         runner = TaskRunner(
