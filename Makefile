@@ -52,6 +52,7 @@ proto: venv
 lint: venv
 	$(VENV)/bin/ruff check expbuild tests bench
 	$(VENV)/bin/ruff format --check expbuild tests bench
+	$(VENV)/bin/mypy
 
 bench: venv
 	$(PY) bench/queue_throughput.py

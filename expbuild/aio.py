@@ -28,4 +28,12 @@ async def gather_or_cancel(aws: Iterable[Awaitable[T]]) -> list[T]:
         raise
 
 
-__all__ = ["gather_or_cancel"]
+def current_task() -> asyncio.Task:
+    """The running task; only called from a coroutine, where there always is one."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("current_task() called outside a task")
+    return task
+
+
+__all__ = ["current_task", "gather_or_cancel"]

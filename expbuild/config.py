@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from expbuild.reapi.os_family import OS_FAMILY, respelled
+from expbuild.reapi.platforms import OS_FAMILY, normalize_platform, respelled
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,9 @@ class WorkerSettings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    # Prometheus /metrics of `expbuild worker daemon`, e.g. "0.0.0.0:9465"; empty (the
+    # default, as several workers may share a host): no endpoint.
+    metrics_address: str = ""
     # TLS (grpcs:// server_url): CA file to trust; tls_cert/tls_key: this worker's client
     # certificate for mutual TLS.
     tls_ca: str = ""
@@ -279,6 +282,11 @@ def grpc_target(url: str, key: str) -> str:
         return f"{prefix}{host}:{parsed.port}"
     parse_address(text, key)
     return text
+
+
+def parse_duration(value: Any, key: str) -> timedelta:
+    """A positive duration: seconds, or "500ms", "30s", "5m", "1h", "7d"; the error names `key`."""
+    return _duration(value, key)
 
 
 def _duration(value: Any, key: str) -> timedelta:
@@ -406,13 +414,9 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a table of property = value")
-    result: dict[str, tuple[str, ...]] = {}
-    for name, value in raw.items():
-        if not str(name).strip():
-            raise ConfigError(f"{key}: a property has an empty name")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        result[str(name)] = tuple(str(v) for v in values)
-    return result
+    if any(not str(name).strip() for name in raw):
+        raise ConfigError(f"{key}: a property has an empty name")
+    return {name: tuple(values) for name, values in normalize_platform(raw).items()}
 
 
 def worker_platform(raw: Any) -> dict[str, tuple[str, ...]]:
@@ -604,6 +608,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
     if cas_url:
         grpc_target(cas_url, "worker.cas_url")
     heartbeat = w.get("heartbeat_interval")
+    worker_metrics = str(_get(w, "metrics_address", WorkerSettings.metrics_address))
+    if worker_metrics:
+        parse_address(worker_metrics, "worker.metrics_address")
     worker = WorkerSettings(
         server_url=server_url,
         cas_url=cas_url,
@@ -617,6 +624,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
+        metrics_address=worker_metrics,
         tls_ca=str(_get(w, "tls_ca", "")),
         tls_cert=str(_get(w, "tls_cert", "")),
         tls_key=str(_get(w, "tls_key", "")),

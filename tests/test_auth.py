@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expbuild.auth.scopes import METHOD_SCOPES, SCOPES
@@ -415,7 +416,7 @@ async def test_a_token_limited_to_an_instance_gets_only_that_instance(database_u
 async def test_the_client_library_reports_a_missing_token(server):
     with pytest.raises(RemoteError) as caught:
         await run_command(f"127.0.0.1:{server.port}", ["true"])
-    assert caught.value.code == UNAUTHENTICATED
+    assert caught.value.code == code_pb2.UNAUTHENTICATED  # RemoteError carries the google.rpc code
     reader = await make_token(server.pool, "reader", "cas:read")
     with pytest.raises((PermissionDenied, RemoteError)):
         await run_command(

@@ -2,14 +2,18 @@
 
 A token for Bazel and one for the worker come from `expbuild tokens create`. Bazel builds
 the conformance workspace with `--remote_header=authorization=Bearer …`; the same build
-without the header fails with UNAUTHENTICATED. Two transports:
+without the header fails with UNAUTHENTICATED. Three routes:
 
 - `grpc`: plain gRPC on loopback;
 - `grpcs`: TLS with a certificate from a CA made at test time, Bazel given
   `--tls_certificate=ca.pem`. Debian's bazel-bootstrap 4.2.3 bundles a netty whose JDK TLS
   provider lacks ALPN, so it crashes before connecting to any grpcs:// endpoint ("JDK
-  provider does not support ALPN protocol" in its java.log); the test is skipped, naming
-  that, when it happens, and runs in full with a Bazel that can do TLS.
+  provider does not support ALPN protocol" in its java.log); this case is skipped, naming
+  that, when it happens, and runs in full with a Bazel that can do TLS (EXPBUILD_TEST_BAZEL).
+- `grpcs-via-haproxy`: the same TLS server, reached the way docs/security.md tells users of
+  such a Bazel to: Bazel speaks plain gRPC to a loopback HAProxy
+  (configs/haproxy-bazel-tls.cfg), which opens TLS (ALPN h2, certificate and name checked
+  against the test CA) to the server. This case runs with any Bazel.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -39,11 +44,15 @@ from tests.test_bazel import (
     copy_tree,
     expbuild_command,
     find_bazel,
+    record_time,
+    register_timing_summary,
     snapshot,
     start,
     wait_for_log,
 )
 from tests.tls_certs import TestCA
+
+HAPROXY_CONFIG = Path(__file__).parent.parent / "configs" / "haproxy-bazel-tls.cfg"
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -59,6 +68,7 @@ def create_token(env: dict[str, str], name: str, *scopes: str) -> str:
 
 
 def wait_for_health(port: int, ca: Path | None, server: Process, timeout: float = 60) -> None:
+    """Until the server (or the proxy `server` in front of it) answers health checks."""
     target = f"127.0.0.1:{port}"
     channel = (
         grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes()))
@@ -78,7 +88,7 @@ def wait_for_health(port: int, ca: Path | None, server: Process, timeout: float 
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(0.2)
-    raise AssertionError(f"server not healthy over TLS ({last}):\n{server.tail()}")
+    raise AssertionError(f"{server.name} not healthy ({last}):\n{server.tail()}")
 
 
 BAZEL_WITHOUT_ALPN = "JDK provider does not support ALPN protocol"
@@ -94,13 +104,45 @@ def skip_if_bazel_cannot_do_tls(bazel: Bazel) -> None:
             )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _timing_summary(request):
+    register_timing_summary(request.config)
+
+
 @pytest.fixture(scope="module")
 def bazel_exe() -> str:
     return find_bazel()
 
 
-@pytest.fixture(scope="module", params=["grpc", "grpcs"])
-def secured_cluster(request, bazel_exe, postgres_admin_url, tmp_path_factory):
+def start_tls_proxy(server_port: int, ca: Path, folder: Path) -> tuple[Process, int]:
+    """HAProxy from configs/haproxy-bazel-tls.cfg: plain gRPC in, TLS to the server out.
+
+    Returns the process and the loopback port it takes plain gRPC on."""
+    haproxy = shutil.which("haproxy")
+    if not haproxy:
+        message = "haproxy not found: `apt-get install -y haproxy`"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; the TLS route for Bazel may not be skipped in CI")
+        pytest.skip(message)
+    port = free_port()
+    env = {
+        **os.environ,
+        "HAPROXY_BIND": f"127.0.0.1:{port}",
+        "EXPBUILD_SERVER": f"127.0.0.1:{server_port}",
+        "EXPBUILD_SERVER_NAME": "localhost",  # the name in the test certificate
+        "EXPBUILD_TLS_CA": str(ca),
+    }
+    log = folder / "haproxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [haproxy, "-db", "-f", str(HAPROXY_CONFIG)],
+            cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    return Process("haproxy", proc, log), port
+
+
+@pytest.fixture(scope="module")
+def secured_cluster(request, postgres_admin_url, tmp_path_factory):
     scheme = request.param
     folder = tmp_path_factory.mktemp(f"expbuild-bazel-{scheme}")
     ca = TestCA(folder / "pki")
@@ -152,7 +194,12 @@ def secured_cluster(request, bazel_exe, postgres_admin_url, tmp_path_factory):
         )
         processes.append(worker)
         wait_for_log(worker, "registered successfully")
-        yield scheme, port, ca.pem, bazel_token, processes
+        proxy_port = None
+        if tls:
+            proxy, proxy_port = start_tls_proxy(port, ca.pem, folder)
+            processes.append(proxy)
+            wait_for_health(proxy_port, None, proxy)  # the whole way: plain in, TLS out
+        yield scheme, port, proxy_port, ca.pem, bazel_token, processes
     finally:
         for process in reversed(processes):
             process.stop()
@@ -160,22 +207,37 @@ def secured_cluster(request, bazel_exe, postgres_admin_url, tmp_path_factory):
             asyncio.run(_admin(postgres_admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
-def test_bazel_builds_over_grpcs_with_a_token_and_not_without(bazel_exe, secured_cluster, tmp_path):
-    scheme, port, ca, token, processes = secured_cluster
+@pytest.mark.parametrize(
+    ("secured_cluster", "route"),
+    [("grpc", "grpc"), ("grpcs", "grpcs"), ("grpcs", "grpcs-via-haproxy")],
+    indirect=["secured_cluster"],
+    scope="module",
+)
+def test_bazel_builds_over_grpcs_with_a_token_and_not_without(
+    bazel_exe, secured_cluster, route, tmp_path
+):
+    scheme, port, proxy_port, ca, token, processes = secured_cluster
     logs = "\n".join(f"--- {p.name} ---\n{p.tail(60)}" for p in processes)
     bazel = Bazel(bazel_exe, copy_tree(tmp_path / "bazel"), tmp_path)
+    endpoint = {
+        "grpc": f"grpc://127.0.0.1:{port}",
+        "grpcs": f"grpcs://127.0.0.1:{port}",
+        "grpcs-via-haproxy": f"grpc://127.0.0.1:{proxy_port}",
+    }[route]
     remote = [
-        f"--remote_executor={scheme}://127.0.0.1:{port}",
-        *([f"--tls_certificate={ca}"] if scheme == "grpcs" else []),
+        f"--remote_executor={endpoint}",
+        *([f"--tls_certificate={ca}"] if route == "grpcs" else []),
         "--spawn_strategy=remote",
-        *common_flags(f"tokens_{scheme}"),
+        # A key per route: one route's results must not be another's cache hits.
+        *common_flags(f"tokens_{route}"),
     ]
     try:
         authorized = [*remote, f"--remote_header=authorization=Bearer {token}"]
         built = bazel.run("build", *authorized, TARGET)
-        if built.returncode != 0 and scheme == "grpcs":
+        if built.returncode != 0 and route == "grpcs":
             skip_if_bazel_cannot_do_tls(bazel)
         assert built.returncode == 0, f"{built.describe()}\n{logs}"
+        record_time(f"tokens, {route}: build", built.wall, built.elapsed())
         _, kinds = built.summary()
         assert {k for k in kinds if k != "internal"} == {"remote"}, kinds
         files = snapshot(bazel.bazel_bin(*authorized))
@@ -186,5 +248,6 @@ def test_bazel_builds_over_grpcs_with_a_token_and_not_without(bazel_exe, secured
         refused = bazel.run("build", *remote, TARGET)
         assert refused.returncode != 0, refused.describe()
         assert "UNAUTHENTICATED" in refused.output, refused.describe()
+        record_time(f"tokens, {route}: build without the header", refused.wall, refused.elapsed())
     finally:
         bazel.shutdown()

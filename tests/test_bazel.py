@@ -127,11 +127,15 @@ def record_time(label: str, seconds: float, note: str = "") -> None:
     print(f"[bazel] {label}: {seconds:.2f}s {note}")
 
 
+def register_timing_summary(config: pytest.Config) -> None:
+    """Once per session, whichever Bazel test module asks first (tests/test_auth_bazel.py too)."""
+    if not config.pluginmanager.has_plugin("expbuild-bazel-timings"):
+        config.pluginmanager.register(_Summary(), "expbuild-bazel-timings")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _timing_summary(request):
-    plugin = _Summary()
-    request.config.pluginmanager.register(plugin, "expbuild-bazel-timings")
-    yield
+    register_timing_summary(request.config)
 
 
 # -- Bazel --------------------------------------------------------------------------------------

@@ -39,7 +39,12 @@ EXPECTED_SERVICES = {
             "RegisterWorker",
             "ReleaseTask",
         ],
-        "expbuild.worker.v1.WorkerAdminService": ["DrainWorker", "ListWorkers"],
+        "expbuild.worker.v1.WorkerAdminService": [
+            "DrainWorker",
+            "GetTaskHistory",
+            "ListTasks",
+            "ListWorkers",
+        ],
     },
     "semver": {},
 }

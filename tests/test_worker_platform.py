@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import platform
 
-from expbuild.reapi.os_family import lexicon_spelling, os_family_of_system, with_lexicon_os_family
+from expbuild.reapi.platforms import (
+    lexicon_spelling,
+    os_family_of_system,
+    with_lexicon_os_family,
+)
 from expbuild.worker.host_platform import detected_platform
 
 

@@ -51,6 +51,8 @@ METHOD_SCOPES: dict[str, str] = {
     f"/{_WORKER}.WorkerService/DeregisterWorker": WORKER,
     f"/{_WORKER}.WorkerAdminService/ListWorkers": ADMIN,
     f"/{_WORKER}.WorkerAdminService/DrainWorker": ADMIN,
+    f"/{_WORKER}.WorkerAdminService/ListTasks": ADMIN,
+    f"/{_WORKER}.WorkerAdminService/GetTaskHistory": ADMIN,
     # Load balancers and orchestrators probe health without credentials.
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,

@@ -11,14 +11,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import grpc
+from google.rpc import code_pb2
 
 from expbuild.cli.common import channel_security, server_option
 from expbuild.client.actions import check_output_path, parse_pair, platform_from_pairs
-from expbuild.client.errors import RemoteError
 from expbuild.client.run import RunResult, execute_action, run_command
 from expbuild.digest import Digest
-from expbuild.errors import ExpBuildError, FailedPrecondition, InvalidArgument, NotFound
+from expbuild.errors import (
+    ExpBuildError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RemoteError,
+)
 
 # Exit codes of expbuild itself, chosen away from what commands commonly return (0, 1, 2
 # for their own usage errors, 126/127 for exec failures, 128+N for signals).
@@ -90,9 +95,9 @@ def _describe(error: ExpBuildError, *, executing_digest: bool) -> _Failure:
     """The line and exit code for an error raised while running remotely."""
     result = getattr(error, "result", None)
     if isinstance(error, RemoteError):
-        if error.code == grpc.StatusCode.UNAVAILABLE:
+        if error.code == code_pb2.UNAVAILABLE:
             return _Failure(str(error), EXIT_UNAVAILABLE)
-        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if error.code == code_pb2.DEADLINE_EXCEEDED:
             return _Failure(
                 f"the action timed out: {error}; raise --timeout if it needs longer",
                 EXIT_TIMEOUT,
@@ -274,7 +279,7 @@ def run(
     Examples:
       expbuild run -- echo hello
       expbuild run --input src --output out.txt -- sh -c 'wc -l src/* > out.txt'
-      expbuild run --platform OSFamily=Linux --timeout 60 -v -- make -C src
+      expbuild run --platform OSFamily=linux --timeout 60 -v -- make -C src
       expbuild run --server http://build.example.com:8980 --json -- uname -a
     """
 
@@ -285,7 +290,7 @@ def run(
             platform = platform_from_pairs(platform_pairs)
             env = dict(parse_pair(pair, "environment variable") for pair in env_pairs)
         except InvalidArgument as e:
-            raise _usage_failure(f"{e}; for example --platform OSFamily=Linux") from None
+            raise _usage_failure(f"{e}; for example --platform OSFamily=linux") from None
         paths = [Path(p) for p in inputs]
         names: dict[str, Path] = {}
         for path in paths:

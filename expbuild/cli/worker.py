@@ -64,9 +64,16 @@ def daemon_command(
 
 
 async def _run_agent(settings) -> None:
+    from expbuild.worker import metrics
     from expbuild.worker.agent import WorkerAgent
 
     agent = WorkerAgent(settings)
+    if settings.metrics_address:
+        port = metrics.start_http_server(settings.metrics_address)
+        log.info(
+            "Worker metrics at http://%s/metrics",
+            settings.metrics_address.rsplit(":", 1)[0] + f":{port}",
+        )
     loop = asyncio.get_running_loop()
     signals_seen = 0
 

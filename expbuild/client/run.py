@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from expbuild.aio import gather_or_cancel
-from expbuild.client.actions import PlatformSpec, build_action, build_command, check_output_path
+from expbuild.client.actions import build_action, build_command, check_output_path
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.execution import ExecutionClient, response_error
@@ -23,10 +23,11 @@ from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from
 from expbuild.digest import Digest, digest_of
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.platforms import PlatformInput
 
 Progress = Callable[[str], None]
 
-_STAGE_LINES = {
+_STAGE_LINES: dict[int, str] = {
     re_pb2.ExecutionStage.CACHE_CHECK: "Checking the action cache",
     re_pb2.ExecutionStage.QUEUED: "Queued",
     re_pb2.ExecutionStage.COMPLETED: "Completed",
@@ -292,7 +293,7 @@ async def run_command(
     instance_name: str = "",
     inputs: Sequence[Path] = (),
     outputs: Sequence[str] = (),
-    platform: PlatformSpec | None = None,
+    platform: PlatformInput | None = None,
     env: Mapping[str, str] | None = None,
     timeout: timedelta | None = None,
     skip_cache_lookup: bool = False,

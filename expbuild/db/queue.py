@@ -17,12 +17,10 @@ from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.digest import Digest
 from expbuild.errors import Aborted, InvalidArgument, NotFound
+from expbuild.reapi.platforms import PlatformSpec, normalize_platform
 from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
-
-# {"OSFamily": ["linux"], "Arch": ["x86_64"]}: property name -> every value required/offered.
-PlatformSpec = dict[str, list[str]]
 
 _ENQUEUE_RETRIES = 5
 
@@ -58,6 +56,18 @@ class LeasedTask:
 
 
 @dataclass(frozen=True)
+class CompletedTask:
+    """When a task that just finished was queued, leased (last) and completed."""
+
+    task_id: int
+    instance_name: str
+    platform: PlatformSpec
+    queued_at: datetime
+    leased_at: datetime
+    completed_at: datetime
+
+
+@dataclass(frozen=True)
 class ReapedTask:
     task_id: int
     state: str  # 'queued' again, or 'failed' after max_attempts
@@ -82,15 +92,6 @@ class TaskRecord:
     result: bytes | None
     error_code: int | None
     error: str | None
-
-
-def normalize_platform(properties: dict[str, Any]) -> PlatformSpec:
-    """Canonical jsonb shape: names kept, values as sorted unique lists of strings."""
-    spec: PlatformSpec = {}
-    for name, values in properties.items():
-        items = values if isinstance(values, (list, tuple, set)) else [values]
-        spec[str(name)] = sorted({str(v) for v in items})
-    return spec
 
 
 async def enqueue(
@@ -177,7 +178,7 @@ async def complete_task(
     response: bytes,
     cache_result: bytes | None,
     detail: dict[str, Any] | None = None,
-) -> None:
+) -> CompletedTask:
     """Store the worker's ExecuteResponse; put `cache_result` in the action cache if given.
 
     Raises `Aborted` (and changes nothing) unless `lease_token` is the task's current lease.
@@ -194,6 +195,14 @@ async def complete_task(
     )
     if row is None:
         raise await _refusal(db, task_id, worker_id, "complete")
+    return CompletedTask(
+        task_id=row["id"],
+        instance_name=row["instance_name"],
+        platform=row["platform"],
+        queued_at=row["queued_at"],
+        leased_at=row["leased_at"],
+        completed_at=row["completed_at"],
+    )
 
 
 async def release_task(

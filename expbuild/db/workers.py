@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import PlatformSpec, normalize_platform
 from expbuild.errors import InvalidArgument, NotFound, PermissionDenied
+from expbuild.reapi.platforms import PlatformSpec, normalize_platform
 from expbuild.text import quoted
 
 

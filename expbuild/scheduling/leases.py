@@ -20,8 +20,9 @@ from expbuild.config import ServerSettings
 from expbuild.db import queue, workers
 from expbuild.db.notifications import Notifications
 from expbuild.db.queue import LeasedTask
-from expbuild.errors import FailedPrecondition, NotFound, rpc_status
+from expbuild.errors import FailedPrecondition, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import to_status
 from expbuild.scheduling.actions import load_action
 from expbuild.scheduling.task_names import task_name
 from expbuild.scheduling.workers import acting_worker
@@ -110,7 +111,7 @@ class LeaseDispatcher:
             loaded = await load_action(self.store, task.action_digest, check_input_root=False)
         except FailedPrecondition as exc:
             error = FailedPrecondition(f"{exc}; upload the action's blobs again", exc.violations)
-            response = re_pb2.ExecuteResponse(status=rpc_status(error), message=str(exc))
+            response = re_pb2.ExecuteResponse(status=to_status(error), message=str(exc))
             await queue.complete_task(
                 self.pool,
                 task.task_id,

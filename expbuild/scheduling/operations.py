@@ -45,7 +45,7 @@ _LIST_STAGES = {"queued", "executing", "completed"}
 MAX_LIST_PAGE = 1000
 
 
-def stage_of(record: OperationRecord) -> int:
+def stage_of(record: OperationRecord) -> re_pb2.ExecutionStage.Value:
     if record.cached_result is not None or record.cancelled_at is not None:
         return Stage.COMPLETED
     return _TASK_STAGES.get(record.task_state or "", Stage.UNKNOWN)
@@ -169,7 +169,8 @@ def _list_filter(text: str) -> str | None:
 
 
 def _page_token(record: OperationRecord) -> str:
-    raw = f"{record.created_at.isoformat()}|{record.name}".encode()
+    created = record.created_at.isoformat() if record.created_at else ""  # listed rows have one
+    raw = f"{created}|{record.name}".encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 

@@ -8,6 +8,7 @@ caller is the credential that registered it (`expbuild.scheduling.workers.acting
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import asyncpg
 from google.rpc import code_pb2
@@ -15,11 +16,18 @@ from google.rpc import code_pb2
 from expbuild.auth.principal import Principal
 from expbuild.db import queue
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import status_name
 from expbuild.scheduling.task_names import task_name
 from expbuild.scheduling.workers import acting_worker
 from expbuild.text import check_no_nul, shorten
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AcceptedResult:
+    succeeded: bool
+    task: queue.CompletedTask  # when it was queued, leased and completed (for metrics)
 
 
 async def accept_result(
@@ -29,15 +37,15 @@ async def accept_result(
     task_id: int,
     lease_token: str,
     response: re_pb2.ExecuteResponse,
-) -> bool:
-    """Finish the task with the worker's response; returns whether the run succeeded.
+) -> AcceptedResult:
+    """Finish the task with the worker's response: whether the run succeeded, and when.
 
     Only a successful run that exited 0 goes to the action cache (the task's
     do_not_cache is honoured by the statement)."""
     worker_id = await acting_worker(pool, principal, worker_id)
     succeeded = response.status.code == 0 and response.HasField("result")
     cacheable = succeeded and response.result.exit_code == 0
-    await queue.complete_task(
+    done = await queue.complete_task(
         pool,
         task_id,
         lease_token,
@@ -63,15 +71,7 @@ async def accept_result(
             worker_id,
             response.result.exit_code,
         )
-    return succeeded
-
-
-def status_name(code: int) -> str:
-    """`3` -> `INVALID_ARGUMENT`; a code google.rpc does not know as its number."""
-    try:
-        return code_pb2.Code.Name(code)
-    except ValueError:
-        return f"status {code}"
+    return AcceptedResult(succeeded, done)
 
 
 async def release_lease(

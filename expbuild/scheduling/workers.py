@@ -16,9 +16,9 @@ import asyncpg
 
 from expbuild.auth.principal import Principal
 from expbuild.db import workers
-from expbuild.db.queue import PlatformSpec
 from expbuild.db.workers import HeartbeatOutcome
 from expbuild.errors import InvalidArgument, PermissionDenied
+from expbuild.reapi.platforms import PlatformSpec, platform_summary
 from expbuild.text import check_no_nul, quoted, shorten
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ async def register(
     log.info(
         "Worker %s registered with platform: %s",
         worker_id,
-        shorten(str({k: v[0] if len(v) == 1 else v for k, v in platform.items()})),
+        shorten(str(platform_summary(platform))),
     )
     return worker_id
 

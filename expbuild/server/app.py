@@ -24,8 +24,8 @@ from expbuild.auth.interceptor import WORKER_CERTIFICATE_SCOPES, AuthInterceptor
 from expbuild.auth.principal import Principal
 from expbuild.auth.scopes import WORKER as WORKER_SCOPE
 from expbuild.auth.token_secrets import new_secret
-from expbuild.auth.verifier import TokenVerifier
-from expbuild.cas.eviction import EvictionReport, evict_to_size
+from expbuild.auth.verifier import TokenVerifier, Unauthenticated
+from expbuild.cas.eviction import EvictionReport, evict_to_size, measure_usage
 from expbuild.cas.store import FileStore
 from expbuild.config import ConfigError, Settings, parse_address
 from expbuild.db import queue, workers
@@ -38,7 +38,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.scheduling.operations import OperationTracker
 from expbuild.scheduling.task_names import task_name
-from expbuild.server import metrics
+from expbuild.server import http, metrics
 from expbuild.server.action_cache import ActionCacheServicer
 from expbuild.server.bytestream import ByteStreamServicer
 from expbuild.server.capabilities import CapabilitiesServicer
@@ -90,8 +90,21 @@ class ServerApp:
     metrics_port: int | None = None
     # Non-zero: the Worker API listener's port instead of [server] worker_address's (tests).
     worker_port_override: int = 0
+    # Who may read the status pages; None: an `admin` token when `[auth] mode = "tokens"`,
+    # everyone otherwise.
+    status_access: http.ReadAccess | None = None
+    cas_usage_interval: float = metrics.CAS_USAGE_SECONDS
 
     async def start(self) -> None:
+        """Connect, migrate and serve; on any failure (a port in use: ConfigError naming
+        the key) whatever was started is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         check_exposure(settings)  # before anything starts: a refusal leaves nothing behind
         self.pool: asyncpg.Pool = await create_pool(
@@ -180,8 +193,11 @@ class ServerApp:
 
         if s.metrics_address:
             mhost, mport = parse_address(s.metrics_address, "server.metrics_address")
-            self.metrics_port = metrics.start_http_server(
-                mhost, mport if self.metrics_port is None else self.metrics_port
+            self.http_runner, self.metrics_port = await http.start(
+                self.pool,
+                mhost,
+                mport if self.metrics_port is None else self.metrics_port,
+                self.status_access or self._status_access(),
             )
         self._background = [
             asyncio.create_task(
@@ -195,6 +211,10 @@ class ServerApp:
                     "metrics refresh",
                 ),
                 name="metrics",
+            ),
+            asyncio.create_task(
+                self._every(self.cas_usage_interval, self.measure_cas_once, "CAS usage"),
+                name="cas-usage",
             ),
         ]
         metrics.CAS_MAX_BYTES.set(settings.cas.max_size)
@@ -222,6 +242,21 @@ class ServerApp:
                 self.worker_port,
                 " with TLS" if s.worker_tls_cert else "",
             )
+
+    def _status_access(self) -> http.ReadAccess:
+        """With tokens on, the status pages are for tokens with the `admin` scope."""
+        if self.settings.auth.mode != "tokens":
+            return http.allow_everyone
+
+        async def may_read(token: str | None) -> bool:
+            if not token:
+                return False
+            try:
+                return (await self.verifier.verify(token)).is_admin
+            except Unauthenticated:
+                return False
+
+        return may_read
 
     def _new_server(self, client_ca: str) -> grpc.aio.Server:
         # The first interceptor wraps the others: the caller is authenticated before its
@@ -266,14 +301,20 @@ class ServerApp:
         host, port = parse_address(address, f"{prefix}address")
         port = port_override or port
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if not cert:
-            return server.add_insecure_port(bind)
-        credentials = grpc.ssl_server_credentials(
-            [(_read_pem(key, f"{prefix}tls_key"), _read_pem(cert, f"{prefix}tls_cert"))],
-            root_certificates=_read_pem(client_ca, f"{prefix}tls_client_ca") if client_ca else None,
-            require_client_auth=bool(client_ca),
-        )
-        return server.add_secure_port(bind, credentials)
+        try:
+            if not cert:
+                return server.add_insecure_port(bind)
+            credentials = grpc.ssl_server_credentials(
+                [(_read_pem(key, f"{prefix}tls_key"), _read_pem(cert, f"{prefix}tls_cert"))],
+                root_certificates=(
+                    _read_pem(client_ca, f"{prefix}tls_client_ca") if client_ca else None
+                ),
+                require_client_auth=bool(client_ca),
+            )
+            return server.add_secure_port(bind, credentials)
+        except RuntimeError:  # grpc's "Failed to bind": the port is taken
+            section, _, key = prefix.partition(".")
+            raise ConfigError(f"[{section}] {key}address {bind} is already in use") from None
 
     async def _every(self, seconds: float, one_pass, what: str) -> None:
         """Run `one_pass` forever, `seconds` apart; a failed pass is logged, not fatal
@@ -295,6 +336,9 @@ class ServerApp:
             log.warning("Worker %s missed its heartbeats; marked offline", worker_id)
         for task in await queue.reap_expired_leases(self.pool):
             metrics.REAPED_TASKS.labels(task.state).inc()
+            metrics.LEASE_EXPIRIES.labels(task.reason).inc()
+            if task.state == "queued":
+                metrics.TASK_REQUEUES.labels(task.reason).inc()
             outcome = (
                 f"failed after {task.attempts} attempts" if task.state == "failed" else "requeued"
             )
@@ -309,6 +353,10 @@ class ServerApp:
         if purged:
             log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)
 
+    async def measure_cas_once(self) -> None:
+        usage = await measure_usage(self.store)
+        metrics.set_cas_usage(usage.blobs, usage.total_bytes)
+
     async def evict_once(self) -> EvictionReport | None:
         """One LRU eviction pass down to `[cas] max_size`; None if another replica is at it."""
         max_size = self.settings.cas.max_size
@@ -317,7 +365,7 @@ class ServerApp:
             if not held:
                 return None
             report = await evict_to_size(self.store, max_size)
-        metrics.CAS_STORE_BYTES.set(report.remaining_bytes)
+        metrics.set_cas_usage(report.scanned - report.removed, report.remaining_bytes)
         if report.removed:
             metrics.CAS_EVICTED_BLOBS.inc(report.removed)
             metrics.CAS_EVICTED_BYTES.inc(report.removed_bytes)
@@ -336,6 +384,8 @@ class ServerApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if hasattr(self, "http_runner"):
+            await self.http_runner.cleanup()
         await asyncio.gather(*(server.stop(grace) for server in getattr(self, "servers", [])))
         if hasattr(self, "notifications"):
             await self.notifications.stop()

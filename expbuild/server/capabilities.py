@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from expbuild.config import ServerSettings
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -61,7 +63,9 @@ class CapabilitiesServicer(re_grpc.CapabilitiesServicer):
         self._capabilities = server_capabilities(settings)
 
     @rpc
-    async def GetCapabilities(self, request, context):
+    async def GetCapabilities(
+        self, request: re_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext
+    ):
         self._instances.check(request.instance_name)
         response = re_pb2.ServerCapabilities()
         response.CopyFrom(self._capabilities)

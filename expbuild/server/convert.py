@@ -30,7 +30,10 @@ def duration(value: timedelta) -> duration_pb2.Duration:
 
 
 def operation(
-    name: str, digest: Digest, stage: int, response: re_pb2.ExecuteResponse | None = None
+    name: str,
+    digest: Digest,
+    stage: re_pb2.ExecutionStage.Value,
+    response: re_pb2.ExecuteResponse | None = None,
 ) -> operations_pb2.Operation:
     """An Execute operation at `stage`; done when it carries its `response`."""
     metadata = re_pb2.ExecuteOperationMetadata(stage=stage, action_digest=digest.to_proto())

@@ -7,6 +7,7 @@ in ExecuteResponse.status, as REAPI asks.
 from __future__ import annotations
 
 import asyncpg
+import grpc
 from google.longrunning import operations_pb2
 
 from expbuild.auth.principal import current_principal
@@ -19,7 +20,7 @@ from expbuild.scheduling.operations import OperationTracker
 from expbuild.scheduling.submission import Inline, inline_into, submit_action
 from expbuild.server.convert import operation, to_operation
 from expbuild.server.instances import InstanceNames
-from expbuild.server.metrics import EXECUTE_REQUESTS
+from expbuild.server.metrics import ACTION_CACHE_LOOKUPS, EXECUTE_REQUESTS
 from expbuild.server.status import rpc
 
 Stage = re_pb2.ExecutionStage
@@ -41,7 +42,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         self.settings = settings
 
     @rpc
-    async def Execute(self, request: re_pb2.ExecuteRequest, context):
+    async def Execute(self, request: re_pb2.ExecuteRequest, context: grpc.aio.ServicerContext):
         check_digest_function(request.digest_function)
         inline = Inline(
             stdout=request.inline_stdout,
@@ -61,6 +62,9 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             inline=inline,
         )
         EXECUTE_REQUESTS.labels(submitted.outcome).inc()
+        if not request.skip_cache_lookup:
+            hit = submitted.cached is not None
+            ACTION_CACHE_LOOKUPS.labels("Execute", "hit" if hit else "miss").inc()
         name, digest = submitted.operation_name, submitted.action_digest
         # Each stage is reported once the operation exists in the database, so a client
         # may switch to WaitExecution (on any replica) from the first message on.
@@ -75,7 +79,9 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             yield await self._inlined(to_operation(record), inline)
 
     @rpc
-    async def WaitExecution(self, request: re_pb2.WaitExecutionRequest, context):
+    async def WaitExecution(
+        self, request: re_pb2.WaitExecutionRequest, context: grpc.aio.ServicerContext
+    ):
         async for record in self.tracker.follow(current_principal(), request.name):
             yield to_operation(record)
 

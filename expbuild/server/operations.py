@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
@@ -16,11 +17,15 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         self.tracker = tracker
 
     @rpc
-    async def GetOperation(self, request: operations_pb2.GetOperationRequest, context):
+    async def GetOperation(
+        self, request: operations_pb2.GetOperationRequest, context: grpc.aio.ServicerContext
+    ):
         return to_operation(await self.tracker.get(current_principal(), request.name))
 
     @rpc
-    async def ListOperations(self, request: operations_pb2.ListOperationsRequest, context):
+    async def ListOperations(
+        self, request: operations_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext
+    ):
         page = await self.tracker.list(
             current_principal(), request.filter, request.page_size, request.page_token
         )
@@ -30,11 +35,15 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         )
 
     @rpc
-    async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context):
+    async def CancelOperation(
+        self, request: operations_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext
+    ):
         await self.tracker.cancel(current_principal(), request.name)
         return empty_pb2.Empty()
 
     @rpc
-    async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest, context):
+    async def DeleteOperation(
+        self, request: operations_pb2.DeleteOperationRequest, context: grpc.aio.ServicerContext
+    ):
         await self.tracker.delete(current_principal(), request.name)
         return empty_pb2.Empty()

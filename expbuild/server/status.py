@@ -1,4 +1,5 @@
-"""The one place where domain errors become gRPC statuses.
+"""Where a servicer's raised domain error becomes the call's gRPC status (the table itself
+is `expbuild.reapi.status`).
 
 Servicer methods are wrapped with `@rpc`: an `ExpBuildError` raised below becomes the
 matching status with the error's message (and, for FailedPrecondition, the REAPI
@@ -14,9 +15,9 @@ import logging
 import uuid
 
 import grpc
-from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
+from expbuild.reapi.status import error_code, grpc_code, status_trailer, to_status
 from expbuild.text import shorten
 
 log = logging.getLogger(__name__)
@@ -25,23 +26,8 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4096
 
 
-def grpc_code(error: BaseException) -> grpc.StatusCode:
-    """The gRPC status code of `error`: its class's code, INTERNAL for anything else."""
-    if isinstance(error, errors.ExpBuildError):
-        return _GRPC_CODES[error.code]
-    return grpc.StatusCode.INTERNAL
-
-
-_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
-rpc_status = errors.rpc_status
-
-
-def ok_status() -> status_pb2.Status:
-    return status_pb2.Status(code=code_pb2.OK)
-
-
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
-    code = grpc_code(error)
+    code = grpc_code(error_code(error))
     if code == grpc.StatusCode.INTERNAL:
         # The client gets an id to quote; the text (which may hold paths, SQL or the
         # client's own input) stays in the log line with that id.
@@ -53,12 +39,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method
     else:
         message = shorten(str(error), MAX_MESSAGE_CHARS)
         log.info("%s: %s: %s", method, code.name, shorten(message))
-    status = rpc_status(error)
+    status = to_status(error, message)
     status.code = code.value[0]
-    status.message = message
     if status.details:
         # Clients (Bazel) read PreconditionFailure from the grpc-status-details-bin trailer.
-        context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+        context.set_trailing_metadata(status_trailer(status))
     await context.abort(code, message)
 
 

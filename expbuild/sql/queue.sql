@@ -71,7 +71,8 @@ WITH done AS (
     UPDATE tasks
     SET state = $4, result = $5, completed_at = now(), lease_expires_at = NULL
     WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased'
-    RETURNING id, instance_name, action_digest, attempts, worker_id, do_not_cache
+    RETURNING id, instance_name, action_digest, attempts, worker_id, do_not_cache, platform,
+              queued_at, leased_at, completed_at
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
     SELECT id, $4, worker_id, attempts, $7::jsonb FROM done
@@ -82,7 +83,9 @@ WITH done AS (
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
 )
-SELECT id, pg_notify('expbuild_task_done', id::text) AS notified FROM done;
+SELECT id, instance_name, platform, queued_at, leased_at, completed_at,
+       pg_notify('expbuild_task_done', id::text) AS notified
+FROM done;
 
 -- name: release_task
 -- A worker hands back a lease it will not finish (shutdown): the task is queued again at

@@ -25,6 +25,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from expbuild import __version__
+from expbuild.aio import current_task
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.errors import from_rpc_error
@@ -32,6 +33,8 @@ from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.reapi.platforms import platform_message, platform_summary
+from expbuild.worker import metrics
 from expbuild.worker.blob_cache import open_blob_cache
 from expbuild.worker.execution import Executor
 from expbuild.worker.executor import make_executor
@@ -106,8 +109,9 @@ class WorkerAgent:
         self._wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
         self._poll_call: asyncio.Task | None = None
-        self._stub: worker_pb2_grpc.WorkerServiceStub | None = None
-        self._cas_channel: grpc.aio.Channel | None = None
+        # Both set by run() before anything calls the server.
+        self._stub: worker_pb2_grpc.WorkerServiceStub
+        self._cas_channel: grpc.aio.Channel
 
     @property
     def worker_id(self) -> str:
@@ -250,9 +254,7 @@ class WorkerAgent:
                 log.info(
                     "Worker %s platform: %s; up to %d concurrent task(s); heartbeat every %gs",
                     response.worker_id,
-                    json.dumps(
-                        {k: v[0] if len(v) == 1 else list(v) for k, v in self.platform().items()}
-                    ),
+                    json.dumps(platform_summary(self.platform())),
                     self.settings.max_concurrent_tasks,
                     self._heartbeat_interval.total_seconds(),
                 )
@@ -369,7 +371,7 @@ class WorkerAgent:
         try:
             response = await self._poll_call
         except asyncio.CancelledError:
-            if self._stopping and not asyncio.current_task().cancelling():
+            if self._stopping and not current_task().cancelling():
                 return None  # request_stop cancelled the poll, not our caller
             raise
         finally:
@@ -394,13 +396,14 @@ class WorkerAgent:
     async def _serve(
         self, runner: TaskRunner, task: worker_pb2.Task, running: _RunningTask
     ) -> None:
+        metrics.RUNNING_ACTIONS.inc()
         try:
             try:
                 response = await runner.run(task)
             except asyncio.CancelledError:
                 if running.stop_reason is None:
                     raise  # not ours: the whole worker is being torn down
-                asyncio.current_task().uncancel()
+                current_task().uncancel()
                 if running.stop_reason == SHUTDOWN_REASON:
                     await self._release(task.task_id, task.lease_token, SHUTDOWN_REASON)
                 else:
@@ -413,6 +416,7 @@ class WorkerAgent:
         except Exception:
             log.exception("Task %s: unexpected error while serving it", task.task_id)
         finally:
+            metrics.RUNNING_ACTIONS.dec()
             self._running.pop(task.task_id, None)
             self._wakeup.set()
 
@@ -536,17 +540,6 @@ class WorkerAgent:
         except TimeoutError:
             pass
         return self._stopping
-
-
-def platform_message(platform: dict[str, tuple[str, ...]]) -> re_pb2.Platform:
-    """REAPI wants properties sorted by name, then value."""
-    return re_pb2.Platform(
-        properties=[
-            re_pb2.Platform.Property(name=name, value=value)
-            for name in sorted(platform)
-            for value in sorted(platform[name])
-        ]
-    )
 
 
 def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:

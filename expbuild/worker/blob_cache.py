@@ -536,6 +536,7 @@ async def open_blob_cache(root: Path, max_bytes: int, *, verify_fraction: float 
         cache = _open_caches[key] = BlobCache(root, max_bytes, verify_fraction=verify_fraction)
         cache._opening = asyncio.ensure_future(cache._open())
     cache._users += 1
+    assert cache._opening is not None  # set when the cache was made, just above or earlier
     try:
         await asyncio.shield(cache._opening)
     except BaseException:

@@ -29,11 +29,10 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-import grpc
+from google.rpc import code_pb2
 
-from expbuild.client.errors import RemoteError
 from expbuild.config import ConfigError, LimitsSettings
-from expbuild.errors import FailedPrecondition
+from expbuild.errors import FailedPrecondition, RemoteError
 from expbuild.worker import limits as limit_checks
 from expbuild.worker.action_user import ActionUser
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
@@ -61,12 +60,13 @@ class DockerExecutor:
         self.limits = limits or LimitsSettings()
         self.user = user
         self.terminate_grace = terminate_grace
-        self.docker = shutil.which("docker")
-        if self.docker is None:
+        docker = shutil.which("docker")
+        if docker is None:
             raise ConfigError(
                 "worker.backend.type = 'docker' needs the docker CLI, but `docker` is not on "
                 "PATH (install docker.io, or docker-ce-cli for a remote engine)"
             )
+        self.docker: str = docker
         self._images = self._local_images()
 
     async def close(self) -> None:
@@ -258,7 +258,7 @@ class DockerExecutor:
             process.kill()
             await process.wait()
             raise RemoteError(
-                grpc.StatusCode.UNAVAILABLE,
+                code_pb2.UNAVAILABLE,
                 f"the worker's Docker engine did not answer `docker {what}` within {CLI_TIMEOUT:g}s",
             ) from None
         result = subprocess.CompletedProcess(
@@ -280,7 +280,7 @@ class DockerExecutor:
             )
         if "Cannot connect to the Docker daemon" in message or "connection refused" in message:
             return RemoteError(
-                grpc.StatusCode.UNAVAILABLE, f"the worker's Docker engine is unreachable: {message}"
+                code_pb2.UNAVAILABLE, f"the worker's Docker engine is unreachable: {message}"
             )
         return RuntimeError(f"docker create failed: {message}")
 

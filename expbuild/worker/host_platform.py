@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform as _platform
 
-from expbuild.reapi.os_family import os_family_of_system
+from expbuild.reapi.platforms import os_family_of_system
 
 # Arch (`uname -m`) -> ISA in the REAPI platform lexicon's spelling.
 _ISA = {
@@ -39,7 +39,10 @@ def detected_platform() -> dict[str, tuple[str, ...]]:
     """
     machine = _platform.machine()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    platform = {"OSFamily": (os_family_of_system(_platform.system()),), "Arch": (arch,)}
+    platform: dict[str, tuple[str, ...]] = {
+        "OSFamily": (os_family_of_system(_platform.system()),),
+        "Arch": (arch,),
+    }
     if arch in _ISA:
         isa = [_ISA[arch]]
         if arch == "x86_64":

@@ -14,21 +14,22 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
 from expbuild.client.cas import CasClient
-from expbuild.client.errors import RemoteError
 from expbuild.config import BackendSettings, LimitsSettings
 from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
+from expbuild.reapi.platforms import platform_spec, requested_platform
+from expbuild.reapi.status import to_status
+from expbuild.worker import metrics
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
@@ -41,17 +42,6 @@ from expbuild.worker.limits import capped_timeout, output_size, output_too_large
 from expbuild.worker.outputs import Blob, CollectedOutputs, collect_outputs, file_digest
 
 log = logging.getLogger(__name__)
-
-_CODES: dict[type[errors.ExpBuildError], int] = {
-    errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,
-    errors.NotFound: code_pb2.NOT_FOUND,
-    errors.OutOfRange: code_pb2.OUT_OF_RANGE,
-    errors.AlreadyExists: code_pb2.ALREADY_EXISTS,
-    errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
-    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
-    errors.Aborted: code_pb2.ABORTED,
-    errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
-}
 
 
 @dataclass
@@ -100,19 +90,29 @@ class TaskRunner:
         metadata: re_pb2.ExecutedActionMetadata,
     ) -> re_pb2.ExecuteResponse:
         """The stages, each timed into `metadata`: inputs, execution, outputs."""
+        cache_before = replace(self.blob_cache.stats) if self.blob_cache else None
         with _timed(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp):
             try:
-                directory = await prepare_inputs(
-                    cas,
-                    task,
-                    action_path,
-                    self.blob_cache,
-                    self.executor.user,
-                    self.max_directory_size,
-                )
+                with metrics.INPUT_FETCH.time():
+                    directory = await prepare_inputs(
+                        cas,
+                        task,
+                        action_path,
+                        self.blob_cache,
+                        self.executor.user,
+                        self.max_directory_size,
+                    )
             except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
                 log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
                 return failure_response(exc)
+            finally:
+                if self.blob_cache is not None and cache_before is not None:
+                    after = self.blob_cache.stats
+                    metrics.record_input_cache(
+                        after.hits - cache_before.hits,
+                        after.fetched_blobs - cache_before.fetched_blobs,
+                        after.fetched_bytes - cache_before.fetched_bytes,
+                    )
         timeout = capped_timeout(task_timeout(task), self.limits)
         outcome = await self._execute(task, directory, action_path.name, timeout)
         metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
@@ -130,6 +130,7 @@ class TaskRunner:
     ) -> ExecutionOutcome:
         command = task.command
         log.info("Executing command: %s", json.dumps(list(command.arguments)))
+        asked_at = datetime.now(UTC)
         outcome = await self.executor.execute(
             ExecutionRequest(
                 arguments=list(command.arguments),
@@ -139,9 +140,14 @@ class TaskRunner:
                 stderr_path=directory.stderr_path,
                 timeout=timeout,
                 input_root=directory.input_root,
-                platform=task_platform(task),
+                platform=platform_spec(
+                    requested_platform(task.action, task.command), "action platform"
+                ),
                 name=name,
             )
+        )
+        metrics.BACKEND_LAUNCH.labels(type(self.executor).__name__).observe(
+            max((outcome.started_at - asked_at).total_seconds(), 0.0)
         )
         if outcome.timed_out:
             log.warning("Command timed out after %gs (exit code %d)", timeout, outcome.exit_code)
@@ -231,15 +237,6 @@ def task_timeout(task: worker_pb2.Task) -> float | None:
     return None
 
 
-def task_platform(task: worker_pb2.Task) -> dict[str, tuple[str, ...]]:
-    """The action's platform (the Command's for pre-v2.2 clients), as the server matched it."""
-    platform = task.action.platform if task.action.platform.properties else task.command.platform
-    found: dict[str, tuple[str, ...]] = {}
-    for prop in platform.properties:
-        found[prop.name] = (*found.get(prop.name, ()), prop.value)
-    return found
-
-
 def failure_response(exc: BaseException) -> re_pb2.ExecuteResponse:
     status = error_status(exc)
     return re_pb2.ExecuteResponse(status=status, message=status.message)
@@ -251,40 +248,14 @@ def error_status(exc: BaseException) -> status_pb2.Status:
     Blobs missing while fetching inputs arrive as `FailedPrecondition` from `materialize`
     with a MISSING violation per blob: that is what makes Bazel upload them and retry.
     """
-    code, message = _code_and_message(exc)
-    violations: list[errors.Violation] = (
-        exc.violations if isinstance(exc, errors.FailedPrecondition) else []
-    )
-    status = status_pb2.Status(code=code, message=message)
-    if violations:
-        failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type=v.type, subject=v.subject, description=v.description
-                )
-                for v in violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(failure)
-        status.details.append(detail)
-    return status
-
-
-def _code_and_message(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code().value[0], exc.details() or exc.code().name
-    if isinstance(exc, RemoteError):  # the client's error for codes without a domain class
-        return exc.code.value[0], str(exc)
-    for cls in type(exc).__mro__:
-        if cls in _CODES:
-            return _CODES[cls], str(exc)
-    return code_pb2.INTERNAL, f"internal worker error: {type(exc).__name__}: {exc}"
+    if isinstance(exc, errors.ExpBuildError | grpc.aio.AioRpcError):
+        return to_status(exc)
+    return to_status(exc, f"internal worker error: {type(exc).__name__}: {exc}")
 
 
 def _describe(exc: BaseException) -> str:
-    code, message = _code_and_message(exc)
-    return f"{code_pb2.Code.Name(code)}: {message}"
+    status = error_status(exc)
+    return f"{code_pb2.Code.Name(status.code)}: {status.message}"
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from expbuild.config import BackendSettings, ConfigError, LimitsSettings
 from expbuild.worker.action_user import ActionUser
@@ -184,7 +185,7 @@ class SandboxExecutor:
         ]
         try:
             # As the action user, if any: it is who runs bwrap for every action.
-            as_user = (
+            as_user: dict[str, Any] = (
                 {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
                 if self.user is not None
                 else {}
