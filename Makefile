@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 ADDRESS ?= 127.0.0.1:8980
 
-.PHONY: venv test run proto lint bench clean images
+.PHONY: venv venv-buildstream test run proto lint bench clean images
 
 # What running needs (`make run`); the test and dev extras come on top for everything else.
 $(VENV)/.runtime: pyproject.toml
@@ -19,6 +19,15 @@ $(VENV)/.installed: $(VENV)/.runtime
 	touch $@
 
 venv: $(VENV)/.installed
+
+## venv-buildstream: BuildStream for tests/test_buildstream.py, in a venv of its own
+BST_VENV ?= .venv-buildstream
+$(BST_VENV)/.installed: tests/buildstream/requirements.txt
+	$(PYTHON) -m venv $(BST_VENV)
+	$(BST_VENV)/bin/pip install --quiet -r tests/buildstream/requirements.txt
+	touch $@
+
+venv-buildstream: $(BST_VENV)/.installed
 
 ## test: run the whole suite against a real PostgreSQL (see tests/conftest.py for how one is found)
 test: venv
@@ -54,4 +63,4 @@ images:
 	docker/build.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(BST_VENV) .pytest_cache

@@ -12,6 +12,7 @@ frozen dataclasses below. A bad value raises `ConfigError` whose message names t
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import socket
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from expbuild.reapi.platforms import normalize_platform
+from expbuild.reapi.platforms import OS_FAMILY, normalize_platform, respelled
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:8980"
 
@@ -453,7 +456,7 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
 
 
 def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
-    """`{OSFamily = "Linux", ISA = ["x86-64", "x86_64"]}` -> {"OSFamily": ("Linux",), ...}."""
+    """`{OSFamily = "linux", ISA = ["x86-64", "x86_64"]}` -> {"OSFamily": ("linux",), ...}."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -461,6 +464,24 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
     if any(not str(name).strip() for name in raw):
         raise ConfigError(f"{key}: a property has an empty name")
     return {name: tuple(values) for name, values in normalize_platform(raw).items()}
+
+
+def worker_platform(raw: Any) -> dict[str, tuple[str, ...]]:
+    """`[worker.platform]`, its OSFamily in the REAPI lexicon's spelling: an older
+    configuration's `OSFamily = "Linux"` still works, with a warning."""
+    platform = parse_platform(raw, "worker.platform")
+    if OS_FAMILY in platform:
+        values = tuple(respelled(platform[OS_FAMILY]))
+        if values != platform[OS_FAMILY]:
+            log.warning(
+                "[worker.platform] OSFamily = %s: REAPI's platform lexicon spells it %s; "
+                "advertising %s (actions asking for either spelling match)",
+                ", ".join(platform[OS_FAMILY]),
+                ", ".join(values),
+                ", ".join(values),
+            )
+            platform[OS_FAMILY] = values
+    return platform
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -652,7 +673,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
             _get(w, "max_concurrent_tasks", 4), "worker.max_concurrent_tasks"
         ),
         name=str(_get(w, "name", "")) or socket.gethostname(),
-        platform=parse_platform(w.get("platform"), "worker.platform"),
+        platform=worker_platform(w.get("platform")),
         heartbeat_interval=_duration(heartbeat, "worker.heartbeat_interval") if heartbeat else None,
         poll_timeout=_duration(_get(w, "poll_timeout", 30), "worker.poll_timeout"),
         backend=backend,

@@ -10,7 +10,11 @@ in two modes:
 
 In each mode: a first build, `bazel clean`, a second build that must be served entirely from
 the remote cache; the outputs of both builds are checked, and a deliberately failing action
-is built on its own. `test_local_build_offline` builds the workspace without any remote, to
+is built on its own. Each mode runs again building without the bytes: `+toplevel`
+(--remote_download_toplevel: intermediate outputs must not reach bazel-bin) and `+minimal`
+(--remote_download_minimal: no output does; every CAS blob is then aged, the second build's
+cache hits refresh what they name, an eviction pass bounded to one byte removes the rest,
+and a build after `bazel clean` that downloads the top-level outputs must be all cache hits). `test_local_build_offline` builds the workspace without any remote, to
 tell a broken harness from a server problem. Wall times are printed in the terminal summary.
 
 Bazel is looked up as `$EXPBUILD_TEST_BAZEL` or `bazel` on PATH. Without it the tests are
@@ -39,6 +43,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expbuild.cas.eviction import EvictionReport, evict_to_size
+from expbuild.cas.store import FileStore
 from tests.conftest import TEMPLATE, with_database
 from tests.postgres import free_port
 
@@ -50,7 +56,16 @@ WORKSPACE = BAZEL_DIR / "workspace"
 STAND_INS = ("rules_cc", "rules_java", "remote_coverage_tools")
 # Commands that load packages, and so take --override_repository.
 LOADING_COMMANDS = {"build", "test", "run", "info", "query", "cquery", "aquery", "fetch"}
-MODES = ("remote_executor", "remote_cache")
+# Each remote mode also builds without the bytes: `+minimal` downloads no output,
+# `+toplevel` only those of the requested targets (--remote_download_minimal / _toplevel).
+MODES = (
+    "remote_executor",
+    "remote_cache",
+    "remote_executor+minimal",
+    "remote_cache+minimal",
+    "remote_executor+toplevel",
+    "remote_cache+toplevel",
+)
 TEST_VAR = "expbuild conformance value: 42"
 FAILURE_LINE = "expbuild-conformance: deliberate failure"
 PARALLEL = 24
@@ -89,6 +104,9 @@ EXPECTED: dict[str, dict[str, bytes]] = {
     "h_tool": {"tool_user.txt": b"tool-ran-with hello\n"},
 }
 TARGET = "//:everything"
+# Outputs of actions that //:everything reaches only through other actions: with
+# --remote_download_toplevel they stay in the CAS and never reach bazel-bin.
+INTERMEDIATE = {"chain_1.txt", "large.bin", *(f"tree/{name}" for name in TREE)}
 
 # -- timings, shown at the end of the run -------------------------------------------------------
 
@@ -258,15 +276,24 @@ def common_flags(extra_env: str) -> list[str]:
     ]
 
 
-def mode_flags(mode: str, port: int) -> list[str]:
+def mode_flags(mode: str, port: int, *, download: str | None = None) -> list[str]:
+    """Bazel's flags for `mode` (`remote_executor`, `remote_cache`, `local`, each remote one
+    optionally `+minimal` or `+toplevel`); `download` overrides what it downloads."""
+    base, _, download_mode = mode.partition("+")
+    download = download or download_mode
     endpoint = f"grpc://127.0.0.1:{port}"
-    if mode == "remote_executor":
-        return [f"--remote_executor={endpoint}", "--spawn_strategy=remote", *common_flags(mode)]
-    if mode == "remote_cache":
-        return [f"--remote_cache={endpoint}", *common_flags(mode)]
-    if mode == "local":
-        return common_flags(mode)
-    raise ValueError(mode)
+    if base == "remote_executor":
+        flags = [f"--remote_executor={endpoint}", "--spawn_strategy=remote"]
+    elif base == "remote_cache":
+        flags = [f"--remote_cache={endpoint}"]
+    elif base == "local":
+        flags = []
+    else:
+        raise ValueError(mode)
+    flags += common_flags(mode)  # the whole mode: its own action keys
+    if download:
+        flags.append(f"--remote_download_{download}")
+    return flags
 
 
 def snapshot(bazel_bin: Path) -> dict[str, bytes | None]:
@@ -278,11 +305,16 @@ def snapshot(bazel_bin: Path) -> dict[str, bytes | None]:
     return files
 
 
-def check_outputs(files: dict[str, bytes | None], case: str) -> None:
+def check_outputs(files: dict[str, bytes | None], case: str, *, top_level_only=False) -> None:
+    """The case's outputs in bazel-bin; with `top_level_only` (--remote_download_toplevel)
+    the INTERMEDIATE ones must not have been downloaded."""
     problems = []
     for name, want in EXPECTED[case].items():
         got = files.get(name)
-        if got is None:
+        if top_level_only and name in INTERMEDIATE:
+            if got is not None:
+                problems.append(f"{name}: downloaded, but it is no top-level output")
+        elif got is None:
             problems.append(f"{name}: missing from bazel-bin")
         elif got != want:
             shown = (
@@ -342,6 +374,7 @@ class Cluster:
     server: Process
     worker: Process
     database: str
+    cas: Path
 
     def logs(self, lines: int = 80) -> str:
         return "\n".join(
@@ -443,7 +476,7 @@ def cluster(bazel_exe, postgres_admin_url, tmp_path_factory, request):
         )
         processes.append(worker)
         wait_for_log(worker, "registered successfully")
-        yield Cluster(port, server, worker, name)
+        yield Cluster(port, server, worker, name, folder / "cas")
     finally:
         for process in reversed(processes):
             process.stop()
@@ -472,16 +505,44 @@ class ModeRun:
     second: BazelResult | None = None
     first_files: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
     second_files: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
+    # +minimal: CAS eviction after the second build, then a build that downloads.
+    eviction: EvictionReport | None = None
+    later: BazelResult | None = None
+    later_files: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
+
+    @property
+    def download(self) -> str:
+        """What Bazel downloads: "" (everything), "minimal" or "toplevel"."""
+        return self.mode.partition("+")[2]
 
     def context(self, result: BazelResult | None) -> str:
         text = result.describe() if result else "<bazel did not run>"
         return f"mode {self.mode}\n{text}\n{self.cluster.logs()}"
 
 
+# How old every CAS blob is made to look before the +minimal modes' second build: the
+# eviction after it removes whatever that build did not use.
+AGED = 24 * 3600.0
+
+
+def age_blobs(cas: Path, seconds: float) -> None:
+    """Make every blob look last used `seconds` ago (no waiting for time to pass)."""
+    then = time.time() - seconds
+    for path in (cas / "sha256").rglob("*"):
+        if path.is_file():
+            os.utime(path, (then, then))
+
+
+def evict_unused(cas: Path, min_age: float) -> EvictionReport:
+    """An eviction pass over the server's CAS that would leave nothing unused for
+    `min_age` seconds: the bound is one byte."""
+    return asyncio.run(evict_to_size(FileStore(cas), 1, min_age=min_age))
+
+
 @pytest.fixture(scope="module", params=MODES)
 def mode_run(request, bazel_exe, cluster, tmp_path_factory):
     mode = request.param
-    folder = tmp_path_factory.mktemp(f"bazel-{mode}")
+    folder = tmp_path_factory.mktemp(f"bazel-{mode.replace('+', '-')}")
     bazel = Bazel(bazel_exe, copy_tree(folder / "bazel"), folder)
     run = ModeRun(mode, bazel, mode_flags(mode, cluster.port), cluster)
     try:
@@ -493,10 +554,24 @@ def mode_run(request, bazel_exe, cluster, tmp_path_factory):
             clean = bazel.run("clean")
             assert clean.returncode == 0, clean.describe()
             assert not (bazel_bin / "with_sources.txt").exists(), "bazel clean left outputs"
+            if run.download == "minimal":
+                age_blobs(cluster.cas, AGED)
             run.second = bazel.run("build", *run.flags, TARGET)
             record_time(f"{mode}: build after clean", run.second.wall, run.second.elapsed())
             if run.second.returncode == 0:
                 run.second_files = snapshot(bazel_bin)
+            if run.second.returncode == 0 and run.download == "minimal":
+                # The outputs Bazel never downloaded live only in the CAS, named by action
+                # cache entries that the second build hit. Evict everything else, then use
+                # them: a build that downloads the top-level outputs.
+                run.eviction = evict_unused(cluster.cas, AGED / 2)
+                clean = bazel.run("clean")
+                assert clean.returncode == 0, clean.describe()
+                later_flags = mode_flags(mode, cluster.port, download="toplevel")
+                run.later = bazel.run("build", *later_flags, TARGET)
+                record_time(f"{mode}: build after eviction", run.later.wall, run.later.elapsed())
+                if run.later.returncode == 0:
+                    run.later_files = snapshot(bazel.bazel_bin(*later_flags))
         yield run
     finally:
         bazel.shutdown()
@@ -513,7 +588,7 @@ def test_first_build_succeeds(mode_run: ModeRun):
     # a(1) + b(2) + c(2) + d(2) + e(1) + g(24) + h(2) actions; Bazel may cache none of them
     # locally on a first build.
     assert sum(executed.values()) >= 34, (kinds, mode_run.context(first))
-    if mode_run.mode == "remote_executor":
+    if mode_run.mode.startswith("remote_executor"):
         assert set(executed) == {"remote"}, (
             f"every action should run remotely: {kinds}\n{mode_run.context(first)}"
         )
@@ -544,7 +619,39 @@ def test_outputs(mode_run: ModeRun, case: str, build: str):
     result = mode_run.first if build == "first" else mode_run.second
     assert result is not None and result.returncode == 0, mode_run.context(result)
     files = mode_run.first_files if build == "first" else mode_run.second_files
-    check_outputs(files, case)
+    # With --remote_cache the first build runs its actions here: their outputs are local,
+    # whatever Bazel would download. Cache hits are where it downloads less.
+    ran_here = build == "first" and not mode_run.mode.startswith("remote_executor")
+    download = "" if ran_here else mode_run.download
+    if download == "minimal":
+        downloaded = [name for name in EXPECTED[case] if files.get(name) is not None]
+        assert not downloaded, f"--remote_download_minimal downloaded {downloaded}"
+        # Their bytes stayed in the CAS: the build after eviction downloads them.
+        later = mode_run.later
+        assert later is not None and later.returncode == 0, mode_run.context(later)
+        check_outputs(mode_run.later_files, case, top_level_only=True)
+    else:
+        check_outputs(files, case, top_level_only=download == "toplevel")
+
+
+def test_outputs_left_in_the_cas_survive_eviction(mode_run: ModeRun):
+    """Build without the bytes: outputs Bazel never downloaded stay in the CAS while the
+    action cache entries naming them live. Every blob was made to look a day old before
+    the second build; its cache hits refreshed what they name; an eviction pass bounded to
+    one byte then removed everything else; a later build finds every entry complete."""
+    if mode_run.download != "minimal":
+        pytest.skip("the +minimal modes run the eviction")
+    report = mode_run.eviction
+    assert report is not None, mode_run.context(mode_run.second)
+    assert report.removed > 0, f"the eviction pass had nothing to remove: {report}"
+    later = mode_run.later
+    assert later is not None and later.returncode == 0, mode_run.context(later)
+    _, kinds = later.summary()
+    executed = {k: n for k, n in kinds.items() if k != "internal"}
+    assert executed and set(executed) == {"remote cache hit"}, (
+        f"an action ran again after eviction, so a blob its cache entry named was gone: "
+        f"{kinds}\n{mode_run.context(later)}"
+    )
 
 
 def test_deliberate_failure(mode_run: ModeRun):
@@ -562,11 +669,15 @@ SH_TEST = "//sh:hello_test"
 SH_TEST_LINE = "expbuild-conformance: sh_test passed"
 
 
-def check_sh_test_logs(bazel: Bazel, flags: list[str], result: BazelResult) -> None:
+def check_sh_test_logs(
+    bazel: Bazel, flags: list[str], result: BazelResult, *, minimal: bool = False
+) -> None:
     testlogs = bazel.info("bazel-testlogs", *flags) / "sh" / "hello_test"
     log = testlogs / "test.log"
     assert log.is_file(), f"no {log}\n{result.describe()}"
     assert SH_TEST_LINE in log.read_text(errors="replace"), log.read_text(errors="replace")
+    if minimal:
+        return  # --remote_download_minimal fetches test.log only; the rest stays remote
     assert (testlogs / "test.xml").is_file(), f"no test.xml\n{result.describe()}"
     outputs = testlogs / "test.outputs" / "outputs.zip"
     assert outputs.is_file(), f"no undeclared outputs zip\n{result.describe()}"
@@ -583,11 +694,12 @@ def test_sh_test(mode_run: ModeRun):
     assert re.search(r"//sh:hello_test\s+PASSED", first.output), mode_run.context(first)
     _, kinds = first.summary()
     executed = {k: n for k, n in kinds.items() if k != "internal"}
-    if mode_run.mode == "remote_executor":
+    if mode_run.mode.startswith("remote_executor"):
         assert set(executed) == {"remote"}, (kinds, mode_run.context(first))
     else:
         assert executed and not any("remote" in k for k in executed), (kinds, first.describe())
-    check_sh_test_logs(bazel, flags, first)
+    minimal = mode_run.download == "minimal"
+    check_sh_test_logs(bazel, flags, first, minimal=minimal)
 
     clean = bazel.run("clean")
     assert clean.returncode == 0, clean.describe()
@@ -600,7 +712,7 @@ def test_sh_test(mode_run: ModeRun):
     _, kinds = second.summary()
     executed = {k: n for k, n in kinds.items() if k != "internal"}
     assert set(executed) == {"remote cache hit"}, (kinds, mode_run.context(second))
-    check_sh_test_logs(bazel, flags, second)
+    check_sh_test_logs(bazel, flags, second, minimal=minimal)
 
 
 def test_no_errors_logged(mode_run: ModeRun):

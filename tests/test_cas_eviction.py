@@ -309,3 +309,82 @@ async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path
         )
         for line in lines
     ), lines
+
+
+# ----------------------------------------------------------------- build without the bytes
+
+
+async def test_an_action_cache_hit_keeps_every_blob_it_names_through_eviction(
+    database_url, tmp_path
+):
+    """Bazel's --remote_download_minimal leaves outputs in the CAS only. A cache hit
+    refreshes every blob its entry names — files, streams, a Tree's files, and the whole
+    Directory tree of a root_directory_digest (BuildStream's format) — so the LRU pass
+    between that hit and a later use removes the rest and keeps them."""
+
+    def message(m) -> tuple[Digest, bytes]:
+        data = m.SerializeToString()
+        return digest_of(data), data
+
+    files = dict(blob(i, 200) for i in range(6))
+    out_file, stdout, tree_file, deep_file, top_file, unrelated = files
+    leaf = re_pb2.FileNode(name="f", digest=deep_file.to_proto())
+    deep_dir, deep_dir_data = message(re_pb2.Directory(files=[leaf]))
+    root_dir, root_dir_data = message(
+        re_pb2.Directory(
+            files=[re_pb2.FileNode(name="top", digest=top_file.to_proto())],
+            directories=[re_pb2.DirectoryNode(name="deep", digest=deep_dir.to_proto())],
+        )
+    )
+    tree, tree_data = message(
+        re_pb2.Tree(
+            root=re_pb2.Directory(files=[re_pb2.FileNode(name="t", digest=tree_file.to_proto())])
+        )
+    )
+    blobs = {**files, deep_dir: deep_dir_data, root_dir: root_dir_data, tree: tree_data}
+    named = [d for d in blobs if d != unrelated]
+    result = re_pb2.ActionResult(
+        output_files=[re_pb2.OutputFile(path="o", digest=out_file.to_proto())],
+        output_directories=[
+            re_pb2.OutputDirectory(path="t", tree_digest=tree.to_proto()),
+            re_pb2.OutputDirectory(path="r", root_directory_digest=root_dir.to_proto()),
+        ],
+        stdout_digest=stdout.to_proto(),
+    )
+    action = digest_of(b"an action built without the bytes")
+    async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
+        bound_by_hand(app, 1)
+        async with open_channel(f"127.0.0.1:{app.port}") as channel:
+            assert await CasClient(channel).upload(blobs)
+            cache = re_grpc.ActionCacheStub(channel)
+            await cache.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(
+                    action_digest=action.to_proto(), action_result=result
+                )
+            )
+            # A day later (as far as the LRU can tell), the build uses the entry again.
+            for digest in blobs:
+                age(app.store, digest, 24 * HOUR)
+            request = re_pb2.GetActionResultRequest(action_digest=action.to_proto())
+            assert await cache.GetActionResult(request) == result
+            report = await app.evict_once()
+            # Bounded to one byte, the pass removed all it could: the unrelated blob.
+            assert report is not None and report.removed == 1
+            assert present(app.store, named) == [True] * len(named)
+            assert present(app.store, [unrelated]) == [False]
+            # The later use: still a complete hit.
+            assert await cache.GetActionResult(request) == result
+            # Unused for a day and not hit since, an entry's blobs do go, and the entry
+            # with them: it is a miss, not a hit naming blobs that are gone.
+            for digest in blobs:
+                if store_has(app.store, digest):
+                    age(app.store, digest, 24 * HOUR)
+            await app.evict_once()
+            assert present(app.store, named) == [False] * len(named)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await cache.GetActionResult(request)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def store_has(store: FileStore, digest: Digest) -> bool:
+    return store.path_of(digest).exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pytest
@@ -25,7 +26,7 @@ def test_the_guides_keys_are_read():
     assert settings.worker.server_target == "localhost:8980"
     assert settings.worker.cas_target == "localhost:8980"
     assert settings.worker.max_concurrent_tasks == 4
-    assert settings.worker.platform == {"OSFamily": ("Linux",)}
+    assert settings.worker.platform == {"OSFamily": ("linux",)}
     assert settings.worker.backend.type == "host"
     assert (
         load_settings("configs/expbuild-server-remote-workers.toml").execution.backend
@@ -289,3 +290,18 @@ def test_worker_server_url_may_name_several_replicas():
 
     assert replicas_target(("127.0.0.1:1", "127.0.0.2:2")) == "ipv4:127.0.0.1:1,127.0.0.2:2"
     assert replicas_target(("localhost:5",)) == "localhost:5"
+
+
+def test_the_old_osfamily_spelling_is_read_as_the_lexicons_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="expbuild.config"):
+        settings = settings_from_mapping(
+            {"worker": {"platform": {"OSFamily": ["Linux", "linux", "Plan9"]}}}
+        )
+    # REAPI's lexicon spells it `linux`; values outside the lexicon are kept as written.
+    assert settings.worker.platform == {"OSFamily": ("linux", "Plan9")}
+    [warning] = caplog.records
+    assert "lexicon spells it linux, Plan9" in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="expbuild.config"):
+        settings_from_mapping({"worker": {"platform": {"OSFamily": "linux"}}})
+    assert not caplog.records

@@ -226,7 +226,7 @@ def test_workers_list_and_drain(cluster, tmp_path, database_url):
     )
     [info] = json.loads(listed.stdout)
     assert info["name"] == "e2e-worker" and info["state"] == "online"
-    assert info["platform"]["OSFamily"] == ["Linux"]
+    assert info["platform"]["OSFamily"] == ["linux"]
 
     client = _background_run(address, tmp_path, "sh", "-c", "sleep 1.5; echo drained")
     wait_for_log(worker, "Executing command:")

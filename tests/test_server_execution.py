@@ -7,6 +7,7 @@ protocol (poll, heartbeat, complete with a stale token) can be checked on its ow
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import timedelta
 
@@ -159,6 +160,38 @@ async def test_execute_runs_through_the_worker_api_and_then_hits_the_cache(serve
             operations_pb2.GetOperationRequest(name=operations[-1].name)
         )
         assert got.done and unpack_response(got).result.stdout_raw == b"hi\n"
+
+
+async def test_a_task_failed_by_its_worker_is_logged_as_failed_not_completed(server, caplog):
+    digest = await put_action(server.store)
+    async with channel_to(server) as channel:
+        execution = re_grpc.ExecutionStub(channel)
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        worker_id = await register(workers)
+        stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto()))
+        polled = await workers.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=1)
+        )
+        [task] = polled.tasks
+        refused = status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT, message="output path 'x' leads outside the input root"
+        )
+        with caplog.at_level(logging.INFO, logger="expbuild.scheduling.results"):
+            await workers.CompleteTask(
+                worker_pb2.CompleteTaskRequest(
+                    worker_id=worker_id,
+                    task_id=task.task_id,
+                    lease_token=task.lease_token,
+                    response=re_pb2.ExecuteResponse(status=refused),
+                )
+            )
+        operations = await _rest(stream)
+    assert unpack_response(operations[-1]).status.code == code_pb2.INVALID_ARGUMENT
+    [line] = [r.getMessage() for r in caplog.records if task.task_id in r.getMessage()]
+    assert line == (
+        f"Task {task.task_id} failed on worker {worker_id}: INVALID_ARGUMENT: "
+        "output path 'x' leads outside the input root"
+    )
 
 
 async def test_missing_inputs_fail_with_precondition_failure(server):

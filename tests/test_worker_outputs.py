@@ -273,12 +273,52 @@ def test_v20_kind_mismatch_is_failed_precondition(tmp_path):
 # ---- refused paths and file types --------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["../escape", "a/../../b", "out/.."])
-def test_dotdot_is_refused(tmp_path, path):
-    with pytest.raises(InvalidArgument, match=r"contains '\.\.'"):
-        collect_outputs(command(paths=[path]), tmp_path)
-    with pytest.raises(InvalidArgument, match=r"contains '\.\.'"):
-        output_parent_directories(command(paths=[path]), tmp_path)
+@pytest.mark.parametrize(
+    ("path", "working_directory"),
+    [("../escape", ""), ("a/../../b", ""), ("../../x", "sub"), ("a/../../../../x", "sub/deeper")],
+)
+def test_a_path_leaving_the_input_root_is_refused(tmp_path, path, working_directory):
+    (tmp_path / working_directory).mkdir(parents=True, exist_ok=True)
+    bad = command(paths=[path], working_directory=working_directory)
+    with pytest.raises(InvalidArgument, match=r"leads outside the input root"):
+        collect_outputs(bad, tmp_path)
+    with pytest.raises(InvalidArgument, match=r"leads outside the input root"):
+        output_parent_directories(bad, tmp_path)
+
+
+def test_dotdot_inside_the_input_root_is_normalised_against_the_working_directory(tmp_path):
+    """BuildStream's manual element: working directory `buildstream/tiny/hello`, install
+    root `/buildstream-install` asked for as `../../../buildstream-install`."""
+    workdir = "buildstream/tiny/hello"
+    (tmp_path / workdir).mkdir(parents=True)
+    install = "../../../buildstream-install"
+    declared = command(
+        paths=[install, "../hello/out/..", "sub/../log.txt"], working_directory=workdir
+    )
+    parents = output_parent_directories(declared, tmp_path)
+    assert parents == [tmp_path / workdir, tmp_path, tmp_path / workdir]
+    write(tmp_path / "buildstream-install" / "usr" / "bin" / "hello", b"hi\n", executable=True)
+    write(tmp_path / workdir / "log.txt", b"log\n")
+    collected = collect_outputs(declared, tmp_path)
+    # Each output is reported under the path the client asked for.
+    [log] = collected.result.output_files
+    assert (log.path, Digest.from_proto(log.digest)) == ("sub/../log.txt", digest_of(b"log\n"))
+    by_path = {d.path: tree_of(collected, d) for d in collected.result.output_directories}
+    assert set(by_path) == {install, "../hello/out/.."}
+    [usr] = by_path[install].root.directories
+    assert usr.name == "usr"
+    # `../hello/out/..` is the working directory itself.
+    assert [f.name for f in by_path["../hello/out/.."].root.files] == ["log.txt"]
+
+
+def test_the_input_root_itself_may_be_an_output(tmp_path):
+    """BuildStream with a writable root asks for `/` as `../..` from `a/b`."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    write(tmp_path / "top.txt", b"top\n")
+    declared = command(paths=["../.."], working_directory="a/b")
+    assert output_parent_directories(declared, tmp_path) == [tmp_path / "a" / "b"]
+    [root] = collect_outputs(declared, tmp_path).result.output_directories
+    assert root.path == "../.."
 
 
 def test_absolute_path_is_refused(tmp_path):
@@ -287,7 +327,7 @@ def test_absolute_path_is_refused(tmp_path):
 
 
 def test_bad_working_directory_is_refused(tmp_path):
-    with pytest.raises(InvalidArgument, match="working directory '../up'"):
+    with pytest.raises(InvalidArgument, match="working directory '../up' leads outside"):
         collect_outputs(command(paths=["x"], working_directory="../up"), tmp_path)
 
 

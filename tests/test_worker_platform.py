@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import platform
 
+from expbuild.reapi.platforms import (
+    lexicon_spelling,
+    os_family_of_system,
+    with_lexicon_os_family,
+)
 from expbuild.worker.host_platform import detected_platform
 
 
 def test_detected_platform():
     detected = detected_platform()
-    assert detected["OSFamily"] == (platform.system(),)
+    assert detected["OSFamily"] == (platform.system().lower(),)
     assert detected["cpu_count"] == (str(len(os.sched_getaffinity(0))),)
     if platform.machine() == "x86_64":
         assert detected["Arch"] == ("x86_64",)
@@ -22,3 +27,14 @@ def test_detected_platform():
         flags = open("/proc/cpuinfo").read()
         if "x86-64-v3" in isa:
             assert all(f" {flag}" in flags for flag in ("avx2", "bmi2", "fma", "movbe"))
+
+
+def test_osfamily_in_the_lexicons_spelling():
+    assert os_family_of_system("Linux") == "linux"
+    assert os_family_of_system("Darwin") == "macos"
+    assert lexicon_spelling("Windows") == "windows"
+    assert lexicon_spelling("Plan9") == "Plan9"
+    assert with_lexicon_os_family({"OSFamily": ["Linux", "linux"], "Arch": ["X86_64"]}) == {
+        "OSFamily": ["linux"],
+        "Arch": ["X86_64"],
+    }

@@ -16,6 +16,12 @@ Deleting a blob is always safe for correctness:
   `min_age` keeps those blobs alive across that gap.
 * An action cache entry whose outputs were evicted is not served: the completeness
   check (`expbuild.cas.action_results`) turns it into a miss and the action runs again.
+* Build without the bytes (Bazel's --remote_download_minimal/_toplevel): outputs a
+  client never downloads live only here, and it uses them later by digest. Every cache
+  hit and every write of an entry touches every blob the entry names (files, streams,
+  Trees and the files in them, `root_directory_digest` Directory trees), so an entry's
+  blobs are never older than its last use: LRU removes them only together with the
+  entry's usefulness, never from under an entry a build just hit.
 * A reader that has the file open keeps reading it (unlinking does not affect open files).
 
 This module knows no database. Replicas sharing one CAS directory must not evict at the

@@ -279,7 +279,7 @@ def run(
     Examples:
       expbuild run -- echo hello
       expbuild run --input src --output out.txt -- sh -c 'wc -l src/* > out.txt'
-      expbuild run --platform OSFamily=Linux --timeout 60 -v -- make -C src
+      expbuild run --platform OSFamily=linux --timeout 60 -v -- make -C src
       expbuild run --server http://build.example.com:8980 --json -- uname -a
     """
 
@@ -290,7 +290,7 @@ def run(
             platform = platform_from_pairs(platform_pairs)
             env = dict(parse_pair(pair, "environment variable") for pair in env_pairs)
         except InvalidArgument as e:
-            raise _usage_failure(f"{e}; for example --platform OSFamily=Linux") from None
+            raise _usage_failure(f"{e}; for example --platform OSFamily=linux") from None
         paths = [Path(p) for p in inputs]
         names: dict[str, Path] = {}
         for path in paths:

@@ -67,7 +67,7 @@ def _platform_option(values: tuple[str, ...]) -> re_pb2.Platform:
     for value in values:
         name, sep, wanted = value.partition("=")
         if not sep or not name.strip():
-            raise click.BadParameter(f"{value!r}: expected NAME=VALUE, e.g. OSFamily=Linux")
+            raise click.BadParameter(f"{value!r}: expected NAME=VALUE, e.g. OSFamily=linux")
         platform.properties.add(name=name.strip(), value=wanted.strip())
     return platform
 

@@ -4,6 +4,13 @@ A property name may appear with several values. The message lists properties sor
 name, then value (what REAPI requires, so equal platforms give equal action digests);
 the database stores the canonical form (`normalize_platform`: sorted, unique strings)
 so that jsonb containment matches an action against a worker's offer.
+
+The `OSFamily` property is read in REAPI's platform-lexicon spelling, lower case (`linux`,
+`macos`, ...); BuildStream sends nothing else. Bazel users write their own platforms and
+often say `Linux`, and ExpBuild's workers used to advertise `platform.system()`'s `Linux`.
+So a value that names a lexicon family in any case is read as the lexicon's spelling, on
+both sides of the match: what a worker offers and what an action asks for. Values outside
+the lexicon are left as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +26,14 @@ from expbuild.text import check_no_nul, quoted
 PlatformSpec = dict[str, list[str]]
 # What callers may pass: a value, or a sequence of values, per name.
 PlatformInput = Mapping[str, str | Sequence[str]]
+
+OS_FAMILY = "OSFamily"
+# REAPI platform-lexicon.md, "OSFamily".
+OS_FAMILY_LEXICON = frozenset(
+    ("aix", "freebsd", "hpux", "linux", "macos", "netbsd", "openbsd", "solaris", "windows")
+)
+# platform.system() names that differ from the lexicon's.
+_SYSTEM_NAMES = {"darwin": "macos", "sunos": "solaris", "hp-ux": "hpux"}
 
 
 def _values(value: Any) -> list[Any]:
@@ -39,8 +54,9 @@ def platform_message(platform: PlatformInput) -> re_pb2.Platform:
 
 
 def platform_spec(platform: re_pb2.Platform, where: str = "platform") -> PlatformSpec:
-    """A Platform's properties as {name: [values]}, values in message order; INVALID_ARGUMENT
-    (naming `where`) for an empty name or a NUL character."""
+    """A Platform's properties as {name: [values]}, values in message order, OSFamily in the
+    lexicon's spelling (`Linux` -> `linux`); INVALID_ARGUMENT (naming `where`) for an empty
+    name or a NUL character."""
     spec: PlatformSpec = {}
     for prop in platform.properties:
         if not prop.name.strip():
@@ -50,7 +66,7 @@ def platform_spec(platform: re_pb2.Platform, where: str = "platform") -> Platfor
         check_no_nul(prop.name, f"{where}: property name")
         check_no_nul(prop.value, f"{where}: property {quoted(prop.name)} value")
         spec.setdefault(prop.name, []).append(prop.value)
-    return spec
+    return with_lexicon_os_family(spec)
 
 
 def requested_platform(action: re_pb2.Action, command: re_pb2.Command) -> re_pb2.Platform:
@@ -69,3 +85,29 @@ def normalize_platform(properties: Mapping[str, Any]) -> PlatformSpec:
 def platform_summary(platform: Mapping[str, Sequence[str]]) -> dict[str, str | list[str]]:
     """A platform for a log line: a lone value without its list."""
     return {k: v[0] if len(v) == 1 else list(v) for k, v in platform.items()}
+
+
+def lexicon_spelling(value: str) -> str:
+    """An OSFamily value: `Linux` -> `linux`; a value that is no lexicon family comes back
+    unchanged."""
+    lower = value.lower()
+    return lower if lower in OS_FAMILY_LEXICON else value
+
+
+def os_family_of_system(system: str) -> str:
+    """`platform.system()` (`Linux`, `Darwin`, ...) as the lexicon's OSFamily."""
+    lower = system.lower()
+    return _SYSTEM_NAMES.get(lower, lower)
+
+
+def respelled(values: Sequence[str]) -> list[str]:
+    """OSFamily values in the lexicon's spelling, without duplicates, in order."""
+    return list(dict.fromkeys(lexicon_spelling(value) for value in values))
+
+
+def with_lexicon_os_family(platform: Mapping[str, Sequence[str]]) -> PlatformSpec:
+    """`platform` ({name: [values]}) with its OSFamily values in the lexicon's spelling."""
+    return {
+        name: respelled(values) if name == OS_FAMILY else list(values)
+        for name, values in platform.items()
+    }

@@ -67,6 +67,15 @@ def grpc_code(number: int) -> grpc.StatusCode:
     return _GRPC_CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
+def status_name(code: int) -> str:
+    """`3` -> `INVALID_ARGUMENT`, for log lines; a code google.rpc does not define, as its
+    number."""
+    try:
+        return code_pb2.Code.Name(code)
+    except ValueError:
+        return f"status {code}"
+
+
 def error_code(error: BaseException) -> int:
     """The google.rpc code of `error`: its class's (or RPC's) code, INTERNAL for anything else."""
     if isinstance(error, ExpBuildError):

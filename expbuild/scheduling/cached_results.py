@@ -51,9 +51,11 @@ def check_result_digests(result: re_pb2.ActionResult) -> None:
         digest_field(output.digest, f"action_result.output_files[{index}].digest")
     for index, directory in enumerate(result.output_directories):
         where = f"action_result.output_directories[{index}]"
-        digest_field(directory.tree_digest, f"{where}.tree_digest")
+        # REAPI 2.3: a DIRECTORY_ONLY result (BuildStream's) names no Tree, only the root.
         if directory.HasField("root_directory_digest"):
             digest_field(directory.root_directory_digest, f"{where}.root_directory_digest")
+        if directory.HasField("tree_digest") or not directory.HasField("root_directory_digest"):
+            digest_field(directory.tree_digest, f"{where}.tree_digest")
 
 
 async def store_client_result(

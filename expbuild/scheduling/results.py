@@ -11,10 +11,12 @@ import logging
 from dataclasses import dataclass
 
 import asyncpg
+from google.rpc import code_pb2
 
 from expbuild.auth.principal import Principal
 from expbuild.db import queue
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import status_name
 from expbuild.scheduling.task_names import task_name
 from expbuild.scheduling.workers import acting_worker
 from expbuild.text import check_no_nul, shorten
@@ -53,12 +55,22 @@ async def accept_result(
         cache_result=response.result.SerializeToString() if cacheable else None,
         detail={"exit_code": response.result.exit_code, "status": response.status.code},
     )
-    log.info(
-        "Task %s completed on worker %s (exit code %d)",
-        task_name(task_id),
-        worker_id,
-        response.result.exit_code,
-    )
+    if response.status.code != code_pb2.OK:
+        # The action did not run to an exit code (bad input, a limit, a timeout...).
+        log.warning(
+            "Task %s failed on worker %s: %s: %s",
+            task_name(task_id),
+            worker_id,
+            status_name(response.status.code),
+            shorten(response.status.message),
+        )
+    else:
+        log.info(
+            "Task %s completed on worker %s (exit code %d)",
+            task_name(task_id),
+            worker_id,
+            response.result.exit_code,
+        )
     return AcceptedResult(succeeded, done)
 
 

@@ -105,7 +105,7 @@ QUEUE_DEPTH = Gauge(
 
 
 def platform_label(platform: Mapping[str, Sequence[str]] | str) -> str:
-    """A platform requirement as one label value: `Arch=x86_64,OSFamily=Linux`."""
+    """A platform requirement as one label value: `Arch=x86_64,OSFamily=linux`."""
     spec: Mapping[str, Sequence[str]] = (
         json.loads(platform) if isinstance(platform, str) else platform
     )

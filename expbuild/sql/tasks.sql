@@ -2,7 +2,7 @@
 
 -- name: list_tasks
 -- Newest first. $1 state (NULL: any), $2 platform the task requires at least (NULL: any;
--- '{"OSFamily": ["Linux"]}' finds tasks that require Linux), $3 queued since (NULL: any
+-- '{"OSFamily": ["linux"]}' finds tasks that require Linux), $3 queued since (NULL: any
 -- time), $4 limit.
 SELECT id, instance_name, action_digest, state, platform, priority, attempts, max_attempts,
        worker_id, queued_at, leased_at, completed_at, error

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import platform as _platform
 
+from expbuild.reapi.platforms import os_family_of_system
+
 # Arch (`uname -m`) -> ISA in the REAPI platform lexicon's spelling.
 _ISA = {
     "x86_64": "x86-64",
@@ -31,13 +33,16 @@ _X86_64_LEVELS = (
 def detected_platform() -> dict[str, tuple[str, ...]]:
     """What a worker advertises when its configuration does not say.
 
-    OSFamily, Arch (`x86_64`), ISA (`x86-64` plus every x86-64-vN level the CPU
-    supports, so an action may ask for `x86-64-v3`), and cpu_count (the CPUs this
-    process may run on).
+    OSFamily (in the REAPI lexicon's spelling: `linux`), Arch (`x86_64`), ISA (`x86-64`
+    plus every x86-64-vN level the CPU supports, so an action may ask for `x86-64-v3`),
+    and cpu_count (the CPUs this process may run on).
     """
     machine = _platform.machine()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    platform: dict[str, tuple[str, ...]] = {"OSFamily": (_platform.system(),), "Arch": (arch,)}
+    platform: dict[str, tuple[str, ...]] = {
+        "OSFamily": (os_family_of_system(_platform.system()),),
+        "Arch": (arch,),
+    }
     if arch in _ISA:
         isa = [_ISA[arch]]
         if arch == "x86_64":

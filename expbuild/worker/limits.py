@@ -153,7 +153,7 @@ def output_size(command: re_pb2.Command, input_root: Path, logs: tuple[Path, ...
         return total  # collecting the outputs reports the bad path
     for output in declared_outputs(command):
         try:
-            path = join_inside(workdir, output.path, output.kind.value)
+            path = join_inside(input_root, workdir, output.path, output.kind.value)
         except ExpBuildError:
             continue
         if path.is_dir() and not path.is_symlink():

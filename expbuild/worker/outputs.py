@@ -9,7 +9,8 @@ Rules (REAPI v2):
 - Command.output_node_properties (v2.1) `mtime` / `unix_mode` are set on every output
   node (files, symlinks, and the nodes and Directory messages of output directories).
 - Command.output_paths (v2.1) wins over output_files/output_directories (v2.0).
-- Paths are relative to the working directory; a missing output is simply absent.
+- Paths are relative to the working directory and may climb with `..` while they stay
+  inside the input root (`expbuild.worker.paths`); a missing output is simply absent.
 - A symlink at an output path is reported as a symlink with its target text, never
   followed; inside an output directory it becomes a SymlinkNode.
 - Only regular files, directories and symlinks can be outputs; anything else (FIFO,
@@ -82,7 +83,7 @@ def declared_outputs(command: re_pb2.Command) -> list[DeclaredOutput]:
 
 
 def working_directory(command: re_pb2.Command, input_root: Path) -> Path:
-    path = join_inside(input_root, command.working_directory, "working directory")
+    path = join_inside(input_root, input_root, command.working_directory, "working directory")
     check_inside(input_root, path, "working directory", follow_last=True)
     return path
 
@@ -95,9 +96,9 @@ def output_parent_directories(command: re_pb2.Command, input_root: Path) -> list
     workdir = working_directory(command, input_root)
     parents = [workdir]
     for output in declared_outputs(command):
-        path = join_inside(workdir, output.path, output.kind.value)
+        path = join_inside(input_root, workdir, output.path, output.kind.value)
         check_inside(input_root, path, output.kind.value)
-        if path != workdir:
+        if path not in (workdir, input_root):  # the input root's parent is not ours
             parents.append(path.parent)
     return parents
 
@@ -110,7 +111,7 @@ def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutpu
     result = collected.result
     for output in declared_outputs(command):
         what = f"{output.kind.value} {output.path!r}"
-        path = join_inside(workdir, output.path, output.kind.value)
+        path = join_inside(input_root, workdir, output.path, output.kind.value)
         check_inside(input_root, path, output.kind.value)
         try:
             st = os.lstat(path)

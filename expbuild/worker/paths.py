@@ -1,8 +1,12 @@
 """Validation of the relative paths a Command names (working directory, outputs).
 
-REAPI paths are `/`-separated and relative; a path that is absolute or climbs out with
-`..` would let an action read or write outside its own directory, so it is refused with
-`InvalidArgument` before anything touches the disk.
+REAPI paths are `/`-separated and relative: the working directory to the input root,
+outputs to the working directory. An output path may climb with `..` as long as it stays
+inside the input root — BuildStream asks for `../../../buildstream-install` from the
+working directory `buildstream/tiny/hello` — so paths are normalised lexically against
+their base (as the server does at Execute) and refused with `InvalidArgument` only when
+they are absolute or leave the input root. `check_inside` then guards what lexical
+normalisation cannot see: symlinks on disk that lead out.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from expbuild.errors import InvalidArgument
 
 
 def relative_parts(path: str, what: str) -> tuple[str, ...]:
-    """The components of a REAPI relative path; `""` and `"."` name the base itself.
+    """The components of a REAPI relative path, `..` included; `""` and `"."` name the
+    base itself.
 
     Empty and `.` components (`a//b`, `./a`) are tolerated and dropped: they are harmless
     and some clients produce them.
@@ -23,15 +28,21 @@ def relative_parts(path: str, what: str) -> tuple[str, ...]:
         raise InvalidArgument(f"{what} {path!r} contains a NUL character")
     if path.startswith("/"):
         raise InvalidArgument(f"{what} {path!r} is absolute; it must be relative")
-    parts = tuple(part for part in path.split("/") if part not in ("", "."))
-    if ".." in parts:
-        raise InvalidArgument(f"{what} {path!r} contains '..'; it must stay inside the input root")
-    return parts
+    return tuple(part for part in path.split("/") if part not in ("", "."))
 
 
-def join_inside(base: Path, path: str, what: str) -> Path:
-    """`base/path` after checking `path` is a safe relative path."""
-    return base.joinpath(*relative_parts(path, what))
+def join_inside(root: Path, base: Path, path: str, what: str) -> Path:
+    """`base/path` normalised lexically (`a/b/../c` is `a/c`), where `base` is `root` or
+    a directory under it; `InvalidArgument` when the result leaves `root`."""
+    parts = list(base.relative_to(root).parts)
+    for part in relative_parts(path, what):
+        if part != "..":
+            parts.append(part)
+        elif parts:
+            parts.pop()
+        else:
+            raise InvalidArgument(f"{what} {path!r} leads outside the input root")
+    return root.joinpath(*parts)
 
 
 def check_inside(root: Path, path: Path, what: str, *, follow_last: bool = False) -> None:
