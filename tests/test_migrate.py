@@ -47,7 +47,7 @@ def test_migrations_live_in_one_place_only():
 async def test_os_family_is_respelled_for_rows_written_before_the_upgrade(
     postgres_admin_url, tmp_path
 ):
-    """0005: workers registered and tasks queued with `Linux` still meet those written
+    """0007: workers registered and tasks queued with `Linux` still meet those written
     after the upgrade, which say the lexicon's `linux`."""
     older = tmp_path / "migrations"
     older.mkdir()
