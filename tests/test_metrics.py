@@ -70,7 +70,7 @@ async def start_execute(channel, digest: Digest) -> tuple[asyncio.Task, str]:
     stream = re_grpc.ExecutionStub(channel).Execute(
         re_pb2.ExecuteRequest(action_digest=digest.to_proto())
     )
-    first = await stream.read()
+    first = await asyncio.wait_for(stream.read(), 60)
 
     async def rest():
         while await stream.read() is not grpc.aio.EOF:

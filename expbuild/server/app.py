@@ -412,7 +412,13 @@ class ServerApp:
         if hasattr(self, "notifications"):
             await self.notifications.stop()
         if hasattr(self, "pool"):
-            await self.pool.close()
+            try:
+                # A connection still held by a call being torn down must not hold up a
+                # replica's exit; the database rolls back whatever it had open.
+                await asyncio.wait_for(self.pool.close(), timeout=grace + 5)
+            except TimeoutError:
+                log.warning("Database connections still busy at shutdown; closing them")
+                self.pool.terminate()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
