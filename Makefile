@@ -44,7 +44,10 @@ lint: venv
 	$(VENV)/bin/ruff check expbuild tests bench
 	$(VENV)/bin/ruff format --check expbuild tests bench
 
+## bench: issue #10's figures, today's (BASELINE: main before #10) and this tree's side by side
+BASELINE ?= 783a216
 bench: venv
+	$(PY) bench/noop_load.py --baseline $(BASELINE) --code .
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/execute_latency.py
 
