@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -307,7 +308,7 @@ async def bytestream(target: str, size: int) -> tuple[float, float]:
 
 
 async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
-    name = f"expbuild_bench_noop_{deployment.label.replace('-', '_')}"
+    name = "expbuild_bench_noop_" + re.sub(r"\W", "_", deployment.label).strip("_")
     url = await fresh_database(admin_url, name)
     db = await asyncpg.connect(url)
     postmaster = await db.fetchval("SELECT pg_backend_pid()")
