@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -332,9 +333,11 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
 
                 pids = {"server": deployment.server.pid, "postgres": postmaster}
                 pids.update({f"worker {n}": w.pid for n, w in enumerate(deployment.workers)})
+                profilers = start_profilers(args.profile, deployment, pids)
                 before = {k: tree_cpu_seconds(p) for k, p in pids.items()}
                 done, wall = await load.many(args.actions, args.clients)
                 after = {k: tree_cpu_seconds(p) for k, p in pids.items()}
+                stop_profilers(profilers)
                 figures.rate_8 = len(done) / wall
                 figures.cpu_ms = {k: (after[k] - before[k]) * 1000 / len(done) for k in pids}
                 figures.cpu_ms["workers"] = sum(
@@ -355,6 +358,42 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
             await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             await conn.close()
     return figures
+
+
+def start_profilers(folder: str | None, deployment: Deployment, pids: dict) -> list:
+    """py-spy samples of the server and worker 0 over the throughput phase (collapsed
+    stacks, one file each), when `--profile DIR` asks for them."""
+    if not folder:
+        return []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    label = re.sub(r"\W", "_", deployment.label).strip("_")
+    return [
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(pids[name]),
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--output",
+                str(Path(folder) / f"{label}-{name.replace(' ', '')}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name in ("server", "worker 0")
+    ]
+
+
+def stop_profilers(profilers: list) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)
+    for profiler in profilers:
+        profiler.wait(30)
 
 
 def export_revision(revision: str) -> Path:
@@ -449,6 +488,7 @@ async def main() -> None:
     parser.add_argument("--serial", type=int, default=100, help="actions of the 1-client phase")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the server and a worker into DIR")
     args = parser.parse_args()
     deployments = planned(args)
 

@@ -9,6 +9,7 @@ import signal
 
 import click
 
+from expbuild import aio
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 
 log = logging.getLogger("expbuild.worker")
@@ -57,7 +58,7 @@ def daemon_command(
     if max_concurrent_tasks:
         worker = replace(worker, max_concurrent_tasks=max_concurrent_tasks)
     try:
-        asyncio.run(_run_agent(worker))
+        aio.run(_run_agent(worker))
     except ConfigError as exc:  # e.g. the configured backend cannot work on this host
         raise click.ClickException(f"configuration error: {exc}") from None
 

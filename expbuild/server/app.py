@@ -77,7 +77,7 @@ class ServerApp:
         async with self.pool.acquire() as conn:
             for migration in await migrate(conn):
                 log.info("Applied migration %04d_%s", migration.version, migration.name)
-        self.store = FileStore(settings.cas_root())
+        self.store = FileStore(settings.cas_root(), fsync=settings.cas.fsync)
         self.notifications = Notifications(
             self.database_url, settings.server.notify_fallback_interval
         )
@@ -234,6 +234,8 @@ class ServerApp:
             await self.notifications.stop()
         if hasattr(self, "pool"):
             await self.pool.close()
+        if hasattr(self, "store"):
+            await asyncio.to_thread(self.store.close)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
