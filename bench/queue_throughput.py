@@ -1,8 +1,10 @@
 """Queue throughput: enqueue, lease and complete against a real PostgreSQL.
 
-Prints jobs/s for several shapes and their ratio to the single-row baseline measured in
-the same run (machines are noisy; compare ratios, not absolute numbers). Also prints the
-EXPLAIN ANALYZE of the lease statement with a full queue.
+Prints jobs/s for several shapes next to the bare SKIP LOCKED loop measured in the same
+run on the same database (a table of ids and states: claim with `FOR UPDATE SKIP
+LOCKED`, mark done; no events, no operations, no NOTIFY, no fencing token). Machines are
+noisy; compare ratios, not absolute numbers. Also prints the EXPLAIN ANALYZE of the
+lease statement with a full queue.
 
     .venv/bin/python bench/queue_throughput.py [--tasks 4000] [--consumers 4]
 
@@ -89,6 +91,41 @@ async def drain(pool, consumers: int, batch: int) -> tuple[int, float]:
     return done, done / (time.perf_counter() - started)
 
 
+BARE_SCHEMA = """
+DROP TABLE IF EXISTS bare_jobs;
+CREATE TABLE bare_jobs (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                        state text NOT NULL DEFAULT 'queued');
+CREATE INDEX bare_jobs_queued ON bare_jobs (id) WHERE state = 'queued';
+"""
+BARE_CLAIM = """
+UPDATE bare_jobs SET state = 'running'
+WHERE id IN (SELECT id FROM bare_jobs WHERE state = 'queued' ORDER BY id
+             FOR UPDATE SKIP LOCKED LIMIT $1)
+RETURNING id
+"""
+BARE_COMPLETE = "UPDATE bare_jobs SET state = 'done' WHERE id = ANY($1::bigint[])"
+
+
+async def bare_loop(pool, count: int, consumers: int, batch: int) -> float:
+    """The bare claim/complete loop: the same consumers and batch, nothing else."""
+    await pool.execute(BARE_SCHEMA)
+    await pool.execute(
+        "INSERT INTO bare_jobs (state) SELECT 'queued' FROM generate_series(1, $1)", count
+    )
+    await pool.execute("ANALYZE bare_jobs")
+    started = time.perf_counter()
+
+    async def consume() -> None:
+        while True:
+            ids = [r["id"] for r in await pool.fetch(BARE_CLAIM, batch)]
+            if not ids:
+                return
+            await pool.execute(BARE_COMPLETE, ids)
+
+    await asyncio.gather(*(consume() for _ in range(consumers)))
+    return count / (time.perf_counter() - started)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=4000)
@@ -104,14 +141,14 @@ async def main() -> None:
         print(f"enqueue (1 task + operation + event + NOTIFY per transaction): {rate:8.0f} tasks/s")
         await drain(pool, args.consumers, 32)
 
-        print("lease + complete, by lease batch size:")
-        baseline = None
+        print("lease + complete vs the bare SKIP LOCKED loop, by lease batch size:")
         for batch in (1, 8, 32):
             await enqueue_all(pool, args.tasks, args.consumers, f"b{batch}")
             done, rate = await drain(pool, args.consumers, batch)
-            baseline = baseline or rate
+            bare = await bare_loop(pool, args.tasks, args.consumers, batch)
             print(
-                f"  batch {batch:3d}: {rate:8.0f} tasks/s  ({rate / baseline:4.1f}x batch 1, {done} tasks)"
+                f"  batch {batch:3d}: {rate:8.0f} tasks/s vs bare {bare:8.0f}/s "
+                f"({rate / bare:4.2f}x; {done} tasks)"
             )
 
         await enqueue_all(pool, args.tasks, args.consumers, "explain")

@@ -192,6 +192,48 @@ async def complete_task(
         raise await _refusal(db, task_id, worker_id, "complete")
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One leased task's result, for `complete_tasks`."""
+
+    task_id: int
+    lease_token: str
+    succeeded: bool
+    response: bytes
+    cache_result: bytes | None = None
+    detail: dict[str, Any] | None = None
+
+
+async def complete_tasks(
+    db: Database, worker_id: str, completions: list[Completion]
+) -> dict[int, Exception | None]:
+    """`complete_task` for several of one worker's leases in one statement and commit.
+
+    Returns, per task id, None when it was applied, else the `Aborted` (or `NotFound`)
+    that `complete_task` would have raised; a refused completion changes nothing.
+    """
+    if not completions:
+        return {}
+    tokens = [_uuid(c.lease_token, c.task_id) for c in completions]
+    rows = await db.fetch(
+        sql("complete_tasks"),
+        [c.task_id for c in completions],
+        tokens,
+        worker_id,
+        ["completed" if c.succeeded else "failed" for c in completions],
+        [c.response for c in completions],
+        [c.cache_result for c in completions],
+        [c.detail or {} for c in completions],
+    )
+    applied = {r["id"] for r in rows}
+    return {
+        c.task_id: None
+        if c.task_id in applied
+        else await _refusal(db, c.task_id, worker_id, "complete")
+        for c in completions
+    }
+
+
 async def release_task(
     db: Database, task_id: int, lease_token: str, worker_id: str, reason: str
 ) -> None:
