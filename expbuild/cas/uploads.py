@@ -281,7 +281,9 @@ class UploadSession:
                 await self._run(self._finish_blocking, self._take_pending())
                 return True
             if self._pending_size >= _WRITE_BUFFER:
-                await self._run(self._apply_blocking, self._take_pending())
+                # Hashed and written in a thread while the next message arrives; the next
+                # call (or abort) settles it first, and a failure fails the upload there.
+                self._start(self._apply_blocking, self._take_pending())
             return self._state == "complete"
 
     async def abort(self) -> None:
@@ -328,12 +330,15 @@ class UploadSession:
         if inflight is not None and not inflight.done():
             await asyncio.wait([inflight])
 
-    async def _run(self, fn, *args):
+    def _start(self, fn, *args) -> asyncio.Future:
         future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         self._inflight = future
         future.add_done_callback(self._thread_done)
+        return future
+
+    async def _run(self, fn, *args):
         # Shielded: cancelling the caller must not abandon a half-applied chunk.
-        return await asyncio.shield(future)
+        return await asyncio.shield(self._start(fn, *args))
 
     def _thread_done(self, future: asyncio.Future) -> None:
         if future.cancelled():
