@@ -176,6 +176,7 @@ class Figures:
     stages: dict[str, float] = field(default_factory=dict)
     cached_rate: float = 0.0
     cached_p50: float = 0.0
+    transactions: float = 0.0
     write_mbs: float = 0.0
     read_mbs: float = 0.0
 
@@ -222,6 +223,12 @@ class Load:
         else:
             await asyncio.gather(*(run() for _ in range(count)))
         return results, time.perf_counter() - started
+
+
+async def transactions(db: asyncpg.Connection) -> int:
+    return await db.fetchval(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+    )
 
 
 def _ts(stamp) -> float:
@@ -334,10 +341,13 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
                 pids = {"server": deployment.server.pid, "postgres": postmaster}
                 pids.update({f"worker {n}": w.pid for n, w in enumerate(deployment.workers)})
                 profilers = start_profilers(args.profile, deployment, pids)
+                commits = await transactions(db)
                 before = {k: tree_cpu_seconds(p) for k, p in pids.items()}
                 done, wall = await load.many(args.actions, args.clients)
                 after = {k: tree_cpu_seconds(p) for k, p in pids.items()}
                 stop_profilers(profilers)
+                await asyncio.sleep(1.5)  # backends report their counts within a second
+                figures.transactions = (await transactions(db) - commits - 1) / len(done)
                 figures.rate_8 = len(done) / wall
                 figures.cpu_ms = {k: (after[k] - before[k]) * 1000 / len(done) for k in pids}
                 figures.cpu_ms["workers"] = sum(
@@ -428,6 +438,11 @@ def table(columns: dict[str, Figures], args) -> str:
             "{:.1f}".format,
             lambda f, c=component: f.cpu_ms[c],
         )
+    row(
+        "PostgreSQL transactions per no-op action (polls, heartbeats included)",
+        "{:.1f}".format,
+        lambda f: f.transactions,
+    )
     row(
         f"no-op actions/s, {args.clients} clients, {WORKERS} workers × {SLOTS}",
         "{:.1f}".format,
