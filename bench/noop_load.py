@@ -425,6 +425,28 @@ def export_revision(revision: str) -> Path:
     return target
 
 
+def median_figures(runs: list[Figures]) -> Figures:
+    """Figure by figure, the median of the rounds (the machine is shared: one round may
+    meet another job's burst)."""
+
+    def mid(values):
+        return statistics.median(values)
+
+    first = runs[0]
+    return Figures(
+        rate_8=mid([r.rate_8 for r in runs]),
+        cpu_ms={k: mid([r.cpu_ms[k] for r in runs]) for k in first.cpu_ms},
+        p50_1=mid([r.p50_1 for r in runs]),
+        p99_1=mid([r.p99_1 for r in runs]),
+        stages={k: mid([r.stages.get(k, float("nan")) for r in runs]) for k in first.stages},
+        cached_rate=mid([r.cached_rate for r in runs]),
+        cached_p50=mid([r.cached_p50 for r in runs]),
+        transactions=mid([r.transactions for r in runs]),
+        write_mbs=mid([r.write_mbs for r in runs]),
+        read_mbs=mid([r.read_mbs for r in runs]),
+    )
+
+
 def table(columns: dict[str, Figures], args) -> str:
     labels = list(columns)
     rows: list[tuple[str, list[str]]] = []
@@ -504,17 +526,28 @@ async def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server and a worker into DIR")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; each figure is their median"
+    )
     args = parser.parse_args()
     deployments = planned(args)
 
-    columns: dict[str, Figures] = {}
+    runs: dict[str, list[Figures]] = {d.label: [] for d in deployments}
     with find_postgres() as (source, admin_url):
-        for deployment in deployments:
-            print(f"measuring {deployment.label} from {deployment.code} ...", file=sys.stderr)
-            columns[deployment.label] = await measure(deployment, admin_url, args)
+        for round_ in range(args.rounds):
+            for deployment in deployments:
+                print(
+                    f"round {round_ + 1}/{args.rounds}: measuring {deployment.label} "
+                    f"from {deployment.code} ...",
+                    file=sys.stderr,
+                )
+                deployment.workers = []
+                runs[deployment.label].append(await measure(deployment, admin_url, args))
+    columns = {label: median_figures(figures) for label, figures in runs.items()}
     print(
         f"No-op load (PostgreSQL from {source}; {os.cpu_count()} cores shared with other work; "
-        "compare columns of this run, not runs):"
+        f"each figure the median of {args.rounds} interleaved round(s); compare columns of "
+        "this run, not runs):"
     )
     print(table(columns, args))
 
