@@ -43,6 +43,7 @@ proto: venv
 lint: venv
 	$(VENV)/bin/ruff check expbuild tests bench
 	$(VENV)/bin/ruff format --check expbuild tests bench
+	$(VENV)/bin/mypy
 
 ## bench: issue #10's figures, today's (BASELINE: main before #10) and this tree's side by side
 BASELINE ?= 783a216

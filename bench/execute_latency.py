@@ -29,10 +29,10 @@ from expbuild.client.actions import build_action, build_command  # noqa: E402
 from expbuild.client.cas import CasClient  # noqa: E402
 from expbuild.client.channel import open_channel  # noqa: E402
 from expbuild.client.execution import ExecutionClient  # noqa: E402
-from expbuild.client.tree import serialize  # noqa: E402
 from expbuild.config import BackendSettings, WorkerSettings  # noqa: E402
 from expbuild.digest import digest_of  # noqa: E402
 from expbuild.proto import remote_execution_pb2 as re_pb2  # noqa: E402
+from expbuild.reapi.merkle import serialize  # noqa: E402
 from expbuild.worker.agent import WorkerAgent  # noqa: E402
 from tests.postgres import find_postgres  # noqa: E402
 from tests.serving import running_server, server_settings  # noqa: E402

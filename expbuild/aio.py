@@ -28,6 +28,14 @@ async def gather_or_cancel(aws: Iterable[Awaitable[T]]) -> list[T]:
         raise
 
 
+def current_task() -> asyncio.Task:
+    """The running task; only called from a coroutine, where there always is one."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("current_task() called outside a task")
+    return task
+
+
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when it is installed (a dependency on Linux), else asyncio's default.
 
@@ -47,4 +55,4 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-__all__ = ["event_loop_factory", "gather_or_cancel", "run"]
+__all__ = ["current_task", "event_loop_factory", "gather_or_cancel", "run"]

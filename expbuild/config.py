@@ -11,15 +11,18 @@ frozen dataclasses below. A bad value raises `ConfigError` whose message names t
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
-import platform as _platform
 import socket
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from expbuild.reapi.platforms import normalize_platform
 
 DEFAULT_ADDRESS = "127.0.0.1:8980"
 
@@ -40,6 +43,12 @@ class ServerSettings:
     heartbeat_interval: timedelta = timedelta(seconds=30)
     # A worker silent this long is marked offline and its leases are requeued.
     worker_offline_timeout: timedelta = timedelta(seconds=90)
+    # A worker whose session stream broke without DeregisterWorker, and that has not
+    # reconnected within this grace, is taken for dead and its leases are requeued.
+    worker_disconnect_grace: timedelta = timedelta(seconds=5)
+    # Execute answers RESOURCE_EXHAUSTED while an instance has this many tasks queued;
+    # 0: no limit.
+    max_queued_tasks: int = 0
     # Longest time a PollTasks call waits for work before answering empty.
     poll_timeout: timedelta = timedelta(seconds=30)
     # How often each replica runs the reaper.
@@ -59,6 +68,32 @@ class ServerSettings:
     reject_unmatched_platforms: bool = True
     # Finished tasks (and their operations) are deleted after this; task_events keep history.
     task_retention: timedelta = timedelta(days=7)
+    # The Worker API's own listener; empty: it shares `address` with the clients' services.
+    worker_address: str = ""
+    # Serve with [auth] mode = "none" on a non-loopback address anyway (warns at each start).
+    allow_insecure_public: bool = False
+    # TLS for `address` (PEM files); tls_client_ca: callers must show a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # TLS for `worker_address` (used only when it is set).
+    worker_tls_cert: str = ""
+    worker_tls_key: str = ""
+    worker_tls_client_ca: str = ""
+
+
+AUTH_MODES = ("none", "tokens")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """`[auth]`: who may call the server (expbuild.auth)."""
+
+    # "none": every caller may do everything (loopback only, unless allow_insecure_public);
+    # "tokens": every call needs a bearer token (or a worker's client certificate).
+    mode: str = "none"
+    # How long a replica trusts what it read about a token; a revocation takes this long.
+    cache_ttl: timedelta = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -92,6 +127,16 @@ class CasSettings:
     fsync: str = "batch"
 
 
+@dataclass(frozen=True)
+class AssetSettings:
+    """The Remote Asset API's downloads (FetchBlob)."""
+
+    # Largest body a download may have; a larger one is refused (RESOURCE_EXHAUSTED).
+    max_download_size: int = 2 * 1024**3
+    # A download's time limit when the request sets none, and the most a request may ask.
+    download_timeout: timedelta = timedelta(minutes=10)
+
+
 # Host directories a "workdir"-mode sandbox sees read-only when none are configured.
 DEFAULT_RO_BINDS = ("/usr", "/bin", "/lib", "/lib64", "/etc/alternatives")
 
@@ -105,6 +150,11 @@ class BackendSettings:
     # sandbox: host paths bind-mounted read-only; None: DEFAULT_RO_BINDS in "workdir"
     # mode, nothing in "root" mode (the input root brings its own system).
     ro_binds: tuple[str, ...] | None = None
+    # A worker running as root runs actions as this user: a name, "uid" or "uid:gid";
+    # "root" or "" keeps them root (with a warning). Ignored by a worker that is not root.
+    run_as: str = "nobody"
+    # Directory messages of an input root larger than this are refused, not parsed.
+    max_directory_size: int = 16 * 1024**2
 
     @property
     def sandbox_ro_binds(self) -> tuple[str, ...]:
@@ -150,6 +200,16 @@ class WorkerSettings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    # Prometheus /metrics of `expbuild worker daemon`, e.g. "0.0.0.0:9465"; empty (the
+    # default, as several workers may share a host): no endpoint.
+    metrics_address: str = ""
+    # TLS (grpcs:// server_url): CA file to trust; tls_cert/tls_key: this worker's client
+    # certificate for mutual TLS.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # File holding the bearer token (scope "worker") sent with every call.
+    token_file: str = ""
 
     @property
     def cache_dir(self) -> Path:
@@ -159,12 +219,18 @@ class WorkerSettings:
         return work_dir.with_name(f"{work_dir.name}-cache")
 
     @property
+    def server_addresses(self) -> tuple[str, ...]:
+        """Every replica `server_url` names (`host:port` each), in the order given."""
+        return grpc_targets(self.server_url, "worker.server_url")
+
+    @property
     def server_target(self) -> str:
-        return grpc_target(self.server_url, "worker.server_url")
+        """The first replica; `expbuild.client.replicas` makes a target of all of them."""
+        return self.server_addresses[0]
 
     @property
     def cas_target(self) -> str:
-        return grpc_target(self.cas_url or self.server_url, "worker.cas_url")
+        return grpc_target(self.cas_url, "worker.cas_url") if self.cas_url else self.server_target
 
 
 @dataclass(frozen=True)
@@ -173,7 +239,9 @@ class Settings:
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     cas: CasSettings = field(default_factory=CasSettings)
+    asset: AssetSettings = field(default_factory=AssetSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     source: str = "defaults"
 
     def cas_root(self) -> Path:
@@ -215,21 +283,52 @@ def parse_address(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), port_number
 
 
+TLS_SCHEMES = ("grpcs", "https")
+
+
 def grpc_target(url: str, key: str) -> str:
-    """Turn the guide's `http://host:port` (or plain `host:port`) into a gRPC target."""
+    """Turn the guide's `http://host:port` (or plain `host:port`) into a gRPC target.
+
+    `grpcs://host:port` and `https://host:port` (TLS) become `grpcs://host:port`, which
+    `expbuild.client.channel.open_channel` opens with TLS.
+    """
     text = str(url).strip()
     if "://" in text:
         parsed = urlparse(text)
-        if parsed.scheme not in ("http", "grpc"):
+        if parsed.scheme not in ("http", "grpc") + TLS_SCHEMES:
             raise ConfigError(
-                f"{key} = {url!r}: scheme {parsed.scheme!r} is not supported (use http:// or grpc://)"
+                f"{key} = {url!r}: scheme {parsed.scheme!r} is not supported "
+                "(use http://, grpc://, or grpcs:// for TLS)"
             )
         if not parsed.hostname or not parsed.port:
             raise ConfigError(f"{key} = {url!r}: expected http://host:port")
         host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-        return f"{host}:{parsed.port}"
+        prefix = "grpcs://" if parsed.scheme in TLS_SCHEMES else ""
+        return f"{prefix}{host}:{parsed.port}"
     parse_address(text, key)
     return text
+
+
+def grpc_targets(urls: str, key: str) -> tuple[str, ...]:
+    """Several replicas' URLs, separated by commas, each as `grpc_target` takes it."""
+    parts = [part for part in str(urls).split(",") if part.strip()]
+    if not parts:
+        raise ConfigError(f"{key} = {urls!r}: no server address")
+    return tuple(grpc_target(part, key) for part in parts)
+
+
+def _url_list(value: Any, key: str) -> str:
+    """A TOML list of URLs (or one string, commas allowed) as one comma-separated string."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v).strip() for v in value)
+    text = str(value)
+    grpc_targets(text, key)
+    return text
+
+
+def parse_duration(value: Any, key: str) -> timedelta:
+    """A positive duration: seconds, or "500ms", "30s", "5m", "1h", "7d"; the error names `key`."""
+    return _duration(value, key)
 
 
 def _duration(value: Any, key: str) -> timedelta:
@@ -257,6 +356,13 @@ def _duration(value: Any, key: str) -> timedelta:
     if seconds <= 0:
         raise ConfigError(f"{key} = {value!r}: must be positive")
     return timedelta(seconds=seconds)
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    """An integer >= 0 (0 usually meaning "no limit")."""
+    if value in (0, "0"):
+        return 0
+    return _positive_int(value, key)
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -357,73 +463,9 @@ def parse_platform(raw: Any, key: str) -> dict[str, tuple[str, ...]]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a table of property = value")
-    result: dict[str, tuple[str, ...]] = {}
-    for name, value in raw.items():
-        if not str(name).strip():
-            raise ConfigError(f"{key}: a property has an empty name")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        result[str(name)] = tuple(str(v) for v in values)
-    return result
-
-
-# Arch (`uname -m`) -> ISA in the REAPI platform lexicon's spelling.
-_ISA = {
-    "x86_64": "x86-64",
-    "i386": "x86-32",
-    "i686": "x86-32",
-    "aarch64": "arm-a64",
-    "armv7l": "arm-a32",
-    "ppc64le": "power-isa-le",
-    "ppc64": "power-isa-be",
-    "sparc64": "sparc-v9",
-}
-# The CPU flags each x86-64 micro-architecture level adds (psABI); v1 is plain x86-64.
-_X86_64_LEVELS = (
-    ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
-    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
-    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
-)
-
-
-def detected_platform() -> dict[str, tuple[str, ...]]:
-    """What a worker advertises when its configuration does not say.
-
-    OSFamily, Arch (`x86_64`), ISA (`x86-64` plus every x86-64-vN level the CPU
-    supports, so an action may ask for `x86-64-v3`), and cpu_count (the CPUs this
-    process may run on).
-    """
-    machine = _platform.machine()
-    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    platform = {"OSFamily": (_platform.system(),), "Arch": (arch,)}
-    if arch in _ISA:
-        isa = [_ISA[arch]]
-        if arch == "x86_64":
-            isa += _x86_64_levels(_cpu_flags())
-        platform["ISA"] = tuple(isa)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cpus:
-        platform["cpu_count"] = (str(cpus),)
-    return platform
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _x86_64_levels(flags: set[str]) -> list[str]:
-    levels = []
-    for level, required in _X86_64_LEVELS:
-        if not required <= flags:
-            break
-        levels.append(level)
-    return levels
+    if any(not str(name).strip() for name in raw):
+        raise ConfigError(f"{key}: a property has an empty name")
+    return {name: tuple(values) for name, values in normalize_platform(raw).items()}
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -449,9 +491,54 @@ def _reader(section: dict, prefix: str):
     return read
 
 
-def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
-    """Build and validate typed settings from a plain nested mapping."""
+# Each table of the configuration and the settings class whose fields are its keys;
+# None: a free-form table (platform properties).
+SECTIONS: dict[str, type | None] = {
+    "server": ServerSettings,
+    "execution": ExecutionSettings,
+    "database": DatabaseSettings,
+    "cas": CasSettings,
+    "asset": AssetSettings,
+    "auth": AuthSettings,
+    "worker": WorkerSettings,
+    "worker.backend": BackendSettings,
+    "worker.limits": LimitsSettings,
+    "worker.cache": CacheSettings,
+    "worker.platform": None,
+}
+
+
+def _known_keys(section: str) -> list[str]:
+    if not section:
+        return [name for name in SECTIONS if "." not in name]
+    cls = SECTIONS[section]
+    return [f.name for f in fields(cls)] if cls is not None else []
+
+
+def check_known_keys(raw: dict, origin: str, section: str = "") -> None:
+    """Raise ConfigError for the first key that no setting reads (a misspelling would
+    otherwise be silently ignored), naming the nearest known key."""
+    for key, value in raw.items():
+        name = str(key).lower()
+        path = f"{section}.{name}" if section else name
+        if path in SECTIONS:
+            if SECTIONS[path] is not None and isinstance(value, dict):
+                check_known_keys(value, origin, path)
+            continue
+        known = _known_keys(section)
+        if name in known:
+            continue
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        where = f"[{section}] {name}" if section else f"[{name}]"
+        hint = f"; did you mean {nearest[0]}?" if nearest else f"; known: {', '.join(known)}"
+        raise ConfigError(f"unknown key {where} in {origin}{hint}")
+
+
+def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") -> Settings:
+    """Build and validate typed settings from a plain nested mapping (`origin`, for
+    messages, says where it came from; `source` by default)."""
     raw = {str(k).lower(): v for k, v in raw.items()}
+    check_known_keys(raw, origin or source)
     s, e, d, c, w = (_section(raw, n) for n in ("server", "execution", "database", "cas", "worker"))
     defaults_server = ServerSettings()
 
@@ -471,6 +558,8 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         lease_duration=srv("lease_duration", _duration, defaults_server),
         heartbeat_interval=srv("heartbeat_interval", _duration, defaults_server),
         worker_offline_timeout=srv("worker_offline_timeout", _duration, defaults_server),
+        worker_disconnect_grace=srv("worker_disconnect_grace", _duration, defaults_server),
+        max_queued_tasks=srv("max_queued_tasks", _non_negative_int, defaults_server),
         poll_timeout=srv("poll_timeout", _duration, defaults_server),
         reap_interval=srv("reap_interval", _duration, defaults_server),
         max_attempts=srv("max_attempts", _positive_int, defaults_server),
@@ -483,12 +572,30 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         max_action_timeout=srv("max_action_timeout", _duration, defaults_server),
         reject_unmatched_platforms=srv("reject_unmatched_platforms", _bool, defaults_server),
         task_retention=srv("task_retention", _duration, defaults_server),
+        worker_address=str(_get(s, "worker_address", "")),
+        allow_insecure_public=srv("allow_insecure_public", _bool, defaults_server),
+        **{key: str(_get(s, key, "")) for key in TLS_FILE_KEYS},
+    )
+    if server.worker_address:
+        parse_address(server.worker_address, "server.worker_address")
+    _check_tls_pair(server.tls_cert, server.tls_key, "server.tls_cert", "server.tls_key")
+    _check_tls_pair(
+        server.worker_tls_cert,
+        server.worker_tls_key,
+        "server.worker_tls_cert",
+        "server.worker_tls_key",
     )
     if server.lease_duration <= server.heartbeat_interval:
         raise ConfigError(
             f"server.lease_duration ({server.lease_duration.total_seconds():g}s) must be longer than "
             f"server.heartbeat_interval ({server.heartbeat_interval.total_seconds():g}s)"
         )
+
+    a = _section(raw, "auth")
+    auth = AuthSettings(
+        mode=_choice(_get(a, "mode", AuthSettings.mode), "auth.mode", AUTH_MODES),
+        cache_ttl=_reader(a, "auth")("cache_ttl", _duration, AuthSettings()),
+    )
 
     execution = ExecutionSettings(
         backend=_choice(_get(e, "backend", "scheduler"), "execution.backend", EXECUTION_BACKENDS),
@@ -513,6 +620,11 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         max_size=cas_field("max_size", _size_or_off, CasSettings()),
         eviction_interval=cas_field("eviction_interval", _duration, CasSettings()),
     )
+    asset_field = _reader(_section(raw, "asset"), "asset")
+    asset = AssetSettings(
+        max_download_size=asset_field("max_download_size", _size, AssetSettings()),
+        download_timeout=asset_field("download_timeout", _duration, AssetSettings()),
+    )
 
     b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
     ro_binds = b.get("ro_binds")
@@ -523,14 +635,22 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
             _get(b, "sandbox_root", "workdir"), "worker.backend.sandbox_root", SANDBOX_ROOTS
         ),
         ro_binds=None if ro_binds is None else _absolute_paths(ro_binds, "worker.backend.ro_binds"),
+        run_as=str(_get(b, "run_as", BackendSettings.run_as)),
+        max_directory_size=_size(
+            _get(b, "max_directory_size", BackendSettings.max_directory_size),
+            "worker.backend.max_directory_size",
+        ),
     )
     limits = _limits({str(k).lower(): v for k, v in (w.get("limits") or {}).items()})
-    server_url = str(_get(w, "server_url", WorkerSettings.server_url))
+    # Several replicas: a TOML list, or commas; the worker moves to another when one fails.
+    server_url = _url_list(_get(w, "server_url", WorkerSettings.server_url), "worker.server_url")
     cas_url = str(_get(w, "cas_url", ""))
-    grpc_target(server_url, "worker.server_url")
     if cas_url:
         grpc_target(cas_url, "worker.cas_url")
     heartbeat = w.get("heartbeat_interval")
+    worker_metrics = str(_get(w, "metrics_address", WorkerSettings.metrics_address))
+    if worker_metrics:
+        parse_address(worker_metrics, "worker.metrics_address")
     worker = WorkerSettings(
         server_url=server_url,
         cas_url=cas_url,
@@ -544,10 +664,39 @@ def settings_from_mapping(raw: dict, source: str = "mapping") -> Settings:
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
+        metrics_address=worker_metrics,
+        tls_ca=str(_get(w, "tls_ca", "")),
+        tls_cert=str(_get(w, "tls_cert", "")),
+        tls_key=str(_get(w, "tls_key", "")),
+        token_file=str(_get(w, "token_file", "")),
     )
+    _check_tls_pair(worker.tls_cert, worker.tls_key, "worker.tls_cert", "worker.tls_key")
     return Settings(
-        server=server, execution=execution, database=database, cas=cas, worker=worker, source=source
+        server=server,
+        execution=execution,
+        database=database,
+        cas=cas,
+        asset=asset,
+        worker=worker,
+        auth=auth,
+        source=source,
     )
+
+
+TLS_FILE_KEYS = (
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "worker_tls_cert",
+    "worker_tls_key",
+    "worker_tls_client_ca",
+)
+
+
+def _check_tls_pair(cert: str, key: str, cert_name: str, key_name: str) -> None:
+    if bool(cert) != bool(key):
+        missing = key_name if cert else cert_name
+        raise ConfigError(f"{missing} is empty: a TLS certificate needs its key and vice versa")
 
 
 def _cache(raw: dict) -> CacheSettings:
@@ -625,4 +774,11 @@ def load_settings(config_path: str | None = None) -> Settings:
         ).as_dict()
     except Exception as exc:  # dynaconf surfaces TOML syntax errors as various types
         raise ConfigError(f"cannot read {source}: {exc}") from None
-    return settings_from_mapping(raw, source=source)
+    if files and files[0].endswith(".toml"):
+        with open(files[0], "rb") as handle:
+            check_known_keys(tomllib.load(handle), source)
+    # Top-level EXPBUILD_ variables that name no table are the commands' own (EXPBUILD_TOKEN,
+    # EXPBUILD_CONFIG, ...); inside a table every key must be known, from a file or not.
+    raw = {k: v for k, v in raw.items() if str(k).lower() in SECTIONS}
+    origin = f"{source} or EXPBUILD_ environment variables" if files else "EXPBUILD_ variables"
+    return settings_from_mapping(raw, source=source, origin=origin)

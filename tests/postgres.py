@@ -114,32 +114,36 @@ def _postgres_bindir() -> Path | None:
     return None
 
 
-@contextlib.contextmanager
-def from_local_binaries() -> Iterator[str | None]:
-    bindir = _postgres_bindir()
-    if bindir is None:
-        yield None
-        return
-    as_root = os.geteuid() == 0
-    prefix: list[str] = []
-    base = Path(tempfile.mkdtemp(prefix="expbuild-test-pg-"))
-    if as_root:
-        try:
+class LocalPostgres:
+    """A throwaway PostgreSQL cluster from the machine's binaries (as `postgres` when root),
+    which a test may stop, start and restart (`pg_ctl restart -m fast`, as an operator would)."""
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.prefix: list[str] = []
+        self.base = Path(tempfile.mkdtemp(prefix="expbuild-test-pg-"))
+        if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
-        except KeyError:
-            yield None
-            return
-        prefix = ["runuser", "-u", "postgres", "--"]
-        os.chown(base, user.pw_uid, user.pw_gid)
-        base.chmod(0o700)
-    data, port = base / "data", free_port()
-    try:
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+            os.chown(self.base, user.pw_uid, user.pw_gid)
+            self.base.chmod(0o700)
+        self.data, self.port = self.base / "data", free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
-            prefix
+            self.prefix + [str(self.bindir / "pg_ctl"), "-D", str(self.data), *args],
+            check=True,
+            capture_output=True,
+        )
+
+    def init_and_start(self) -> None:
+        subprocess.run(
+            self.prefix
             + [
-                str(bindir / "initdb"),
+                str(self.bindir / "initdb"),
                 "-D",
-                str(data),
+                str(self.data),
                 "-U",
                 "postgres",
                 "--auth=trust",
@@ -150,40 +154,56 @@ def from_local_binaries() -> Iterator[str | None]:
             check=True,
             capture_output=True,
         )
+        self.start()
+
+    def start(self) -> None:
         # Durability off: test databases are thrown away, and fsync dominates test time.
         options = (
-            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
-        subprocess.run(
-            prefix
-            + [
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-l",
-                str(base / "log"),
-                "-w",
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-        )
-    except subprocess.CalledProcessError as exc:
-        log.warning("local PostgreSQL failed: %s", exc.stderr.decode(errors="replace"))
-        shutil.rmtree(base, ignore_errors=True)
+        self._pg_ctl("-o", options, "-l", str(self.base / "log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+    def restart(self) -> None:
+        """What `pg_ctl restart -m fast` does: every connection is cut, then it serves again."""
+        self.stop("fast")
+        self.start()
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def postgres_bindir() -> Path | None:
+    return _postgres_bindir()
+
+
+@contextlib.contextmanager
+def from_local_binaries() -> Iterator[str | None]:
+    bindir = _postgres_bindir()
+    if bindir is None:
         yield None
         return
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        cluster = LocalPostgres(bindir)
+    except KeyError:  # root, but no postgres user
+        yield None
+        return
+    try:
+        cluster.init_and_start()
+    except subprocess.CalledProcessError as exc:
+        log.warning("local PostgreSQL failed: %s", exc.stderr.decode(errors="replace"))
+        cluster.remove()
+        yield None
+        return
+    try:
+        yield cluster.url
     finally:
-        subprocess.run(
-            prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+        cluster.remove()
 
 
 @contextlib.contextmanager

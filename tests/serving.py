@@ -43,14 +43,14 @@ async def running_worker(
     app: ServerApp, work_dir: Path, *, name: str = "worker", slots: int = 2, **worker_overrides
 ) -> AsyncIterator[WorkerAgent]:
     """A real WorkerAgent (host backend) serving `app` until the block ends."""
-    settings = WorkerSettings(
-        server_url=f"http://127.0.0.1:{app.port}",
-        name=name,
-        max_concurrent_tasks=slots,
-        poll_timeout=timedelta(seconds=1),
-        backend=BackendSettings(type="host", work_dir=str(work_dir)),
-        **worker_overrides,
-    )
+    defaults = {
+        "server_url": f"http://127.0.0.1:{app.port}",
+        "name": name,
+        "max_concurrent_tasks": slots,
+        "poll_timeout": timedelta(seconds=1),
+        "backend": BackendSettings(type="host", work_dir=str(work_dir), run_as="root"),
+    }
+    settings = WorkerSettings(**{**defaults, **worker_overrides})
     agent = WorkerAgent(settings, shutdown_grace=2)
     job = asyncio.create_task(agent.run())
     try:

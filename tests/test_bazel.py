@@ -109,11 +109,15 @@ def record_time(label: str, seconds: float, note: str = "") -> None:
     print(f"[bazel] {label}: {seconds:.2f}s {note}")
 
 
+def register_timing_summary(config: pytest.Config) -> None:
+    """Once per session, whichever Bazel test module asks first (tests/test_auth_bazel.py too)."""
+    if not config.pluginmanager.has_plugin("expbuild-bazel-timings"):
+        config.pluginmanager.register(_Summary(), "expbuild-bazel-timings")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _timing_summary(request):
-    plugin = _Summary()
-    request.config.pluginmanager.register(plugin, "expbuild-bazel-timings")
-    yield
+    register_timing_summary(request.config)
 
 
 # -- Bazel --------------------------------------------------------------------------------------
@@ -423,6 +427,7 @@ def cluster(bazel_exe, postgres_admin_url, tmp_path_factory, request):
         **base_env,
         "EXPBUILD_WORKER__MAX_CONCURRENT_TASKS": str(JOBS),
         "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(folder / "work"),
+        "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
     }
     processes: list[Process] = []
     failed_before = request.session.testsfailed

@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 from click.testing import CliRunner
+from google.rpc import code_pb2
 
 from expbuild.cli.client_commands import (
     EXIT_TIMEOUT,
@@ -32,14 +32,14 @@ from expbuild.cli.client_commands import (
 from expbuild.client.actions import build_action, build_command
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
-from expbuild.client.errors import RemoteError
 from expbuild.client.execution import ExecutionClient
 from expbuild.client.run import run_command
-from expbuild.client.tree import materialize, merkle_tree_from_paths, serialize
+from expbuild.client.tree import materialize, merkle_tree_from_paths
 from expbuild.config import BackendSettings, WorkerSettings
 from expbuild.digest import EMPTY, digest_of
-from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound
+from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, RemoteError
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.merkle import serialize
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
 from tests.serving import running_server, running_worker, server_settings
@@ -166,7 +166,7 @@ async def test_unreachable_server_says_where_and_what_to_check():
     async with open_channel(target) as channel:
         with pytest.raises(RemoteError) as raised:
             await CasClient(channel).find_missing([digest_of(b"x")])
-    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert raised.value.code == code_pb2.UNAVAILABLE
     assert target in str(raised.value) and "--server" in str(raised.value)
 
 
@@ -277,7 +277,7 @@ async def test_timeout_raises_with_the_partial_result(target: str, worker, tmp_p
             timeout=timedelta(seconds=1),
             download_to=tmp_path,
         )
-    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert raised.value.code == code_pb2.DEADLINE_EXCEEDED
     assert raised.value.result.stdout == b"started\n"
 
 
@@ -436,7 +436,7 @@ async def test_execute_survives_a_server_restart(database_url, tmp_path: Path, c
         server_url=f"http://{target}",
         name="worker-restart",
         poll_timeout=timedelta(seconds=1),
-        backend=BackendSettings(type="host", work_dir=str(tmp_path / "work")),
+        backend=BackendSettings(type="host", work_dir=str(tmp_path / "work"), run_as="root"),
     )
     agent = WorkerAgent(worker_settings, shutdown_grace=2)
     agent_job = asyncio.create_task(agent.run())

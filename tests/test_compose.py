@@ -216,10 +216,15 @@ def _override(tmp: Path, pg: int, replicas, grpc: int, prometheus: int) -> Path:
                 "EXPBUILD_SERVER__METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
             },
         }
+    worker_targets = []
     for index in (1, 2):
+        worker_targets.append(f"127.0.0.1:{free_port()}")
         services[f"worker-{index}"] = {
             **host,
-            "environment": {"EXPBUILD_WORKER__SERVER_URL": f"http://127.0.0.1:{grpc}"},
+            "environment": {
+                "EXPBUILD_WORKER__SERVER_URL": f"http://127.0.0.1:{grpc}",
+                "EXPBUILD_WORKER__METRICS_ADDRESS": worker_targets[-1],
+            },
         }
     targets = [f"127.0.0.1:{metrics}" for _, metrics in replicas]
     (tmp / "prometheus.yml").write_text(
@@ -227,7 +232,11 @@ def _override(tmp: Path, pg: int, replicas, grpc: int, prometheus: int) -> Path:
             {
                 "global": {"scrape_interval": "1s"},
                 "scrape_configs": [
-                    {"job_name": "expbuild-server", "static_configs": [{"targets": targets}]}
+                    {"job_name": "expbuild-server", "static_configs": [{"targets": targets}]},
+                    {
+                        "job_name": "expbuild-worker",
+                        "static_configs": [{"targets": worker_targets}],
+                    },
                 ],
             }
         )
@@ -374,6 +383,12 @@ def test_prometheus_scrapes_both_replicas(stack: Stack, tmp_path):
         lambda r: (
             {s["metric"]["instance"] for s in r} == replicas and {s["value"][1] for s in r} == {"0"}
         ),
+    )
+    # Every worker serves its own metrics too, and Prometheus scrapes both.
+    _wait_for_prometheus(
+        stack,
+        'expbuild_worker_running_actions{job="expbuild-worker"}',
+        lambda r: len(r) == 2,
     )
     # Work went through HAProxy to the replicas: their Execute counters add up to it.
     _wait_for_prometheus(

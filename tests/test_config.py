@@ -14,7 +14,10 @@ from expbuild.config import ConfigError, grpc_target, load_settings, settings_fr
 )
 def test_shipped_configs_load(name):
     settings = load_settings(f"configs/{name}")
-    assert settings.server.address == "127.0.0.1:8980"
+    if settings.server.address != "127.0.0.1:8980":
+        # A config that listens beyond loopback ships with tokens and TLS on.
+        assert settings.auth.mode == "tokens" and settings.server.tls_cert
+        assert not settings.server.allow_insecure_public
 
 
 def test_the_guides_keys_are_read():
@@ -70,7 +73,11 @@ def test_several_values_per_platform_key():
         ({"server": {"address": "127.0.0.1:70000"}}, "server.address"),
         ({"worker": {"max_concurrent_tasks": -1}}, "worker.max_concurrent_tasks"),
         ({"worker": {"max_concurrent_tasks": "four"}}, "worker.max_concurrent_tasks"),
-        ({"worker": {"server_url": "https://x:1"}}, "worker.server_url"),
+        ({"worker": {"server_url": "ftp://x:1"}}, "worker.server_url"),
+        ({"server": {"tls_cert": "/c.pem"}}, "server.tls_key"),
+        ({"worker": {"tls_key": "/k.pem"}}, "worker.tls_cert"),
+        ({"auth": {"mode": "maybe"}}, "auth.mode"),
+        ({"server": {"worker_address": "nowhere"}}, "server.worker_address"),
         ({"server": {"lease_duration": "soon"}}, "server.lease_duration"),
         (
             {"server": {"lease_duration": "10s", "heartbeat_interval": "30s"}},
@@ -87,6 +94,8 @@ def test_bad_values_name_their_key(raw, key):
 
 def test_grpc_targets_from_the_guides_urls():
     assert grpc_target("http://192.168.1.100:8980", "k") == "192.168.1.100:8980"
+    assert grpc_target("grpcs://build.example:443", "k") == "grpcs://build.example:443"
+    assert grpc_target("https://build.example:443", "k") == "grpcs://build.example:443"
     assert grpc_target("127.0.0.1:8980", "k") == "127.0.0.1:8980"
     assert grpc_target("grpc://[::1]:8980", "k") == "[::1]:8980"
 
@@ -179,27 +188,6 @@ def test_bad_worker_values_name_their_key(raw, key):
         settings_from_mapping({"worker": raw})
 
 
-def test_detected_platform():
-    import os
-    import platform
-
-    from expbuild.config import detected_platform
-
-    detected = detected_platform()
-    assert detected["OSFamily"] == (platform.system(),)
-    assert detected["cpu_count"] == (str(len(os.sched_getaffinity(0))),)
-    if platform.machine() == "x86_64":
-        assert detected["Arch"] == ("x86_64",)
-        isa = detected["ISA"]
-        assert isa[0] == "x86-64"
-        # The micro-architecture levels come in order, each implying the ones before.
-        levels = [value for value in isa if value.startswith("x86-64-v")]
-        assert levels == [f"x86-64-v{n}" for n in range(2, 2 + len(levels))]
-        flags = open("/proc/cpuinfo").read()
-        if "x86-64-v3" in isa:
-            assert all(f" {flag}" in flags for flag in ("avx2", "bmi2", "fma", "movbe"))
-
-
 def _documented_keys() -> dict[str, set[str]]:
     """Keys per section in configs/*.toml, commented-out examples included."""
     import re
@@ -230,6 +218,7 @@ def test_every_setting_is_documented_in_configs():
         "worker.backend": config.BackendSettings,
         "worker.limits": config.LimitsSettings,
         "worker.cache": config.CacheSettings,
+        "auth": config.AuthSettings,
     }
     documented = _documented_keys()
     nested = {"backend", "limits", "cache", "platform"}
@@ -240,3 +229,63 @@ def test_every_setting_is_documented_in_configs():
         if field.name not in nested and field.name not in documented.get(section, set())
     ]
     assert not missing, f"not shown in configs/*.toml: {missing}"
+
+
+# -- unknown keys (issue #7 point 12) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"server": {"adress": "127.0.0.1:1"}}, r"\[server\] adress .*did you mean address\?"),
+        ({"sever": {"address": "127.0.0.1:1"}}, r"\[sever\] .*did you mean server\?"),
+        ({"worker": {"backend": {"typ": "host"}}}, r"\[worker.backend\] typ .*did you mean type\?"),
+        ({"auth": {"cache_tll": "5s"}}, r"\[auth\] cache_tll .*did you mean cache_ttl\?"),
+        ({"cas": {"zzz": 1}}, r"\[cas\] zzz .*known: root, max_size"),
+    ],
+)
+def test_unknown_keys_stop_with_the_nearest_known_one(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        settings_from_mapping(raw)
+
+
+def test_platform_properties_are_free_form():
+    settings = settings_from_mapping({"worker": {"platform": {"anything_at_all": "x"}}})
+    assert settings.worker.platform == {"anything_at_all": ("x",)}
+
+
+def test_a_misspelled_key_in_a_file_stops_loading(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text('[server]\nadress = "0.0.0.0:8980"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(path))
+    text = str(caught.value)
+    assert "\n" not in text
+    assert "[server] adress" in text and "did you mean address?" in text and str(path) in text
+
+
+def test_a_misspelled_environment_key_stops_loading(monkeypatch):
+    monkeypatch.setenv("EXPBUILD_SERVER__ADRESS", "0.0.0.0:8980")
+    with pytest.raises(ConfigError, match=r"\[server\] adress .*EXPBUILD_.*did you mean address"):
+        load_settings(None)
+
+
+def test_command_environment_variables_are_not_settings(monkeypatch):
+    # EXPBUILD_TOKEN and EXPBUILD_CONFIG belong to the commands, not to a table.
+    monkeypatch.setenv("EXPBUILD_TOKEN", "ebt_x")
+    monkeypatch.setenv("EXPBUILD_CONFIG", "configs/expbuild-server.toml")
+    assert load_settings(None).auth.mode == "none"
+
+
+def test_worker_server_url_may_name_several_replicas():
+    listed = settings_from_mapping(
+        {"worker": {"server_url": ["http://10.0.0.1:8980", "10.0.0.2:8981"]}}, source="t"
+    )
+    assert listed.worker.server_addresses == ("10.0.0.1:8980", "10.0.0.2:8981")
+    assert listed.worker.server_target == "10.0.0.1:8980"
+    commas = settings_from_mapping({"worker": {"server_url": "a:1, b:2"}}, source="t")
+    assert commas.worker.server_addresses == ("a:1", "b:2")
+    from expbuild.client.replicas import replicas_target
+
+    assert replicas_target(("127.0.0.1:1", "127.0.0.2:2")) == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert replicas_target(("localhost:5",)) == "localhost:5"

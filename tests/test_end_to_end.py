@@ -24,6 +24,17 @@ def cluster(database_url, tmp_path):
     """A server and one worker as separate processes, like two hosts would run them."""
     env = server_env(database_url, tmp_path)
     address = env["EXPBUILD_SERVER__ADDRESS"]
+    # The shipped config is for a network (TLS, tokens, a worker listener); here it runs on
+    # loopback without them, like the original guide (tests/test_tls.py and test_auth*.py
+    # cover the secured setup).
+    env.update(
+        {
+            "EXPBUILD_AUTH__MODE": "none",
+            "EXPBUILD_SERVER__WORKER_ADDRESS": "",
+            **{f"EXPBUILD_SERVER__{key}": "" for key in ("TLS_CERT", "TLS_KEY")},
+            **{f"EXPBUILD_SERVER__WORKER_{key}": "" for key in ("TLS_CERT", "TLS_KEY")},
+        }
+    )
     server = start(
         "server",
         ["re-server", "--config", "configs/expbuild-server-remote-workers.toml", "--verbose"],
@@ -41,6 +52,7 @@ def cluster(database_url, tmp_path):
                 "EXPBUILD_WORKER__SERVER_URL": f"http://{address}",
                 "EXPBUILD_WORKER__CAS_URL": f"http://{address}",
                 "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
+                "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
                 "EXPBUILD_WORKER__NAME": "e2e-worker",
                 "EXPBUILD_WORKER__HEARTBEAT_INTERVAL": "0.5",
             },
@@ -241,6 +253,7 @@ def test_workers_list_and_drain(cluster, tmp_path, database_url):
 def test_server_with_the_local_backend_runs_actions_itself(database_url, tmp_path):
     env = server_env(database_url, tmp_path)
     env["EXPBUILD_WORKER__BACKEND__WORK_DIR"] = str(tmp_path / "work")
+    env["EXPBUILD_WORKER__BACKEND__RUN_AS"] = "root"  # pytest's tmp tree is root's alone
     server = start(
         "server-local",
         ["expbuild", "server", "--config", "configs/expbuild-server.toml"],

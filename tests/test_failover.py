@@ -31,6 +31,7 @@ def worker(name, address, tmp_path, **extra):
         "EXPBUILD_WORKER__NAME": name,
         "EXPBUILD_WORKER__HEARTBEAT_INTERVAL": "0.5",
         "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / f"work-{name}"),
+        "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
         **extra,
     }
     process = start(name, ["expbuild", "worker", "daemon"], tmp_path, env)
@@ -108,7 +109,7 @@ def test_killing_the_worker_mid_action_runs_it_again_elsewhere(database_url, tmp
         report = json.loads(out)
         assert report["exit_code"] == 0 and report["stdout"] == "ran to the end\n", err
         assert report["worker"] == "spare"
-        wait_for_log(server_a, "requeued (heartbeat missed on worker")
+        wait_for_log(server_a, "requeued (session lost on worker")  # noticed by its session
     finally:
         if spare is not None:
             spare.stop()

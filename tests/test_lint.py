@@ -1,4 +1,4 @@
-"""The code stays as `make lint` wants it: ruff's checks and formatting."""
+"""The code stays as `make lint` wants it: ruff's checks and formatting, and mypy's types."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+MYPY = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
 
 
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=["check", "format"])
@@ -25,3 +26,14 @@ def test_ruff(args):
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy():
+    """mypy over expbuild/ as configured in pyproject.toml ([tool.mypy])."""
+    if MYPY is None:
+        pytest.skip("mypy is not installed (pip install -e '.[dev]')")
+    result = subprocess.run(
+        [MYPY, "--cache-dir=/dev/null"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Success: no issues found" in result.stdout

@@ -132,6 +132,7 @@ def test_wheel_migrates_a_database_and_runs_a_worker(clean_venv, postgres_admin_
                 **env,
                 "EXPBUILD_WORKER__SERVER_URL": f"http://127.0.0.1:{port}",
                 "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
+                "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
             }
             with open(tmp_path / "wheel-worker.log", "wb") as log:
                 worker = subprocess.Popen(

@@ -48,6 +48,9 @@ MODULE_PAIRS = {
     ),
     "expbuild.proto.semver_pb2": "buildgrid.common.protos.build.bazel.semver.semver_pb2",
     "expbuild.proto.bytestream_pb2": "buildgrid.common.protos.google.bytestream.bytestream_pb2",
+    "expbuild.proto.remote_asset_pb2": (
+        "buildgrid.common.protos.build.bazel.remote.asset.v1.remote_asset_pb2"
+    ),
 }
 
 # Fields upstream renamed after the reference was generated. A rename keeps

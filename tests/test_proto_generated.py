@@ -10,7 +10,7 @@ import pytest
 
 from expbuild.proto import generate as gen
 
-PROTO_MODULES = ["bytestream", "remote_execution", "semver", "worker"]
+PROTO_MODULES = ["bytestream", "remote_asset", "remote_execution", "semver", "worker"]
 
 # proto module -> {service full name: sorted method names}
 EXPECTED_SERVICES = {
@@ -27,6 +27,10 @@ EXPECTED_SERVICES = {
         ],
         "build.bazel.remote.execution.v2.Capabilities": ["GetCapabilities"],
     },
+    "remote_asset": {
+        "build.bazel.remote.asset.v1.Fetch": ["FetchBlob", "FetchDirectory"],
+        "build.bazel.remote.asset.v1.Push": ["PushBlob", "PushDirectory"],
+    },
     "bytestream": {
         "google.bytestream.ByteStream": ["QueryWriteStatus", "Read", "Write"],
     },
@@ -35,11 +39,17 @@ EXPECTED_SERVICES = {
             "CompleteTask",
             "DeregisterWorker",
             "Heartbeat",
+            "OpenSession",
             "PollTasks",
             "RegisterWorker",
             "ReleaseTask",
         ],
-        "expbuild.worker.v1.WorkerAdminService": ["DrainWorker", "ListWorkers"],
+        "expbuild.worker.v1.WorkerAdminService": [
+            "DrainWorker",
+            "GetTaskHistory",
+            "ListTasks",
+            "ListWorkers",
+        ],
     },
     "semver": {},
 }
@@ -51,6 +61,7 @@ STREAMING = {
     ("build.bazel.remote.execution.v2.ContentAddressableStorage", "GetTree"): (False, True),
     ("google.bytestream.ByteStream", "Read"): (False, True),
     ("google.bytestream.ByteStream", "Write"): (True, False),
+    ("expbuild.worker.v1.WorkerService", "OpenSession"): (False, True),
 }
 
 

@@ -854,7 +854,8 @@ async def test_capabilities(env):
     priority = execution.execution_priority_capabilities.priorities[0]
     assert priority.min_priority < 0 < priority.max_priority
     assert (caps.low_api_version.major, caps.low_api_version.minor) == (2, 0)
-    assert (caps.high_api_version.major, caps.high_api_version.minor) == (2, 3)
+    assert (caps.high_api_version.major, caps.high_api_version.minor) == (2, 12)
+    assert cache.split_blob_support and cache.splice_blob_support
     assert (caps.deprecated_api_version.major, caps.deprecated_api_version.minor) == (2, 0)
 
 

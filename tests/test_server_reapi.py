@@ -20,10 +20,10 @@ from google.rpc import code_pb2
 from expbuild.client.actions import build_action, build_command
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
-from expbuild.client.tree import serialize
 from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.reapi.merkle import serialize
 from tests.serving import running_server, running_worker, server_settings
 
 pytestmark = pytest.mark.e2e

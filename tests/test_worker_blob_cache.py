@@ -32,7 +32,8 @@ from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.blob_cache import ENTRY_MTIME_NS, BlobCache, open_blob_cache
 from tests.serving import running_server, server_settings
-from tests.test_worker_agent import Client, client_of, running_agent, settings_for
+from tests.test_worker_agent import Client, client_of, eventually, running_agent, settings_for
+from tests.test_worker_run_as import work_dir  # noqa: F401 (a fixture)
 
 MiB = 1024 * 1024
 BATCH = "BatchReadBlobs"
@@ -130,14 +131,16 @@ def on_another_filesystem(path: Path) -> Path | None:
 # -- through the worker ------------------------------------------------------------------
 
 
-async def test_second_action_with_the_same_inputs_reads_nothing(server, client, tmp_path):
+async def test_second_action_with_the_same_inputs_reads_nothing(server, client, work_dir):  # noqa: F811
     big = os.urandom(5 * MiB)  # beyond a batch: read by ByteStream
     files = {"src/a.txt": b"alpha\n", "src/b.txt": b"beta\n", "data/big.bin": big}
     # `stat -c %h`: the link count shows the input is a hardlink to the cache entry.
     script = "cat src/a.txt src/b.txt; sha256sum data/big.bin | cut -c1-64; stat -c %h src/a.txt"
     expected = b"alpha\nbeta\n" + hashlib.sha256(big).hexdigest().encode() + b"\n2\n"
-    work_dir = tmp_path / "work"
-    async with running_agent(WorkerAgent(settings_for(server.port, work_dir))):
+    # Linked, not copied: the actions run as `nobody` (the default), who cannot write them.
+    settings = settings_for(server.port, work_dir)
+    settings = replace(settings, backend=replace(settings.backend, run_as="nobody"))
+    async with running_agent(WorkerAgent(settings)):
         first_reads = ServerReads()
         first = await client.response(await client.submit(["sh", "-c", script], files=files))
         assert first.status.code == code_pb2.OK
@@ -154,7 +157,7 @@ async def test_second_action_with_the_same_inputs_reads_nothing(server, client, 
     assert await client.read(second.result.stdout_digest) == expected + b"again\n"
 
     # The default cache sits beside work_dir; entries are read-only and carry ENTRY_MTIME_NS.
-    entry = tmp_path / "work-cache" / digest_of(big).hash[:2] / digest_of(big).hash
+    entry = settings.cache_dir / digest_of(big).hash[:2] / digest_of(big).hash
     st = os.stat(entry)
     assert stat.S_IMODE(st.st_mode) == 0o444 and st.st_mtime_ns == ENTRY_MTIME_NS
     assert st.st_nlink == 1  # the action directories are gone
@@ -214,7 +217,7 @@ async def test_a_corrupt_entry_is_refetched(server, client, tmp_path):
 async def test_an_action_writing_to_its_inputs_does_not_spoil_the_cache(server, client, tmp_path):
     appended, overwritten = b"appended to\n" * 50, b"overwritten in place\n" * 50
     files = {"appended.txt": appended, "overwritten.txt": overwritten}
-    # As root, the 0444 mode of a hardlinked input does not stop these writes.
+    # Actions kept root (settings_for) get copies of cached inputs: they spoil only those.
     vandal = (
         "echo more >> appended.txt; "
         "printf XXXX | dd of=overwritten.txt conv=notrunc status=none; "
@@ -227,7 +230,7 @@ async def test_an_action_writing_to_its_inputs_does_not_spoil_the_cache(server, 
         assert await client.read(vandalized.result.stdout_digest) == b"XXXX"
         reads = ServerReads()
         checked = await client.response(await client.submit(["sh", "-c", check], files=files))
-        assert reads.blobs() == 2
+        assert reads.blobs() == 0  # nothing to repair: the cache's entries were never reached
     assert checked.status.code == code_pb2.OK
     assert (
         await client.read(checked.result.stdout_digest)
@@ -422,12 +425,14 @@ async def test_never_evicts_an_entry_another_call_is_placing(server, cas, tmp_pa
             blocker = asyncio.create_task(narrow.read_to_file(dbig, tmp_path / "big"))
             while reads.bytes(STREAM) == 0:
                 await asyncio.sleep(0.001)
+            hits = cache.stats.hits
             placing = asyncio.create_task(
                 cache.place_files(
                     narrow, {da: [(tmp_path / "a1", False)], dsmall: [(tmp_path / "s", False)]}
                 )
             )
-            await asyncio.sleep(0.05)  # it has checked and pinned `a` by now
+            # A hit is counted once `a` is checked and pinned (`small` then waits its turn).
+            await eventually(lambda: cache.stats.hits == hits + 1, what="`a` pinned")
             # Pushes the total over the bound with `a` the least recently used entry.
             assert await cache.place_files(cas, {db: [(tmp_path / "b", False)]}) == []
             assert not blocker.done(), "the download meant to hold the slot ended too soon"

@@ -21,7 +21,7 @@ from expbuild.config import BackendSettings, LimitsSettings
 from expbuild.errors import FailedPrecondition
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.docker import DockerExecutor
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from tests.docker_engine import TEST_IMAGE, EngineUnavailable, docker_engine
 from tests.serving import running_server, server_settings
 from tests.survivors import marker_seconds, none_left, running_with
@@ -246,7 +246,8 @@ def test_offers_the_engines_images(docker):
 async def test_end_to_end_through_the_server(docker, client, tmp_path):
     settings = settings_for(client.app.port, tmp_path / "work")
     settings = replace(
-        settings, backend=BackendSettings(type="docker", work_dir=str(tmp_path / "work"))
+        settings,
+        backend=BackendSettings(type="docker", work_dir=str(tmp_path / "work"), run_as="root"),
     )
     agent = WorkerAgent(settings)
     assert IMAGE in agent.platform()["container-image"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from expbuild.config import LimitsSettings
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import DEFAULT_PATH, HostExecutor, exit_code
 from tests.survivors import marker_seconds, none_left, wait_for_processes
 
@@ -281,22 +283,25 @@ CONTAINMENT = [
 DAEMONIZE = "setsid sh -c 'sleep {marker} & sleep {marker}' > /dev/null 2>&1 < /dev/null &"
 
 
-def expbuild_cgroups() -> list[Path]:
-    """Per-action cgroups that exist right now, in every hierarchy."""
-    return [p for p in Path("/sys/fs/cgroup").rglob("expbuild-*") if p.is_dir()]
+def expbuild_cgroups(name: str) -> list[Path]:
+    """The action's cgroups that exist right now, in every hierarchy (only this action's:
+    other tests, and other test runs on the machine, make their own meanwhile)."""
+    return [p for p in Path("/sys/fs/cgroup").rglob(f"expbuild-{name}") if p.is_dir()]
 
 
 @pytest.mark.parametrize("limits", CONTAINMENT)
 async def test_daemonized_grandchildren_do_not_outlive_the_action(tmp_path, limits):
     marker = marker_seconds()
-    before = expbuild_cgroups()
-    outcome = await HostExecutor(limits=limits).execute(
-        request(tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + " sleep 0.3; echo done")
+    name = f"daemonized-{uuid.uuid4().hex[:8]}"
+    job = replace(
+        request(tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + " sleep 0.3; echo done"),
+        name=name,
     )
+    outcome = await HostExecutor(limits=limits).execute(job)
     assert outcome.exit_code == 0
     assert stdout(tmp_path) == "done\n"
     assert await none_left(marker)
-    assert expbuild_cgroups() == before
+    assert expbuild_cgroups(name) == []
 
 
 @pytest.mark.parametrize("limits", CONTAINMENT)

@@ -8,6 +8,7 @@ for oversize messages, leaks no descriptor into the action, and print what it sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from expbuild.config import LimitsSettings
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import HostExecutor
 from expbuild.worker.supervisor import ZYGOTE_MAX_MESSAGE, Supervisor
 from tests.survivors import marker_seconds, none_left, wait_for_processes
@@ -153,10 +154,14 @@ async def test_no_descriptor_leaks_into_the_action(tmp_path, cgroups):
     listing = tmp_path / "listing"
     listing.mkdir()
     # Another action in flight: its reply socket and files are open in the zygote.
-    other = asyncio.create_task(executor.execute(request(busy, "sleep", "1")))
-    await asyncio.sleep(0.3)
+    marker = marker_seconds()
+    other = asyncio.create_task(executor.execute(request(busy, "sleep", marker)))
+    await wait_for_processes(f"sleep {marker}")
     outcome = await executor.execute(request(listing, SH, "-c", "exec ls -l /proc/self/fd/"))
-    await other
+    assert not other.done(), "the other action ended before the listing was taken"
+    other.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await other
     assert outcome.exit_code == 0
     entries = {}
     for line in stdout(listing).splitlines():
@@ -189,11 +194,9 @@ async def test_closing_the_control_socket_ends_the_zygote(tmp_path):
     executor.supervisor = supervisor
     assert (await executor.execute(request(tmp_path, "true"))).exit_code == 0
     process = supervisor.zygote.process
-    supervisor.zygote.close()
-    deadline = time.monotonic() + 5
-    while process.poll() is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await supervisor.close()  # waits until it left (it is killed after 10 s)
     assert process.returncode == 0
+    assert supervisor.zygote.process is None
 
 
 async def test_per_action_time_old_path_versus_zygote(tmp_path, capsys):

@@ -20,7 +20,7 @@ from google.rpc import code_pb2
 from expbuild.config import LimitsSettings
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.cgroups import CgroupSupport
-from expbuild.worker.executor import ExecutionRequest, Executor
+from expbuild.worker.execution import ExecutionRequest, Executor
 from expbuild.worker.host import HostExecutor
 from expbuild.worker.limits import capped_timeout, format_size
 from tests.serving import running_server, server_settings
@@ -199,8 +199,10 @@ def test_sizes_are_reported_in_binary_units():
 
 async def test_limits_end_to_end(client, tmp_path):
     work_dir = tmp_path / "work"
+    # The worker's timeout also caps the CPU hog: 8 s of wall time leaves a loaded machine
+    # room to give it its 1 s of CPU.
     limits = LimitsSettings(
-        timeout=timedelta(seconds=3), cpu_time=1, memory=64 * MiB, max_output_size=1 * MiB
+        timeout=timedelta(seconds=8), cpu_time=1, memory=64 * MiB, max_output_size=1 * MiB
     )
     agent = WorkerAgent(replace(settings_for(client.app.port, work_dir), limits=limits))
     half = 600 * 1024  # each file is within the per-file backstop, together over the total
@@ -221,7 +223,7 @@ async def test_limits_end_to_end(client, tmp_path):
 
     # [worker.limits] timeout applies to an action that sets none (and caps longer ones).
     assert slow_response.status.code == code_pb2.DEADLINE_EXCEEDED
-    assert slow_response.status.message == "action timed out after 3s"
+    assert slow_response.status.message == "action timed out after 8s"
     assert await client.read(slow_response.result.stdout_digest) == b"before\n"
 
     assert spinning_response.status.code == code_pb2.RESOURCE_EXHAUSTED

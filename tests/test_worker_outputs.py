@@ -10,10 +10,10 @@ import pytest
 from expbuild.digest import EMPTY, Digest, digest_of
 from expbuild.errors import FailedPrecondition, InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.merkle import serialize
 from expbuild.worker.outputs import (
     collect_outputs,
     declared_outputs,
-    directory_digest,
     file_digest,
     output_parent_directories,
 )
@@ -136,7 +136,7 @@ def test_nested_directory_becomes_a_tree_with_matching_digests(tmp_path):
     assert [(s.name, s.target) for s in root.symlinks] == [("link", "sub/d.txt")]
     assert [d.name for d in root.directories] == ["sub"]
 
-    children = {directory_digest(child): child for child in tree.children}
+    children = {digest_of(serialize(child)): child for child in tree.children}
     sub = children[Digest.from_proto(root.directories[0].digest)]
     assert [f.name for f in sub.files] == ["d.txt"]
     deep = children[Digest.from_proto(sub.directories[0].digest)]

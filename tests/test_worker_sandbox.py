@@ -18,7 +18,7 @@ from google.rpc import code_pb2
 from expbuild.client.actions import build_command
 from expbuild.config import BackendSettings, ConfigError
 from expbuild.worker.agent import WorkerAgent
-from expbuild.worker.executor import ExecutionRequest
+from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.sandbox import SandboxExecutor, find_bwrap
 from tests.serving import running_server, server_settings
 from tests.survivors import marker_seconds, none_left, wait_for_processes
@@ -241,7 +241,7 @@ async def test_end_to_end_through_the_server(client, tmp_path, listener):
     work_dir = tmp_path / "work"
     settings = replace(
         settings_for(client.app.port, work_dir),
-        backend=BackendSettings(type="sandbox", work_dir=str(work_dir)),
+        backend=BackendSettings(type="sandbox", work_dir=str(work_dir), run_as="root"),
     )
     agent = WorkerAgent(settings)
     assert agent.platform()["network"] == ("off", "on")  # the backend's offer ...

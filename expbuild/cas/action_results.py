@@ -8,6 +8,8 @@ incomplete entry as a miss (the action runs again and the entry is replaced).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from expbuild.cas.store import FileStore
 from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument, NotFound
@@ -58,7 +60,7 @@ async def inline_outputs(
     *,
     stdout: bool,
     stderr: bool,
-    files: list[str] | tuple[str, ...] = (),
+    files: Sequence[str] = (),
     limit: int = MAX_INLINE_BYTES,
 ) -> None:
     """Fill stdout_raw / stderr_raw / OutputFile.contents as asked, within `limit` bytes."""

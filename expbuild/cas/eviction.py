@@ -77,6 +77,18 @@ def _scan(blob_dir: str) -> list[tuple[float, int, str]]:
     return found
 
 
+@dataclass(frozen=True)
+class StoreUsage:
+    blobs: int
+    total_bytes: int
+
+
+async def measure_usage(store: FileStore) -> StoreUsage:
+    """Count the blobs and their bytes (a scan of the shard directories, off the loop)."""
+    found = await asyncio.to_thread(_scan, str(store.blob_dir))
+    return StoreUsage(len(found), sum(size for _mtime, size, _path in found))
+
+
 def _evict_blocking(
     blob_dir: str, max_bytes: int, low_watermark: float, min_age: float, stop: threading.Event
 ) -> EvictionReport:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -262,7 +262,7 @@ class FileStore:
         offset: int = 0,
         compressor: str = ZSTD,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield the blob's bytes from `offset` to the end, compressed as one stream.
 
         `offset` counts uncompressed bytes (the REAPI rule for compressed reads). The
@@ -307,7 +307,7 @@ class FileStore:
         offset: int = 0,
         limit: int = 0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield the blob's bytes from `offset`, at most `limit` of them (0: to the end).
 
         An async generator: errors surface on the first iteration, before any data.

@@ -11,14 +11,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import grpc
+from google.rpc import code_pb2
 
-from expbuild.cli.common import server_option
+from expbuild.cli.common import channel_security, server_option
 from expbuild.client.actions import check_output_path, parse_pair, platform_from_pairs
-from expbuild.client.errors import RemoteError
 from expbuild.client.run import RunResult, execute_action, run_command
 from expbuild.digest import Digest
-from expbuild.errors import ExpBuildError, FailedPrecondition, InvalidArgument, NotFound
+from expbuild.errors import (
+    ExpBuildError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RemoteError,
+)
 
 # Exit codes of expbuild itself, chosen away from what commands commonly return (0, 1, 2
 # for their own usage errors, 126/127 for exec failures, 128+N for signals).
@@ -90,9 +95,9 @@ def _describe(error: ExpBuildError, *, executing_digest: bool) -> _Failure:
     """The line and exit code for an error raised while running remotely."""
     result = getattr(error, "result", None)
     if isinstance(error, RemoteError):
-        if error.code == grpc.StatusCode.UNAVAILABLE:
+        if error.code == code_pb2.UNAVAILABLE:
             return _Failure(str(error), EXIT_UNAVAILABLE)
-        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if error.code == code_pb2.DEADLINE_EXCEEDED:
             return _Failure(
                 f"the action timed out: {error}; raise --timeout if it needs longer",
                 EXIT_TIMEOUT,
@@ -278,6 +283,8 @@ def run(
       expbuild run --server http://build.example.com:8980 --json -- uname -a
     """
 
+    security = channel_security()
+
     def produce() -> RunResult:
         try:
             platform = platform_from_pairs(platform_pairs)
@@ -304,6 +311,7 @@ def run(
         work = run_command(
             server,
             list(command),
+            security=security,
             instance_name=instance,
             inputs=paths,
             outputs=list(outputs),
@@ -346,6 +354,8 @@ def execute(
       expbuild execute --skip-cache --json 8f3c...e1a0/142
     """
 
+    security = channel_security()
+
     def produce() -> RunResult:
         try:
             digest = Digest.parse(action_digest)
@@ -357,6 +367,7 @@ def execute(
         work = execute_action(
             server,
             digest,
+            security=security,
             instance_name=instance,
             skip_cache_lookup=skip_cache,
             priority=priority,

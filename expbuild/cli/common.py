@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import click
 
+from expbuild.client.channel import ChannelSecurity
 from expbuild.config import (
     DEFAULT_ADDRESS,
     ConfigError,
@@ -62,12 +63,70 @@ def _server_target(ctx: click.Context, param: click.Parameter, value: str) -> st
         raise click.BadParameter(f"{exc} (http://host:port is accepted too)") from None
 
 
-server_option = click.option(
-    "--server",
-    default=DEFAULT_ADDRESS,
-    show_default=True,
-    envvar="EXPBUILD_SERVER",
-    metavar="HOST:PORT",
-    callback=_server_target,
-    help="Server to talk to (also http://host:port); env EXPBUILD_SERVER.",
+_SECURITY_KEY = "expbuild.channel_security"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    ctx.meta.setdefault(_SECURITY_KEY, {})[param.name] = value or ""
+
+
+_CONNECTION_OPTIONS = (
+    click.option(
+        "--server",
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        envvar="EXPBUILD_SERVER",
+        metavar="HOST:PORT",
+        callback=_server_target,
+        help="Server to talk to (also http://host:port, grpcs://host:port for TLS); "
+        "env EXPBUILD_SERVER.",
+    ),
+    click.option(
+        "--token",
+        envvar="EXPBUILD_TOKEN",
+        metavar="SECRET",
+        expose_value=False,
+        callback=_remember,
+        help='Bearer token for a server with [auth] mode = "tokens"; env EXPBUILD_TOKEN.',
+    ),
+    click.option(
+        "--tls-ca",
+        metavar="FILE",
+        expose_value=False,
+        callback=_remember,
+        help="CA certificate (PEM) that signed a grpcs:// server's certificate.",
+    ),
+    click.option(
+        "--tls-cert",
+        metavar="FILE",
+        expose_value=False,
+        callback=_remember,
+        help="Client certificate (PEM) for mutual TLS.",
+    ),
+    click.option(
+        "--tls-key",
+        metavar="FILE",
+        expose_value=False,
+        callback=_remember,
+        help="Key (PEM) of --tls-cert.",
+    ),
 )
+
+
+def server_option(func):
+    """--server plus the options that secure the connection (--token, --tls-*); the
+    command gets them back from `channel_security()`."""
+    for option in reversed(_CONNECTION_OPTIONS):
+        func = option(func)
+    return func
+
+
+def channel_security() -> ChannelSecurity:
+    """The --token / --tls-* options of the running command."""
+    given = click.get_current_context().meta.get(_SECURITY_KEY, {})
+    return ChannelSecurity(
+        ca_file=given.get("tls_ca", ""),
+        cert_file=given.get("tls_cert", ""),
+        key_file=given.get("tls_key", ""),
+        token=given.get("token", ""),
+    )

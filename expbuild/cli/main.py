@@ -7,6 +7,8 @@ import click
 from expbuild import __version__
 from expbuild.cli.client_commands import execute, run
 from expbuild.cli.server import db_group, server_command
+from expbuild.cli.tasks import tasks_group
+from expbuild.cli.tokens import tokens_group
 from expbuild.cli.up import up_command
 from expbuild.cli.worker import worker_group
 from expbuild.cli.workers import workers_group
@@ -29,7 +31,9 @@ def main() -> None:
 main.add_command(server_command)
 main.add_command(worker_group)
 main.add_command(workers_group)
+main.add_command(tasks_group)
 main.add_command(db_group)
+main.add_command(tokens_group)
 main.add_command(up_command)
 main.add_command(run)
 main.add_command(execute)

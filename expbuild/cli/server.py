@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import click
 
 from expbuild import aio
+from expbuild.auth.exposure import check_exposure
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 from expbuild.config import ConfigError, Settings, data_dir
 from expbuild.db.pool import DatabaseUnavailable
@@ -31,8 +34,25 @@ def resolve_database_url(settings: Settings, stack: contextlib.ExitStack) -> str
     return embedded.url
 
 
+def _private_token_file(secret: str, stack: contextlib.ExitStack) -> str:
+    """The in-process workers' token in a file only this user can read, removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="expbuild-local-workers-"))  # mode 0700
+    stack.callback(shutil.rmtree, folder, True)
+    path = folder / "token"
+    path.touch(0o600)
+    path.write_text(secret)
+    return str(path)
+
+
 async def serve(settings: Settings, database_url: str, *, local_workers: int = 0) -> None:
     """Run one replica (and optionally in-process workers) until SIGINT/SIGTERM."""
+    with contextlib.ExitStack() as stack:
+        await _serve(settings, database_url, local_workers, stack)
+
+
+async def _serve(
+    settings: Settings, database_url: str, local_workers: int, stack: contextlib.ExitStack
+) -> None:
     from expbuild.server.app import ServerApp
 
     app = ServerApp(settings, database_url)
@@ -46,7 +66,12 @@ async def serve(settings: Settings, database_url: str, *, local_workers: int = 0
         # Fail before serving anything if the configured backend cannot work here.
         from expbuild.worker.executor import make_executor
 
-        make_executor(settings.worker.backend, settings.worker.limits)
+        await make_executor(settings.worker.backend, settings.worker.limits).close()
+    if local_workers and settings.server.tls_cert:
+        raise ConfigError(
+            "local workers connect over loopback without TLS: with [server] tls_cert set, use "
+            '[execution] backend = "scheduler" and run `expbuild worker daemon` beside it'
+        )
     await app.start()
     if local_workers:
         from dataclasses import replace
@@ -54,12 +79,16 @@ async def serve(settings: Settings, database_url: str, *, local_workers: int = 0
         from expbuild.worker.agent import WorkerAgent
 
         target = f"http://127.0.0.1:{app.port}"
+        token_file = ""
+        if settings.auth.mode == "tokens":
+            token_file = _private_token_file(app.local_worker_secret, stack)
         for index in range(local_workers):
             worker_settings = replace(
                 settings.worker,
                 server_url=target,
                 cas_url=target,
                 name=f"{settings.worker.name}-local-{index + 1}",
+                token_file=token_file,
             )
             agent = WorkerAgent(worker_settings)
             agents.append(agent)
@@ -107,6 +136,10 @@ def server_command(config: str | None, verbose: bool, address: str | None) -> No
 
 def run_replica(settings: Settings, *, local_workers: int) -> None:
     """Database (configured or embedded), server and local workers, until a signal."""
+    try:
+        check_exposure(settings, warn=False)  # before starting anything (the server warns)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
         try:

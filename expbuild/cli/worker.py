@@ -44,14 +44,15 @@ def daemon_command(
     """
     from dataclasses import replace
 
-    from expbuild.config import ConfigError, grpc_target
+    from expbuild.client.channel import ChannelSecurityError
+    from expbuild.config import ConfigError, grpc_targets
 
     setup_logging(verbose)
     settings = settings_or_exit(config)
     worker = settings.worker
     if server_url:
         try:
-            grpc_target(server_url, "--server")
+            grpc_targets(server_url, "--server")
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
         worker = replace(worker, server_url=server_url, cas_url="")
@@ -59,14 +60,21 @@ def daemon_command(
         worker = replace(worker, max_concurrent_tasks=max_concurrent_tasks)
     try:
         aio.run(_run_agent(worker))
-    except ConfigError as exc:  # e.g. the configured backend cannot work on this host
+    except (ConfigError, ChannelSecurityError) as exc:  # e.g. the backend cannot work here
         raise click.ClickException(f"configuration error: {exc}") from None
 
 
 async def _run_agent(settings) -> None:
+    from expbuild.worker import metrics
     from expbuild.worker.agent import WorkerAgent
 
     agent = WorkerAgent(settings)
+    if settings.metrics_address:
+        port = metrics.start_http_server(settings.metrics_address)
+        log.info(
+            "Worker metrics at http://%s/metrics",
+            settings.metrics_address.rsplit(":", 1)[0] + f":{port}",
+        )
     loop = asyncio.get_running_loop()
     signals_seen = 0
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import click
 import grpc
 
-from expbuild.cli.common import server_option
+from expbuild.cli.common import channel_security, server_option
 from expbuild.client.channel import open_channel
 from expbuild.client.errors import from_rpc_error
 from expbuild.proto import worker_pb2, worker_pb2_grpc
@@ -17,9 +17,12 @@ from expbuild.proto import worker_pb2, worker_pb2_grpc
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
-def _call(target: str, method: str, request):
+def admin_call(target: str, method: str, request):
+    """One WorkerAdminService call; a failure is a one-line ClickException."""
+    security = channel_security()
+
     async def run():
-        async with open_channel(target) as channel:
+        async with open_channel(target, security) as channel:
             stub = worker_pb2_grpc.WorkerAdminServiceStub(channel)
             try:
                 return await getattr(stub, method)(request, timeout=30)
@@ -63,7 +66,7 @@ def workers_group() -> None:
 @click.option("--all", "include_offline", is_flag=True, help="Include offline workers.")
 def list_command(server: str, as_json: bool, include_offline: bool) -> None:
     """List workers: state, running/max tasks, platform, last heartbeat."""
-    reply = _call(
+    reply = admin_call(
         server, "ListWorkers", worker_pb2.ListWorkersRequest(include_offline=include_offline)
     )
     rows = [_as_dict(w) for w in reply.workers]
@@ -93,7 +96,7 @@ def drain_command(server: str, as_json: bool, worker: str) -> None:
     It stops taking tasks at its next heartbeat, finishes what it runs (handing back
     whatever outlasts its grace period, to run elsewhere at once), deregisters and exits.
     """
-    reply = _call(server, "DrainWorker", worker_pb2.DrainWorkerRequest(worker_id=worker))
+    reply = admin_call(server, "DrainWorker", worker_pb2.DrainWorkerRequest(worker_id=worker))
     if as_json:
         click.echo(json.dumps(_as_dict(reply.worker), indent=2))
     else:

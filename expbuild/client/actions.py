@@ -14,25 +14,7 @@ from datetime import timedelta
 from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
-
-PlatformSpec = Mapping[str, str | Sequence[str]]
-
-
-def build_platform(platform: PlatformSpec) -> re_pb2.Platform:
-    """A Platform with one property per (name, value), sorted by name then value.
-
-    A property whose value is a sequence yields one entry per value (REAPI allows repeated
-    names); duplicate (name, value) pairs are dropped.
-    """
-    pairs: set[tuple[str, str]] = set()
-    for name, values in platform.items():
-        if not name:
-            raise InvalidArgument("a platform property has an empty name")
-        for value in [values] if isinstance(values, str) else values:
-            pairs.add((name, value))
-    return re_pb2.Platform(
-        properties=[re_pb2.Platform.Property(name=n, value=v) for n, v in sorted(pairs)]
-    )
+from expbuild.reapi.platforms import PlatformInput, platform_message
 
 
 def check_output_path(path: str) -> str:
@@ -58,7 +40,7 @@ def build_command(
     env: Mapping[str, str] | None = None,
     working_directory: str = "",
     output_paths: Sequence[str] = (),
-    platform: PlatformSpec | None = None,
+    platform: PlatformInput | None = None,
 ) -> re_pb2.Command:
     """A Command running `arguments` (argv[0] is the program).
 
@@ -85,7 +67,7 @@ def build_command(
     )
     # An empty Platform is left unset: present-but-empty would change the digest.
     if platform:
-        command.platform.CopyFrom(build_platform(platform))
+        command.platform.CopyFrom(platform_message(platform))
     return command
 
 
@@ -95,7 +77,7 @@ def build_action(
     *,
     timeout: timedelta | None = None,
     do_not_cache: bool = False,
-    platform: PlatformSpec | None = None,
+    platform: PlatformInput | None = None,
 ) -> re_pb2.Action:
     """An Action for an uploaded Command and input root.
 
@@ -108,7 +90,7 @@ def build_action(
         do_not_cache=do_not_cache,
     )
     if platform:
-        action.platform.CopyFrom(build_platform(platform))
+        action.platform.CopyFrom(platform_message(platform))
     if timeout is not None:
         if timeout <= timedelta(0):
             raise InvalidArgument(f"timeout {timeout.total_seconds():g}s must be positive")

@@ -7,14 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import grpc
+from google.rpc import code_pb2
 
-from expbuild.client.errors import RemoteError, from_status
 from expbuild.client.files import read_local
 from expbuild.client.integrity import decode_and_verify
 from expbuild.digest import Digest
+from expbuild.errors import RemoteError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.reapi.compression import zstd_compressor
+from expbuild.reapi.status import from_status
 
 IDENTITY = re_pb2.Compressor.IDENTITY
 ZSTD = re_pb2.Compressor.ZSTD
@@ -27,7 +28,7 @@ spent would buy next to nothing."""
 ENTRY_OVERHEAD = 160
 # The request envelope: instance name, digest_function, the outer length prefixes.
 REQUEST_OVERHEAD = 1024
-_NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+_NOT_FOUND = code_pb2.NOT_FOUND
 
 
 def plan(digests: Iterable[Digest], budget: int) -> list[list[Digest]]:
@@ -85,7 +86,7 @@ def check_update(
     unanswered = [d for d, _ in items if d not in answered]
     if unanswered:
         raise RemoteError(
-            grpc.StatusCode.INTERNAL,
+            code_pb2.INTERNAL,
             f"uploading blob {unanswered[0]}: the server's BatchUpdateBlobs response "
             f"does not mention it ({len(unanswered)} blob(s) unanswered)",
         )
@@ -122,7 +123,7 @@ def unpack_read(
         ):
             asked = "zstd" if compressed else "no compression"
             raise RemoteError(
-                grpc.StatusCode.INTERNAL,
+                code_pb2.INTERNAL,
                 f"reading blob {digest}: the server sent it compressed with "
                 f"{_compressor_name(entry.compressor)} although {asked} was requested",
             )
@@ -130,7 +131,7 @@ def unpack_read(
     for digest in digests:
         if digest not in found and digest not in absent:
             raise RemoteError(
-                grpc.StatusCode.INTERNAL,
+                code_pb2.INTERNAL,
                 f"reading blob {digest}: the server's BatchReadBlobs response does not mention it",
             )
     return found

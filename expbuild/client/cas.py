@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
+from google.rpc import code_pb2
 
 from expbuild.aio import gather_or_cancel
 from expbuild.client import batches, resume, streams
@@ -34,11 +36,11 @@ from expbuild.client.batches import (
 )
 from expbuild.client.capabilities import fetch_capabilities
 from expbuild.client.channel import MAX_MESSAGE_BYTES, channel_target
-from expbuild.client.errors import RemoteError, from_rpc_error
+from expbuild.client.errors import from_rpc_error
 from expbuild.client.files import CHUNK_BYTES, publish, temp_path_for, write_new_file
 from expbuild.client.integrity import INLINE_CHECK_BYTES
 from expbuild.digest import Digest
-from expbuild.errors import NotFound
+from expbuild.errors import NotFound, RemoteError
 from expbuild.proto import bytestream_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -351,14 +353,15 @@ class CasClient:
         async with self._rpc_slots:
             with self._translated_errors():
                 response = await self._cas.BatchReadBlobs(request)
-        unpack = (response, digests)
-        options = {"missing_ok": missing_ok, "compressed": compressed}
+        unpack = functools.partial(
+            batches.unpack_read, response, digests, missing_ok=missing_ok, compressed=compressed
+        )
         if response.ByteSize() < INLINE_CHECK_BYTES:
-            return batches.unpack_read(*unpack, **options)
+            return unpack()
         # One thread hop decodes and hashes the whole batch.
-        return await asyncio.to_thread(batches.unpack_read, *unpack, **options)
+        return await asyncio.to_thread(unpack)
 
-    async def _verified_stream(self, digest: Digest) -> AsyncIterator[bytes]:
+    async def _verified_stream(self, digest: Digest) -> AsyncGenerator[bytes, None]:
         """The blob's verified chunks via ByteStream Read (see `streams.read`)."""
         compressed = self._compresses(digest)
         resource = resource_names.read_name(
@@ -407,7 +410,7 @@ class CasClient:
 
     async def tree_pages(
         self, root_digest: Digest, *, page_size: int = DEFAULT_TREE_PAGE_SIZE
-    ) -> AsyncIterator[list[re_pb2.Directory]]:
+    ) -> AsyncGenerator[list[re_pb2.Directory], None]:
         """The Directory messages of the tree rooted at `root_digest`, one GetTree page
         (at most `page_size` directories; 0 lets the server choose) at a time.
 
@@ -442,7 +445,7 @@ class CasClient:
                         return
                     if token == request.page_token:
                         raise RemoteError(
-                            grpc.StatusCode.INTERNAL,
+                            code_pb2.INTERNAL,
                             f"reading the tree of {root_digest}: GetTree returned nothing "
                             "past its page token",
                         )

@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 from google.longrunning import operations_pb2
+from google.rpc import code_pb2
 
 from expbuild.client.channel import channel_target
-from expbuild.client.errors import RemoteError, from_rpc_error, from_status
+from expbuild.client.errors import from_rpc_error
 from expbuild.digest import Digest
-from expbuild.errors import ExpBuildError
+from expbuild.errors import ExpBuildError, RemoteError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.reapi.status import from_status
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def execute_response(operation: operations_pb2.Operation) -> re_pb2.ExecuteRespo
     response = re_pb2.ExecuteResponse()
     if not operation.HasField("response") or not operation.response.Unpack(response):
         raise RemoteError(
-            grpc.StatusCode.INTERNAL,
+            code_pb2.INTERNAL,
             f"operation {operation.name} finished without an ExecuteResponse",
         )
     return response
@@ -104,7 +106,7 @@ class ExecutionClient:
 
     async def _follow(
         self, first_call: Callable[[], grpc.aio.UnaryStreamCall], name: str
-    ) -> AsyncIterator[operations_pb2.Operation]:
+    ) -> AsyncGenerator[operations_pb2.Operation, None]:
         start = first_call
         quiet_attempts = 0
         while True:
@@ -128,7 +130,7 @@ class ExecutionClient:
             # The stream ended (or broke) before the operation finished: reattach to it.
             if not name:
                 raise RemoteError(
-                    grpc.StatusCode.INTERNAL,
+                    code_pb2.INTERNAL,
                     "the server ended the Execute stream without naming an operation",
                 )
             if not heard:
@@ -137,7 +139,7 @@ class ExecutionClient:
                     if failure is not None:
                         raise from_rpc_error(failure, self._target) from None
                     raise RemoteError(
-                        grpc.StatusCode.UNAVAILABLE,
+                        code_pb2.UNAVAILABLE,
                         f"operation {name}: the server keeps ending WaitExecution streams "
                         "without reporting progress",
                     )
@@ -209,4 +211,4 @@ class ExecutionClient:
                         on_stage(metadata.stage)
                 if operation.done:
                     return execute_response(operation)
-        raise RemoteError(grpc.StatusCode.INTERNAL, "the operation stream ended before it was done")
+        raise RemoteError(code_pb2.INTERNAL, "the operation stream ended before it was done")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from expbuild.digest import Digest
@@ -32,7 +32,7 @@ def read_local(digest: Digest, source: bytes | Path) -> bytes:
 
 async def local_chunks(
     source: bytes | Path, size: int, problem: list[str], offset: int = 0
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The blob's bytes from `offset` to `size`, in chunks of `CHUNK_BYTES`. A source that
     does not have `size` bytes ends early and says why in `problem`."""
     if isinstance(source, bytes):

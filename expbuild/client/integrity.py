@@ -7,11 +7,10 @@ heartbeat and running actions share hand large amounts of it to a thread in one 
 
 from __future__ import annotations
 
-import grpc
+from google.rpc import code_pb2
 
-from expbuild.client.errors import RemoteError
 from expbuild.digest import Digest, new_hasher
-from expbuild.errors import InvalidArgument
+from expbuild.errors import InvalidArgument, RemoteError
 from expbuild.reapi.compression import ZstdDecoder, decompress
 
 INLINE_CHECK_BYTES = 64 * 1024
@@ -21,14 +20,14 @@ hop would."""
 
 def corrupt(digest: Digest, size: int, actual_hash: str) -> RemoteError:
     return RemoteError(
-        grpc.StatusCode.DATA_LOSS,
+        code_pb2.DATA_LOSS,
         f"blob {digest} sent by the server is corrupt: got {size} bytes hashing to {actual_hash}",
     )
 
 
 def bad_compressed_data(error: InvalidArgument) -> RemoteError:
     """What a client makes of compressed data from the server that does not decode."""
-    return RemoteError(grpc.StatusCode.DATA_LOSS, f"the server sent bad data: {error}")
+    return RemoteError(code_pb2.DATA_LOSS, f"the server sent bad data: {error}")
 
 
 def verify(digest: Digest, data: bytes) -> None:
@@ -83,7 +82,7 @@ class BlobCheck:
             self.received += len(piece)
             if self.received > self.digest.size_bytes:
                 raise RemoteError(
-                    grpc.StatusCode.DATA_LOSS,
+                    code_pb2.DATA_LOSS,
                     f"reading blob {self.digest}: the server sent more than "
                     f"{self.digest.size_bytes} bytes",
                 )

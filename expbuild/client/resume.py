@@ -11,10 +11,12 @@ import asyncio
 from pathlib import Path
 
 import grpc
+from google.rpc import code_pb2
 
 from expbuild.client import streams
-from expbuild.client.errors import RemoteError, from_rpc_error
+from expbuild.client.errors import from_rpc_error
 from expbuild.digest import Digest
+from expbuild.errors import RemoteError
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
 
 WRITE_RESUME_ATTEMPTS = 3
@@ -31,7 +33,7 @@ RESUMABLE_WRITE_CODES = frozenset(
 
 async def upload(
     stub: bytestream_pb2_grpc.ByteStreamStub,
-    target: str,
+    target: str | None,
     resource: str,
     digest: Digest,
     compressed: bool,
@@ -57,7 +59,7 @@ async def upload(
                 offset = status.committed_size
                 if not 0 <= offset <= digest.size_bytes:
                     raise RemoteError(
-                        grpc.StatusCode.INTERNAL,
+                        code_pb2.INTERNAL,
                         f"uploading {what}: QueryWriteStatus reports {offset} bytes "
                         f"committed of {digest.size_bytes}",
                     )

@@ -15,18 +15,19 @@ from datetime import timedelta
 from pathlib import Path
 
 from expbuild.aio import gather_or_cancel
-from expbuild.client.actions import PlatformSpec, build_action, build_command, check_output_path
+from expbuild.client.actions import build_action, build_command, check_output_path
 from expbuild.client.cas import CasClient
-from expbuild.client.channel import open_channel
+from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.execution import ExecutionClient, response_error
 from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from_paths
 from expbuild.digest import Digest, digest_of
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.platforms import PlatformInput
 
 Progress = Callable[[str], None]
 
-_STAGE_LINES = {
+_STAGE_LINES: dict[int, str] = {
     re_pb2.ExecutionStage.CACHE_CHECK: "Checking the action cache",
     re_pb2.ExecutionStage.QUEUED: "Queued",
     re_pb2.ExecutionStage.COMPLETED: "Completed",
@@ -248,10 +249,11 @@ async def _connect_and_execute(
     before: Callable[[CasClient], Awaitable[None]] | None,
     *,
     instance_name: str,
+    security: ChannelSecurity | None,
     **options,
 ) -> RunResult:
     """Connect, run `before` (the uploads) if given, then execute and finish."""
-    async with open_channel(target) as channel:
+    async with open_channel(target, security) as channel:
         cas = await CasClient.connect(channel, instance_name)
         if before is not None:
             await before(cas)
@@ -287,10 +289,11 @@ async def run_command(
     target: str,
     argv: list[str],
     *,
+    security: ChannelSecurity | None = None,
     instance_name: str = "",
     inputs: Sequence[Path] = (),
     outputs: Sequence[str] = (),
-    platform: PlatformSpec | None = None,
+    platform: PlatformInput | None = None,
     env: Mapping[str, str] | None = None,
     timeout: timedelta | None = None,
     skip_cache_lookup: bool = False,
@@ -349,6 +352,7 @@ async def run_command(
         action_digest,
         upload_inputs,
         instance_name=instance_name,
+        security=security,
         skip_cache_lookup=skip_cache_lookup,
         priority=priority,
         download_to=download_to,
@@ -360,6 +364,7 @@ async def execute_action(
     target: str,
     action_digest: Digest,
     *,
+    security: ChannelSecurity | None = None,
     instance_name: str = "",
     skip_cache_lookup: bool = False,
     priority: int = 0,
@@ -377,6 +382,7 @@ async def execute_action(
         action_digest,
         None,
         instance_name=instance_name,
+        security=security,
         skip_cache_lookup=skip_cache_lookup,
         priority=priority,
         download_to=download_to,

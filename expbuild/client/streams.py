@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import grpc
+from google.rpc import code_pb2
 
-from expbuild.client.errors import RemoteError, from_rpc_error
+from expbuild.client.errors import from_rpc_error
 from expbuild.client.files import CHUNK_BYTES, local_chunks
 from expbuild.client.integrity import INLINE_CHECK_BYTES, BlobCheck
 from expbuild.digest import Digest
-from expbuild.errors import InvalidArgument
+from expbuild.errors import InvalidArgument, RemoteError
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
 from expbuild.reapi.compression import StreamCompressor
 
@@ -34,11 +35,11 @@ def backoff(failures: int) -> float:
 
 async def read(
     stub: bytestream_pb2_grpc.ByteStreamStub,
-    target: str,
+    target: str | None,
     resource: str,
     digest: Digest,
     compressed: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The blob's uncompressed bytes read from `resource` (a `compressed-blobs/zstd/...`
     name if `compressed`), resuming after a dropped connection. After the last piece,
     raises DATA_LOSS unless everything hashed to `digest`, so a consumer never completes
@@ -76,7 +77,7 @@ async def read(
 
 async def _compressed_chunks(
     source: bytes | Path, digest: Digest, offset: int, problem: list[str]
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The blob from `offset` to its end as one new zstd frame, in pieces of at most
     `CHUNK_BYTES`."""
     stream = StreamCompressor(digest.size_bytes - offset, CHUNK_BYTES)
@@ -149,7 +150,7 @@ async def write(
     expected = {digest.size_bytes, -1} | ({offset + sent} if compressed else set())
     if response.committed_size not in expected:
         raise RemoteError(
-            grpc.StatusCode.DATA_LOSS,
+            code_pb2.DATA_LOSS,
             f"uploading {what}: the server committed {response.committed_size} "
             f"of {digest.size_bytes} bytes",
         )

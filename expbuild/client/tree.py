@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import code_pb2
 
 from expbuild.aio import gather_or_cancel
 from expbuild.client.cas import CasClient
-from expbuild.client.errors import RemoteError
-from expbuild.digest import Digest, digest_of, digest_of_file
-from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from expbuild.digest import Digest, digest_of
+from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, RemoteError
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.merkle import DirectoryContents, TreeBuilder, serialize
+from expbuild.reapi.status import missing_blob
 
 # How many small files materialize fetches in one read_many call, by total size: bounds
 # the memory held while still amortizing round trips.
@@ -47,71 +48,22 @@ class MerkleTree:
     blobs: dict[Digest, bytes | Path]
 
 
-def serialize(message: re_pb2.Directory | re_pb2.Tree) -> bytes:
-    """The canonical bytes of a message, the ones its digest is computed over."""
-    return message.SerializeToString(deterministic=True)
-
-
 # -- building ---------------------------------------------------------------------------
 
 
-@dataclass
-class _DirectoryUnderConstruction:
-    files: dict[str, re_pb2.FileNode] = field(default_factory=dict)
-    directories: dict[str, _DirectoryUnderConstruction] = field(default_factory=dict)
-    symlinks: dict[str, re_pb2.SymlinkNode] = field(default_factory=dict)
+class _InputRules:
+    """Inputs: what cannot be sent is refused here, where the user can fix it."""
 
-    def has(self, name: str) -> bool:
-        return name in self.files or name in self.directories or name in self.symlinks
+    def name(self, name: str, path: str) -> str:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(
+                f"{path}: the name is not valid UTF-8, which REAPI paths must be"
+            ) from None
+        return name
 
-
-def _utf8_name(name: str, path: Path) -> str:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidArgument(
-            f"{path}: the name is not valid UTF-8, which REAPI paths must be"
-        ) from None
-    return name
-
-
-class _TreeBuilder:
-    def __init__(self) -> None:
-        self.blobs: dict[Digest, bytes | Path] = {}
-
-    def file_node(self, name: str, path: Path, st: os.stat_result) -> re_pb2.FileNode:
-        digest = digest_of_file(path)
-        self.blobs.setdefault(digest, path)
-        return re_pb2.FileNode(
-            name=name,
-            digest=digest.to_proto(),
-            is_executable=bool(st.st_mode & stat.S_IXUSR),
-        )
-
-    def scan(self, path: Path, into: _DirectoryUnderConstruction) -> None:
-        """Add the contents of local directory `path` to `into`, recursively."""
-        with os.scandir(path) as entries:
-            for entry in entries:
-                name = _utf8_name(entry.name, Path(entry.path))
-                child = Path(entry.path)
-                if into.has(name):
-                    raise InvalidArgument(f"input {child} collides with another input of that name")
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISLNK(st.st_mode):
-                    into.symlinks[name] = self.symlink_node(name, child)
-                elif stat.S_ISDIR(st.st_mode):
-                    sub = into.directories[name] = _DirectoryUnderConstruction()
-                    self.scan(child, sub)
-                elif stat.S_ISREG(st.st_mode):
-                    into.files[name] = self.file_node(name, child, st)
-                else:
-                    raise InvalidArgument(
-                        f"input {child} is not a regular file, directory or symlink "
-                        "(sockets, pipes and devices cannot be sent)"
-                    )
-
-    @staticmethod
-    def symlink_node(name: str, path: Path) -> re_pb2.SymlinkNode:
+    def symlink_target(self, path: str) -> str:
         target = os.readlink(path)
         if os.path.isabs(target):
             # Such a link would point into the worker's filesystem, not the input tree;
@@ -120,24 +72,24 @@ class _TreeBuilder:
                 f"input symlink {path} points to the absolute path {target}; only relative "
                 "symlinks can be sent (pass the target itself as an input instead)"
             )
-        return re_pb2.SymlinkNode(name=name, target=target)
+        return target
 
-    def finish(self, directory: _DirectoryUnderConstruction) -> Digest:
-        """Serialize `directory` and its descendants, record them in blobs, return its digest."""
-        message = re_pb2.Directory(
-            files=[directory.files[n] for n in sorted(directory.files)],
-            directories=[
-                re_pb2.DirectoryNode(
-                    name=n, digest=self.finish(directory.directories[n]).to_proto()
-                )
-                for n in sorted(directory.directories)
-            ],
-            symlinks=[directory.symlinks[n] for n in sorted(directory.symlinks)],
+    def unsupported(self, path: str, mode: int) -> Exception:
+        return InvalidArgument(
+            f"input {path} is not a regular file, directory or symlink "
+            "(sockets, pipes and devices cannot be sent)"
         )
-        data = serialize(message)
-        digest = digest_of(data)
-        self.blobs.setdefault(digest, data)
-        return digest
+
+    def collision(self, path: str) -> Exception:
+        return InvalidArgument(f"input {path} collides with another input of that name")
+
+
+def _merkle_tree(builder: TreeBuilder, root: DirectoryContents) -> MerkleTree:
+    root_digest, _ = builder.close(root)
+    blobs: dict[Digest, bytes | Path] = dict(builder.files)
+    for digest, directory in builder.directories.items():
+        blobs.setdefault(digest, serialize(directory))
+    return MerkleTree(root_digest=root_digest, blobs=blobs)
 
 
 def _components(key: str) -> list[str]:
@@ -162,8 +114,8 @@ def merkle_tree_from_paths(entries: Mapping[str, Path]) -> MerkleTree:
     bad key, two inputs claiming the same name, an absolute symlink, or a special file.
     Reads every file to hash it: call it via `asyncio.to_thread` from async code.
     """
-    builder = _TreeBuilder()
-    root = _DirectoryUnderConstruction()
+    builder = TreeBuilder(_InputRules())
+    root = DirectoryContents()
     for key in sorted(entries):
         path = Path(entries[key])
         parts = _components(key)
@@ -174,7 +126,7 @@ def merkle_tree_from_paths(entries: Mapping[str, Path]) -> MerkleTree:
                     f"input {key!r} needs {'/'.join(parts[: i + 1])!r} to be a directory, "
                     "but another input is a file there"
                 )
-            parent = parent.directories.setdefault(part, _DirectoryUnderConstruction())
+            parent = parent.directories.setdefault(part, DirectoryContents())
         name = parts[-1]
         if parent.has(name):
             raise InvalidArgument(f"two inputs are named {key!r}; give them different names")
@@ -183,14 +135,13 @@ def merkle_tree_from_paths(entries: Mapping[str, Path]) -> MerkleTree:
         except FileNotFoundError:
             raise NotFound(f"input {path} does not exist") from None
         if stat.S_ISDIR(st.st_mode):
-            sub = parent.directories[name] = _DirectoryUnderConstruction()
+            sub = parent.directories[name] = DirectoryContents()
             builder.scan(path, sub)
         elif stat.S_ISREG(st.st_mode):
-            parent.files[name] = builder.file_node(name, path, st)
+            parent.files[name] = builder.file_node(name, path, st.st_mode)
         else:
             raise InvalidArgument(f"input {path} is not a regular file or directory")
-    root_digest = builder.finish(root)
-    return MerkleTree(root_digest=root_digest, blobs=builder.blobs)
+    return _merkle_tree(builder, root)
 
 
 def merkle_tree_from_directory(path: Path) -> MerkleTree:
@@ -200,11 +151,10 @@ def merkle_tree_from_directory(path: Path) -> MerkleTree:
         raise NotFound(f"directory {path} does not exist")
     if not path.is_dir():
         raise InvalidArgument(f"{path} is not a directory")
-    builder = _TreeBuilder()
-    root = _DirectoryUnderConstruction()
+    builder = TreeBuilder(_InputRules())
+    root = DirectoryContents()
     builder.scan(path, root)
-    root_digest = builder.finish(root)
-    return MerkleTree(root_digest=root_digest, blobs=builder.blobs)
+    return _merkle_tree(builder, root)
 
 
 # -- checking ---------------------------------------------------------------------------
@@ -248,7 +198,8 @@ def validate_directory(directory: re_pb2.Directory, where: str) -> None:
                 )
             seen[name] = kind
             previous = name
-    for node in (*directory.files, *directory.directories):
+    nodes: list[re_pb2.FileNode | re_pb2.DirectoryNode] = [*directory.files, *directory.directories]
+    for node in nodes:
         try:
             Digest.from_proto(node.digest)
         except InvalidArgument as e:
@@ -300,11 +251,7 @@ def _missing_blobs(missing: list[tuple[str, str, Digest]]) -> FailedPrecondition
         return "the root directory" if kind == "directory" and not path else f"{kind} {path!r}"
 
     violations = [
-        Violation(
-            "MISSING",
-            f"blobs/{digest.hash}/{digest.size_bytes}",
-            f"{what(kind, path)} ({digest}) is not in the CAS",
-        )
+        missing_blob(digest, f"{what(kind, path)} ({digest}) is not in the CAS")
         for kind, path, digest in missing
     ]
     named = ", ".join(f"{what(kind, path)} ({digest})" for kind, path, digest in missing[:3])
@@ -559,7 +506,7 @@ async def _tree_loader(cas: CasClient, root_digest: Digest) -> DirectoryLoader:
     except NotFound:
         directories = []  # the root itself is missing: the walk reports it
     except RemoteError as e:
-        if e.code != grpc.StatusCode.UNIMPLEMENTED:
+        if e.code != code_pb2.UNIMPLEMENTED:
             raise
         directories = []  # a server without GetTree: every level is read directly
     known = {digest_of(serialize(d)): d for d in directories}

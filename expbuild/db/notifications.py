@@ -7,12 +7,15 @@ One dedicated connection per replica listens on two channels and wakes local wai
   passes the wake on (`pass_work_on`) when it found nothing it could run (another
   platform's task), at most once around the pollers that were waiting when the
   notification came. Every queued task sends its own notification.
-- `expbuild_task_done` (payload: task id): clients streaming that task's operations.
+- `expbuild_task_done` (payload: task id): the task's stage changed (leased, finished);
+  it wakes the clients streaming that task's operations.
 
-NOTIFY is an optimisation, never the only path: every wait also ends after
-`fallback_interval`, and callers re-check the database, so a dropped listener
-connection or a lost notification only costs latency. While disconnected, the listener
-reconnects in the background.
+While the listener is connected, waiters sleep until a notification (or their own
+deadline) and the database is not polled at all: a notification sent after a waiter
+registered always reaches it. Only while the listener is disconnected do waits end after
+`fallback_interval` so that callers re-check the database; losing the connection and
+getting it back each wake every waiter once. A connection that dies silently (no FIN from
+a vanished host) is caught by a cheap `SELECT 1` every `check_interval`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import collections
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 
 import asyncpg
@@ -35,9 +39,15 @@ DONE_CHANNEL = "expbuild_task_done"
 
 
 class Notifications:
-    def __init__(self, database_url: str, fallback_interval: timedelta = timedelta(seconds=2)):
+    def __init__(
+        self,
+        database_url: str,
+        fallback_interval: timedelta = timedelta(seconds=2),
+        check_interval: timedelta = timedelta(seconds=10),
+    ):
         self._url = database_url
         self.fallback_interval = fallback_interval.total_seconds()
+        self.check_interval = check_interval.total_seconds()
         # Idle pollers, longest waiting first; a wake-up with nobody waiting is kept for
         # the next poller (it may have missed the notification between its lease and wait).
         self._pollers: collections.deque[asyncio.Future] = collections.deque()
@@ -60,29 +70,56 @@ class Notifications:
                 await self._supervisor
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
+        self._connected.clear()
+        self._wake_all()  # waiters still sleeping fall back to polling
+
+    @property
+    def connected(self) -> bool:
+        """Whether notifications are arriving now (else waits poll the database)."""
+        return self._connected.is_set()
 
     async def _keep_listening(self) -> None:
         delay = 0.5
+        connected_before = False
         while True:
             try:
                 self._conn = await connect(self._url)
+                closed = asyncio.Event()
+                self._conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await self._conn.add_listener(QUEUED_CHANNEL, self._on_queued)
                 await self._conn.add_listener(DONE_CHANNEL, self._on_done)
                 self._connected.set()
                 delay = 0.5
-                closed = asyncio.Event()
-                self._conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
-                await closed.wait()
+                if connected_before:
+                    # Whatever happened while we were deaf: everyone re-checks once.
+                    self._wake_all()
+                connected_before = True
+                await self._watch(self._conn, closed)
                 log.warning("LISTEN connection closed; reconnecting")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep trying; waits fall back to polling
                 log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
+            if self._conn is not None and not self._conn.is_closed():
+                self._conn.terminate()
+            was_connected = self.connected
             self._connected.clear()
-            # Anything may have happened while we were deaf: wake everyone to re-check.
-            self._wake_all()
+            if was_connected:
+                # Waiters sleeping without a deadline must start polling now.
+                self._wake_all()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    async def _watch(self, conn: asyncpg.Connection, closed: asyncio.Event) -> None:
+        """Return when the connection closes or stops answering."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closed.wait(), timeout=self.check_interval)
+                return
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=self.check_interval)
+
+    def _wait_seconds(self, timeout: float) -> float:
+        return timeout if self.connected else min(timeout, self.fallback_interval)
 
     @property
     def idle_pollers(self) -> int:
@@ -95,9 +132,14 @@ class Notifications:
             self._pending_wake = True
 
     def pass_work_on(self, hops: int) -> None:
-        """Wake the next waiting poller if the wake that woke the caller has hops left."""
+        """Wake the next waiting poller if the wake that woke the caller has hops left.
+
+        With none left, the next poller to start waiting re-checks once: it may have been
+        leasing (and missed the task) while the wake went round the others."""
         if hops > 0:
             self._wake_next(hops - 1)
+        else:
+            self._pending_wake = True
 
     def _wake_next(self, hops: int) -> bool:
         while self._pollers:
@@ -126,20 +168,20 @@ class Notifications:
                 event.set()
 
     async def wait_for_work(self, timeout: float) -> int | None:
-        """Wait until this poller is woken for new work, or min(timeout, fallback interval).
+        """Wait until this poller is woken for new work or `timeout` passes (while the
+        listener is disconnected, the fallback interval at most).
 
-        Returns None after a plain timeout, else how many further pollers the wake may
-        still be passed to (`pass_work_on`).
+        Returns None after a plain timeout or a pending re-check, else how many further
+        pollers the wake may still be passed to (`pass_work_on`).
         """
         if self._pending_wake:
+            # A re-check, not a wake to pass on: it must not go round forever.
             self._pending_wake = False
-            return 0
+            return None
         waiter = asyncio.get_running_loop().create_future()
         self._pollers.append(waiter)
         try:
-            await asyncio.wait_for(
-                asyncio.shield(waiter), timeout=min(timeout, self.fallback_interval)
-            )
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=self._wait_seconds(timeout))
         except TimeoutError:
             pass
         finally:
@@ -151,16 +193,26 @@ class Notifications:
         waiter.cancel()
         return None
 
-    async def wait_for_task_done(self, task_id: int, timeout: float) -> None:
-        """Return when the task may have finished, or after min(timeout, fallback interval)."""
+    @contextlib.contextmanager
+    def watching_task(self, task_id: int) -> Iterator[asyncio.Event]:
+        """An event set whenever the task's stage may have changed.
+
+        Enter it before reading the task: a change committed after the read is then never
+        missed, so `wait_for_change` may sleep without polling."""
         event = asyncio.Event()
         self._done_waiters[task_id].add(event)
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=min(timeout, self.fallback_interval))
+            yield event
         finally:
             waiters = self._done_waiters.get(task_id)
             if waiters is not None:
                 waiters.discard(event)
                 if not waiters:
                     del self._done_waiters[task_id]
+
+    async def wait_for_change(self, event: asyncio.Event, timeout: float) -> None:
+        """Wait for `event` (from `watching_task`) or `timeout` (while the listener is
+        disconnected, the fallback interval at most), then clear it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=self._wait_seconds(timeout))
+        event.clear()

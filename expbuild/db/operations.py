@@ -32,6 +32,7 @@ class OperationRecord:
     cancelled_at: datetime | None = None
     created_at: datetime | None = None
     worker_name: str | None = None
+    principal: str = ""  # who created it ('' with auth off)
 
     @property
     def done(self) -> bool:
@@ -43,10 +44,20 @@ class OperationRecord:
 
 
 async def insert_cached_operation(
-    db: Database, name: str, instance_name: str, action_digest: Digest, response: bytes
+    db: Database,
+    name: str,
+    instance_name: str,
+    action_digest: Digest,
+    response: bytes,
+    principal: str = "",
 ) -> None:
     await db.execute(
-        sql("insert_cached_operation"), name, instance_name, str(action_digest), response
+        sql("insert_cached_operation"),
+        name,
+        instance_name,
+        str(action_digest),
+        response,
+        principal,
     )
 
 
@@ -68,26 +79,31 @@ def _record(r) -> OperationRecord:
         cancelled_at=r["cancelled_at"],
         created_at=r["created_at"],
         worker_name=r["worker_name"],
+        principal=r["principal"],
     )
 
 
-async def get_operation(db: Database, name: str) -> OperationRecord:
-    r = await db.fetchrow(sql("get_operation"), name)
+# `owner`: act only on an operation this principal created (None: anyone's). Another
+# principal's operation is "not found", so that its existence does not leak.
+
+
+async def get_operation(db: Database, name: str, owner: str | None = None) -> OperationRecord:
+    r = await db.fetchrow(sql("get_operation"), name, owner)
     if r is None:
         raise NotFound(f"operation {quoted(name)} does not exist")
     return _record(r)
 
 
-async def cancel_operation(db: Database, name: str) -> bool:
+async def cancel_operation(db: Database, name: str, owner: str | None = None) -> bool:
     """Cancel the operation; returns True when its task was cancelled with it."""
-    row = await db.fetchrow(sql("cancel_operation"), name)
+    row = await db.fetchrow(sql("cancel_operation"), name, owner)
     if row is None:
         raise NotFound(f"operation {quoted(name)} does not exist")
     return row["task_cancelled"]
 
 
-async def delete_operation(db: Database, name: str) -> None:
-    if await db.fetchval(sql("delete_operation"), name) is None:
+async def delete_operation(db: Database, name: str, owner: str | None = None) -> None:
+    if await db.fetchval(sql("delete_operation"), name, owner) is None:
         raise NotFound(f"operation {quoted(name)} does not exist")
 
 
@@ -97,8 +113,9 @@ async def list_operations(
     stage: str | None,
     limit: int,
     after: tuple[datetime, str] | None = None,
+    owner: str | None = None,
 ) -> list[OperationRecord]:
     """Newest first; `stage` is 'queued', 'executing', 'completed' or None for all."""
     created, name = after if after else (None, None)
-    rows = await db.fetch(sql("list_operations"), stage, created, name, limit)
+    rows = await db.fetch(sql("list_operations"), stage, created, name, limit, owner)
     return [_record(r) for r in rows]

@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
+
 from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.digest import Digest
 from expbuild.errors import Aborted, InvalidArgument, NotFound
+from expbuild.reapi.platforms import PlatformSpec, normalize_platform
 from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
-
-# {"OSFamily": ["Linux"], "Arch": ["x86_64"]}: property name -> every value required/offered.
-PlatformSpec = dict[str, list[str]]
 
 _ENQUEUE_RETRIES = 5
 
@@ -58,6 +58,18 @@ class LeasedTask:
 
 
 @dataclass(frozen=True)
+class CompletedTask:
+    """When a task that just finished was queued, leased (last) and completed."""
+
+    task_id: int
+    instance_name: str
+    platform: PlatformSpec
+    queued_at: datetime
+    leased_at: datetime
+    completed_at: datetime
+
+
+@dataclass(frozen=True)
 class ReapedTask:
     task_id: int
     state: str  # 'queued' again, or 'failed' after max_attempts
@@ -84,17 +96,11 @@ class TaskRecord:
     error: str | None
 
 
-def normalize_platform(properties: dict[str, Any]) -> PlatformSpec:
-    """Canonical jsonb shape: names kept, values as sorted unique lists of strings."""
-    spec: PlatformSpec = {}
-    for name, values in properties.items():
-        items = values if isinstance(values, (list, tuple, set)) else [values]
-        spec[str(name)] = sorted({str(v) for v in items})
-    return spec
-
-
-async def enqueue(db: Database, task: NewTask, operation_name: str) -> Enqueued:
-    """Queue `task` (or join its identical in-flight twin) and record `operation_name`."""
+async def enqueue(
+    db: Database, task: NewTask, operation_name: str, principal: str = ""
+) -> Enqueued:
+    """Queue `task` (or join its identical in-flight twin) and record `operation_name`,
+    owned by `principal`."""
     timeout = task.timeout if task.timeout else None
     for _ in range(_ENQUEUE_RETRIES):
         row = await db.fetchrow(
@@ -107,11 +113,17 @@ async def enqueue(db: Database, task: NewTask, operation_name: str) -> Enqueued:
             timeout,
             task.max_attempts,
             operation_name,
+            principal,
         )
         if row is not None:
             return Enqueued(task_id=row["task_id"], is_new=row["is_new"])
         # The in-flight twin finished between our insert attempt and the lookup: try again.
     raise RuntimeError(f"could not enqueue {task.action_digest} after {_ENQUEUE_RETRIES} tries")
+
+
+async def count_queued(db: Database, instance_name: str, up_to: int) -> int:
+    """Queued tasks of the instance, counted no further than `up_to` (a cheap bound check)."""
+    return await db.fetchval(sql("count_queued_tasks"), instance_name, up_to)
 
 
 async def lease_tasks(
@@ -173,7 +185,7 @@ async def complete_task(
     response: bytes,
     cache_result: bytes | None,
     detail: dict[str, Any] | None = None,
-) -> None:
+) -> CompletedTask:
     """Store the worker's ExecuteResponse; put `cache_result` in the action cache if given.
 
     Raises `Aborted` (and changes nothing) unless `lease_token` is the task's current lease.
@@ -190,6 +202,18 @@ async def complete_task(
     )
     if row is None:
         raise await _refusal(db, task_id, worker_id, "complete")
+    return _completed(row)
+
+
+def _completed(row: asyncpg.Record) -> CompletedTask:
+    return CompletedTask(
+        task_id=row["id"],
+        instance_name=row["instance_name"],
+        platform=row["platform"],
+        queued_at=row["queued_at"],
+        leased_at=row["leased_at"],
+        completed_at=row["completed_at"],
+    )
 
 
 @dataclass(frozen=True)
@@ -206,11 +230,12 @@ class Completion:
 
 async def complete_tasks(
     db: Database, worker_id: str, completions: list[Completion]
-) -> dict[int, Exception | None]:
+) -> dict[int, CompletedTask | Exception]:
     """`complete_task` for several of one worker's leases in one statement and commit.
 
-    Returns, per task id, None when it was applied, else the `Aborted` (or `NotFound`)
-    that `complete_task` would have raised; a refused completion changes nothing.
+    Returns, per task id, what `complete_task` would have: the `CompletedTask` when it was
+    applied, else the `Aborted` (or `NotFound`) it would have raised; a refused completion
+    changes nothing.
     """
     if not completions:
         return {}
@@ -225,11 +250,9 @@ async def complete_tasks(
         [c.cache_result for c in completions],
         [c.detail or {} for c in completions],
     )
-    applied = {r["id"] for r in rows}
+    applied = {r["id"]: _completed(r) for r in rows}
     return {
-        c.task_id: None
-        if c.task_id in applied
-        else await _refusal(db, c.task_id, worker_id, "complete")
+        c.task_id: applied.get(c.task_id) or await _refusal(db, c.task_id, worker_id, "complete")
         for c in completions
     }
 

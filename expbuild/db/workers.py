@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import PlatformSpec, normalize_platform
-from expbuild.errors import InvalidArgument, NotFound
+from expbuild.errors import InvalidArgument, NotFound, PermissionDenied
+from expbuild.reapi.platforms import PlatformSpec, normalize_platform
 from expbuild.text import quoted
 
 
@@ -34,6 +34,8 @@ class HeartbeatOutcome:
     running: list[int] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
+    # Leases the worker holds but did not report: expired now, for the reaper to requeue.
+    unreported: int = 0
 
 
 def new_worker_id() -> str:
@@ -49,7 +51,10 @@ async def register_worker(
     platform: PlatformSpec,
     max_concurrent: int,
     version: str = "",
+    principal: str = "",
 ) -> str:
+    """Insert or revive the worker; PermissionDenied when `worker_id` belongs to
+    another principal."""
     if max_concurrent < 1:
         raise InvalidArgument(f"max_concurrent_tasks must be at least 1, got {max_concurrent}")
     row = await db.fetchrow(
@@ -60,8 +65,19 @@ async def register_worker(
         normalize_platform(platform),
         max_concurrent,
         version,
+        principal,
     )
+    if row is None:
+        raise PermissionDenied(
+            f"worker id {quoted(worker_id)} was registered with another credential; register "
+            "without an id to get one of your own"
+        )
     return row["id"]
+
+
+async def worker_principal(db: Database, worker_id: str) -> str | None:
+    """The principal that registered `worker_id`; None when there is no such worker."""
+    return await db.fetchval(sql("worker_principal"), worker_id)
 
 
 async def heartbeat(
@@ -69,8 +85,10 @@ async def heartbeat(
     worker_id: str,
     running: list[tuple[int, str]],
     lease_duration: timedelta,
+    reconcile_margin: timedelta = timedelta(seconds=5),
 ) -> HeartbeatOutcome:
-    """Extend the leases of `running` (task id, lease token) and report each one's fate."""
+    """Extend the leases of `running` (task id, lease token) and report each one's fate;
+    expire the worker's other leases granted more than `reconcile_margin` ago."""
     ids = [task_id for task_id, _ in running]
     tokens = []
     for task_id, token in running:
@@ -80,10 +98,14 @@ async def heartbeat(
             raise InvalidArgument(
                 f"lease token {quoted(token)} for task {task_id} is not a UUID"
             ) from None
-    rows = await db.fetch(sql("heartbeat"), worker_id, ids, tokens, lease_duration)
+    rows = await db.fetch(
+        sql("heartbeat"), worker_id, ids, tokens, lease_duration, reconcile_margin
+    )
     if not rows:
         return HeartbeatOutcome(known=False)
-    outcome = HeartbeatOutcome(known=True, worker_state=rows[0]["worker_state"])
+    outcome = HeartbeatOutcome(
+        known=True, worker_state=rows[0]["worker_state"], unreported=rows[0]["unreported"]
+    )
     for row in rows:
         if row["task_id"] is None:
             continue
@@ -97,6 +119,22 @@ async def deregister_worker(db: Database, worker_id: str) -> int:
     if not row["found"]:
         raise NotFound(f"worker {worker_id} is not registered")
     return row["requeued"]
+
+
+async def open_session(db: Database, worker_id: str, session_id: uuid.UUID) -> None:
+    """Make `session_id` the worker's current session; NotFound for an unknown worker."""
+    if await db.fetchval(sql("open_worker_session"), worker_id, session_id) is None:
+        raise NotFound(f"worker {worker_id} is not registered; register again")
+
+
+async def close_session(db: Database, worker_id: str, session_id: uuid.UUID) -> bool:
+    """Record that the session broke; False if it was no longer the worker's current one."""
+    return await db.fetchval(sql("close_worker_session"), worker_id, session_id) is not None
+
+
+async def mark_disconnected_workers_offline(db: Database, grace: timedelta) -> list[str]:
+    rows = await db.fetch(sql("mark_disconnected_workers_offline"), grace)
+    return [r["id"] for r in rows]
 
 
 async def mark_silent_workers_offline(db: Database, offline_timeout: timedelta) -> list[str]:

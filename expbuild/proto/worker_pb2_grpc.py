@@ -65,6 +65,11 @@ class WorkerServiceStub:
                 request_serializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerRequest.SerializeToString,
                 response_deserializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/expbuild.worker.v1.WorkerService/OpenSession',
+                request_serializer=expbuild_dot_proto_dot_worker__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=expbuild_dot_proto_dot_worker__pb2.SessionEvent.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -113,6 +118,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Held open by a running worker. When it breaks without a DeregisterWorker, the server
+        requeues the worker's tasks unless it reconnects within the server's grace. The
+        server sends one event once the session is recorded; the stream ends (OK) only when
+        the replica shuts down, and the worker then opens a new one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +160,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.DeregisterWorker,
                     request_deserializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerRequest.FromString,
                     response_serializer=expbuild_dot_proto_dot_worker__pb2.DeregisterWorkerResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=expbuild_dot_proto_dot_worker__pb2.OpenSessionRequest.FromString,
+                    response_serializer=expbuild_dot_proto_dot_worker__pb2.SessionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,9 +340,37 @@ class WorkerService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerService/OpenSession',
+            expbuild_dot_proto_dot_worker__pb2.OpenSessionRequest.SerializeToString,
+            expbuild_dot_proto_dot_worker__pb2.SessionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerAdminServiceStub:
-    """For operators: which workers exist, and taking one out of service gracefully.
+    """For operators: which workers exist, taking one out of service gracefully, and
+    what happened to tasks (`expbuild workers ...`, `expbuild tasks ...`).
     """
 
     def __init__(self, channel):
@@ -341,10 +389,21 @@ class WorkerAdminServiceStub:
                 request_serializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/expbuild.worker.v1.WorkerAdminService/ListTasks',
+                request_serializer=expbuild_dot_proto_dot_worker__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=expbuild_dot_proto_dot_worker__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.GetTaskHistory = channel.unary_unary(
+                '/expbuild.worker.v1.WorkerAdminService/GetTaskHistory',
+                request_serializer=expbuild_dot_proto_dot_worker__pb2.GetTaskHistoryRequest.SerializeToString,
+                response_deserializer=expbuild_dot_proto_dot_worker__pb2.GetTaskHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerAdminServiceServicer:
-    """For operators: which workers exist, and taking one out of service gracefully.
+    """For operators: which workers exist, taking one out of service gracefully, and
+    what happened to tasks (`expbuild workers ...`, `expbuild tasks ...`).
     """
 
     def ListWorkers(self, request, context):
@@ -355,6 +414,20 @@ class WorkerAdminServiceServicer:
 
     def DrainWorker(self, request, context):
         """The worker stops taking tasks, finishes (or hands back) what it runs, and leaves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Tasks newest first, filtered by state, platform and age.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskHistory(self, request, context):
+        """One task and its whole history (queued, leased where, retried why, finished).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -373,6 +446,16 @@ def add_WorkerAdminServiceServicer_to_server(servicer, server):
                     request_deserializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerRequest.FromString,
                     response_serializer=expbuild_dot_proto_dot_worker__pb2.DrainWorkerResponse.SerializeToString,
             ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=expbuild_dot_proto_dot_worker__pb2.ListTasksRequest.FromString,
+                    response_serializer=expbuild_dot_proto_dot_worker__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'GetTaskHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskHistory,
+                    request_deserializer=expbuild_dot_proto_dot_worker__pb2.GetTaskHistoryRequest.FromString,
+                    response_serializer=expbuild_dot_proto_dot_worker__pb2.GetTaskHistoryResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'expbuild.worker.v1.WorkerAdminService', rpc_method_handlers)
@@ -382,7 +465,8 @@ def add_WorkerAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WorkerAdminService:
-    """For operators: which workers exist, and taking one out of service gracefully.
+    """For operators: which workers exist, taking one out of service gracefully, and
+    what happened to tasks (`expbuild workers ...`, `expbuild tasks ...`).
     """
 
     @staticmethod
@@ -429,6 +513,60 @@ class WorkerAdminService:
             '/expbuild.worker.v1.WorkerAdminService/DrainWorker',
             expbuild_dot_proto_dot_worker__pb2.DrainWorkerRequest.SerializeToString,
             expbuild_dot_proto_dot_worker__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerAdminService/ListTasks',
+            expbuild_dot_proto_dot_worker__pb2.ListTasksRequest.SerializeToString,
+            expbuild_dot_proto_dot_worker__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerAdminService/GetTaskHistory',
+            expbuild_dot_proto_dot_worker__pb2.GetTaskHistoryRequest.SerializeToString,
+            expbuild_dot_proto_dot_worker__pb2.GetTaskHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

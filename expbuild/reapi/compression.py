@@ -9,6 +9,7 @@ blocking CPU work: callers on an event loop run it in a thread.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import IO, cast
 
 import zstandard
 
@@ -78,7 +79,9 @@ class ZstdDecoder:
         self.received = offset  # uncompressed bytes of the blob up to the end of the output
         self._sink = _Sink()
         self._writer = zstandard.ZstdDecompressor().stream_writer(
-            self._sink, write_size=PIECE_BYTES, write_return_read=True
+            cast(
+                IO[bytes], self._sink
+            ),  # it only calls write, flush and close write_size=PIECE_BYTES, write_return_read=True
         )
 
     def feed(self, data: bytes, target: Callable[[bytes], object]) -> None:

@@ -12,6 +12,11 @@ answers back; the policy lives here, one module per concept:
 - `workers`: register, heartbeat and deregister workers
 - `task_names`: the `task-<id>` names tasks have outside the database
 
+Calls made for a client or a worker take its `expbuild.auth.principal.Principal` (the
+servicer reads it from the auth context variable): whose operations it may see and which
+worker ids it may act for is decided here (`operations.owner_filter`,
+`workers.acting_worker`), not in the servicers.
+
 It raises `expbuild.errors` classes, never gRPC statuses, and holds no state of its own:
 everything is in PostgreSQL (`expbuild.db`) or the CAS (`expbuild.cas`).
 """

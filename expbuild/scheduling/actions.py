@@ -10,11 +10,12 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 
 from expbuild.cas.store import FileStore
-from expbuild.db.queue import PlatformSpec
 from expbuild.digest import Digest, digest_field
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from expbuild.proto import remote_execution_pb2 as re_pb2
-from expbuild.scheduling.platforms import platform_spec
+from expbuild.reapi.node_properties import check_output_node_properties
+from expbuild.reapi.platforms import PlatformSpec, platform_spec, requested_platform
+from expbuild.reapi.status import blob_subject, missing_blob
 from expbuild.text import quoted
 
 # google.protobuf.Duration's own range: about 10,000 years.
@@ -30,20 +31,11 @@ class LoadedAction:
 
     @property
     def platform(self) -> PlatformSpec:
-        """REAPI 2.2 puts the platform in the Action; older clients in the Command."""
-        action, command = self.action, self.command
-        return platform_spec(
-            action.platform if action.platform.properties else command.platform,
-            "action platform",
-        )
+        return platform_spec(requested_platform(self.action, self.command), "action platform")
 
 
 def missing_violation(digest: Digest, what: str) -> Violation:
-    return Violation(
-        type="MISSING",
-        subject=f"blobs/{digest.hash}/{digest.size_bytes}",
-        description=f"{what} {digest} is not in the CAS",
-    )
+    return missing_blob(digest, f"{what} {digest} is not in the CAS")
 
 
 def _parse(message_type: type[Message], data: bytes, what: str, digest: Digest):
@@ -57,7 +49,7 @@ def _parse(message_type: type[Message], data: bytes, what: str, digest: Digest):
             [
                 Violation(
                     "INVALID",
-                    f"blobs/{digest.hash}/{digest.size_bytes}",
+                    blob_subject(digest),
                     f"{what} is not a {name} message",
                 )
             ],
@@ -142,6 +134,7 @@ def check_command(command: re_pb2.Command) -> None:
             raise InvalidArgument(f"{where}: a name cannot contain '='")
         if "\x00" in variable.name or "\x00" in variable.value:
             raise InvalidArgument(f"{where} contains a NUL character")
+    check_output_node_properties(command.output_node_properties)
     working_directory = _relative_path(
         command.working_directory, "command.working_directory", may_be_empty=True
     )

@@ -15,8 +15,9 @@ from expbuild.cas.action_results import missing_blobs
 from expbuild.cas.store import FileStore
 from expbuild.db import action_cache
 from expbuild.digest import Digest, digest_field
-from expbuild.errors import FailedPrecondition, PermissionDenied, Violation
+from expbuild.errors import FailedPrecondition, PermissionDenied
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import missing_blob
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,6 @@ async def store_client_result(
         raise FailedPrecondition(
             f"the action result names {len(missing)} blob(s) that are not in the CAS; "
             "upload the outputs first",
-            [Violation("MISSING", f"blobs/{d.hash}/{d.size_bytes}") for d in missing],
+            [missing_blob(d) for d in missing],
         )
     await action_cache.put_action_result(pool, instance, digest, result.SerializeToString())

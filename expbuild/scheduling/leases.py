@@ -14,15 +14,18 @@ from datetime import timedelta
 
 import asyncpg
 
+from expbuild.auth.principal import Principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db import queue, workers
 from expbuild.db.notifications import Notifications
 from expbuild.db.queue import LeasedTask
-from expbuild.errors import FailedPrecondition, NotFound, rpc_status
+from expbuild.errors import FailedPrecondition, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.status import to_status
 from expbuild.scheduling.actions import load_action
 from expbuild.scheduling.task_names import task_name
+from expbuild.scheduling.workers import acting_worker
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,20 @@ class LeaseDispatcher:
         self.notifications = notifications
         self.settings = settings
 
-    async def poll(self, worker_id: str, max_tasks: int, timeout: timedelta | None) -> PollOutcome:
-        """Lease up to `max_tasks` (within the worker's limit), waiting up to `timeout`
-        (never longer than `[server] poll_timeout`) for work to come.
+    async def poll(
+        self,
+        principal: Principal,
+        worker_id: str,
+        max_tasks: int,
+        timeout: timedelta | None,
+    ) -> PollOutcome:
+        """Lease up to `max_tasks` (within the worker's limit) to the worker `principal`
+        registered, waiting up to `timeout` (never longer than `[server] poll_timeout`)
+        for work to come.
 
         A task whose Action or Command left the CAS fails and is left out.
         """
+        worker_id = await acting_worker(self.pool, principal, worker_id)
         try:
             worker = await workers.get_worker(self.pool, worker_id)
         except NotFound:
@@ -100,7 +111,7 @@ class LeaseDispatcher:
             loaded = await load_action(self.store, task.action_digest, check_input_root=False)
         except FailedPrecondition as exc:
             error = FailedPrecondition(f"{exc}; upload the action's blobs again", exc.violations)
-            response = re_pb2.ExecuteResponse(status=rpc_status(error), message=str(exc))
+            response = re_pb2.ExecuteResponse(status=to_status(error), message=str(exc))
             await queue.complete_task(
                 self.pool,
                 task.task_id,

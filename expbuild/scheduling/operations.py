@@ -2,12 +2,22 @@
 
 `OperationTracker.follow` is the stream behind Execute and WaitExecution: it reads the
 operation from Postgres, yields it whenever its stage changes, and sleeps on the replica's
-LISTEN wake-ups (or the polling fallback) in between. Nothing about an operation lives in
-one replica's memory, so any replica can stream any operation.
+LISTEN wake-ups in between (polling only while the listener is disconnected). Nothing about
+an operation lives in one replica's memory, so any replica can stream any operation.
+
+A database outage does not end a stream at once: it keeps trying to read the operation,
+with backoff, for `outage_patience` seconds, then ends with UNAVAILABLE so that the
+client re-attaches (WaitExecution) — to this replica or another.
+
+An operation belongs to the principal that submitted it (`expbuild.auth`): only it, or an
+admin, may get, follow, list, cancel or delete it. Another principal's operation is
+"not found", so that its existence does not leak. With auth off every caller is the one
+anonymous admin and sees everything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -18,9 +28,11 @@ from datetime import datetime
 import asyncpg
 from google.rpc import code_pb2, status_pb2
 
+from expbuild.auth.principal import Principal
 from expbuild.db import operations as db_operations
 from expbuild.db.notifications import Notifications
 from expbuild.db.operations import OperationRecord
+from expbuild.db.outages import is_database_outage, outage_error
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.text import check_no_nul, quoted
@@ -39,7 +51,7 @@ _LIST_STAGES = {"queued", "executing", "completed"}
 MAX_LIST_PAGE = 1000
 
 
-def stage_of(record: OperationRecord) -> int:
+def stage_of(record: OperationRecord) -> re_pb2.ExecutionStage.Value:
     if record.cached_result is not None or record.cancelled_at is not None:
         return Stage.COMPLETED
     return _TASK_STAGES.get(record.task_state or "", Stage.UNKNOWN)
@@ -79,49 +91,101 @@ def operation_name(name: str) -> str:
     return check_no_nul(name, "operation name")
 
 
+def owner_filter(principal: Principal) -> str | None:
+    """Whose operations `principal` may see and act on: its own; an admin's, everyone's
+    (None)."""
+    return None if principal.is_admin else principal.name
+
+
 class OperationTracker:
-    def __init__(self, pool: asyncpg.Pool, notifications: Notifications):
+    def __init__(
+        self, pool: asyncpg.Pool, notifications: Notifications, outage_patience: float = 30.0
+    ):
         self.pool = pool
         self.notifications = notifications
+        self.outage_patience = outage_patience
 
-    async def get(self, name: str) -> OperationRecord:
-        return await db_operations.get_operation(self.pool, operation_name(name))
+    async def get(self, principal: Principal, name: str) -> OperationRecord:
+        return await db_operations.get_operation(
+            self.pool, operation_name(name), owner_filter(principal)
+        )
 
     async def follow(
-        self, name: str, *, seen_stage: int | None = None, max_wait: float = 24 * 3600
+        self,
+        principal: Principal,
+        name: str,
+        *,
+        seen_stage: int | None = None,
+        max_wait: float = 24 * 3600,
     ) -> AsyncIterator[OperationRecord]:
         """Yield the operation at every stage change (from `seen_stage` on) until it is done."""
         name = operation_name(name)
+        owner = owner_filter(principal)
         deadline = time.monotonic() + max_wait
         last_stage = seen_stage
-        while True:
-            record = await db_operations.get_operation(self.pool, name)
-            stage = stage_of(record)
-            if stage != last_stage or record.done:
-                yield record
-                last_stage = stage
-            if record.done or record.task_id is None:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            await self.notifications.wait_for_task_done(record.task_id, remaining)
+        record = await self._read(name, owner)
+        if record.task_id is None:
+            yield record
+            return
+        with self.notifications.watching_task(record.task_id) as changed:
+            while True:
+                # Read after watching: a change committed from now on sets `changed`.
+                record = await self._read(name, owner)
+                stage = stage_of(record)
+                if stage != last_stage or record.done:
+                    yield record
+                    last_stage = stage
+                if record.done:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                await self.notifications.wait_for_change(changed, remaining)
 
-    async def cancel(self, name: str) -> None:
+    async def _read(self, name: str, owner) -> OperationRecord:
+        """The operation; through a database outage, retried for `outage_patience` seconds."""
+        give_up = time.monotonic() + self.outage_patience
+        delay = 0.25
+        while True:
+            try:
+                return await db_operations.get_operation(self.pool, name, owner)
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    raise
+                if time.monotonic() + delay > give_up:
+                    raise outage_error(exc) from exc
+                # Pooled connections may all be dead: open fresh ones on the next try.
+                await self.pool.expire_connections()
+                log.info("Operation %s: database unavailable (%s); retrying", name, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def cancel(self, principal: Principal, name: str) -> None:
         """Cancel the operation; its task too when no other operation waits on it."""
-        task_cancelled = await db_operations.cancel_operation(self.pool, operation_name(name))
+        task_cancelled = await db_operations.cancel_operation(
+            self.pool, operation_name(name), owner_filter(principal)
+        )
         log.info("Operation %s cancelled%s", name, " with its task" if task_cancelled else "")
 
-    async def delete(self, name: str) -> None:
-        await db_operations.delete_operation(self.pool, operation_name(name))
+    async def delete(self, principal: Principal, name: str) -> None:
+        await db_operations.delete_operation(
+            self.pool, operation_name(name), owner_filter(principal)
+        )
 
-    async def list(self, filter_text: str, page_size: int, page_token: str) -> OperationPage:
-        """Newest first, `page_size` at most (default 100, never more than MAX_LIST_PAGE)."""
+    async def list(
+        self, principal: Principal, filter_text: str, page_size: int, page_token: str
+    ) -> OperationPage:
+        """Newest first, `page_size` at most (default 100, never more than MAX_LIST_PAGE);
+        only the principal's own operations unless it is an admin."""
         if page_size < 0:
             raise InvalidArgument(f"page_size {page_size} is negative")
         limit = min(page_size or 100, MAX_LIST_PAGE)
         records = await db_operations.list_operations(
-            self.pool, stage=_list_filter(filter_text), limit=limit, after=_after(page_token)
+            self.pool,
+            stage=_list_filter(filter_text),
+            limit=limit,
+            after=_after(page_token),
+            owner=owner_filter(principal),
         )
         next_token = _page_token(records[-1]) if len(records) == limit else ""
         return OperationPage(records, next_token)
@@ -149,7 +213,8 @@ def _list_filter(text: str) -> str | None:
 
 
 def _page_token(record: OperationRecord) -> str:
-    raw = f"{record.created_at.isoformat()}|{record.name}".encode()
+    created = record.created_at.isoformat() if record.created_at else ""  # listed rows have one
+    raw = f"{created}|{record.name}".encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 

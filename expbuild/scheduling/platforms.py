@@ -1,4 +1,5 @@
-"""Platforms: an action's requirements as {name: [values]}, and whether any worker offers them."""
+"""Whether any online worker offers an action's platform, and each replica's short memory
+of the yes answers (`PlatformOffers`); the conversions live in `expbuild.reapi.platforms`."""
 
 from __future__ import annotations
 
@@ -8,25 +9,8 @@ import time
 import asyncpg
 
 from expbuild.db import workers
-from expbuild.db.queue import PlatformSpec, normalize_platform
-from expbuild.errors import FailedPrecondition, InvalidArgument, Violation
-from expbuild.proto import remote_execution_pb2 as re_pb2
-from expbuild.text import check_no_nul, quoted
-
-
-def platform_spec(platform: re_pb2.Platform, where: str = "platform") -> PlatformSpec:
-    """REAPI Platform properties -> {name: [values]}; a name may appear with several values."""
-    spec: PlatformSpec = {}
-    for prop in platform.properties:
-        if not prop.name.strip():
-            raise InvalidArgument(
-                f"{where}: a property has an empty name (value {quoted(prop.value)})"
-            )
-        check_no_nul(prop.name, f"{where}: property name")
-        check_no_nul(prop.value, f"{where}: property {quoted(prop.name)} value")
-        spec.setdefault(prop.name, []).append(prop.value)
-    return spec
-
+from expbuild.errors import FailedPrecondition, Violation
+from expbuild.reapi.platforms import PlatformSpec, normalize_platform
 
 OFFER_TTL = 2.0
 """Seconds one replica reuses "some online worker offers this platform"."""

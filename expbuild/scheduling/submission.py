@@ -3,6 +3,8 @@
 A cached answer is recorded as a finished operation; otherwise the Action and Command are
 read and checked, and the task is queued, or joined when the same cacheable action is in
 flight already. Either way the caller gets an operation name that any replica can follow.
+The operation belongs to the submitting principal (see `expbuild.scheduling.operations`);
+a joined task is shared, but each submitter gets an operation of its own.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass
 import asyncpg
 from google.rpc import code_pb2, status_pb2
 
+from expbuild.auth.principal import Principal
 from expbuild.cas.action_results import inline_outputs
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db import operations as db_operations
 from expbuild.db import queue
 from expbuild.digest import Digest
+from expbuild.errors import ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.scheduling.actions import (
     check_command,
@@ -29,6 +33,7 @@ from expbuild.scheduling.actions import (
 )
 from expbuild.scheduling.cached_results import lookup_cached_result
 from expbuild.scheduling.platforms import PlatformOffers, check_platform_offered
+from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +71,22 @@ async def inline_into(store: FileStore, response: re_pb2.ExecuteResponse, inline
         )
 
 
+async def check_queue_room(pool: asyncpg.Pool, instance: str, limit: int) -> None:
+    """Refuse a new action while `limit` tasks of the instance wait in the queue: a burst
+    beyond what the workers can take is pushed back to the clients (they retry) instead of
+    growing the queue without bound. Concurrent Executes may overshoot by a few."""
+    if await queue.count_queued(pool, instance, limit) >= limit:
+        raise ResourceExhausted(
+            f"instance {quoted(instance)} has {limit} actions queued, the most "
+            "[server] max_queued_tasks allows; retry later"
+        )
+
+
 async def submit_action(
     pool: asyncpg.Pool,
     store: FileStore,
     settings: ServerSettings,
+    principal: Principal,
     *,
     instance: str,
     digest: Digest,
@@ -78,7 +95,8 @@ async def submit_action(
     inline: Inline = Inline(),
     offers: PlatformOffers | None = None,
 ) -> Submitted:
-    """Answer the action from the cache or queue it; the operation exists on return.
+    """Answer the action from the cache or queue it; the operation exists on return,
+    owned by `principal`.
 
     `offers` is the replica's memory of offered platforms (asked afresh without it)."""
     operation_name = str(uuid.uuid4())
@@ -90,7 +108,12 @@ async def submit_action(
             )
             await inline_into(store, response, inline)
             await db_operations.insert_cached_operation(
-                pool, operation_name, instance, digest, response.SerializeToString()
+                pool,
+                operation_name,
+                instance,
+                digest,
+                response.SerializeToString(),
+                principal=principal.name,
             )
             log.info("Action %s answered from the action cache", digest)
             return Submitted(operation_name, digest, "cache_hit", cached=response)
@@ -105,6 +128,8 @@ async def submit_action(
             await offers.check(pool, platform)
         else:
             await check_platform_offered(pool, platform)
+    if settings.max_queued_tasks:
+        await check_queue_room(pool, instance, settings.max_queued_tasks)
     enqueued = await queue.enqueue(
         pool,
         queue.NewTask(
@@ -117,6 +142,7 @@ async def submit_action(
             max_attempts=settings.max_attempts,
         ),
         operation_name,
+        principal=principal.name,
     )
     if enqueued.is_new:
         log.info(

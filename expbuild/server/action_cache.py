@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import grpc
 
 from expbuild.cas.action_results import inline_outputs
 from expbuild.cas.store import FileStore
@@ -13,6 +14,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.scheduling.cached_results import lookup_cached_result, store_client_result
 from expbuild.server.instances import InstanceNames
+from expbuild.server.metrics import ACTION_CACHE_LOOKUPS
 from expbuild.server.status import rpc
 
 
@@ -30,11 +32,14 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         self.settings = settings
 
     @rpc
-    async def GetActionResult(self, request: re_pb2.GetActionResultRequest, context):
+    async def GetActionResult(
+        self, request: re_pb2.GetActionResultRequest, context: grpc.aio.ServicerContext
+    ):
         instance = self.instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         digest = digest_field(request.action_digest, "action_digest")
         result = await lookup_cached_result(self.pool, self.store, instance, digest)
+        ACTION_CACHE_LOOKUPS.labels("GetActionResult", "miss" if result is None else "hit").inc()
         if result is None:
             raise NotFound(f"no action result for {digest}")
         await inline_outputs(
@@ -47,7 +52,9 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         return result
 
     @rpc
-    async def UpdateActionResult(self, request: re_pb2.UpdateActionResultRequest, context):
+    async def UpdateActionResult(
+        self, request: re_pb2.UpdateActionResultRequest, context: grpc.aio.ServicerContext
+    ):
         instance = self.instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         digest = digest_field(request.action_digest, "action_digest")

@@ -11,6 +11,9 @@ its later messages add the compressed bytes sent (see `expbuild.cas.store.Upload
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
 
 from expbuild.cas.store import FileStore
 from expbuild.errors import InvalidArgument, OutOfRange
@@ -30,7 +33,7 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
         self._instances = instances
 
     @rpc
-    async def Read(self, request, context):
+    async def Read(self, request: bytestream_pb2.ReadRequest, context: grpc.aio.ServicerContext):
         resource = parse_read_name(request.resource_name)
         self._instances.check(resource.instance_name)
         if request.read_offset < 0:
@@ -56,7 +59,11 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
         CAS_BLOBS_READ.labels("ByteStream.Read").inc()
 
     @rpc
-    async def Write(self, request_iterator, context):
+    async def Write(
+        self,
+        request_iterator: AsyncIterator[bytestream_pb2.WriteRequest],
+        context: grpc.aio.ServicerContext,
+    ):
         requests = aiter(request_iterator)
         first = await anext(requests, None)
         if first is None:
@@ -86,16 +93,19 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
             )
             if done:
                 return bytestream_pb2.WriteResponse(committed_size=upload.result_size)
-            request = await anext(requests, None)
-            if request is None:
+            following = await anext(requests, None)
+            if following is None:
                 offset = await upload.resume_offset()
                 raise InvalidArgument(
                     f"Write stream for {name!r} ended without finish_write; "
                     f"{offset} bytes are committed, continue with write_offset {offset}"
                 )
+            request = following
 
     @rpc
-    async def QueryWriteStatus(self, request, context):
+    async def QueryWriteStatus(
+        self, request: bytestream_pb2.QueryWriteStatusRequest, context: grpc.aio.ServicerContext
+    ):
         resource = parse_upload_name(request.resource_name)
         self._instances.check(resource.instance_name)
         committed, complete = await self._store.upload_status(

@@ -1,29 +1,33 @@
 """ContentAddressableStorage: FindMissingBlobs, the batch calls and GetTree over a `FileStore`.
 
 A thin adapter: it validates and translates messages; storing, reading, verifying and
-(de)compressing blobs is `expbuild.cas.store`'s job. SplitBlob and SpliceBlob are not
-offered (the capabilities say so) and answer UNIMPLEMENTED.
+(de)compressing blobs is `expbuild.cas.store`'s job; splitting and splicing
+`expbuild.cas.chunking`'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import errno
 import logging
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 from google.protobuf.message import DecodeError
 
+from expbuild.cas.chunking import splice_blob, split_blob
 from expbuild.cas.store import FileStore
-from expbuild.digest import Digest, check_digest_function
+from expbuild.digest import Digest, check_digest_function, digest_field
 from expbuild.errors import InvalidArgument, NotFound, ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.reapi.compression import ZSTD
+from expbuild.reapi.status import ok_status, to_status
 from expbuild.server.instances import InstanceNames
 from expbuild.server.metrics import CAS_BLOBS_READ, CAS_BYTES_READ
-from expbuild.server.status import ok_status, rpc, rpc_status
+from expbuild.server.status import rpc
 from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,10 @@ MAX_TREE_PAGE_BYTES = 2 * 1024 * 1024
 _TREE_READ_BATCH = 1000
 _PAGE_TOKEN_VERSION = "t1"
 
-_COMPRESSOR_NAMES = {re_pb2.Compressor.IDENTITY: None, re_pb2.Compressor.ZSTD: ZSTD}
+_COMPRESSOR_NAMES: dict[int, str | None] = {
+    re_pb2.Compressor.IDENTITY: None,
+    re_pb2.Compressor.ZSTD: ZSTD,
+}
 
 
 def compressor_name(value: int) -> str | None:
@@ -48,13 +55,6 @@ def compressor_name(value: int) -> str | None:
         return f"compressor #{value}"
 
 
-def _field_digest(message: re_pb2.Digest, field: str) -> Digest:
-    try:
-        return Digest.from_proto(message)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{field}: {exc}") from None
-
-
 def _blob_status(error: Exception | None, digest: Digest | None = None):
     """The per-blob google.rpc.Status for a batch entry."""
     if error is None:
@@ -63,7 +63,7 @@ def _blob_status(error: Exception | None, digest: Digest | None = None):
         error = ResourceExhausted(f"no disk space left to store blob {digest}")
     elif isinstance(error, OSError):
         log.error("disk error on blob %s: %s", digest, error)
-    return rpc_status(error)
+    return to_status(error)
 
 
 def _page_token(root: Digest, offset: int) -> str:
@@ -109,30 +109,34 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
             )
 
     @rpc
-    async def FindMissingBlobs(self, request, context):
+    async def FindMissingBlobs(
+        self, request: re_pb2.FindMissingBlobsRequest, context: grpc.aio.ServicerContext
+    ):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         digests = [
-            _field_digest(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)
+            digest_field(d, f"blob_digests[{i}]") for i, d in enumerate(request.blob_digests)
         ]
         missing = await self._store.find_missing(digests, touch=True)
         return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
 
     @rpc
-    async def BatchUpdateBlobs(self, request, context):
+    async def BatchUpdateBlobs(
+        self, request: re_pb2.BatchUpdateBlobsRequest, context: grpc.aio.ServicerContext
+    ):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         total = sum(max(len(r.data), r.digest.size_bytes, 0) for r in request.requests)
         self._check_batch_size(total, len(request.requests), "upload", "Write")
 
         statuses: list = [None] * len(request.requests)
-        items: list[tuple[Digest, bytes, str | None]] = []
+        items: list[tuple[Digest, bytes] | tuple[Digest, bytes, str | None]] = []
         slots: list[int] = []
         for i, r in enumerate(request.requests):
             try:
-                digest = _field_digest(r.digest, f"requests[{i}].digest")
+                digest = digest_field(r.digest, f"requests[{i}].digest")
             except InvalidArgument as exc:
-                statuses[i] = rpc_status(exc)
+                statuses[i] = to_status(exc)
                 continue
             items.append((digest, r.data, compressor_name(r.compressor)))
             slots.append(i)
@@ -146,7 +150,9 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         )
 
     @rpc
-    async def BatchReadBlobs(self, request, context):
+    async def BatchReadBlobs(
+        self, request: re_pb2.BatchReadBlobsRequest, context: grpc.aio.ServicerContext
+    ):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
         total = sum(max(d.size_bytes, 0) for d in request.digests)
@@ -159,9 +165,9 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         slots: list[int] = []
         for i, d in enumerate(request.digests):
             try:
-                digests.append(_field_digest(d, f"digests[{i}]"))
+                digests.append(digest_field(d, f"digests[{i}]"))
             except InvalidArgument as exc:
-                responses[i].status.CopyFrom(rpc_status(exc))
+                responses[i].status.CopyFrom(to_status(exc))
                 continue
             slots.append(i)
         results = await self._store.get_many(digests, compressor=compressor)
@@ -178,10 +184,42 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         return re_pb2.BatchReadBlobsResponse(responses=responses)
 
     @rpc
-    async def GetTree(self, request, context):
+    async def SplitBlob(self, request, context):
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
-        root = _field_digest(request.root_digest, "root_digest")
+        digest = digest_field(request.blob_digest, "blob_digest")
+        chunks = await asyncio.to_thread(split_blob, self._store, digest)
+        # The chunking is this server's own choice (see expbuild.cas.chunking).
+        return re_pb2.SplitBlobResponse(
+            chunk_digests=[c.to_proto() for c in chunks],
+            chunking_function=re_pb2.ChunkingFunction.UNKNOWN,
+        )
+
+    @rpc
+    async def SpliceBlob(self, request, context):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        if not request.HasField("blob_digest"):
+            raise InvalidArgument("blob_digest is not set; SpliceBlob needs the expected digest")
+        digest = digest_field(request.blob_digest, "blob_digest")
+        chunks = [
+            digest_field(d, f"chunk_digests[{i}]") for i, d in enumerate(request.chunk_digests)
+        ]
+        # Whatever chunking_function the client used, the check is the same: the chunks
+        # must concatenate to blob_digest.
+        try:
+            spliced = await asyncio.to_thread(splice_blob, self._store, digest, chunks)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"no disk space left to splice blob {digest}") from None
+            raise
+        return re_pb2.SpliceBlobResponse(blob_digest=spliced.to_proto())
+
+    @rpc
+    async def GetTree(self, request: re_pb2.GetTreeRequest, context: grpc.aio.ServicerContext):
+        self._instances.check(request.instance_name)
+        check_digest_function(request.digest_function)
+        root = digest_field(request.root_digest, "root_digest")
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
         page_size = min(request.page_size or MAX_TREE_PAGE_SIZE, MAX_TREE_PAGE_SIZE)

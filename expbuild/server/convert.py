@@ -17,6 +17,9 @@ _RESPONSE_TYPE_URL = "type.googleapis.com/" + re_pb2.ExecuteResponse.DESCRIPTOR.
 
 __all__ = ["digest_field", "duration", "operation", "timestamp", "to_operation"]
 
+# Every digest this server deals in (REAPI v2.11: operation metadata names its function).
+SHA256 = re_pb2.DigestFunction.SHA256
+
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
@@ -33,10 +36,15 @@ def duration(value: timedelta) -> duration_pb2.Duration:
 
 
 def operation(
-    name: str, digest: Digest, stage: int, response: re_pb2.ExecuteResponse | None = None
+    name: str,
+    digest: Digest,
+    stage: re_pb2.ExecutionStage.Value,
+    response: re_pb2.ExecuteResponse | None = None,
 ) -> operations_pb2.Operation:
     """An Execute operation at `stage`; done when it carries its `response`."""
-    metadata = re_pb2.ExecuteOperationMetadata(stage=stage, action_digest=digest.to_proto())
+    metadata = re_pb2.ExecuteOperationMetadata(
+        stage=stage, action_digest=digest.to_proto(), digest_function=SHA256
+    )
     message = operations_pb2.Operation(name=name, done=response is not None)
     message.metadata.Pack(metadata)
     if response is not None:
@@ -46,7 +54,9 @@ def operation(
 
 def to_operation(record: OperationRecord) -> operations_pb2.Operation:
     metadata = re_pb2.ExecuteOperationMetadata(
-        stage=stage_of(record), action_digest=record.action_digest.to_proto()
+        stage=stage_of(record),
+        action_digest=record.action_digest.to_proto(),
+        digest_function=SHA256,
     )
     if metadata.stage == Stage.EXECUTING and record.worker_id:
         # Lets clients show where their action runs while it runs.

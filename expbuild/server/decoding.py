@@ -72,33 +72,41 @@ def _decoding(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
     if handler.unary_stream is not None:
         inner = handler.unary_stream
+        unary_stream: Callable[..., Any]
         if inspect.isasyncgenfunction(inner):
 
-            async def unary_stream(raw, context):
+            async def yielding(raw, context):
                 request = await _decode(raw, deserialize, context)
                 async for response in inner(request, context):
                     yield response
 
+            unary_stream = yielding
         else:  # writes with context.write (e.g. health's Watch)
 
-            async def unary_stream(raw, context):
+            async def writing(raw, context):
                 return await inner(await _decode(raw, deserialize, context), context)
+
+            unary_stream = writing
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
 
     inner = handler.stream_stream
+    stream_stream: Callable[..., Any]
     if inspect.isasyncgenfunction(inner):
 
-        async def stream_stream(raw_requests, context):
+        async def yielding_stream(raw_requests, context):
             async for response in inner(
                 _decoded_stream(raw_requests, deserialize, context), context
             ):
                 yield response
 
+        stream_stream = yielding_stream
     else:
 
-        async def stream_stream(raw_requests, context):
+        async def writing_stream(raw_requests, context):
             return await inner(_decoded_stream(raw_requests, deserialize, context), context)
+
+        stream_stream = writing_stream
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 

@@ -7,8 +7,10 @@ in ExecuteResponse.status, as REAPI asks.
 from __future__ import annotations
 
 import asyncpg
+import grpc
 from google.longrunning import operations_pb2
 
+from expbuild.auth.principal import current_principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.digest import check_digest_function, digest_field
@@ -19,7 +21,7 @@ from expbuild.scheduling.platforms import PlatformOffers
 from expbuild.scheduling.submission import Inline, inline_into, submit_action
 from expbuild.server.convert import operation, to_operation
 from expbuild.server.instances import InstanceNames
-from expbuild.server.metrics import EXECUTE_REQUESTS
+from expbuild.server.metrics import ACTION_CACHE_LOOKUPS, EXECUTE_REQUESTS
 from expbuild.server.status import rpc
 
 Stage = re_pb2.ExecutionStage
@@ -42,17 +44,19 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         self.offers = PlatformOffers()  # this replica's, for every Execute it serves
 
     @rpc
-    async def Execute(self, request: re_pb2.ExecuteRequest, context):
+    async def Execute(self, request: re_pb2.ExecuteRequest, context: grpc.aio.ServicerContext):
         check_digest_function(request.digest_function)
         inline = Inline(
             stdout=request.inline_stdout,
             stderr=request.inline_stderr,
             files=tuple(request.inline_output_files),
         )
+        principal = current_principal()
         submitted = await submit_action(
             self.pool,
             self.store,
             self.settings,
+            principal,
             instance=self.instances.check(request.instance_name),
             digest=digest_field(request.action_digest, "action_digest"),
             skip_cache_lookup=request.skip_cache_lookup,
@@ -61,6 +65,9 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             offers=self.offers,
         )
         EXECUTE_REQUESTS.labels(submitted.outcome).inc()
+        if not request.skip_cache_lookup:
+            hit = submitted.cached is not None
+            ACTION_CACHE_LOOKUPS.labels("Execute", "hit" if hit else "miss").inc()
         name, digest = submitted.operation_name, submitted.action_digest
         # Each stage is reported once the operation exists in the database, so a client
         # may switch to WaitExecution (on any replica) from the first message on.
@@ -71,12 +78,14 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             return
         # Always report QUEUED, even if a worker leased the task before we read it back.
         yield operation(name, digest, Stage.QUEUED)
-        async for record in self.tracker.follow(name, seen_stage=Stage.QUEUED):
+        async for record in self.tracker.follow(principal, name, seen_stage=Stage.QUEUED):
             yield await self._inlined(to_operation(record), inline)
 
     @rpc
-    async def WaitExecution(self, request: re_pb2.WaitExecutionRequest, context):
-        async for record in self.tracker.follow(request.name):
+    async def WaitExecution(
+        self, request: re_pb2.WaitExecutionRequest, context: grpc.aio.ServicerContext
+    ):
+        async for record in self.tracker.follow(current_principal(), request.name):
             yield to_operation(record)
 
     async def _inlined(

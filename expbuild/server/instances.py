@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from expbuild.auth.principal import current_principal
 from expbuild.errors import InvalidArgument
 from expbuild.text import check_no_nul, quoted
 
@@ -12,13 +13,16 @@ class InstanceNames:
         self._known = frozenset(self.names)
 
     def check(self, name: str) -> str:
-        """Return `name` if this server serves it, else raise InvalidArgument naming it."""
-        if name in self._known:
-            return name
-        if "*" in self._known:
-            return check_no_nul(name, "instance name")
-        served = ", ".join(repr(n) for n in self.names)
-        raise InvalidArgument(
-            f"unknown instance name {quoted(name)}; this server serves {served} "
-            "(add it to [server] instance_names)"
-        )
+        """Return `name` if this server serves it and the caller may use it; else raise
+        InvalidArgument (unknown instance) or PermissionDenied (not the caller's token's)."""
+        if name not in self._known:
+            if "*" not in self._known:
+                served = ", ".join(repr(n) for n in self.names)
+                raise InvalidArgument(
+                    f"unknown instance name {quoted(name)}; this server serves {served} "
+                    "(add it to [server] instance_names)"
+                )
+            check_no_nul(name, "instance name")
+        # The one gate every servicer passes: a token may be limited to some instances.
+        current_principal().check_instance(name)
+        return name

@@ -1,34 +1,88 @@
-"""Prometheus metrics: an HTTP /metrics endpoint on its own port (prometheus-client).
+"""Prometheus metrics of a server replica: every definition lives in this module.
 
-Counters count what this replica did; gauges describe the shared queue and are the same
-on every replica (scrape any one of them, or aggregate with max()).
+Counters and histograms count what this replica did (sum them over replicas); gauges
+describe the shared queue and the CAS and are read from Postgres and the store, so every
+replica reports the same values (scrape any one of them, or aggregate with max()).
+The HTTP endpoint that serves them (with the status page) is `expbuild.server.http`.
 """
 
 from __future__ import annotations
 
-import asyncpg
-import prometheus_client
-from prometheus_client import Counter, Gauge
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 
-from expbuild.db.metrics import queue_gauges
+import asyncpg
+from prometheus_client import Counter, Gauge, Histogram
+
+from expbuild.db.metrics import queue_depth, queue_gauges
 
 REFRESH_SECONDS = 5.0
+"""How often each replica reads the queue gauges from Postgres."""
+CAS_USAGE_SECONDS = 30.0
+"""How often each replica measures the CAS (blob count and bytes) by scanning it."""
 
-EXECUTE_REQUESTS = Counter("expbuild_execute_requests", "Execute calls", ["outcome"])
+# Seconds, from sub-second no-ops to hour-long builds.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600, 1800, 3600)  # fmt: skip
+
+EXECUTE_REQUESTS = Counter(
+    "expbuild_execute_requests",
+    "Execute calls by outcome: cache_hit, queued (a new task), joined (merged into an "
+    "identical in-flight task)",
+    ["outcome"],
+)
 TASK_COMPLETIONS = Counter("expbuild_task_completions", "Results reported by workers", ["outcome"])
 LEASE_ATTEMPTS = Counter(
     "expbuild_lease_attempts", "Lease statements run for polling workers", ["outcome"]
 )
 REAPED_TASKS = Counter("expbuild_reaped_tasks", "Leases ended by the reaper", ["outcome"])
+LEASE_EXPIRIES = Counter(
+    "expbuild_lease_expiries",
+    "Leases the reaper ended, by reason (lease-expired, heartbeat-missed, worker-gone)",
+    ["reason"],
+)
+TASK_REQUEUES = Counter(
+    "expbuild_task_requeues",
+    "Tasks put back in the queue, by reason (a reaper reason, or released by a worker)",
+    ["reason"],
+)
+ACTION_CACHE_LOOKUPS = Counter(
+    "expbuild_action_cache_lookups",
+    "Action cache lookups by method (GetActionResult, Execute) and result (hit, miss)",
+    ["method", "result"],
+)
+
+_TASK_LABELS = ["platform", "instance"]
+TASK_QUEUE_WAIT = Histogram(
+    "expbuild_task_queue_wait_seconds",
+    "From enqueue to the lease that produced the result, per finished task",
+    _TASK_LABELS,
+    buckets=DURATION_BUCKETS,
+)
+TASK_EXECUTION = Histogram(
+    "expbuild_task_execution_seconds",
+    "From lease to result (fetching inputs, running, uploading outputs), per finished task",
+    _TASK_LABELS,
+    buckets=DURATION_BUCKETS,
+)
+TASK_TOTAL = Histogram(
+    "expbuild_task_total_seconds",
+    "From enqueue to result, per finished task",
+    _TASK_LABELS,
+    buckets=DURATION_BUCKETS,
+)
+
 # Blobs sent to clients and workers, by method (BatchReadBlobs, ByteStream.Read): how much
 # the CAS is read, e.g. to see workers' blob caches at work. Bytes as sent (compressed
 # when the client asked for compression).
 CAS_BLOBS_READ = Counter("expbuild_cas_blobs_read", "Blobs served by the CAS", ["method"])
 CAS_BYTES_READ = Counter("expbuild_cas_bytes_read", "Blob bytes served by the CAS", ["method"])
-# LRU eviction of the CAS ([cas] max_size): counted by the replica that ran the pass; the
-# store's size is as last measured by this replica's eviction passes.
 CAS_STORE_BYTES = Gauge(
-    "expbuild_cas_store_bytes", "Bytes of blobs in the CAS at the last eviction pass"
+    "expbuild_cas_store_bytes", "Bytes of blobs in the CAS (measured every 30 s and by eviction)"
+)
+CAS_STORE_BLOBS = Gauge(
+    "expbuild_cas_store_blobs", "Blobs in the CAS (measured every 30 s and by eviction)"
 )
 CAS_MAX_BYTES = Gauge("expbuild_cas_max_bytes", "The CAS size bound ([cas] max_size); 0: unbounded")
 CAS_EVICTED_BLOBS = Counter("expbuild_cas_evicted_blobs", "Blobs deleted by CAS eviction")
@@ -43,15 +97,53 @@ QUEUE_GAUGES = {
         "expbuild_oldest_queued_task_age_seconds", "Age of the oldest queued task"
     ),
 }
+QUEUE_DEPTH = Gauge(
+    "expbuild_queue_depth",
+    "Unfinished tasks by state (queued, leased), platform and instance",
+    ["state", "platform", "instance"],
+)
 
 
-def start_http_server(host: str, port: int) -> int:
-    """Serve /metrics in a background thread; returns the bound port (port 0 picks one)."""
-    server, _thread = prometheus_client.start_http_server(port, addr=host)
-    return server.server_port
+def platform_label(platform: Mapping[str, Sequence[str]] | str) -> str:
+    """A platform requirement as one label value: `Arch=x86_64,OSFamily=Linux`."""
+    spec: Mapping[str, Sequence[str]] = (
+        json.loads(platform) if isinstance(platform, str) else platform
+    )
+    return ",".join(f"{name}={'|'.join(spec[name])}" for name in sorted(spec))
+
+
+def observe_finished_task(
+    platform: Mapping[str, Sequence[str]] | str,
+    instance: str,
+    queued_at: datetime,
+    leased_at: datetime,
+    completed_at: datetime,
+) -> None:
+    labels = (platform_label(platform), instance)
+    TASK_QUEUE_WAIT.labels(*labels).observe(max((leased_at - queued_at).total_seconds(), 0))
+    TASK_EXECUTION.labels(*labels).observe(max((completed_at - leased_at).total_seconds(), 0))
+    TASK_TOTAL.labels(*labels).observe(max((completed_at - queued_at).total_seconds(), 0))
+
+
+def set_cas_usage(blobs: int, size_bytes: int) -> None:
+    CAS_STORE_BLOBS.set(blobs)
+    CAS_STORE_BYTES.set(size_bytes)
 
 
 async def refresh_gauges(pool: asyncpg.Pool) -> None:
     """Read the shared queue gauges from Postgres (the app runs this every few seconds)."""
     for name, value in (await queue_gauges(pool)).items():
         QUEUE_GAUGES[name].set(value)
+    depth = {
+        (row.state, platform_label(row.platform), row.instance_name): row.tasks
+        for row in await queue_depth(pool)
+    }
+    for labels in _known_depth_labels - depth.keys():
+        # A platform whose queue emptied reads 0 rather than vanishing (alerts see it drop).
+        QUEUE_DEPTH.labels(*labels).set(0)
+    for labels, tasks in depth.items():
+        QUEUE_DEPTH.labels(*labels).set(tasks)
+    _known_depth_labels.update(depth)
+
+
+_known_depth_labels: set[tuple[str, str, str]] = set()

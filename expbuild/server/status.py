@@ -1,22 +1,26 @@
-"""The one place where domain errors become gRPC statuses.
+"""Where a servicer's raised domain error becomes the call's gRPC status (the table itself
+is `expbuild.reapi.status`).
 
 Servicer methods are wrapped with `@rpc`: an `ExpBuildError` raised below becomes the
 matching status with the error's message (and, for FailedPrecondition, the REAPI
 `PreconditionFailure` details); anything else is logged with its traceback and becomes
-INTERNAL, so one bad request never takes the server down.
+INTERNAL, so one bad request never takes the server down. A database outage (asyncpg's
+connection errors, `expbuild.db.outages`) becomes UNAVAILABLE, which clients retry.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
 import uuid
 
 import grpc
-from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
+from expbuild.db.outages import is_database_outage, outage_error
+from expbuild.reapi.status import error_code, grpc_code, status_trailer, to_status
 from expbuild.text import shorten
 
 log = logging.getLogger(__name__)
@@ -25,23 +29,21 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4096
 
 
-def grpc_code(error: BaseException) -> grpc.StatusCode:
-    """The gRPC status code of `error`: its class's code, INTERNAL for anything else."""
+def domain_error(error: BaseException) -> BaseException:
+    """`error` itself, or the domain error it stands for: a database outage is
+    Unavailable, a full disk (the CAS's) ResourceExhausted."""
     if isinstance(error, errors.ExpBuildError):
-        return _GRPC_CODES[error.code]
-    return grpc.StatusCode.INTERNAL
-
-
-_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
-rpc_status = errors.rpc_status
-
-
-def ok_status() -> status_pb2.Status:
-    return status_pb2.Status(code=code_pb2.OK)
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted("the server's storage is full; try again later")
+    if is_database_outage(error):
+        return outage_error(error)
+    return error
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
-    code = grpc_code(error)
+    error = domain_error(error)
+    code = grpc_code(error_code(error))
     if code == grpc.StatusCode.INTERNAL:
         # The client gets an id to quote; the text (which may hold paths, SQL or the
         # client's own input) stays in the log line with that id.
@@ -53,12 +55,11 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method
     else:
         message = shorten(str(error), MAX_MESSAGE_CHARS)
         log.info("%s: %s: %s", method, code.name, shorten(message))
-    status = rpc_status(error)
+    status = to_status(error, message)
     status.code = code.value[0]
-    status.message = message
     if status.details:
         # Clients (Bazel) read PreconditionFailure from the grpc-status-details-bin trailer.
-        context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+        context.set_trailing_metadata(status_trailer(status))
     await context.abort(code, message)
 
 

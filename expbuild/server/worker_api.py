@@ -8,16 +8,20 @@ statements; a PollTasks call that finds no work waits on the replica's LISTEN wa
 from __future__ import annotations
 
 import asyncpg
+import grpc
 
+from expbuild.auth.principal import current_principal
 from expbuild.cas.store import FileStore
 from expbuild.config import ServerSettings
 from expbuild.db.notifications import Notifications
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.reapi.platforms import platform_spec
 from expbuild.scheduling import results, workers
 from expbuild.scheduling.actions import checked_duration
 from expbuild.scheduling.leases import Assignment, LeaseDispatcher
-from expbuild.scheduling.platforms import platform_spec
+from expbuild.scheduling.sessions import WorkerSessions
 from expbuild.scheduling.task_names import parse_task_name, task_name
+from expbuild.server import metrics
 from expbuild.server.convert import duration, timestamp
 from expbuild.server.metrics import LEASE_ATTEMPTS, TASK_COMPLETIONS
 from expbuild.server.status import rpc
@@ -30,15 +34,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         store: FileStore,
         notifications: Notifications,
         settings: ServerSettings,
+        sessions: WorkerSessions,
     ):
         self.pool = pool
         self.settings = settings
         self.leases = LeaseDispatcher(pool, store, notifications, settings)
+        self.sessions = sessions
 
     @rpc
-    async def RegisterWorker(self, request: worker_pb2.RegisterWorkerRequest, context):
+    async def RegisterWorker(
+        self, request: worker_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ):
         worker_id = await workers.register(
             self.pool,
+            current_principal(),
             worker_id=request.worker_id,
             name=request.name,
             hostname=request.hostname,
@@ -54,11 +63,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     @rpc
-    async def Heartbeat(self, request: worker_pb2.HeartbeatRequest, context):
+    async def Heartbeat(
+        self, request: worker_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ):
         workers.require_worker_id(request.worker_id)
         running = [(parse_task_name(lease.task_id), lease.lease_token) for lease in request.running]
         outcome = await workers.heartbeat(
-            self.pool, request.worker_id, running, self.settings.lease_duration
+            self.pool, current_principal(), request.worker_id, running, self.settings.lease_duration
         )
         if not outcome.known:
             return worker_pb2.HeartbeatResponse(reregister=True)
@@ -69,43 +80,66 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     @rpc
-    async def PollTasks(self, request: worker_pb2.PollTasksRequest, context):
+    async def PollTasks(
+        self, request: worker_pb2.PollTasksRequest, context: grpc.aio.ServicerContext
+    ):
         worker_id = workers.require_worker_id(request.worker_id)
         timeout = (
             checked_duration(request.timeout, "timeout") if request.HasField("timeout") else None
         )
-        polled = await self.leases.poll(worker_id, request.max_tasks, timeout)
+        polled = await self.leases.poll(current_principal(), worker_id, request.max_tasks, timeout)
         LEASE_ATTEMPTS.labels("empty").inc(polled.empty_leases)
         if polled.leased:
             LEASE_ATTEMPTS.labels("leased").inc()
         return worker_pb2.PollTasksResponse(tasks=[_task_message(a) for a in polled.assignments])
 
     @rpc
-    async def CompleteTask(self, request: worker_pb2.CompleteTaskRequest, context):
-        succeeded = await results.accept_result(
+    async def CompleteTask(
+        self, request: worker_pb2.CompleteTaskRequest, context: grpc.aio.ServicerContext
+    ):
+        accepted = await results.accept_result(
             self.pool,
+            current_principal(),
             workers.require_worker_id(request.worker_id),
             parse_task_name(request.task_id),
             request.lease_token,
             request.response,
         )
-        TASK_COMPLETIONS.labels("succeeded" if succeeded else "failed").inc()
+        TASK_COMPLETIONS.labels("succeeded" if accepted.succeeded else "failed").inc()
+        done = accepted.task
+        metrics.observe_finished_task(
+            done.platform, done.instance_name, done.queued_at, done.leased_at, done.completed_at
+        )
         return worker_pb2.CompleteTaskResponse()
 
     @rpc
-    async def ReleaseTask(self, request: worker_pb2.ReleaseTaskRequest, context):
+    async def ReleaseTask(
+        self, request: worker_pb2.ReleaseTaskRequest, context: grpc.aio.ServicerContext
+    ):
         await results.release_lease(
             self.pool,
+            current_principal(),
             workers.require_worker_id(request.worker_id),
             parse_task_name(request.task_id),
             request.lease_token,
             request.reason,
         )
+        metrics.TASK_REQUEUES.labels("released").inc()
         return worker_pb2.ReleaseTaskResponse()
 
     @rpc
-    async def DeregisterWorker(self, request: worker_pb2.DeregisterWorkerRequest, context):
-        await workers.deregister(self.pool, request.worker_id)
+    async def OpenSession(
+        self, request: worker_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ):
+        worker_id = await workers.acting_worker(self.pool, current_principal(), request.worker_id)
+        async for _ in self.sessions.hold(worker_id):
+            yield worker_pb2.SessionEvent(opened=True)
+
+    @rpc
+    async def DeregisterWorker(
+        self, request: worker_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
+    ):
+        await workers.deregister(self.pool, current_principal(), request.worker_id)
         return worker_pb2.DeregisterWorkerResponse()
 
 

@@ -2,17 +2,19 @@
 
 -- name: insert_cached_operation
 -- An Execute answered from the action cache: the operation is born done.
--- $1 name, $2 instance_name, $3 action_digest, $4 ExecuteResponse bytes
-INSERT INTO operations (name, instance_name, action_digest, result) VALUES ($1, $2, $3, $4);
+-- $1 name, $2 instance_name, $3 action_digest, $4 ExecuteResponse bytes, $5 principal
+INSERT INTO operations (name, instance_name, action_digest, result, principal)
+VALUES ($1, $2, $3, $4, $5);
 
 -- name: get_operation
 -- The operation and, when it waits on a task, that task's state and outcome.
+-- $2: only if this principal created it (NULL: anyone's).
 SELECT o.name, o.instance_name, o.action_digest, o.task_id, o.result AS cached_result,
-       o.cancelled_at, o.created_at,
+       o.cancelled_at, o.created_at, o.principal,
        t.state, t.result, t.error_code, t.error, t.worker_id, w.name AS worker_name,
        t.queued_at, t.leased_at, t.completed_at
 FROM operations o LEFT JOIN tasks t ON t.id = o.task_id LEFT JOIN workers w ON w.id = t.worker_id
-WHERE o.name = $1;
+WHERE o.name = $1 AND ($2::text IS NULL OR o.principal = $2);
 
 -- name: cancel_operation
 -- Cancel one operation; cancel its task too when no other live operation waits on it.
@@ -21,7 +23,7 @@ WHERE o.name = $1;
 -- completion is refused. Returns the operation's task and whether the task was cancelled.
 WITH op AS (
     UPDATE operations SET cancelled_at = coalesce(cancelled_at, now())
-    WHERE name = $1
+    WHERE name = $1 AND ($2::text IS NULL OR principal = $2)
     RETURNING name, task_id
 ), task AS (
     UPDATE tasks t SET state = 'cancelled', completed_at = now()
@@ -41,12 +43,13 @@ SELECT op.name, op.task_id,
 FROM op;
 
 -- name: delete_operation
-DELETE FROM operations WHERE name = $1 RETURNING name;
+DELETE FROM operations WHERE name = $1 AND ($2::text IS NULL OR principal = $2) RETURNING name;
 
 -- name: list_operations
--- Newest first, optionally only those in one stage; $2 keyset cursor (created_at, name).
+-- Newest first, optionally only those in one stage; $2 keyset cursor (created_at, name);
+-- $5: only this principal's (NULL: everyone's).
 SELECT o.name, o.instance_name, o.action_digest, o.task_id, o.result AS cached_result,
-       o.cancelled_at, o.created_at,
+       o.cancelled_at, o.created_at, o.principal,
        t.state, t.result, t.error_code, t.error, t.worker_id, w.name AS worker_name,
        t.queued_at, t.leased_at, t.completed_at
 FROM operations o LEFT JOIN tasks t ON t.id = o.task_id LEFT JOIN workers w ON w.id = t.worker_id
@@ -56,5 +59,6 @@ WHERE ($1::text IS NULL
        OR ($1 = 'queued' AND o.cancelled_at IS NULL AND t.state = 'queued')
        OR ($1 = 'executing' AND o.cancelled_at IS NULL AND t.state = 'leased'))
   AND ($2::timestamptz IS NULL OR (o.created_at, o.name) < ($2, $3::text))
+  AND ($5::text IS NULL OR o.principal = $5)
 ORDER BY o.created_at DESC, o.name DESC
 LIMIT $4;

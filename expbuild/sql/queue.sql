@@ -40,13 +40,20 @@ WITH known_platform AS (
     INSERT INTO task_events (task_id, event, attempt, detail)
     SELECT id, 'queued', 0, jsonb_build_object('priority', priority) FROM inserted
 ), operation AS (
-    INSERT INTO operations (name, instance_name, action_digest, task_id)
-    SELECT $8, $1, $2, id FROM chosen
+    INSERT INTO operations (name, instance_name, action_digest, task_id, principal)
+    SELECT $8, $1, $2, id, $9 FROM chosen
     RETURNING task_id
 )
 SELECT c.id AS task_id, c.is_new,
        CASE WHEN c.is_new THEN pg_notify('expbuild_task_queued', '') END AS notified
 FROM chosen c JOIN operation o ON o.task_id = c.id;
+
+-- name: count_queued_tasks
+-- For [server] max_queued_tasks: counts along the queue index and stops at $2.
+-- $1 instance_name, $2 count up to
+SELECT count(*) FROM (
+    SELECT 1 FROM tasks WHERE state = 'queued' AND instance_name = $1 LIMIT $2
+) AS queued;
 
 -- name: lease_tasks
 -- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1, oldest of
@@ -81,7 +88,9 @@ WITH offered AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
 )
-SELECT * FROM leased ORDER BY priority, id;
+-- The NOTIFY tells clients streaming the task that it is now EXECUTING (they do not poll).
+SELECT *, pg_notify('expbuild_task_done', id::text) AS notified
+FROM leased ORDER BY priority, id;
 
 -- name: complete_task
 -- Accept a worker's result only under the current lease. No row back means the token is
@@ -93,7 +102,8 @@ WITH done AS (
     UPDATE tasks
     SET state = $4, result = $5, completed_at = now(), lease_expires_at = NULL
     WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased'
-    RETURNING id, instance_name, action_digest, attempts, worker_id, do_not_cache
+    RETURNING id, instance_name, action_digest, attempts, worker_id, do_not_cache, platform,
+              queued_at, leased_at, completed_at
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
     SELECT id, $4, worker_id, attempts, $7::jsonb FROM done
@@ -104,12 +114,14 @@ WITH done AS (
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
 )
-SELECT id, pg_notify('expbuild_task_done', id::text) AS notified FROM done;
+SELECT id, instance_name, platform, queued_at, leased_at, completed_at,
+       pg_notify('expbuild_task_done', id::text) AS notified
+FROM done;
 
 -- name: complete_tasks
 -- complete_task for several leases of one worker in one statement (and one commit): each
--- element is applied only under its own current lease; the ids that were applied come
--- back, the rest changed nothing.
+-- element is applied only under its own current lease; the tasks that were applied come
+-- back with complete_task's columns (timestamps for the metrics), the rest changed nothing.
 -- $1 task ids, $2 lease tokens, $3 worker_id, $4 final states, $5 ExecuteResponse bytes,
 -- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details
 WITH input AS (
@@ -121,6 +133,7 @@ WITH input AS (
     FROM input i
     WHERE t.id = i.id AND t.lease_token = i.token AND t.worker_id = $3 AND t.state = 'leased'
     RETURNING t.id, t.instance_name, t.action_digest, t.attempts, t.worker_id, t.do_not_cache,
+              t.platform, t.queued_at, t.leased_at, t.completed_at,
               i.state AS final_state, i.cache_result, i.detail
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
@@ -134,7 +147,9 @@ WITH input AS (
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
 )
-SELECT id, pg_notify('expbuild_task_done', id::text) AS notified FROM done;
+SELECT id, instance_name, platform, queued_at, leased_at, completed_at,
+       pg_notify('expbuild_task_done', id::text) AS notified
+FROM done;
 
 -- name: release_task
 -- A worker hands back a lease it will not finish (shutdown): the task is queued again at
@@ -163,6 +178,7 @@ SELECT id, state, worker_id, attempts, lease_token FROM tasks WHERE id = $1;
 WITH expired AS (
     SELECT t.id, t.worker_id,
            CASE WHEN w.id IS NULL THEN 'worker-gone'
+                WHEN w.state = 'offline' AND w.disconnected_at IS NOT NULL THEN 'session-lost'
                 WHEN w.state = 'offline' THEN 'heartbeat-missed'
                 ELSE 'lease-expired' END AS reason
     FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id

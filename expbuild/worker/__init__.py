@@ -10,10 +10,13 @@ Modules:
 - `runner`: `TaskRunner`, one task end to end: inputs, execution, outputs, ExecuteResponse.
 - `inputs`: the per-task action directory and its input root.
 - `blob_cache`: the local blob cache input files are hardlinked from.
-- `executor`: the execution backend interface and `make_executor`.
+- `execution`: the execution backend interface (request, outcome, `Executor`);
+  `executor`: `make_executor`, the configured backend.
 - `host`, `sandbox`, `docker`: the backends (plain process, bubblewrap, container).
 - `supervisor`: runs a command under `launcher` (a separate, stdlib-only program that
-  subreaps, applies rlimits and kills every leftover process), in its cgroup.
+  subreaps, applies rlimits and kills every leftover process), in its cgroup;
+  `zygote`: the client of the launcher's fork server, which starts those launchers fast.
+- `host_platform`: the OS, ISA and CPUs a worker advertises unless configured otherwise.
 - `cgroups`: per-action cgroups (tracking, memory, pids, cpu); `limits`: `[worker.limits]`
   enforcement and the messages that say which limit an action hit.
 - `outputs`: turning what an action left on disk into an ActionResult and CAS blobs.

@@ -5,10 +5,17 @@ its own asyncio task (at most `max_concurrent_tasks` at once). Stopping a runnin
 means cancelling its asyncio task; the execution backend kills the process group and the
 runner removes the action directory on the way out.
 
-Shutdown (`request_stop`, wired to SIGINT/SIGTERM by `run_until_signalled`): polling stops
+Shutdown (`request_stop`, wired to SIGINT/SIGTERM by `expbuild worker daemon`): polling stops
 at once (the in-flight long poll is cancelled), running actions get `shutdown_grace`
 seconds to finish and report, the rest are killed and handed back with ReleaseTask, then
 the worker deregisters. A second `request_stop` skips what is left of the grace period.
+
+Riding out server outages: the worker keeps a session stream (`OpenSession`) open and
+reopens it whenever it breaks, so the server can tell a dead worker from a restarting
+replica. A finished action's result is kept and its report retried with backoff for as long
+as its lease could still be valid (the last time the server extended it, plus the lease
+duration); heartbeats that get through meanwhile extend it. It is never turned into an
+UNAVAILABLE failure that would make the client run the action again.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,15 +32,21 @@ import grpc
 from google.protobuf import duration_pb2
 
 from expbuild import __version__
+from expbuild.aio import current_task
 from expbuild.client.cas import CasClient
-from expbuild.client.channel import open_channel
+from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.errors import from_rpc_error
-from expbuild.config import WorkerSettings, detected_platform
+from expbuild.client.replicas import replicas_target
+from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
+from expbuild.reapi.platforms import platform_message, platform_summary
+from expbuild.worker import metrics
 from expbuild.worker.blob_cache import open_blob_cache
-from expbuild.worker.executor import Executor, make_executor
+from expbuild.worker.execution import Executor
+from expbuild.worker.executor import make_executor
+from expbuild.worker.host_platform import detected_platform
 from expbuild.worker.runner import TaskRunner
 
 log = logging.getLogger(__name__)
@@ -44,7 +56,10 @@ DEFAULT_HEARTBEAT_INTERVAL = timedelta(seconds=30)
 # Deadlines of the short Worker API calls; a long poll gets its own wait plus this margin.
 RPC_TIMEOUT = 15.0
 MAX_RETRY_DELAY = 30.0
-COMPLETE_ATTEMPTS = 4
+# Reports of finished tasks and session reconnects are retried at most this far apart, so
+# that a replica back after a restart hears from its workers within seconds.
+MAX_REPORT_DELAY = 2.0
+DEFAULT_LEASE_DURATION = timedelta(minutes=5)
 # Errors worth retrying: the server is down, restarting or overloaded.
 TRANSIENT_CODES = frozenset(
     {
@@ -68,6 +83,11 @@ class _RunningTask:
     stop_reason: str | None = None
     # Once the result is being reported, only a forced stop interrupts it.
     reporting: bool = False
+    # Until when (event loop time) the lease may still be valid: the last extension the
+    # server confirmed plus the lease duration. A result is retried until then.
+    lease_valid_until: float = 0.0
+    # The server said the lease is gone (lost, cancelled): stop reporting.
+    lease_gone: bool = False
 
 
 @dataclass
@@ -90,9 +110,12 @@ class WorkerAgent:
         self.settings = settings
         self.shutdown_grace = shutdown_grace
         self.name = settings.name or socket.gethostname()
+        # Closed by run() when made here; a caller passing its own executor closes it.
+        self._owns_executor = executor is None
         self._executor = executor or make_executor(settings.backend, settings.limits)
         self._registration = _Registration()
         self._heartbeat_interval = settings.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
+        self._lease_duration = DEFAULT_LEASE_DURATION
         self._running: dict[str, _RunningTask] = {}
         self._cas_clients: dict[str, CasClient] = {}
         self._stopping = False
@@ -103,8 +126,9 @@ class WorkerAgent:
         self._wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
         self._poll_call: asyncio.Task | None = None
-        self._stub: worker_pb2_grpc.WorkerServiceStub | None = None
-        self._cas_channel: grpc.aio.Channel | None = None
+        # Both set by run() before anything calls the server.
+        self._stub: worker_pb2_grpc.WorkerServiceStub
+        self._cas_channel: grpc.aio.Channel
 
     @property
     def worker_id(self) -> str:
@@ -144,10 +168,19 @@ class WorkerAgent:
             if cache.max_size
             else None
         )
-        server_target = self.settings.server_target
-        cas_target = self.settings.cas_target
-        server_channel = open_channel(server_target)
-        cas_channel = server_channel if cas_target == server_target else open_channel(cas_target)
+        # Several replicas: one channel that moves to another when its replica fails.
+        server_target = replicas_target(self.settings.server_addresses)
+        cas_target = self.settings.cas_target if self.settings.cas_url else server_target
+        security = ChannelSecurity.from_files(
+            ca_file=self.settings.tls_ca,
+            cert_file=self.settings.tls_cert,
+            key_file=self.settings.tls_key,
+            token_file=self.settings.token_file,
+        )
+        server_channel = open_channel(server_target, security)
+        cas_channel = (
+            server_channel if cas_target == server_target else open_channel(cas_target, security)
+        )
         self._stub = worker_pb2_grpc.WorkerServiceStub(server_channel)
         self._cas_channel = cas_channel
         runner = TaskRunner(
@@ -157,26 +190,34 @@ class WorkerAgent:
             cas_for=self._cas_client,
             blob_cache=blob_cache,
             limits=self.settings.limits,
+            max_directory_size=self.settings.backend.max_directory_size,
+            still_leased=self._still_leased,
         )
-        heartbeat: asyncio.Task | None = None
+        background: list[asyncio.Task] = []
         try:
             if not await self._register():
                 log.info("Worker %s stopped before it could register", self.name)
                 return
-            heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker heartbeat")
+            background = [
+                asyncio.create_task(self._heartbeat_loop(), name="worker heartbeat"),
+                asyncio.create_task(self._session_loop(), name="worker session"),
+            ]
             await self._poll_loop(runner)
             await self._finish_running_tasks()
-            heartbeat.cancel()
+            background[0].cancel()
+            # Deregister before the session ends, so the server sees a goodbye, not a death.
             await self._deregister()
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
-                await asyncio.gather(heartbeat, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await server_channel.close()
             if cas_channel is not server_channel:
                 await cas_channel.close()
             if blob_cache is not None:
                 blob_cache.close()
+            if self._owns_executor:
+                await self._executor.close()
         log.info("Worker %s stopped", self.worker_id or self.name)
 
     # ---- registration ----------------------------------------------------------------
@@ -217,7 +258,7 @@ class WorkerAgent:
                         raise from_rpc_error(exc) from None
                     log.warning(
                         "Server %s unreachable (%s); retrying in %gs",
-                        self.settings.server_target,
+                        ", ".join(self.settings.server_addresses),
                         _rpc_reason(exc),
                         delay,
                     )
@@ -227,6 +268,8 @@ class WorkerAgent:
                     continue
                 registration.worker_id = response.worker_id
                 registration.generation += 1
+                if _seconds(response.lease_duration) > 0:
+                    self._lease_duration = response.lease_duration.ToTimedelta()
                 if (
                     self.settings.heartbeat_interval is None
                     and _seconds(response.heartbeat_interval) > 0
@@ -236,9 +279,7 @@ class WorkerAgent:
                 log.info(
                     "Worker %s platform: %s; up to %d concurrent task(s); heartbeat every %gs",
                     response.worker_id,
-                    json.dumps(
-                        {k: v[0] if len(v) == 1 else list(v) for k, v in self.platform().items()}
-                    ),
+                    json.dumps(platform_summary(self.platform())),
                     self.settings.max_concurrent_tasks,
                     self._heartbeat_interval.total_seconds(),
                 )
@@ -254,6 +295,31 @@ class WorkerAgent:
         except grpc.aio.AioRpcError as exc:
             log.warning("Could not deregister worker %s: %s", self.worker_id, _rpc_reason(exc))
 
+    # ---- session -----------------------------------------------------------------------
+
+    async def _session_loop(self) -> None:
+        """Keep one OpenSession stream open; reopen it (quickly) whenever it ends."""
+        delay = 0.25
+        while True:
+            generation = self._registration.generation
+            call = self._stub.OpenSession(worker_pb2.OpenSessionRequest(worker_id=self.worker_id))
+            try:
+                async for _event in call:
+                    delay = 0.25
+                log.info("Server ended the session of worker %s; reopening", self.worker_id)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.warning("Server has no worker sessions; relying on heartbeats alone")
+                    return
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    await self._register_again(exc, generation)
+                    continue
+                log.warning("Session broke (%s); reopening in %gs", _rpc_reason(exc), delay)
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_REPORT_DELAY)
+
     # ---- heartbeat ---------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
@@ -266,6 +332,8 @@ class WorkerAgent:
 
     async def _heartbeat(self) -> None:
         generation = self._registration.generation
+        sent_at = asyncio.get_running_loop().time()
+        reported = list(self._running.values())
         request = worker_pb2.HeartbeatRequest(
             worker_id=self.worker_id,
             running=[
@@ -285,6 +353,12 @@ class WorkerAgent:
             except ExpBuildError as error:
                 log.error("Registering again failed: %s", error)
             return
+        gone = set(response.cancelled_task_ids) | set(response.lost_task_ids)
+        for running in reported:
+            if running.task_id in gone:
+                running.lease_gone = True
+            else:
+                running.lease_valid_until = sent_at + self._lease_duration.total_seconds()
         for task_id in response.cancelled_task_ids:
             self._stop_task(task_id, "cancelled by the server")
         for task_id in response.lost_task_ids:
@@ -355,7 +429,7 @@ class WorkerAgent:
         try:
             response = await self._poll_call
         except asyncio.CancelledError:
-            if self._stopping and not asyncio.current_task().cancelling():
+            if self._stopping and not current_task().cancelling():
                 return None  # request_stop cancelled the poll, not our caller
             raise
         finally:
@@ -374,19 +448,24 @@ class WorkerAgent:
 
     def _start_task(self, runner: TaskRunner, task: worker_pb2.Task) -> None:
         running = _RunningTask(task.task_id, task.lease_token)
+        # The lease began at most now; it lasts the lease duration unless extended.
+        running.lease_valid_until = (
+            asyncio.get_running_loop().time() + self._lease_duration.total_seconds()
+        )
         self._running[task.task_id] = running
         running.job = asyncio.create_task(self._serve(runner, task, running), name=task.task_id)
 
     async def _serve(
         self, runner: TaskRunner, task: worker_pb2.Task, running: _RunningTask
     ) -> None:
+        metrics.RUNNING_ACTIONS.inc()
         try:
             try:
                 response = await runner.run(task)
             except asyncio.CancelledError:
                 if running.stop_reason is None:
                     raise  # not ours: the whole worker is being torn down
-                asyncio.current_task().uncancel()
+                current_task().uncancel()
                 if running.stop_reason == SHUTDOWN_REASON:
                     await self._release(task.task_id, task.lease_token, SHUTDOWN_REASON)
                 else:
@@ -399,6 +478,7 @@ class WorkerAgent:
         except Exception:
             log.exception("Task %s: unexpected error while serving it", task.task_id)
         finally:
+            metrics.RUNNING_ACTIONS.dec()
             self._running.pop(task.task_id, None)
             self._wakeup.set()
 
@@ -412,6 +492,15 @@ class WorkerAgent:
         log.warning("Stopping task %s: %s", task_id, reason)
         running.job.cancel()
 
+    def _still_leased(self, task_id: str) -> bool:
+        """Whether the task's lease may still be valid (the runner retries uploads while so)."""
+        running = self._running.get(task_id)
+        return (
+            running is not None
+            and not running.lease_gone
+            and asyncio.get_running_loop().time() < running.lease_valid_until
+        )
+
     async def _complete(self, task: worker_pb2.Task, response: re_pb2.ExecuteResponse) -> None:
         request = worker_pb2.CompleteTaskRequest(
             worker_id=self.worker_id,
@@ -419,8 +508,8 @@ class WorkerAgent:
             lease_token=task.lease_token,
             response=response,
         )
-        delay = 1.0
-        for attempt in range(1, COMPLETE_ATTEMPTS + 1):
+        delay = 0.25
+        while True:
             request.worker_id = self.worker_id  # may have changed through re-registration
             try:
                 await self._stub.CompleteTask(request, timeout=RPC_TIMEOUT)
@@ -433,7 +522,7 @@ class WorkerAgent:
                         _rpc_reason(exc),
                     )
                     return
-                if exc.code() in TRANSIENT_CODES and attempt < COMPLETE_ATTEMPTS:
+                if exc.code() in TRANSIENT_CODES and self._still_leased(task.task_id):
                     log.warning(
                         "Reporting task %s failed (%s); retrying in %gs",
                         task.task_id,
@@ -441,11 +530,10 @@ class WorkerAgent:
                         delay,
                     )
                     await asyncio.sleep(delay)
-                    delay *= 2
+                    delay = min(delay * 2, MAX_REPORT_DELAY)
                     continue
                 log.error(
-                    "Could not report task %s (%s); the server will retry it once its "
-                    "lease expires",
+                    "Could not report task %s (%s); its lease is over, so the server runs it again",
                     task.task_id,
                     _rpc_reason(exc),
                 )
@@ -522,30 +610,6 @@ class WorkerAgent:
         except TimeoutError:
             pass
         return self._stopping
-
-
-def platform_message(platform: dict[str, tuple[str, ...]]) -> re_pb2.Platform:
-    """REAPI wants properties sorted by name, then value."""
-    return re_pb2.Platform(
-        properties=[
-            re_pb2.Platform.Property(name=name, value=value)
-            for name in sorted(platform)
-            for value in sorted(platform[name])
-        ]
-    )
-
-
-async def run_until_signalled(agent: WorkerAgent) -> None:
-    """Run `agent` with SIGINT/SIGTERM wired to `request_stop` (for the CLI entry)."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, agent.request_stop)
-    try:
-        await agent.run()
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
 
 
 def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:

@@ -46,6 +46,7 @@ from expbuild.client.cas import CasClient
 from expbuild.client.tree import download_files
 from expbuild.config import ConfigError
 from expbuild.digest import Digest, digest_of_file, new_hasher
+from expbuild.worker import action_log
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _entry_mode(executable: bool) -> int:
 
 @dataclass
 class CacheStats:
-    """What a cache has done since it was opened (for logs and tests)."""
+    """What a cache has done since it was opened (logged when it is closed)."""
 
     hits: int = 0  # entries found in the cache and used
     fetched_blobs: int = 0  # entries downloaded from the CAS
@@ -131,9 +132,10 @@ class BlobCache:
         entry = self._entries.get((digest.hash, executable))
         return entry is not None and entry.size == digest.size_bytes
 
-    def source(self, cas: CasClient) -> CachedSource:
-        """What `materialize(..., source=)` takes to fetch through this cache."""
-        return CachedSource(self, cas)
+    def source(self, cas: CasClient, *, link: bool = True) -> CachedSource:
+        """What `materialize(..., source=)` takes to fetch through this cache; with
+        `link=False`, files are copied out, for actions that could write the entries."""
+        return CachedSource(self, cas, link)
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -189,6 +191,19 @@ class BlobCache:
         if self._users > 0:
             return
         _open_caches.pop(_registry_key(self.root), None)
+        stats = self.stats
+        log.info(
+            "Blob cache %s closed: %d hit(s), %d blob(s) (%d bytes) fetched, %d copied, "
+            "%d evicted, %d corrupt; %d bytes held",
+            self.root,
+            stats.hits,
+            stats.fetched_blobs,
+            stats.fetched_bytes,
+            stats.copies,
+            stats.evictions,
+            stats.corrupt,
+            self._total,
+        )
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -210,7 +225,11 @@ class BlobCache:
         return cached, direct
 
     async def place_files(
-        self, cas: CasClient, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
+        self,
+        cas: CasClient,
+        files: Mapping[Digest, Sequence[tuple[Path, bool]]],
+        *,
+        link: bool = True,
     ) -> list[Digest]:
         """Create every (path, executable) of each digest as a hardlink to (or a copy of)
         its cache entry, fetching the entries the cache lacks; a `tree.PlaceFiles`.
@@ -221,12 +240,12 @@ class BlobCache:
         direct = {d: files[d] for d in directly}
         cached = {d: files[d] for d in through_cache}
         missing_direct, missing_cached = await gather_or_cancel(
-            [download_files(cas, direct), self._place_cached(cas, cached)]
+            [download_files(cas, direct), self._place_cached(cas, cached, link)]
         )
         return [*missing_cached, *missing_direct]
 
     async def _place_cached(
-        self, cas: CasClient, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
+        self, cas: CasClient, files: Mapping[Digest, Sequence[tuple[Path, bool]]], link: bool
     ) -> list[Digest]:
         remaining = dict(files)
         for _ in range(_PLACE_ATTEMPTS):
@@ -242,7 +261,7 @@ class BlobCache:
                     for d, places in remaining.items()
                     for path, x in places
                 ]
-                placed = await asyncio.to_thread(_link_or_copy_all, jobs)
+                placed = await asyncio.to_thread(_link_or_copy_all, jobs, link)
             finally:
                 self._release(pinned)
             await self._evict()
@@ -368,6 +387,7 @@ class BlobCache:
                             del pending[key]
                             self._entries.move_to_end(key)
                             self.stats.hits += 1
+                            action_log.count_cache_hits(1)
                 if claimed:
                     outcomes = await self._fill(cas, claimed)
                     for key, outcome in outcomes.items():
@@ -437,6 +457,7 @@ class BlobCache:
                 self._total += size
                 self.stats.fetched_blobs += 1
                 self.stats.fetched_bytes += size
+                action_log.count_cache_fetch(size)
                 outcomes[key] = _Outcome.READY
             return outcomes
         finally:
@@ -486,6 +507,7 @@ class CachedSource:
 
     cache: BlobCache
     cas: CasClient
+    link: bool = True
 
     async def read_available(
         self, digests: Iterable[Digest]
@@ -495,7 +517,7 @@ class CachedSource:
     async def place_files(
         self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
     ) -> list[Digest]:
-        return await self.cache.place_files(self.cas, files)
+        return await self.cache.place_files(self.cas, files, link=self.link)
 
 
 _open_caches: dict[str, BlobCache] = {}
@@ -517,6 +539,7 @@ async def open_blob_cache(root: Path, max_bytes: int, *, verify_fraction: float 
         cache = _open_caches[key] = BlobCache(root, max_bytes, verify_fraction=verify_fraction)
         cache._opening = asyncio.ensure_future(cache._open())
     cache._users += 1
+    assert cache._opening is not None  # set when the cache was made, just above or earlier
     try:
         await asyncio.shield(cache._opening)
     except BaseException:
@@ -622,12 +645,14 @@ def _read_verified(entries: Mapping[_Key, tuple[Path, Digest]]) -> dict[_Key, by
     return result
 
 
-def _link_or_copy_all(jobs: Sequence[tuple[Path, Path, Digest, bool]]) -> list[_Placed]:
-    return [_link_or_copy(entry, path, digest, x) for entry, path, digest, x in jobs]
+def _link_or_copy_all(jobs: Sequence[tuple[Path, Path, Digest, bool]], link: bool) -> list[_Placed]:
+    return [_link_or_copy(entry, path, digest, x, link) for entry, path, digest, x in jobs]
 
 
-def _link_or_copy(entry: Path, path: Path, digest: Digest, executable: bool) -> _Placed:
-    for _ in range(2):
+def _link_or_copy(
+    entry: Path, path: Path, digest: Digest, executable: bool, link: bool = True
+) -> _Placed:
+    for _ in range(2 if link else 0):
         try:
             os.link(entry, path)
             return _Placed.LINKED

@@ -254,7 +254,7 @@ def _own_path_v1(own: dict[str, str], controllers: frozenset[str]) -> str | None
 
 def _cgroup_mounts() -> list[tuple[int, frozenset[str], str, str]]:
     """(version, controllers, root within the hierarchy, mount point) per cgroup mount."""
-    mounts = []
+    mounts: list[tuple[int, frozenset[str], str, str]] = []
     with open("/proc/self/mountinfo") as lines:
         for line in lines:
             left, _, right = line.partition(" - ")

@@ -29,13 +29,13 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-import grpc
+from google.rpc import code_pb2
 
-from expbuild.client.errors import RemoteError
 from expbuild.config import ConfigError, LimitsSettings
-from expbuild.errors import FailedPrecondition
+from expbuild.errors import FailedPrecondition, RemoteError
 from expbuild.worker import limits as limit_checks
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest
+from expbuild.worker.action_user import ActionUser
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
 from expbuild.worker.host import EXIT_NOT_FOUND, not_started
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,27 @@ CLI_TIMEOUT = 60.0
 class DockerExecutor:
     """Runs each action in its own container through the `docker` CLI."""
 
-    def __init__(self, *, limits: LimitsSettings | None = None, terminate_grace: float = 1.0):
+    def __init__(
+        self,
+        *,
+        limits: LimitsSettings | None = None,
+        terminate_grace: float = 1.0,
+        user: ActionUser | None = None,
+    ):
         self.limits = limits or LimitsSettings()
+        self.user = user
         self.terminate_grace = terminate_grace
-        self.docker = shutil.which("docker")
-        if self.docker is None:
+        docker = shutil.which("docker")
+        if docker is None:
             raise ConfigError(
                 "worker.backend.type = 'docker' needs the docker CLI, but `docker` is not on "
                 "PATH (install docker.io, or docker-ce-cli for a remote engine)"
             )
+        self.docker: str = docker
         self._images = self._local_images()
+
+    async def close(self) -> None:
+        pass  # each action's container is gone when its execute() returns
 
     def platform(self) -> dict[str, tuple[str, ...]]:
         offers: dict[str, tuple[str, ...]] = {"network": ("off", "on")}
@@ -113,7 +124,7 @@ class DockerExecutor:
             # ignores SIGTERM and SIGXCPU sent to a PID 1 without handlers).
             "--init",
             "--user",
-            f"{os.getuid()}:{os.getgid()}",
+            f"{self.user.uid}:{self.user.gid}" if self.user else f"{os.getuid()}:{os.getgid()}",
             "--volume",
             f"{request.root}:{CONTAINER_WORKDIR}",
             "--workdir",
@@ -247,7 +258,7 @@ class DockerExecutor:
             process.kill()
             await process.wait()
             raise RemoteError(
-                grpc.StatusCode.UNAVAILABLE,
+                code_pb2.UNAVAILABLE,
                 f"the worker's Docker engine did not answer `docker {what}` within {CLI_TIMEOUT:g}s",
             ) from None
         result = subprocess.CompletedProcess(
@@ -269,7 +280,7 @@ class DockerExecutor:
             )
         if "Cannot connect to the Docker daemon" in message or "connection refused" in message:
             return RemoteError(
-                grpc.StatusCode.UNAVAILABLE, f"the worker's Docker engine is unreachable: {message}"
+                code_pb2.UNAVAILABLE, f"the worker's Docker engine is unreachable: {message}"
             )
         return RuntimeError(f"docker create failed: {message}")
 

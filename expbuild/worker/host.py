@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from expbuild.config import LimitsSettings
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest
+from expbuild.worker.action_user import ActionUser
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
 from expbuild.worker.supervisor import Command, Finished, Supervisor
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,21 @@ EXIT_CANNOT_EXECUTE = 126
 class HostExecutor:
     """Runs commands directly on the host, one launcher (and cgroup) per action."""
 
-    def __init__(self, *, terminate_grace: float = 1.0, limits: LimitsSettings | None = None):
+    def __init__(
+        self,
+        *,
+        terminate_grace: float = 1.0,
+        limits: LimitsSettings | None = None,
+        user: ActionUser | None = None,
+    ):
         # terminate_grace: how long the command gets between SIGTERM and SIGKILL.
-        self.supervisor = Supervisor(limits or LimitsSettings(), terminate_grace=terminate_grace)
+        self.user = user
+        self.supervisor = Supervisor(
+            limits or LimitsSettings(), terminate_grace=terminate_grace, user=user
+        )
+
+    async def close(self) -> None:
+        await self.supervisor.close()
 
     def platform(self) -> dict[str, tuple[str, ...]]:
         return {}

@@ -18,15 +18,19 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from expbuild.client.cas import CasClient
-from expbuild.client.tree import materialize
+from expbuild.client.tree import BlobSource, CasSource, materialize
+from expbuild.config import BackendSettings
 from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import worker_pb2
+from expbuild.worker.action_user import ActionUser, hand_over
 from expbuild.worker.blob_cache import BlobCache
+from expbuild.worker.limits import format_size
 from expbuild.worker.outputs import output_parent_directories, working_directory
 
 log = logging.getLogger(__name__)
@@ -54,14 +58,19 @@ async def prepare_inputs(
     task: worker_pb2.Task,
     action_path: Path,
     blob_cache: BlobCache | None = None,
+    user: ActionUser | None = None,
+    max_directory_size: int = BackendSettings.max_directory_size,
 ) -> ActionDirectory:
     """Materialize the task's input root in `action_path` and create its output parents.
 
-    With a `blob_cache`, input files are hardlinked (or copied) from it, and only what
-    it lacks is downloaded.
+    With a `blob_cache`, input files are hardlinked from it (copied when the action runs
+    as the worker's own user, who could write the entries: `user` is None), and only
+    what it lacks is downloaded. With a `user`, the input root's directories are its.
 
     Raises the client's errors for missing or invalid inputs (NotFound,
-    FailedPrecondition, InvalidArgument) and InvalidArgument for bad Command paths.
+    FailedPrecondition, InvalidArgument), and InvalidArgument for bad Command paths, a
+    Directory message over `max_directory_size` (before it is fetched) or a symlink
+    that resolves outside the input root.
     """
     action, command = task.action, task.command
     log.info("Downloading action %s", Digest.from_proto(task.action_digest))
@@ -73,9 +82,10 @@ async def prepare_inputs(
     input_root.mkdir()
     input_root_digest = Digest.from_proto(action.input_root_digest)
     log.info("Downloading input root %s", input_root_digest)
-    source = blob_cache.source(cas) if blob_cache is not None else None
-    await materialize(cas, input_root_digest, input_root, source=source)
-    await asyncio.to_thread(_create_output_parents, command, input_root)
+    source = blob_cache.source(cas, link=user is not None) if blob_cache else CasSource(cas)
+    bounded = _BoundedDirectories(source, max_directory_size)
+    await materialize(cas, input_root_digest, input_root, source=bounded)
+    await asyncio.to_thread(_finish_input_root, command, input_root, user)
     return ActionDirectory(
         path=action_path,
         input_root=input_root,
@@ -83,6 +93,62 @@ async def prepare_inputs(
         stdout_path=action_path / "stdout",
         stderr_path=action_path / "stderr",
     )
+
+
+@dataclass
+class _BoundedDirectories:
+    """A `tree.BlobSource` that refuses to fetch Directory messages over `max_bytes`."""
+
+    source: BlobSource
+    max_bytes: int
+
+    async def read_available(
+        self, digests: Iterable[Digest]
+    ) -> tuple[dict[Digest, bytes], list[Digest]]:
+        # `materialize` reads Directory messages only through here; files are placed.
+        digests = list(digests)
+        for digest in digests:
+            if digest.size_bytes > self.max_bytes:
+                raise InvalidArgument(
+                    f"Directory {digest} of the input root is {format_size(digest.size_bytes)}, "
+                    f"over this worker's {format_size(self.max_bytes)} limit "
+                    "([worker.backend] max_directory_size)"
+                )
+        return await self.source.read_available(digests)
+
+    async def place_files(
+        self, files: Mapping[Digest, Sequence[tuple[Path, bool]]]
+    ) -> list[Digest]:
+        return await self.source.place_files(files)
+
+
+def _finish_input_root(command, input_root: Path, user: ActionUser | None) -> None:
+    # First: creating output parents must not follow a symlink out of the input root.
+    _check_symlinks(input_root)
+    _create_output_parents(command, input_root)
+    if user is not None:
+        hand_over(input_root, user)
+
+
+def _check_symlinks(input_root: Path) -> None:
+    """Refuse a symlink whose target, resolved as the kernel would, leaves the input root.
+
+    Checked on disk, not on the target's text: `g/l -> ..` is inside, but `g/x ->
+    l/../..` then resolves through `l` to the input root's parent.
+    """
+    root = os.path.realpath(input_root)
+    for dirpath, dirnames, filenames in os.walk(input_root):  # never follows symlinks
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                continue
+            resolved = os.path.realpath(path)
+            if os.path.commonpath([root, resolved]) != root:
+                relative = os.path.relpath(path, input_root)
+                raise InvalidArgument(
+                    f"input symlink {relative!r} -> {os.readlink(path)!r} resolves outside "
+                    "the input root"
+                )
 
 
 def _create_output_parents(command, input_root: Path) -> None:

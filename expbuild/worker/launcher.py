@@ -3,7 +3,8 @@
     python -I -S launcher.py SPEC_JSON ENV_COUNT NAME=VALUE... ARGUMENT...
 
 SPEC_JSON: {"executable", "cwd", "rlimits": {"CPU": [soft, hard], ...},
-"cgroup_procs": [cgroup.procs paths], "status_fd", "grace", "parent"}. The environment
+"cgroup_procs": [cgroup.procs paths], "status_fd", "grace", "parent", and "user":
+[uid, gid] to run the command as (optional)}. The environment
 and the arguments travel as separate strings so that nothing is re-encoded or joined and
 the kernel's per-string limit is the same as for a direct exec.
 
@@ -148,7 +149,6 @@ class Launcher:
             filename = None
             stage = "session"
             os.setsid()
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             stage = "rlimit"
             for name, (soft, hard) in self.spec.get("rlimits", {}).items():
                 which = getattr(resource, f"RLIMIT_{name}")
@@ -156,6 +156,14 @@ class Launcher:
                 if ceiling != resource.RLIM_INFINITY:
                     hard = min(hard, ceiling)
                 resource.setrlimit(which, (min(soft, hard), hard))
+            if "user" in self.spec:
+                stage = "user"  # last: joining the cgroup and the rlimits needed root
+                uid, gid = self.spec["user"]
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            # After the user switch, which clears it.
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             stage = "chdir"
             filename = self.spec["cwd"]
             os.chdir(self.spec["cwd"])

@@ -6,6 +6,8 @@ as paths, Tree/Directory messages as bytes). The caller uploads the blobs; only 
 that upload succeeds may the result be reported.
 
 Rules (REAPI v2):
+- Command.output_node_properties (v2.1) `mtime` / `unix_mode` are set on every output
+  node (files, symlinks, and the nodes and Directory messages of output directories).
 - Command.output_paths (v2.1) wins over output_files/output_directories (v2.0).
 - Paths are relative to the working directory; a missing output is simply absent.
 - A symlink at an output path is reported as a symlink with its target text, never
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -26,6 +27,8 @@ from pathlib import Path
 from expbuild.digest import Digest, digest_of, digest_of_file
 from expbuild.errors import FailedPrecondition, InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.merkle import TreeBuilder, is_executable, serialize
+from expbuild.reapi.node_properties import node_properties
 from expbuild.worker.paths import check_inside, join_inside
 
 _CHUNK = 1024 * 1024
@@ -51,6 +54,11 @@ class CollectedOutputs:
     result: re_pb2.ActionResult = field(default_factory=re_pb2.ActionResult)
     # Every non-empty blob the result names (the empty blob is always present in a CAS).
     blobs: dict[Digest, Blob] = field(default_factory=dict)
+    # Command.output_node_properties (v2.1): what to report on every output node.
+    wanted_properties: frozenset[str] = frozenset()
+
+    def properties(self, st: os.stat_result) -> re_pb2.NodeProperties | None:
+        return node_properties(st, self.wanted_properties)
 
     def add_blob(self, digest: Digest, content: Blob) -> None:
         if not digest.is_empty:
@@ -98,18 +106,23 @@ def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutpu
     """Read the declared outputs of a finished action (blocking; run it in a thread)."""
     workdir = working_directory(command, input_root)
     tree_format = command.output_directory_format
-    collected = CollectedOutputs()
+    collected = CollectedOutputs(wanted_properties=frozenset(command.output_node_properties))
     result = collected.result
     for output in declared_outputs(command):
         what = f"{output.kind.value} {output.path!r}"
         path = join_inside(workdir, output.path, output.kind.value)
         check_inside(input_root, path, output.kind.value)
         try:
-            mode = os.lstat(path).st_mode
+            st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             continue  # REAPI: outputs the action did not produce are omitted
+        mode = st.st_mode
         if stat.S_ISLNK(mode):
-            symlink = re_pb2.OutputSymlink(path=output.path, target=_symlink_target(path, what))
+            symlink = re_pb2.OutputSymlink(
+                path=output.path,
+                target=_symlink_target(path, what),
+                node_properties=collected.properties(st),
+            )
             {
                 OutputKind.ANY: result.output_symlinks,
                 OutputKind.FILE: result.output_file_symlinks,
@@ -122,7 +135,10 @@ def collect_outputs(command: re_pb2.Command, input_root: Path) -> CollectedOutpu
             collected.add_blob(digest, path)
             result.output_files.append(
                 re_pb2.OutputFile(
-                    path=output.path, digest=digest.to_proto(), is_executable=_is_executable(mode)
+                    path=output.path,
+                    digest=digest.to_proto(),
+                    is_executable=is_executable(mode),
+                    node_properties=collected.properties(st),
                 )
             )
         elif stat.S_ISDIR(mode):
@@ -171,84 +187,54 @@ def file_type(mode: int) -> str:
     return f"file of unknown type (mode {mode:o})"
 
 
-def directory_digest(directory: re_pb2.Directory) -> Digest:
-    return digest_of(directory.SerializeToString(deterministic=True))
+@dataclass
+class _OutputRules:
+    """Inside output directory `top` (declared as `what`)."""
+
+    what: str
+    top: Path
+
+    def name(self, name: str, path: str) -> str:
+        return _text(name, f"{self.what}: entry {path!r}")
+
+    def symlink_target(self, path: str) -> str:
+        return _symlink_target(path, self.what)
+
+    def unsupported(self, path: str, mode: int) -> Exception:
+        inside = os.path.relpath(path, self.top)
+        return InvalidArgument(
+            f"{self.what} contains {inside!r}, a {file_type(mode)}; only regular files, "
+            "directories and symlinks can be outputs"
+        )
+
+    def collision(self, path: str) -> Exception:  # a fresh directory: names are unique
+        return InvalidArgument(f"{self.what}: entry {path!r} appears twice")
 
 
 def _output_directory(
     declared: str, path: Path, what: str, tree_format: int, collected: CollectedOutputs
 ) -> re_pb2.OutputDirectory:
     """Build the directory's Tree (root plus every distinct descendant) and its blobs."""
-    descendants: dict[Digest, re_pb2.Directory] = {}
-    root = _directory_message(path, path, what, collected, descendants)
+    builder = TreeBuilder(_OutputRules(what, path), collected.wanted_properties)
+    root_digest, root = builder.read(path)
+    for digest, file in builder.files.items():
+        collected.add_blob(digest, file)
+    # Children before parents; the root itself is no descendant of its own.
+    descendants = {d: m for d, m in builder.directories.items() if d != root_digest}
     output = re_pb2.OutputDirectory(path=declared)
     Format = re_pb2.Command.OutputDirectoryFormat
     if tree_format in (Format.TREE_ONLY, Format.TREE_AND_DIRECTORY):
         tree = re_pb2.Tree(root=root, children=list(descendants.values()))
-        tree_blob = tree.SerializeToString(deterministic=True)
+        tree_blob = serialize(tree)
         tree_digest = digest_of(tree_blob)
         collected.add_blob(tree_digest, tree_blob)
         output.tree_digest.CopyFrom(tree_digest.to_proto())
     if tree_format in (Format.DIRECTORY_ONLY, Format.TREE_AND_DIRECTORY):
-        root_blob = root.SerializeToString(deterministic=True)
-        collected.add_blob(digest_of(root_blob), root_blob)
+        collected.add_blob(root_digest, serialize(root))
         for digest, directory in descendants.items():
-            collected.add_blob(digest, directory.SerializeToString(deterministic=True))
-        output.root_directory_digest.CopyFrom(digest_of(root_blob).to_proto())
+            collected.add_blob(digest, serialize(directory))
+        output.root_directory_digest.CopyFrom(root_digest.to_proto())
     return output
-
-
-def _directory_message(
-    path: Path,
-    top: Path,
-    what: str,
-    collected: CollectedOutputs,
-    descendants: dict[Digest, re_pb2.Directory],
-) -> re_pb2.Directory:
-    """The canonical Directory for `path` (inside output directory `top`); its
-    subdirectories are added to `descendants`.
-
-    Canonical: files, directories and symlinks each sorted by name (scandir order is
-    arbitrary), so equal trees always hash the same.
-    """
-    directory = re_pb2.Directory()
-    for entry in _sorted_entries(path):
-        name = _text(entry.name, f"{what}: entry {entry.path!r}")
-        mode = entry.stat(follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode):
-            directory.symlinks.append(
-                re_pb2.SymlinkNode(name=name, target=_symlink_target(entry.path, what))
-            )
-        elif stat.S_ISREG(mode):
-            digest = file_digest(Path(entry.path))
-            collected.add_blob(digest, Path(entry.path))
-            directory.files.append(
-                re_pb2.FileNode(
-                    name=name, digest=digest.to_proto(), is_executable=_is_executable(mode)
-                )
-            )
-        elif stat.S_ISDIR(mode):
-            child = _directory_message(Path(entry.path), top, what, collected, descendants)
-            digest = directory_digest(child)
-            descendants.setdefault(digest, child)
-            directory.directories.append(re_pb2.DirectoryNode(name=name, digest=digest.to_proto()))
-        else:
-            inside = os.path.relpath(entry.path, top)
-            raise InvalidArgument(
-                f"{what} contains {inside!r}, a {file_type(mode)}; only regular files, "
-                "directories and symlinks can be outputs"
-            )
-    return directory
-
-
-def _sorted_entries(path: Path) -> Iterator[os.DirEntry[str]]:
-    with os.scandir(path) as entries:
-        # Code point order equals the UTF-8 byte order REAPI specifies.
-        return iter(sorted(entries, key=lambda e: e.name))
-
-
-def _is_executable(mode: int) -> bool:
-    return bool(mode & stat.S_IXUSR)
 
 
 def _text(name: str, what: str) -> str:

@@ -10,26 +10,30 @@ every case.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
 from expbuild.client.cas import CasClient
-from expbuild.client.errors import RemoteError
-from expbuild.config import LimitsSettings
-from expbuild.digest import Digest
+from expbuild.config import BackendSettings, LimitsSettings
+from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
+from expbuild.reapi.platforms import platform_spec, requested_platform
+from expbuild.reapi.status import to_status
+from expbuild.worker import action_log, metrics
+from expbuild.worker.action_log import LOG_NAME, ActionLog
 from expbuild.worker.blob_cache import BlobCache
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest, Executor
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
 from expbuild.worker.inputs import (
     ActionDirectory,
     create_action_directory,
@@ -37,20 +41,9 @@ from expbuild.worker.inputs import (
     remove_action_directory,
 )
 from expbuild.worker.limits import capped_timeout, output_size, output_too_large
-from expbuild.worker.outputs import CollectedOutputs, collect_outputs, file_digest
+from expbuild.worker.outputs import Blob, CollectedOutputs, collect_outputs, file_digest
 
 log = logging.getLogger(__name__)
-
-_CODES: dict[type[errors.ExpBuildError], int] = {
-    errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,
-    errors.NotFound: code_pb2.NOT_FOUND,
-    errors.OutOfRange: code_pb2.OUT_OF_RANGE,
-    errors.AlreadyExists: code_pb2.ALREADY_EXISTS,
-    errors.ResourceExhausted: code_pb2.RESOURCE_EXHAUSTED,
-    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
-    errors.Aborted: code_pb2.ABORTED,
-    errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
-}
 
 
 @dataclass
@@ -63,9 +56,39 @@ class TaskRunner:
     # Where input files come from when set; None: downloaded for every action.
     blob_cache: BlobCache | None = None
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    max_directory_size: int = BackendSettings.max_directory_size
+    # Whether a task's lease may still be valid: while it is, an upload that fails because
+    # the server is away is retried rather than turned into a failed action.
+    still_leased: Callable[[str], bool] = lambda _task_id: False
 
     async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
+        """Run the task; the response carries this action's log as server_logs["worker.log"]."""
+        with action_log.capture(task.task_id) as this_log:
+            response = await self._run(task)
+            if LOG_NAME not in response.server_logs:
+                # Failed before its outputs went up: the log goes on its own.
+                await self._upload_log(task, response, this_log)
+        return response
+
+    async def _upload_log(
+        self, task: worker_pb2.Task, response: re_pb2.ExecuteResponse, this_log: ActionLog
+    ) -> None:
+        _note_status(response)
+        digest, data = _log_blob(this_log)
+        try:
+            cas = await self.cas_for(task.instance_name)
+            await cas.upload({digest: data})
+        except (errors.ExpBuildError, grpc.aio.AioRpcError, OSError) as exc:
+            log.warning("Task %s: its log could not be uploaded: %s", task.task_id, exc)
+            return
+        _attach_log(response, digest)
+
+    async def _run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
         log.info("Starting execution of task %s", task.task_id)
+        action_log.note(
+            f"task {task.task_id} (attempt {task.attempt}) on worker {self.worker_name}: "
+            f"action {Digest.from_proto(task.action_digest)}"
+        )
         metadata = re_pb2.ExecutedActionMetadata(worker=self.worker_name)
         _stamp(metadata.worker_start_timestamp)
         if task.HasField("queued_at"):
@@ -97,17 +120,61 @@ class TaskRunner:
         cas: CasClient,
         metadata: re_pb2.ExecutedActionMetadata,
     ) -> re_pb2.ExecuteResponse:
-        _stamp(metadata.input_fetch_start_timestamp)
-        try:
-            directory = await prepare_inputs(cas, task, action_path, self.blob_cache)
-        except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
-            log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
-            return failure_response(exc)
-        _stamp(metadata.input_fetch_completed_timestamp)
-
-        command = task.command
+        """The stages, each timed into `metadata`: inputs, execution, outputs."""
+        cache_before = replace(self.blob_cache.stats) if self.blob_cache else None
+        with _timed(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp):
+            try:
+                with metrics.INPUT_FETCH.time():
+                    directory = await prepare_inputs(
+                        cas,
+                        task,
+                        action_path,
+                        self.blob_cache,
+                        self.executor.user,
+                        self.max_directory_size,
+                    )
+            except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
+                log.warning("Task %s: cannot prepare inputs: %s", task.task_id, _describe(exc))
+                return failure_response(exc)
+            finally:
+                if self.blob_cache is not None and cache_before is not None:
+                    after = self.blob_cache.stats
+                    metrics.record_input_cache(
+                        after.hits - cache_before.hits,
+                        after.fetched_blobs - cache_before.fetched_blobs,
+                        after.fetched_bytes - cache_before.fetched_bytes,
+                    )
+        _note_inputs(metadata)
         timeout = capped_timeout(task_timeout(task), self.limits)
+        outcome = await self._execute(task, directory, action_path.name, timeout)
+        metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
+        metadata.execution_completed_timestamp.FromDatetime(outcome.completed_at)
+        with _timed(
+            metadata.output_upload_start_timestamp, metadata.output_upload_completed_timestamp
+        ):
+            result, blobs, output_error = await asyncio.to_thread(
+                gather_outputs, task.command, directory, self.limits
+            )
+            result.exit_code = outcome.exit_code
+            response = execute_response(result, outcome, timeout, output_error)
+            # The log goes up with the outputs: one round trip for both.
+            _note_status(response, len(blobs))
+            digest, data = _log_blob(action_log.current())
+            blobs[digest] = data
+            sent = await self._upload_while_leased(cas, blobs, task.task_id)
+            log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(blobs), sent)
+            _attach_log(response, digest)
+        _stamp(metadata.worker_completed_timestamp)
+        response.result.execution_metadata.CopyFrom(metadata)
+        return response
+
+    async def _execute(
+        self, task: worker_pb2.Task, directory: ActionDirectory, name: str, timeout: float | None
+    ) -> ExecutionOutcome:
+        command = task.command
         log.info("Executing command: %s", json.dumps(list(command.arguments)))
+        action_log.note(_launch_line(self.executor, task, timeout, self.limits))
+        asked_at = datetime.now(UTC)
         outcome = await self.executor.execute(
             ExecutionRequest(
                 arguments=list(command.arguments),
@@ -117,80 +184,160 @@ class TaskRunner:
                 stderr_path=directory.stderr_path,
                 timeout=timeout,
                 input_root=directory.input_root,
-                platform=task_platform(task),
-                name=action_path.name,
+                platform=platform_spec(
+                    requested_platform(task.action, task.command), "action platform"
+                ),
+                name=name,
             )
         )
-        metadata.execution_start_timestamp.FromDatetime(outcome.started_at)
-        metadata.execution_completed_timestamp.FromDatetime(outcome.completed_at)
+        metrics.BACKEND_LAUNCH.labels(type(self.executor).__name__).observe(
+            max((outcome.started_at - asked_at).total_seconds(), 0.0)
+        )
         if outcome.timed_out:
             log.warning("Command timed out after %gs (exit code %d)", timeout, outcome.exit_code)
         else:
             log.info("Command exited with code: %d", outcome.exit_code)
+        return outcome
 
-        _stamp(metadata.output_upload_start_timestamp)
-        result, output_error = await self._upload_outputs(cas, command, directory, outcome)
-        _stamp(metadata.output_upload_completed_timestamp)
-        _stamp(metadata.worker_completed_timestamp)
-        result.execution_metadata.CopyFrom(metadata)
-
-        response = re_pb2.ExecuteResponse(result=result)
-        if outcome.timed_out:
-            response.status.code = code_pb2.DEADLINE_EXCEEDED
-            response.status.message = f"action timed out after {timeout:g}s"
-            if output_error is not None:
-                response.status.message += f"; its outputs could not be collected: {output_error}"
-        elif outcome.limit_exceeded:
-            response.status.code = code_pb2.RESOURCE_EXHAUSTED
-            response.status.message = outcome.limit_exceeded
-        elif output_error is not None:
-            response.status.CopyFrom(error_status(output_error))
-        else:
-            response.status.code = code_pb2.OK
-        response.message = response.status.message
-        return response
-
-    async def _upload_outputs(
-        self,
-        cas: CasClient,
-        command: re_pb2.Command,
-        directory: ActionDirectory,
-        outcome: ExecutionOutcome,
-    ) -> tuple[re_pb2.ActionResult, errors.ExpBuildError | None]:
-        """Collect and upload outputs plus stdout/stderr.
-
-        An unusable output (bad type, path escaping the root) does not lose the logs:
-        the result then carries exit code and stdout/stderr only, plus the error.
-        """
-        output_error: errors.ExpBuildError | None = None
-        if self.limits.max_output_size is not None:
-            logs = (directory.stdout_path, directory.stderr_path)
-            total = await asyncio.to_thread(output_size, command, directory.input_root, logs)
-            if total > self.limits.max_output_size:
-                # Nothing is uploaded; the action directory is removed as always.
-                message = output_too_large(total, self.limits)
-                log.warning("Outputs not uploaded: %s", message)
-                return re_pb2.ActionResult(exit_code=outcome.exit_code), errors.ResourceExhausted(
-                    message
+    async def _upload_while_leased(
+        self, cas: CasClient, blobs: dict[Digest, Blob], task_id: str
+    ) -> int:
+        delay = 0.25
+        while True:
+            try:
+                return await cas.upload(blobs)
+            except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
+                if not _server_away(exc) or not self.still_leased(task_id):
+                    raise
+                log.warning(
+                    "Task %s: uploading outputs failed (%s); retrying in %gs",
+                    task_id,
+                    _describe(exc),
+                    delay,
                 )
-        try:
-            collected = await asyncio.to_thread(collect_outputs, command, directory.input_root)
-        except errors.ExpBuildError as exc:
-            log.warning("Outputs cannot be collected: %s", exc)
-            output_error = exc
-            collected = CollectedOutputs()
-        result = collected.result
-        result.exit_code = outcome.exit_code
-        for path, digest_field in (
-            (directory.stdout_path, result.stdout_digest),
-            (directory.stderr_path, result.stderr_digest),
-        ):
-            digest = await asyncio.to_thread(file_digest, path)
-            collected.add_blob(digest, path)
-            digest_field.CopyFrom(digest.to_proto())
-        sent = await cas.upload(collected.blobs)
-        log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(collected.blobs), sent)
-        return result, output_error
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _server_away(error: BaseException) -> bool:
+    """An error that says the server is unreachable or restarting, not that we erred."""
+    code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(error, "code", None)
+    away = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return code in away or code in (c.value[0] for c in away)
+
+
+def gather_outputs(
+    command: re_pb2.Command, directory: ActionDirectory, limits: LimitsSettings
+) -> tuple[re_pb2.ActionResult, dict[Digest, Blob], errors.ExpBuildError | None]:
+    """The result's outputs and logs, the blobs to upload, and why outputs are missing.
+
+    Over `max_output_size` nothing is uploaded. An unusable output (bad type, path
+    escaping the root) does not lose the logs: the result then carries stdout/stderr
+    only, plus the error. Blocking: run it in a thread.
+    """
+    logs = (directory.stdout_path, directory.stderr_path)
+    if limits.max_output_size is not None:
+        total = output_size(command, directory.input_root, logs)
+        if total > limits.max_output_size:
+            message = output_too_large(total, limits)
+            log.warning("Outputs not uploaded: %s", message)
+            return re_pb2.ActionResult(), {}, errors.ResourceExhausted(message)
+    output_error: errors.ExpBuildError | None = None
+    try:
+        collected = collect_outputs(command, directory.input_root)
+    except errors.ExpBuildError as exc:
+        log.warning("Outputs cannot be collected: %s", exc)
+        output_error = exc
+        collected = CollectedOutputs()
+    result = collected.result
+    for path, digest_field in zip(logs, (result.stdout_digest, result.stderr_digest), strict=True):
+        digest = file_digest(path)
+        collected.add_blob(digest, path)
+        digest_field.CopyFrom(digest.to_proto())
+    return result, collected.blobs, output_error
+
+
+def execute_response(
+    result: re_pb2.ActionResult,
+    outcome: ExecutionOutcome,
+    timeout: float | None,
+    output_error: errors.ExpBuildError | None,
+) -> re_pb2.ExecuteResponse:
+    """The status says why the action did not simply finish: time, a limit, its outputs."""
+    response = re_pb2.ExecuteResponse(result=result)
+    if outcome.timed_out:
+        response.status.code = code_pb2.DEADLINE_EXCEEDED
+        response.status.message = f"action timed out after {timeout:g}s"
+        if output_error is not None:
+            response.status.message += f"; its outputs could not be collected: {output_error}"
+    elif outcome.limit_exceeded:
+        response.status.code = code_pb2.RESOURCE_EXHAUSTED
+        response.status.message = outcome.limit_exceeded
+    elif output_error is not None:
+        response.status.CopyFrom(error_status(output_error))
+    else:
+        response.status.code = code_pb2.OK
+    response.message = response.status.message
+    return response
+
+
+def _launch_line(
+    executor: Executor, task: worker_pb2.Task, timeout: float | None, limits: LimitsSettings
+) -> str:
+    """How the action is started: backend, user, directory, time and resource limits."""
+    command = task.command
+    user = executor.user
+    caps = {
+        "timeout": f"{timeout:g}s" if timeout else "none",
+        "memory": limits.memory,
+        "cpu_time": limits.cpu_time and f"{limits.cpu_time}s",
+        "processes": limits.max_processes,
+        "cpus": limits.cpus,
+        "output": limits.max_output_size,
+    }
+    shown = ", ".join(f"{k}={v}" for k, v in caps.items() if v is not None)
+    return (
+        f"launch: {json.dumps(list(command.arguments))[:500]} with {type(executor).__name__} "
+        f"as {user if user is not None else 'the worker user'} in "
+        f"{command.working_directory or '.'!r}; limits: {shown}"
+    )
+
+
+def _note_inputs(metadata: re_pb2.ExecutedActionMetadata) -> None:
+    this_log = action_log.current()
+    if this_log is None:
+        return
+    took = _seconds(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp)
+    this_log.note(
+        f"inputs ready in {took:.3f}s: {this_log.cache_hits} blob(s) from the worker cache, "
+        f"{this_log.cache_fetched_blobs} fetched ({this_log.cache_fetched_bytes} bytes)"
+    )
+
+
+def _note_status(response: re_pb2.ExecuteResponse, output_blobs: int | None = None) -> None:
+    if output_blobs is not None:
+        action_log.note(
+            f"exit code {response.result.exit_code}; {output_blobs} output blob(s) to upload"
+        )
+    status = response.status
+    if status.code == code_pb2.OK:
+        action_log.note("status: OK")
+    else:
+        action_log.note(f"status: {code_pb2.Code.Name(status.code)}: {status.message}", "WARNING")
+
+
+def _log_blob(this_log: ActionLog | None) -> tuple[Digest, bytes]:
+    data = this_log.text() if this_log is not None else b""
+    return digest_of(data), data
+
+
+def _attach_log(response: re_pb2.ExecuteResponse, digest: Digest) -> None:
+    response.server_logs[LOG_NAME].digest.CopyFrom(digest.to_proto())
+    response.server_logs[LOG_NAME].human_readable = True
+
+
+def _seconds(start, end) -> float:
+    return (end.ToDatetime() - start.ToDatetime()).total_seconds()
 
 
 def task_timeout(task: worker_pb2.Task) -> float | None:
@@ -200,15 +347,6 @@ def task_timeout(task: worker_pb2.Task) -> float | None:
         if seconds > 0:
             return seconds
     return None
-
-
-def task_platform(task: worker_pb2.Task) -> dict[str, tuple[str, ...]]:
-    """The action's platform (the Command's for pre-v2.2 clients), as the server matched it."""
-    platform = task.action.platform if task.action.platform.properties else task.command.platform
-    found: dict[str, tuple[str, ...]] = {}
-    for prop in platform.properties:
-        found[prop.name] = (*found.get(prop.name, ()), prop.value)
-    return found
 
 
 def failure_response(exc: BaseException) -> re_pb2.ExecuteResponse:
@@ -222,52 +360,25 @@ def error_status(exc: BaseException) -> status_pb2.Status:
     Blobs missing while fetching inputs arrive as `FailedPrecondition` from `materialize`
     with a MISSING violation per blob: that is what makes Bazel upload them and retry.
     """
-    code, message = _code_and_message(exc)
-    violations: list[errors.Violation] = (
-        exc.violations if isinstance(exc, errors.FailedPrecondition) else []
-    )
-    status = status_pb2.Status(code=code, message=message)
-    if violations:
-        failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type=v.type, subject=v.subject, description=v.description
-                )
-                for v in violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(failure)
-        status.details.append(detail)
-    return status
-
-
-def _code_and_message(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code().value[0], exc.details() or exc.code().name
-    if isinstance(exc, RemoteError):  # the client's error for codes without a domain class
-        return exc.code.value[0], str(exc)
-    for cls in type(exc).__mro__:
-        if cls in _CODES:
-            return _CODES[cls], str(exc)
-    return code_pb2.INTERNAL, f"internal worker error: {type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # The worker's own disk: this action fails clearly, the worker goes on.
+        return to_status(errors.ResourceExhausted(f"the worker's disk is full: {exc}"))
+    if isinstance(exc, errors.ExpBuildError | grpc.aio.AioRpcError):
+        return to_status(exc)
+    return to_status(exc, f"internal worker error: {type(exc).__name__}: {exc}")
 
 
 def _describe(exc: BaseException) -> str:
-    code, message = _code_and_message(exc)
-    return f"{code_pb2.Code.Name(code)}: {message}"
+    status = error_status(exc)
+    return f"{code_pb2.Code.Name(status.code)}: {status.message}"
 
 
-def missing_digests(status: status_pb2.Status) -> list[Digest]:
-    """The blobs a FAILED_PRECONDITION status reports as MISSING (for logs and tests)."""
-    found = []
-    for detail in status.details:
-        failure = error_details_pb2.PreconditionFailure()
-        if detail.Unpack(failure):
-            for violation in failure.violations:
-                if violation.type == "MISSING":
-                    found.append(Digest.parse(violation.subject.removeprefix("blobs/")))
-    return found
+@contextlib.contextmanager
+def _timed(start, completed) -> Iterator[None]:
+    """Stamp `start` and `completed` (Timestamp fields) around a stage that returns normally."""
+    _stamp(start)
+    yield
+    _stamp(completed)
 
 
 def _stamp(timestamp) -> None:

@@ -31,9 +31,11 @@ import os
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from expbuild.config import BackendSettings, ConfigError, LimitsSettings
-from expbuild.worker.executor import ExecutionOutcome, ExecutionRequest
+from expbuild.worker.action_user import ActionUser
+from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
 from expbuild.worker.host import DEFAULT_PATH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, not_started
 from expbuild.worker.supervisor import Command, Supervisor
 
@@ -57,13 +59,20 @@ class SandboxExecutor:
         *,
         limits: LimitsSettings | None = None,
         terminate_grace: float = 1.0,
+        user: ActionUser | None = None,
     ):
         settings = settings or BackendSettings(type="sandbox")
+        self.user = user
         self.bwrap = find_bwrap()
         self.root_mode = settings.sandbox_root == "root"
         self.ro_binds = settings.sandbox_ro_binds
-        self.supervisor = Supervisor(limits or LimitsSettings(), terminate_grace=terminate_grace)
+        self.supervisor = Supervisor(
+            limits or LimitsSettings(), terminate_grace=terminate_grace, user=user
+        )
         self._self_test()
+
+    async def close(self) -> None:
+        await self.supervisor.close()
 
     def platform(self) -> dict[str, tuple[str, ...]]:
         return {"network": ("off", "on")}
@@ -175,7 +184,13 @@ class SandboxExecutor:
             "true",
         ]
         try:
-            result = subprocess.run(probe, capture_output=True, timeout=30, check=False)
+            # As the action user, if any: it is who runs bwrap for every action.
+            as_user: dict[str, Any] = (
+                {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
+                if self.user is not None
+                else {}
+            )
+            result = subprocess.run(probe, capture_output=True, timeout=30, check=False, **as_user)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ConfigError(
                 f"worker.backend.type = 'sandbox': {self.bwrap} does not run: {exc}"

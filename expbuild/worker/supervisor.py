@@ -23,18 +23,19 @@ import logging
 import marshal
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from expbuild.config import LimitsSettings
 from expbuild.worker import limits as limit_checks
+from expbuild.worker.action_user import ActionUser
 from expbuild.worker.cgroups import ActionCgroup, CgroupSupport
+from expbuild.worker.zygote import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,18 @@ class Finished:
 class Supervisor:
     """Starts commands under the launcher; one per backend, shared by concurrent actions."""
 
-    def __init__(self, limits: LimitsSettings, *, terminate_grace: float = 1.0):
+    def __init__(
+        self,
+        limits: LimitsSettings,
+        *,
+        terminate_grace: float = 1.0,
+        user: ActionUser | None = None,
+    ):
         self.limits = limits
+        self.user = user  # None: commands run as the worker's own user
         self.terminate_grace = terminate_grace
         self.cgroups = CgroupSupport.detect() if limits.cgroups else None
-        self.zygote = Zygote()
+        self.zygote = Zygote(LAUNCHER)
         if self.cgroups is not None:
             log.info("Actions run in their own cgroups (%s)", self.cgroups.describe())
         else:
@@ -95,6 +103,10 @@ class Supervisor:
                     "[worker.limits] max_processes and cpus need cgroups, which this worker "
                     "cannot create; they are not enforced"
                 )
+
+    async def close(self) -> None:
+        """Let the zygote go and wait for it; call once no action runs any more."""
+        await self.zygote.close()
 
     async def run(self, command: Command, *, name: str, timeout: float | None) -> Finished:
         """Run `command` to completion, timeout or cancellation (which propagates)."""
@@ -143,6 +155,8 @@ class Supervisor:
             "grace": self.terminate_grace,
             "parent": os.getpid(),
         }
+        if self.user is not None:
+            spec["user"] = (self.user.uid, self.user.gid)
         started_at = _now()
         try:
             try:
@@ -295,24 +309,21 @@ class Supervisor:
         return None
 
 
-class _Launched:
-    """A running launcher, whichever way it was started."""
+class _Launched(Protocol):
+    """A running launcher, whichever way it was started (exec'd, or forked by the zygote)."""
 
-    async def wait(self) -> None:
-        raise NotImplementedError
+    async def wait(self) -> None: ...
 
-    def send_signal(self, signum: int) -> None:
-        raise NotImplementedError
+    def send_signal(self, signum: int) -> None: ...
 
     async def returncode(self) -> int | None:
         """As subprocess reports it (-N for signal N); None if unknown. After wait()."""
-        raise NotImplementedError
+        ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None: ...
 
 
-class _ExecLaunched(_Launched):
+class _ExecLaunched:
     def __init__(self, process: asyncio.subprocess.Process):
         self.process = process
 
@@ -328,214 +339,8 @@ class _ExecLaunched(_Launched):
     async def returncode(self) -> int | None:
         return self.process.returncode
 
-
-class _ZygoteLaunched(_Launched):
-    """A launcher the zygote forked: not our child, so watched and signalled by pidfd."""
-
-    def __init__(self, pid: int, pidfd: int, reply: socket.socket):
-        self.pid = pid
-        self.pidfd = pidfd
-        self.reply = reply  # the zygote sends the exit code here once it reaped the launcher
-
-    async def wait(self) -> None:
-        await _readable(self.pidfd)  # a pidfd polls readable once its process has exited
-
-    def send_signal(self, signum: int) -> None:
-        if self.pidfd < 0:
-            return
-        try:
-            signal.pidfd_send_signal(self.pidfd, signum)
-        except ProcessLookupError:
-            pass
-
-    async def returncode(self) -> int | None:
-        try:
-            data = await asyncio.wait_for(_receive(self.reply, 64, 0), 5.0)
-            return int(marshal.loads(data[0])) if data and data[0] else None
-        except (TimeoutError, OSError, ValueError, EOFError, TypeError):
-            return None
-
     def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        self.reply.close()
-
-
-class Zygote:
-    """One long-lived `launcher.py --zygote` per Supervisor, started on first use.
-
-    Each action's launcher is then a fork of it rather than a new interpreter (tens of
-    milliseconds saved per action). Anything unexpected makes `launch` return None, and
-    the caller takes the exec path for that action; if the zygote cannot be started (or
-    pidfds are unavailable), it is not tried again.
-    """
-
-    def __init__(self) -> None:
-        self.usable = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
-        self.process: subprocess.Popen | None = None
-        self.control: socket.socket | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def _ensure(self) -> socket.socket | None:
-        with self._lock:
-            if (
-                self.process is not None
-                and self.process.poll() is None
-                and self.control is not None
-            ):
-                return self.control
-            self._discard()
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                self.process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-I",
-                        "-S",
-                        str(LAUNCHER),
-                        "--zygote",
-                        str(theirs.fileno()),
-                        str(os.getpid()),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    env={},
-                    pass_fds=(theirs.fileno(),),
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                log.warning(
-                    "Cannot start the launcher zygote (%s); starting each launcher anew", exc
-                )
-                ours.close()
-                self.usable = False
-                return None
-            finally:
-                theirs.close()
-            ours.setblocking(False)
-            self.control = ours
-            return ours
-
-    def _discard(self) -> None:
-        if self.control is not None:
-            self.control.close()  # EOF: it stops taking work and leaves once idle
-            self.control = None
-        if self.process is not None:
-            _reap_later(self.process)
-            self.process = None
-
-    def close(self) -> None:
-        with self._lock:
-            self._discard()
-
-    def __del__(self) -> None:
-        try:
-            self._discard()
-        except Exception:  # at interpreter shutdown, say
-            pass
-
-    async def launch(self, message: bytes, fds: tuple[int, int, int]) -> _ZygoteLaunched | None:
-        """Have the zygote fork a launcher with (stdout, stderr, status) as its descriptors."""
-        for attempt in (1, 2):  # a dead zygote is restarted once
-            control = self._ensure()
-            if control is None:
-                return None
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            ours.setblocking(False)
-            try:
-                try:
-                    await _send(control, message, [*fds, theirs.fileno()])
-                finally:
-                    theirs.close()
-                reply = await _receive(ours, 64, 1)
-            except OSError as exc:
-                reply = None
-                log.debug("The launcher zygote did not take the action (%s)", exc)
-            if reply and reply[0] and len(reply[1]) == 1:
-                try:
-                    return _ZygoteLaunched(int(marshal.loads(reply[0])), reply[1][0], ours)
-                except (ValueError, EOFError, TypeError):
-                    os.close(reply[1][0])
-            elif reply:
-                for fd in reply[1]:
-                    os.close(fd)
-            ours.close()
-            with self._lock:
-                alive = (
-                    self.control is control
-                    and self.process is not None
-                    and self.process.poll() is None
-                )
-                if alive:
-                    return None  # it refused this one (could not fork?): the exec path
-                if self.control is control:
-                    if attempt == 1:
-                        log.warning("The launcher zygote is gone; starting another")
-                    self._discard()
-        return None
-
-
-def _reap_later(process: subprocess.Popen) -> None:
-    """Reap a zygote we let go once it leaves (after its last action), without blocking."""
-    if process.poll() is None:
-        threading.Thread(target=process.wait, name="zygote-reaper", daemon=True).start()
-
-
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-async def _writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
-
-
-async def _send(sock: socket.socket, message: bytes, fds: list[int]) -> None:
-    while True:
-        try:
-            socket.send_fds(sock, [message], fds)
-            return
-        except BlockingIOError:
-            await _writable(sock.fileno())
-
-
-async def _receive(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int]] | None:
-    """One message and its descriptors; None at EOF."""
-    while True:
-        try:
-            data, fds, _flags, _address = socket.recv_fds(sock, size, max_fds)
-        except BlockingIOError:
-            await _readable(sock.fileno())
-            continue
-        if not data and not fds:
-            return None
-        return data, fds
+        pass  # asyncio owns the process's pipes and reaps it
 
 
 def _read_status(fd: int) -> dict:

@@ -1,0 +1,1 @@
+"""The Remote Asset API's domain: qualifiers, downloads into the CAS, fetch and push."""
