@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from expbuild.cas import durability as cas_durability
 from expbuild.cas.durability import boot_id
 from expbuild.cas.store import FileStore
 from expbuild.client.cas import CasClient
@@ -115,6 +117,58 @@ async def test_batch_mode_flushes_written_blobs_and_narrows_the_window(tmp_path:
     assert not store.layout.durability.dirty
     store.close()
     assert markers(root) == []
+
+
+class _ObservedLock:
+    """The store's marker lock, telling the test when a second caller starts waiting."""
+
+    def __init__(self, lock) -> None:
+        self.lock = lock
+        self.callers = 0
+        self.second_caller = threading.Event()
+
+    def __enter__(self):
+        self.callers += 1
+        if self.callers == 2:
+            self.second_caller.set()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def test_a_close_during_a_batch_flush_waits_for_it_and_leaves_no_marker(
+    tmp_path: Path, monkeypatch
+):
+    root = tmp_path / "cas"
+    store = FileStore(root, fsync="batch")
+    durability = store.layout.durability
+    lock = durability._marker_lock = _ObservedLock(durability._marker_lock)
+    flushing = threading.Event()
+    real_flush = cas_durability.flush_filesystem
+
+    def flush_until_close_waits(root: Path) -> None:
+        if not flushing.is_set():  # the flusher's call: hold it until close() is waiting
+            flushing.set()
+            assert lock.second_caller.wait(10), "close() never reached the marker lock"
+        real_flush(root)
+
+    monkeypatch.setattr(cas_durability, "flush_filesystem", flush_until_close_waits)
+    failures: list[BaseException] = []
+
+    def flusher() -> None:
+        try:
+            durability.flush()
+        except BaseException as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    flush_thread = threading.Thread(target=flusher)
+    flush_thread.start()
+    assert flushing.wait(10)
+    store.close()  # before the lock, this removed the marker under the flush's feet
+    flush_thread.join(10)
+    assert failures == []
+    assert list((root / "markers").iterdir()) == []  # no marker, no leftover .tmp
 
 
 async def test_always_mode_fsyncs_each_blob_and_keeps_no_window(tmp_path: Path):

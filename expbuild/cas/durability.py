@@ -121,6 +121,9 @@ class Durability:
         self.boot = boot_id()
         self.marker: Path | None = None
         self.dirty = False  # a blob was published since the last flush
+        # The flusher thread's flush and a clean close must not interleave: a flush that
+        # outlived close would write the marker again (or find it gone mid-write).
+        self._marker_lock = threading.Lock()
 
     @property
     def fsync_each_blob(self) -> bool:
@@ -203,20 +206,22 @@ class Durability:
 
     def flush(self) -> None:
         """Make every blob written so far durable, and narrow the marker's window to now."""
-        started = time.time()
-        self.dirty = False
-        flush_filesystem(self.root)
-        if self.marker is not None:
-            self._write_marker(started)
+        with self._marker_lock:
+            started = time.time()
+            self.dirty = False
+            flush_filesystem(self.root)
+            if self.marker is not None:
+                self._write_marker(started)
 
     def close(self) -> None:
         """A clean stop: flush, and remove this run's marker."""
         _FLUSHER.discard(self)
-        if self.marker is not None:
-            flush_filesystem(self.root)
-            self.marker.unlink(missing_ok=True)
-            fsync_directory(self.marker_dir)
-            self.marker = None
+        with self._marker_lock:
+            if self.marker is not None:
+                flush_filesystem(self.root)
+                self.marker.unlink(missing_ok=True)
+                fsync_directory(self.marker_dir)
+                self.marker = None
 
 
 class _Flusher:
@@ -247,7 +252,7 @@ class _Flusher:
             for store in due:
                 try:
                     store.flush()
-                except OSError:
+                except Exception:  # one store's failure must not stop flushing the others
                     log.exception("Flushing the CAS at %s failed; will retry", store.root)
                     store.dirty = True
 
