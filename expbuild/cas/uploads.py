@@ -191,6 +191,9 @@ class UploadSession:
         self._error: BaseException | None = None
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Future | None = None
+        # A buffer handed to a thread by write() without waiting; the next write reports
+        # its failure.
+        self._deferred: asyncio.Future | None = None
 
     @property
     def next_offset(self) -> int:
@@ -257,6 +260,7 @@ class UploadSession:
         """
         async with self._lock:
             await self._settle()
+            self._raise_deferred_failure()
             self.last_used = time.monotonic()
             if self._state == "complete":
                 return True
@@ -283,7 +287,7 @@ class UploadSession:
             if self._pending_size >= _WRITE_BUFFER:
                 # Hashed and written in a thread while the next message arrives; the next
                 # call (or abort) settles it first, and a failure fails the upload there.
-                self._start(self._apply_blocking, self._take_pending())
+                self._deferred = self._start(self._apply_blocking, self._take_pending())
             return self._state == "complete"
 
     async def abort(self) -> None:
@@ -317,6 +321,15 @@ class UploadSession:
     def _check_open(self) -> None:
         if self._state == "failed":
             raise InvalidArgument(f"blob {self.digest}: this upload failed earlier: {self._error}")
+
+    def _raise_deferred_failure(self) -> None:
+        """Raise what the buffer written in the background failed with (a full disk's
+        OSError, say), as the write that handed it over would have, rather than a later
+        "failed earlier"; once, and only to the next write of the stream."""
+        deferred, self._deferred = self._deferred, None
+        error = deferred.exception() if deferred is not None and not deferred.cancelled() else None
+        if error is not None:
+            raise error
 
     def _take_pending(self) -> list[bytes]:
         pending = self._pending
