@@ -54,7 +54,10 @@ lint: venv
 	$(VENV)/bin/ruff format --check expbuild tests bench
 	$(VENV)/bin/mypy
 
+## bench: issue #10's figures, today's (BASELINE: main before #10) and this tree's side by side
+BASELINE ?= 783a216
 bench: venv
+	$(PY) bench/noop_load.py --baseline $(BASELINE) --code .
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/execute_latency.py
 

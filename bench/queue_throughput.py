@@ -1,8 +1,10 @@
 """Queue throughput: enqueue, lease and complete against a real PostgreSQL.
 
-Prints jobs/s for several shapes and their ratio to the single-row baseline measured in
-the same run (machines are noisy; compare ratios, not absolute numbers). Also prints the
-EXPLAIN ANALYZE of the lease statement with a full queue.
+Prints jobs/s for several shapes next to the bare SKIP LOCKED loop measured in the same
+run on the same database (a table of ids and states: claim with `FOR UPDATE SKIP
+LOCKED`, mark done; no events, no operations, no NOTIFY, no fencing token). Machines are
+noisy; compare ratios, not absolute numbers. Also prints the EXPLAIN ANALYZE of the
+lease statement with a full queue.
 
     .venv/bin/python bench/queue_throughput.py [--tasks 4000] [--consumers 4]
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 from datetime import timedelta
@@ -30,6 +33,7 @@ from expbuild.digest import digest_of  # noqa: E402
 from tests.postgres import find_postgres  # noqa: E402
 
 LINUX = {"OSFamily": ["Linux"]}
+DARWIN = {"OSFamily": ["Darwin"]}
 LEASE = timedelta(minutes=5)
 
 
@@ -57,7 +61,7 @@ async def enqueue_all(pool, count: int, producers: int, tag: str) -> float:
     return count / (time.perf_counter() - started)
 
 
-async def drain(pool, consumers: int, batch: int) -> tuple[int, float]:
+async def drain(pool, consumers: int, batch: int, *, batched: bool = False) -> tuple[int, float]:
     ids = [
         await workers.register_worker(
             pool, worker_id="", name=f"bench-{i}", hostname="", platform=LINUX, max_concurrent=batch
@@ -73,6 +77,14 @@ async def drain(pool, consumers: int, batch: int) -> tuple[int, float]:
             leased = await queue.lease_tasks(pool, worker_id, LINUX, batch, LEASE)
             if not leased:
                 return
+            if batched:
+                await queue.complete_tasks(
+                    pool,
+                    worker_id,
+                    [queue.Completion(t.task_id, t.lease_token, True, b"") for t in leased],
+                )
+                done += len(leased)
+                continue
             for t in leased:
                 await queue.complete_task(
                     pool,
@@ -89,10 +101,137 @@ async def drain(pool, consumers: int, batch: int) -> tuple[int, float]:
     return done, done / (time.perf_counter() - started)
 
 
+BARE_SCHEMA = """
+DROP TABLE IF EXISTS bare_jobs;
+CREATE TABLE bare_jobs (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                        state text NOT NULL DEFAULT 'queued');
+CREATE INDEX bare_jobs_queued ON bare_jobs (id) WHERE state = 'queued';
+"""
+BARE_CLAIM = """
+UPDATE bare_jobs SET state = 'running'
+WHERE id IN (SELECT id FROM bare_jobs WHERE state = 'queued' ORDER BY id
+             FOR UPDATE SKIP LOCKED LIMIT $1)
+RETURNING id
+"""
+BARE_COMPLETE = "UPDATE bare_jobs SET state = 'done' WHERE id = ANY($1::bigint[])"
+
+
+async def bare_loop(pool, count: int, consumers: int, batch: int) -> float:
+    """The bare claim/complete loop: the same consumers and batch, nothing else."""
+    await pool.execute(BARE_SCHEMA)
+    await pool.execute(
+        "INSERT INTO bare_jobs (state) SELECT 'queued' FROM generate_series(1, $1)", count
+    )
+    await pool.execute("ANALYZE bare_jobs")
+    started = time.perf_counter()
+
+    async def consume() -> None:
+        while True:
+            ids = [r["id"] for r in await pool.fetch(BARE_CLAIM, batch)]
+            if not ids:
+                return
+            await pool.execute(BARE_COMPLETE, ids)
+
+    await asyncio.gather(*(consume() for _ in range(consumers)))
+    return count / (time.perf_counter() - started)
+
+
+async def lease_latency_by_queue_size(pool, largest: int) -> None:
+    """p50 of one lease of 8 (then their completion, so the queue keeps its size) with
+    1k, 10k, ... `largest` tasks queued: all of the worker's platform, then 90% of one
+    it lacks; and the share of heartbeat updates that were HOT."""
+    await pool.execute("TRUNCATE tasks, task_events, operations, action_cache CASCADE")
+    worker_id = await workers.register_worker(
+        pool, worker_id="", name="scale", hostname="", platform=LINUX, max_concurrent=8
+    )
+    mine = (
+        await queue.enqueue(pool, queue.NewTask("", digest_of(b"seed-mine"), LINUX), "s1")
+    ).task_id
+    theirs = (
+        await queue.enqueue(pool, queue.NewTask("", digest_of(b"seed-other"), DARWIN), "s2")
+    ).task_id
+    ids = {
+        name: await pool.fetchval("SELECT platform_id FROM tasks WHERE id = $1", task)
+        for name, task in (("mine", mine), ("theirs", theirs))
+    }
+    print("\nlease latency (p50 of one lease of 8) by queued tasks:")
+    print(f"  {'queued':>9}  {'all the worker’s':>17}  {'90% another platform':>21}")
+    # The other platform's 90% are queued first: the worst case for one queue walked in
+    # (priority, id) order and filtered row by row.
+    insert = """INSERT INTO tasks (instance_name, action_digest, platform, platform_id)
+                SELECT '', encode(sha256(gen_random_uuid()::text::bytea), 'hex') || '/1',
+                       '{}'::jsonb,
+                       CASE WHEN n > $1::bigint * 9 / 10 THEN $2::int ELSE $3::int END
+                FROM generate_series(1, $1::bigint) n"""
+
+    async def p50_lease_ms() -> float:
+        samples = []
+        for _ in range(50):
+            started = time.perf_counter()
+            leased = await queue.lease_tasks(pool, worker_id, LINUX, 8, LEASE)
+            samples.append(time.perf_counter() - started)
+            await queue.complete_tasks(
+                pool,
+                worker_id,
+                [queue.Completion(t.task_id, t.lease_token, True, b"") for t in leased],
+            )
+            await pool.execute(insert, len(leased) * 10, ids["mine"], ids["mine"])  # refill
+        return statistics.median(samples) * 1000
+
+    size = 1000
+    while size <= largest:
+        await pool.execute("TRUNCATE tasks, task_events, operations CASCADE")
+        await pool.execute(insert, size, ids["mine"], ids["theirs"])
+        await pool.execute("VACUUM ANALYZE tasks")
+        mixed = await p50_lease_ms()
+        await pool.execute("UPDATE tasks SET platform_id = $1 WHERE state = 'queued'", ids["mine"])
+        await pool.execute("VACUUM ANALYZE tasks")
+        alone = await p50_lease_ms()
+        print(f"  {size:>9,}  {alone:>14.2f} ms  {mixed:>18.2f} ms")
+        size *= 10
+
+    # Heartbeats of a worker holding 8 leases, with the queue at its largest.
+    leased = await queue.lease_tasks(pool, worker_id, LINUX, 8, LEASE)
+    running = [(t.task_id, t.lease_token) for t in leased]
+    stats = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tasks'"
+    before = await pool.fetchrow(stats)
+    while True:  # let every backend report what it did before the heartbeats
+        await asyncio.sleep(1.2)
+        settled = await pool.fetchrow(stats)
+        if settled == before:
+            break
+        before = settled
+    async with pool.acquire() as conn:
+        for _ in range(200):
+            await workers.heartbeat(conn, worker_id, running, LEASE)
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    deadline = time.monotonic() + 10
+    while (after := await pool.fetchrow(stats))["n_tup_upd"] < before["n_tup_upd"] + 1600:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    updates = after["n_tup_upd"] - before["n_tup_upd"]
+    hot = after["n_tup_hot_upd"] - before["n_tup_hot_upd"]
+    extended = 200 * len(running)
+    print(
+        f"  heartbeats: {extended} lease extensions; HOT task updates meanwhile: {hot} "
+        f"({100 * min(hot, extended) / extended:.0f}% of the extensions; "
+        f"{updates} task updates in all, other backends' included)"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=4000)
     parser.add_argument("--consumers", type=int, default=4)
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time leases with up to N queued tasks (1k, 10k, ... N), 90%% for a "
+        "platform the worker lacks",
+    )
     args = parser.parse_args()
 
     with find_postgres() as (source, admin_url):
@@ -104,15 +243,22 @@ async def main() -> None:
         print(f"enqueue (1 task + operation + event + NOTIFY per transaction): {rate:8.0f} tasks/s")
         await drain(pool, args.consumers, 32)
 
-        print("lease + complete, by lease batch size:")
-        baseline = None
+        print(
+            "lease + complete vs the bare SKIP LOCKED loop, by lease batch size "
+            "(completions one by one, as CompleteTask sends them, and in one complete_tasks):"
+        )
         for batch in (1, 8, 32):
             await enqueue_all(pool, args.tasks, args.consumers, f"b{batch}")
-            done, rate = await drain(pool, args.consumers, batch)
-            baseline = baseline or rate
+            done, single = await drain(pool, args.consumers, batch)
+            await enqueue_all(pool, args.tasks, args.consumers, f"bb{batch}")
+            done, batched = await drain(pool, args.consumers, batch, batched=True)
+            bare = await bare_loop(pool, args.tasks, args.consumers, batch)
             print(
-                f"  batch {batch:3d}: {rate:8.0f} tasks/s  ({rate / baseline:4.1f}x batch 1, {done} tasks)"
+                f"  batch {batch:3d}: bare {bare:7.0f}/s; ours {single:7.0f}/s ({single / bare:4.2f}x), "
+                f"completions batched {batched:7.0f}/s ({batched / bare:4.2f}x)"
             )
+        if args.scale:
+            await lease_latency_by_queue_size(pool, args.scale)
 
         await enqueue_all(pool, args.tasks, args.consumers, "explain")
         # As autovacuum would have by now: with fresh statistics the planner walks the

@@ -116,6 +116,9 @@ class DatabaseSettings:
     embedded_data_dir: str = ""
 
 
+CAS_FSYNC_MODES = ("always", "batch", "never")  # expbuild.cas.durability.FSYNC_MODES
+
+
 @dataclass(frozen=True)
 class CasSettings:
     root: str = ""
@@ -123,6 +126,8 @@ class CasSettings:
     max_size: int = 0
     # How often a replica checks the store's size (one replica at a time evicts).
     eviction_interval: timedelta = timedelta(seconds=60)
+    # "always" | "batch" | "never": when blobs reach the disk (expbuild/cas/durability.py).
+    fsync: str = "batch"
 
 
 @dataclass(frozen=True)
@@ -632,6 +637,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
     cas_field = _reader(c, "cas")
     cas = CasSettings(
         root=str(_get(c, "root", "")),
+        fsync=_choice(_get(c, "fsync", CasSettings.fsync), "cas.fsync", CAS_FSYNC_MODES),
         max_size=cas_field("max_size", _size_or_off, CasSettings()),
         eviction_interval=cas_field("eviction_interval", _duration, CasSettings()),
     )

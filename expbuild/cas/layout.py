@@ -6,8 +6,9 @@ Layout under the root directory::
     tmp/<hash>.<uuid4 hex>                blobs being written
     tmp/upload-<key>                      partial data of a resumable upload
 
-A blob file appears only by an atomic rename of a complete, verified and fsynced
-temporary file. Everything here is blocking; the store calls it from worker threads.
+A blob file appears only by an atomic rename of a complete, verified temporary file,
+fsynced first or flushed later as `[cas] fsync` says (`expbuild.cas.durability`).
+Everything here is blocking; the store calls it from worker threads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from expbuild.cas.durability import Durability, fsync_directory
 from expbuild.digest import EMPTY, HASH_NAME, Digest
 from expbuild.errors import InvalidArgument
 
@@ -86,11 +88,12 @@ def read_file_chunks(f: BinaryIO) -> Iterator[bytes]:
 class Layout:
     """The directories of a CAS under `root`, created if need be."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: str = "batch") -> None:
         self.root = Path(root)
         self.blob_dir = self.root / HASH_NAME
         self.tmp_dir = self.root / "tmp"
-        self.fsync = fsync
+        self.durability = Durability(self.root, self.blob_dir, fsync)
+        self.fsync = self.durability.fsync_each_blob
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
@@ -152,17 +155,9 @@ class Layout:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
         if self.fsync:
-            # Persist the directory entry too; best effort where directories can't be fsynced.
-            try:
-                fd = os.open(final.parent, os.O_RDONLY)
-            except OSError:
-                return
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            fsync_directory(final.parent)  # the directory entry too
+        else:
+            self.durability.dirty = True
 
 
 __all__ = [

@@ -7,9 +7,10 @@ What callers may rely on:
 
 * Every blob the store accepts has been checked against its digest (SHA-256
   and size); a mismatch raises `InvalidArgument` and stores nothing.
-* A blob file appears only by an atomic rename of a complete, verified and
-  fsynced temporary file, so readers never see a partial blob and any number
-  of concurrent writers of the same blob all succeed.
+* A blob file appears only by an atomic rename of a complete, verified
+  temporary file, so readers never see a partial blob and any number of
+  concurrent writers of the same blob all succeed. When it reaches the disk, and
+  what an OS crash may do to it: `expbuild.cas.durability` (`[cas] fsync`).
 * A blob that is already present is not rewritten (its mtime is bumped
   instead, which the LRU eviction reads as "recently used"). Reads (`get`,
   `get_many`, `read_chunks`) count as use too, but cheaply: they bump the mtime
@@ -67,19 +68,23 @@ class FileStore:
         self,
         root: Path,
         *,
-        fsync: bool = True,
+        fsync: str | bool = "batch",
         stale_temp_age: float = STALE_TEMP_AGE,
         upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT,
         max_idle_uploads: int = MAX_IDLE_UPLOADS,
     ) -> None:
         """Create the directories and remove temporary files older than `stale_temp_age`.
 
-        `fsync=False` skips the fsync of blob files and directories: faster, but a
-        machine crash may leave a truncated blob behind. Meant for tests only.
+        `fsync` is `[cas] fsync`: "always", "batch" or "never" (True and False stand
+        for "always" and "never"); see `expbuild.cas.durability` for what each promises.
+        A store that finds it was written without fsync before an OS restart re-hashes
+        the blobs of that window here and deletes the damaged ones.
         `upload_idle_timeout` and `max_idle_uploads` bound the unfinished resumable
         uploads kept (see `open_upload`).
         Construction does blocking I/O; build the store before serving.
         """
+        if isinstance(fsync, bool):
+            fsync = "always" if fsync else "never"
         self.layout = Layout(root, fsync=fsync)
         self.root, self.blob_dir, self.tmp_dir = (
             self.layout.root,
@@ -90,6 +95,11 @@ class FileStore:
             self.layout, idle_timeout=upload_idle_timeout, max_idle=max_idle_uploads
         )
         self.layout.remove_stale_temp_files(stale_temp_age)
+        self.layout.durability.start()
+
+    def close(self) -> None:
+        """Flush what is not on disk yet and end this run's crash window (a clean stop)."""
+        self.layout.durability.close()
 
     def path_of(self, digest: Digest) -> Path:
         """Where the blob's file lives (whether or not it exists). Never write to it."""

@@ -191,6 +191,9 @@ class UploadSession:
         self._error: BaseException | None = None
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Future | None = None
+        # A buffer handed to a thread by write() without waiting; the next write reports
+        # its failure.
+        self._deferred: asyncio.Future | None = None
 
     @property
     def next_offset(self) -> int:
@@ -257,6 +260,7 @@ class UploadSession:
         """
         async with self._lock:
             await self._settle()
+            self._raise_deferred_failure()
             self.last_used = time.monotonic()
             if self._state == "complete":
                 return True
@@ -281,7 +285,9 @@ class UploadSession:
                 await self._run(self._finish_blocking, self._take_pending())
                 return True
             if self._pending_size >= _WRITE_BUFFER:
-                await self._run(self._apply_blocking, self._take_pending())
+                # Hashed and written in a thread while the next message arrives; the next
+                # call (or abort) settles it first, and a failure fails the upload there.
+                self._deferred = self._start(self._apply_blocking, self._take_pending())
             return self._state == "complete"
 
     async def abort(self) -> None:
@@ -316,6 +322,15 @@ class UploadSession:
         if self._state == "failed":
             raise InvalidArgument(f"blob {self.digest}: this upload failed earlier: {self._error}")
 
+    def _raise_deferred_failure(self) -> None:
+        """Raise what the buffer written in the background failed with (a full disk's
+        OSError, say), as the write that handed it over would have, rather than a later
+        "failed earlier"; once, and only to the next write of the stream."""
+        deferred, self._deferred = self._deferred, None
+        error = deferred.exception() if deferred is not None and not deferred.cancelled() else None
+        if error is not None:
+            raise error
+
     def _take_pending(self) -> list[bytes]:
         pending = self._pending
         self._pending = []
@@ -328,12 +343,15 @@ class UploadSession:
         if inflight is not None and not inflight.done():
             await asyncio.wait([inflight])
 
-    async def _run(self, fn, *args):
+    def _start(self, fn, *args) -> asyncio.Future:
         future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         self._inflight = future
         future.add_done_callback(self._thread_done)
+        return future
+
+    async def _run(self, fn, *args):
         # Shielded: cancelling the caller must not abandon a half-applied chunk.
-        return await asyncio.shield(future)
+        return await asyncio.shield(self._start(fn, *args))
 
     def _thread_done(self, future: asyncio.Future) -> None:
         if future.cancelled():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from expbuild import aio
 from expbuild.auth.exposure import check_exposure
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 from expbuild.config import ConfigError, Settings, data_dir
@@ -142,7 +143,7 @@ def run_replica(settings: Settings, *, local_workers: int) -> None:
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
         try:
-            asyncio.run(serve(settings, url, local_workers=local_workers))
+            aio.run(serve(settings, url, local_workers=local_workers))
         except ConfigError as exc:  # e.g. the worker backend cannot work on this host
             raise click.ClickException(f"configuration error: {exc}") from None
         except DatabaseUnavailable as exc:

@@ -9,6 +9,7 @@ import signal
 
 import click
 
+from expbuild import aio
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 
 log = logging.getLogger("expbuild.worker")
@@ -58,7 +59,7 @@ def daemon_command(
     if max_concurrent_tasks:
         worker = replace(worker, max_concurrent_tasks=max_concurrent_tasks)
     try:
-        asyncio.run(_run_agent(worker))
+        aio.run(_run_agent(worker))
     except (ConfigError, ChannelSecurityError) as exc:  # e.g. the backend cannot work here
         raise click.ClickException(f"configuration error: {exc}") from None
 

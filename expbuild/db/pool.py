@@ -35,6 +35,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to the pool.
+
+    asyncpg's default reset sends `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL` on every release: a round trip and a transaction per query served, about as many
+    as the queries themselves. Pool connections never take session locks, LISTEN, SET or
+    open cursors (db/locks.py and db/notifications.py use connections of their own), and
+    asyncpg still rolls back a transaction left open before this runs.
+    """
+
+
 SERVER_SETTINGS = {
     # A transaction left open by a bug must not hold row locks (and block the queue) forever.
     "idle_in_transaction_session_timeout": "60000",
@@ -56,6 +67,7 @@ async def create_pool(
                 min_size=min_size,
                 max_size=max_size,
                 init=_init_connection,
+                reset=_keep_session,
                 server_settings=SERVER_SETTINGS,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:

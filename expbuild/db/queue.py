@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
+
 from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.digest import Digest
@@ -200,6 +202,10 @@ async def complete_task(
     )
     if row is None:
         raise await _refusal(db, task_id, worker_id, "complete")
+    return _completed(row)
+
+
+def _completed(row: asyncpg.Record) -> CompletedTask:
     return CompletedTask(
         task_id=row["id"],
         instance_name=row["instance_name"],
@@ -208,6 +214,47 @@ async def complete_task(
         leased_at=row["leased_at"],
         completed_at=row["completed_at"],
     )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One leased task's result, for `complete_tasks`."""
+
+    task_id: int
+    lease_token: str
+    succeeded: bool
+    response: bytes
+    cache_result: bytes | None = None
+    detail: dict[str, Any] | None = None
+
+
+async def complete_tasks(
+    db: Database, worker_id: str, completions: list[Completion]
+) -> dict[int, CompletedTask | Exception]:
+    """`complete_task` for several of one worker's leases in one statement and commit.
+
+    Returns, per task id, what `complete_task` would have: the `CompletedTask` when it was
+    applied, else the `Aborted` (or `NotFound`) it would have raised; a refused completion
+    changes nothing.
+    """
+    if not completions:
+        return {}
+    tokens = [_uuid(c.lease_token, c.task_id) for c in completions]
+    rows = await db.fetch(
+        sql("complete_tasks"),
+        [c.task_id for c in completions],
+        tokens,
+        worker_id,
+        ["completed" if c.succeeded else "failed" for c in completions],
+        [c.response for c in completions],
+        [c.cache_result for c in completions],
+        [c.detail or {} for c in completions],
+    )
+    applied = {r["id"]: _completed(r) for r in rows}
+    return {
+        c.task_id: applied.get(c.task_id) or await _refusal(db, c.task_id, worker_id, "complete")
+        for c in completions
+    }
 
 
 async def release_task(

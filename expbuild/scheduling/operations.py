@@ -73,6 +73,17 @@ def final_response(record: OperationRecord) -> re_pb2.ExecuteResponse:
     return re_pb2.ExecuteResponse(status=status, message=status.message)
 
 
+def final_response_bytes(record: OperationRecord) -> bytes:
+    """`final_response` serialized: the stored bytes as they are when there are some, so
+    sending a finished operation does not parse and re-serialize its response."""
+    cancelled = record.cancelled_at is not None or record.task_state == "cancelled"
+    if record.cached_result is not None:
+        return record.cached_result
+    if record.result is not None and not cancelled:
+        return record.result
+    return final_response(record).SerializeToString()
+
+
 def operation_name(name: str) -> str:
     """A client-given operation name, fit to look up (names this server gives are UUIDs)."""
     if not name:

@@ -32,7 +32,7 @@ from expbuild.scheduling.actions import (
     load_action,
 )
 from expbuild.scheduling.cached_results import lookup_cached_result
-from expbuild.scheduling.platforms import check_platform_offered
+from expbuild.scheduling.platforms import PlatformOffers, check_platform_offered
 from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,12 @@ async def submit_action(
     skip_cache_lookup: bool = False,
     priority: int = 0,
     inline: Inline = Inline(),
+    offers: PlatformOffers | None = None,
 ) -> Submitted:
     """Answer the action from the cache or queue it; the operation exists on return,
-    owned by `principal`."""
+    owned by `principal`.
+
+    `offers` is the replica's memory of offered platforms (asked afresh without it)."""
     operation_name = str(uuid.uuid4())
     if not skip_cache_lookup:
         cached = await lookup_cached_result(pool, store, instance, digest)
@@ -121,7 +124,10 @@ async def submit_action(
     platform = loaded.platform
     timeout = effective_timeout(loaded.action, settings.max_action_timeout)
     if settings.reject_unmatched_platforms:
-        await check_platform_offered(pool, platform)
+        if offers is not None:
+            await offers.check(pool, platform)
+        else:
+            await check_platform_offered(pool, platform)
     if settings.max_queued_tasks:
         await check_queue_room(pool, instance, settings.max_queued_tasks)
     enqueued = await queue.enqueue(

@@ -124,7 +124,7 @@ class ServerApp:
         async with self.pool.acquire() as conn:
             for migration in await migrate(conn):
                 log.info("Applied migration %04d_%s", migration.version, migration.name)
-        self.store = FileStore(settings.cas_root())
+        self.store = FileStore(settings.cas_root(), fsync=settings.cas.fsync)
         self.notifications = Notifications(
             self.database_url, settings.server.notify_fallback_interval
         )
@@ -419,6 +419,8 @@ class ServerApp:
             except TimeoutError:
                 log.warning("Database connections still busy at shutdown; closing them")
                 self.pool.terminate()
+        if hasattr(self, "store"):
+            await asyncio.to_thread(self.store.close)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from google.longrunning import operations_pb2
-from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from expbuild.db.operations import OperationRecord
 from expbuild.digest import Digest, digest_field
 from expbuild.proto import remote_execution_pb2 as re_pb2
-from expbuild.scheduling.operations import Stage, final_response, stage_of
+from expbuild.scheduling.operations import Stage, final_response_bytes, stage_of
+
+# Any.Pack's type URL for an ExecuteResponse, so stored responses are sent as they are.
+_RESPONSE_TYPE_URL = "type.googleapis.com/" + re_pb2.ExecuteResponse.DESCRIPTOR.full_name
 
 __all__ = ["digest_field", "duration", "operation", "timestamp", "to_operation"]
 
@@ -45,9 +48,7 @@ def operation(
     message = operations_pb2.Operation(name=name, done=response is not None)
     message.metadata.Pack(metadata)
     if response is not None:
-        packed = any_pb2.Any()
-        packed.Pack(response)
-        message.response.CopyFrom(packed)
+        message.response.Pack(response)
     return message
 
 
@@ -69,7 +70,6 @@ def to_operation(record: OperationRecord) -> operations_pb2.Operation:
     message = operations_pb2.Operation(name=record.name, done=record.done)
     message.metadata.Pack(metadata)
     if record.done:
-        response = any_pb2.Any()
-        response.Pack(final_response(record))
-        message.response.CopyFrom(response)
+        message.response.type_url = _RESPONSE_TYPE_URL
+        message.response.value = final_response_bytes(record)
     return message

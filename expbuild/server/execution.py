@@ -17,6 +17,7 @@ from expbuild.digest import check_digest_function, digest_field
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.scheduling.operations import OperationTracker
+from expbuild.scheduling.platforms import PlatformOffers
 from expbuild.scheduling.submission import Inline, inline_into, submit_action
 from expbuild.server.convert import operation, to_operation
 from expbuild.server.instances import InstanceNames
@@ -40,6 +41,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         self.tracker = tracker
         self.instances = instances
         self.settings = settings
+        self.offers = PlatformOffers()  # this replica's, for every Execute it serves
 
     @rpc
     async def Execute(self, request: re_pb2.ExecuteRequest, context: grpc.aio.ServicerContext):
@@ -60,6 +62,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             skip_cache_lookup=request.skip_cache_lookup,
             priority=request.execution_policy.priority,
             inline=inline,
+            offers=self.offers,
         )
         EXECUTE_REQUESTS.labels(submitted.outcome).inc()
         if not request.skip_cache_lookup:

@@ -7,10 +7,22 @@
 -- insert attempt and the lookup; the caller retries. NOTIFY only when a task was added.
 -- $1 instance_name, $2 action_digest, $3 platform, $4 priority, $5 do_not_cache,
 -- $6 timeout, $7 max_attempts, $8 operation name
-WITH inserted AS (
+WITH known_platform AS (
+    SELECT id FROM task_platforms WHERE platform = $3::jsonb
+), new_platform AS (
+    -- The first task of a platform makes its queue. A concurrent first insert of the
+    -- same platform leaves both CTEs empty: no task is inserted, no row comes back, and
+    -- the caller's retry finds the platform.
+    INSERT INTO task_platforms (platform)
+    SELECT $3::jsonb WHERE NOT EXISTS (SELECT 1 FROM known_platform)
+    ON CONFLICT (platform) DO NOTHING
+    RETURNING id
+), platform AS (
+    SELECT id FROM known_platform UNION ALL SELECT id FROM new_platform
+), inserted AS (
     INSERT INTO tasks (instance_name, action_digest, platform, priority, do_not_cache,
-                       timeout, max_attempts)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+                       timeout, max_attempts, platform_id)
+    SELECT $1, $2, $3, $4, $5, $6, $7, platform.id FROM platform
     ON CONFLICT (instance_name, action_digest)
         WHERE state IN ('queued', 'leased') AND NOT do_not_cache
         DO NOTHING
@@ -46,12 +58,22 @@ SELECT count(*) FROM (
 -- name: lease_tasks
 -- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1, oldest of
 -- the most urgent first. SKIP LOCKED lets any number of pollers run this at once.
+-- Each platform the worker satisfies is its own range of tasks_queue_idx, walked in
+-- (priority, id) order for at most $3 rows; queues of other platforms are never read,
+-- so the cost does not grow with the queue (bench/queue_throughput.py --scale).
 -- $1 worker_id, $2 worker platform, $3 limit, $4 lease duration
-WITH picked AS (
-    SELECT id FROM tasks
-    WHERE state = 'queued' AND platform <@ $2::jsonb
-    ORDER BY priority, id
-    FOR UPDATE SKIP LOCKED
+WITH offered AS (
+    SELECT id FROM task_platforms WHERE platform <@ $2::jsonb
+), picked AS (
+    SELECT c.id FROM offered
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.priority FROM tasks t
+        WHERE t.state = 'queued' AND t.platform_id = offered.id
+        ORDER BY t.priority, t.id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) c
+    ORDER BY c.priority, c.id
     LIMIT $3
 ), leased AS (
     UPDATE tasks t
@@ -89,6 +111,39 @@ WITH done AS (
     INSERT INTO action_cache (instance_name, action_digest, result)
     SELECT instance_name, action_digest, $6 FROM done
     WHERE $6::bytea IS NOT NULL AND NOT do_not_cache
+    ON CONFLICT (instance_name, action_digest)
+        DO UPDATE SET result = excluded.result, created_at = now()
+)
+SELECT id, instance_name, platform, queued_at, leased_at, completed_at,
+       pg_notify('expbuild_task_done', id::text) AS notified
+FROM done;
+
+-- name: complete_tasks
+-- complete_task for several leases of one worker in one statement (and one commit): each
+-- element is applied only under its own current lease; the tasks that were applied come
+-- back with complete_task's columns (timestamps for the metrics), the rest changed nothing.
+-- $1 task ids, $2 lease tokens, $3 worker_id, $4 final states, $5 ExecuteResponse bytes,
+-- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $4::text[], $5::bytea[], $6::bytea[],
+                         $7::jsonb[]) AS i(id, token, state, result, cache_result, detail)
+), done AS (
+    UPDATE tasks t
+    SET state = i.state, result = i.result, completed_at = now(), lease_expires_at = NULL
+    FROM input i
+    WHERE t.id = i.id AND t.lease_token = i.token AND t.worker_id = $3 AND t.state = 'leased'
+    RETURNING t.id, t.instance_name, t.action_digest, t.attempts, t.worker_id, t.do_not_cache,
+              t.platform, t.queued_at, t.leased_at, t.completed_at,
+              i.state AS final_state, i.cache_result, i.detail
+), event AS (
+    INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
+    SELECT id, final_state, worker_id, attempts, detail FROM done ORDER BY id
+), cached AS (
+    INSERT INTO action_cache (instance_name, action_digest, result)
+    SELECT DISTINCT ON (instance_name, action_digest) instance_name, action_digest, cache_result
+    FROM done
+    WHERE cache_result IS NOT NULL AND NOT do_not_cache
+    ORDER BY instance_name, action_digest, id DESC
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
 )
