@@ -70,15 +70,18 @@ async def test_os_family_is_respelled_for_rows_written_before_the_upgrade(
         await conn.execute(
             """INSERT INTO tasks (instance_name, action_digest, platform, state) VALUES
                ('', 'a/1', '{"OSFamily": ["Linux"]}', 'queued'),
-               ('', 'b/1', '{"OSFamily": ["Linux"]}', 'completed')"""
+               ('', 'b/1', '{"OSFamily": ["Linux"]}', 'completed'),
+               ('', 'c/1', '{"OSFamily": ["Linux"]}', 'leased')"""
         )
-        assert [m.name for m in await migrate(conn)] == ["os_family_lexicon"]
+        applied = [m.name for m in await migrate(conn)]
+        assert applied[0] == "os_family_lexicon", applied
         workers = dict(await conn.fetch("SELECT id, platform::text FROM workers"))
         assert json.loads(workers["old"]) == {"OSFamily": ["linux"], "Arch": ["x86_64"]}
         assert sorted(json.loads(workers["odd"])["OSFamily"]) == ["Plan9", "windows"]
         tasks = dict(await conn.fetch("SELECT action_digest, platform::text FROM tasks"))
         # Queued tasks are matched from now on; finished ones are history, left as written.
         assert json.loads(tasks["a/1"]) == {"OSFamily": ["linux"]}
+        assert json.loads(tasks["c/1"]) == {"OSFamily": ["linux"]}  # may be requeued
         assert json.loads(tasks["b/1"]) == {"OSFamily": ["Linux"]}
     finally:
         await conn.close()
