@@ -69,7 +69,12 @@ class Notifications:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+            try:
+                # Cancelled mid-query (the liveness probe), a graceful close can wait for
+                # ever; a replica's exit must not.
+                await self._conn.close(timeout=5)
+            except (TimeoutError, asyncpg.PostgresError, OSError):
+                self._conn.terminate()
         self._connected.clear()
         self._wake_all()  # waiters still sleeping fall back to polling
 
