@@ -66,8 +66,8 @@ class Notifications:
     async def stop(self) -> None:
         if self._supervisor:
             self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+            # Bounded: a replica's exit must not hang on its listener.
+            await asyncio.wait({self._supervisor}, timeout=10)
         if self._conn is not None and not self._conn.is_closed():
             try:
                 # Cancelled mid-query (the liveness probe), a graceful close can wait for
@@ -117,11 +117,17 @@ class Notifications:
 
     async def _watch(self, conn: asyncpg.Connection, closed: asyncio.Event) -> None:
         """Return when the connection closes or stops answering."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # lands as its inner await finishes, and `stop` would then wait for ever.
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closed.wait(), timeout=self.check_interval)
+            try:
+                async with asyncio.timeout(self.check_interval):
+                    await closed.wait()
                 return
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=self.check_interval)
+            except TimeoutError:
+                pass
+            async with asyncio.timeout(self.check_interval):
+                await conn.fetchval("SELECT 1")
 
     def _wait_seconds(self, timeout: float) -> float:
         return timeout if self.connected else min(timeout, self.fallback_interval)
