@@ -43,6 +43,9 @@ def test_streaming_decode_in_bounded_pieces():
     decoder.check_complete()
     assert b"".join(out) == DATA
     assert all(0 < len(piece) <= PIECE_BYTES for piece in out)
+    # Fed at once, the output comes in whole pieces of the configured size.
+    whole = ZstdDecoder(digest).decode(compressed)
+    assert [len(piece) for piece in whole[:-1]] == [PIECE_BYTES] * (len(whole) - 1)
 
 
 def test_concatenated_frames_and_an_offset():

@@ -78,10 +78,9 @@ class ZstdDecoder:
         self.digest = digest
         self.received = offset  # uncompressed bytes of the blob up to the end of the output
         self._sink = _Sink()
+        # The sink only has write, flush and close: enough for the stream writer.
         self._writer = zstandard.ZstdDecompressor().stream_writer(
-            cast(
-                IO[bytes], self._sink
-            ),  # it only calls write, flush and close write_size=PIECE_BYTES, write_return_read=True
+            cast(IO[bytes], self._sink), write_size=PIECE_BYTES, write_return_read=True
         )
 
     def feed(self, data: bytes, target: Callable[[bytes], object]) -> None:
