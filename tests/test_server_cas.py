@@ -266,6 +266,27 @@ async def test_batch_update_and_read_with_per_blob_errors(env):
     await healthy(env)
 
 
+async def test_batch_disk_error_is_internal_with_an_incident_id(env, caplog):
+    # The store's temp directory replaced by a file: writing any new blob fails (ENOTDIR).
+    env.store.tmp_dir.rmdir()
+    env.store.tmp_dir.write_bytes(b"")
+    data = b"a blob the disk refuses"
+    response = await env.cas.BatchUpdateBlobs(
+        re_pb2.BatchUpdateBlobsRequest(
+            requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=proto(digest_of(data)), data=data)
+            ]
+        )
+    )
+    status = response.responses[0].status
+    assert status.code == grpc.StatusCode.INTERNAL.value[0]
+    # The client gets an id to quote; the path stays in the server's log under that id.
+    assert "internal error (id" in status.message and str(env.store.root) not in status.message
+    incident = status.message.split("(id ")[1].split(")")[0]
+    assert any(incident in r.getMessage() and r.exc_info for r in caplog.records)
+    assert not stored(env.store, digest_of(data))
+
+
 async def test_batch_over_the_limit_is_rejected_whole(env):
     a, b = os.urandom(600 * 1024), os.urandom(600 * 1024)
     Req = re_pb2.BatchUpdateBlobsRequest.Request

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import errno
 import logging
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 
 from expbuild.cas.chunking import splice_blob, split_blob
 from expbuild.cas.store import FileStore
@@ -27,7 +27,7 @@ from expbuild.reapi.compression import ZSTD
 from expbuild.reapi.status import ok_status, to_status
 from expbuild.server.instances import InstanceNames
 from expbuild.server.metrics import CAS_BLOBS_READ, CAS_BYTES_READ
-from expbuild.server.status import rpc
+from expbuild.server.status import client_status, rpc
 from expbuild.text import quoted
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,10 @@ def compressor_name(value: int) -> str | None:
         return f"compressor #{value}"
 
 
-def _blob_status(error: Exception | None, digest: Digest | None = None):
-    """The per-blob google.rpc.Status for a batch entry."""
-    if error is None:
-        return ok_status()
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        error = ResourceExhausted(f"no disk space left to store blob {digest}")
-    elif isinstance(error, OSError):
-        log.error("disk error on blob %s: %s", digest, error)
-    return to_status(error)
+def _blob_status(error: Exception | None, where: str) -> status_pb2.Status:
+    """The per-blob google.rpc.Status of a batch entry, worded as a call's would be
+    (`where` names the call and blob in the log line of an internal error)."""
+    return ok_status() if error is None else client_status(error, where)
 
 
 def _page_token(root: Digest, offset: int) -> str:
@@ -141,7 +136,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
             items.append((digest, r.data, compressor_name(r.compressor)))
             slots.append(i)
         for slot, item, error in zip(slots, items, await self._store.put_many(items), strict=True):
-            statuses[slot] = _blob_status(error, item[0])
+            statuses[slot] = _blob_status(error, f"BatchUpdateBlobs (blob {item[0]})")
         return re_pb2.BatchUpdateBlobsResponse(
             responses=[
                 re_pb2.BatchUpdateBlobsResponse.Response(digest=r.digest, status=status)
@@ -174,7 +169,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         for slot, digest, result in zip(slots, digests, results, strict=True):
             response = responses[slot]
             if isinstance(result, Exception):
-                response.status.CopyFrom(_blob_status(result, digest))
+                response.status.CopyFrom(_blob_status(result, f"BatchReadBlobs (blob {digest})"))
             else:
                 response.data = result
                 response.compressor = wire_compressor
@@ -207,12 +202,8 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         ]
         # Whatever chunking_function the client used, the check is the same: the chunks
         # must concatenate to blob_digest.
-        try:
-            spliced = await asyncio.to_thread(splice_blob, self._store, digest, chunks)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(f"no disk space left to splice blob {digest}") from None
-            raise
+        # A full disk becomes RESOURCE_EXHAUSTED in `rpc`, as for every call.
+        spliced = await asyncio.to_thread(splice_blob, self._store, digest, chunks)
         return re_pb2.SpliceBlobResponse(blob_digest=spliced.to_proto())
 
     @rpc

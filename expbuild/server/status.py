@@ -17,6 +17,7 @@ import logging
 import uuid
 
 import grpc
+from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
 from expbuild.db.outages import is_database_outage, outage_error
@@ -41,26 +42,31 @@ def domain_error(error: BaseException) -> BaseException:
     return error
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
+def client_status(error: BaseException, method: str) -> status_pb2.Status:
+    """The google.rpc.Status a client is told for `error`, raised while serving `method`.
+
+    A domain error keeps its code and (shortened) message; anything else is INTERNAL with
+    an incident id, its text and traceback going to the server log under that id (the
+    text may hold paths, SQL or the client's own input)."""
     error = domain_error(error)
-    code = grpc_code(error_code(error))
-    if code == grpc.StatusCode.INTERNAL:
-        # The client gets an id to quote; the text (which may hold paths, SQL or the
-        # client's own input) stays in the log line with that id.
+    if error_code(error) == code_pb2.INTERNAL:
         incident = uuid.uuid4().hex[:12]
         log.error(
             "internal error %s in %s: %s", incident, method, shorten(str(error)), exc_info=error
         )
-        message = f"internal error (id {incident}); the server log has the details"
-    else:
-        message = shorten(str(error), MAX_MESSAGE_CHARS)
-        log.info("%s: %s: %s", method, code.name, shorten(message))
-    status = to_status(error, message)
-    status.code = code.value[0]
+        return to_status(error, f"internal error (id {incident}); the server log has the details")
+    return to_status(error, shorten(str(error), MAX_MESSAGE_CHARS))
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str):
+    status = client_status(error, method)
+    code = grpc_code(status.code)
+    if code != grpc.StatusCode.INTERNAL:
+        log.info("%s: %s: %s", method, code.name, shorten(status.message))
     if status.details:
         # Clients (Bazel) read PreconditionFailure from the grpc-status-details-bin trailer.
         context.set_trailing_metadata(status_trailer(status))
-    await context.abort(code, message)
+    await context.abort(code, status.message)
 
 
 def rpc(method):
