@@ -415,7 +415,7 @@ async def test_read_errors(env):
         read(env, read_name(d), offset=11), grpc.StatusCode.OUT_OF_RANGE, "past the end"
     )
     await rpc_error(read(env, read_name(d), offset=-1), grpc.StatusCode.OUT_OF_RANGE, "negative")
-    await rpc_error(read(env, read_name(d), limit=-1), grpc.StatusCode.OUT_OF_RANGE, "negative")
+    await rpc_error(read(env, read_name(d), limit=-1), INVALID, "read_limit -1 is negative")
     absent = digest_of(b"absent")
     await rpc_error(read(env, read_name(absent)), grpc.StatusCode.NOT_FOUND, absent.hash)
     await healthy(env)

@@ -38,8 +38,8 @@ class ByteStreamServicer(bytestream_pb2_grpc.ByteStreamServicer):
         self._instances.check(resource.instance_name)
         if request.read_offset < 0:
             raise OutOfRange(f"read_offset {request.read_offset} is negative")
-        if request.read_limit < 0:
-            raise OutOfRange(f"read_limit {request.read_limit} is negative")
+        if request.read_limit < 0:  # not a position: no state of the blob makes it valid
+            raise InvalidArgument(f"read_limit {request.read_limit} is negative")
         if resource.compressor is not None:
             if request.read_limit:
                 raise InvalidArgument(
