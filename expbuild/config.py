@@ -330,12 +330,8 @@ def _url_list(value: Any, key: str) -> str:
 
 
 def parse_duration(value: Any, key: str) -> timedelta:
-    """A positive duration: seconds, or "500ms", "30s", "5m", "1h", "7d"; the error names `key`."""
-    return _duration(value, key)
-
-
-def _duration(value: Any, key: str) -> timedelta:
-    """Seconds as a number, or a string with a unit: "500ms", "30s", "5m", "1h", "7d"."""
+    """A positive duration: seconds as a number, or a string with a unit ("500ms", "30s",
+    "5m", "1h", "7d"); the error names `key`."""
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
@@ -576,23 +572,23 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         address=address,
         metrics_address=metrics_address,
         instance_names=tuple(str(n) for n in instance_names),
-        lease_duration=srv("lease_duration", _duration, defaults_server),
-        heartbeat_interval=srv("heartbeat_interval", _duration, defaults_server),
-        worker_offline_timeout=srv("worker_offline_timeout", _duration, defaults_server),
-        worker_disconnect_grace=srv("worker_disconnect_grace", _duration, defaults_server),
+        lease_duration=srv("lease_duration", parse_duration, defaults_server),
+        heartbeat_interval=srv("heartbeat_interval", parse_duration, defaults_server),
+        worker_offline_timeout=srv("worker_offline_timeout", parse_duration, defaults_server),
+        worker_disconnect_grace=srv("worker_disconnect_grace", parse_duration, defaults_server),
         max_queued_tasks=srv("max_queued_tasks", _non_negative_int, defaults_server),
-        poll_timeout=srv("poll_timeout", _duration, defaults_server),
-        reap_interval=srv("reap_interval", _duration, defaults_server),
+        poll_timeout=srv("poll_timeout", parse_duration, defaults_server),
+        reap_interval=srv("reap_interval", parse_duration, defaults_server),
         max_attempts=srv("max_attempts", _positive_int, defaults_server),
-        notify_fallback_interval=srv("notify_fallback_interval", _duration, defaults_server),
+        notify_fallback_interval=srv("notify_fallback_interval", parse_duration, defaults_server),
         max_batch_total_size_bytes=srv(
             "max_batch_total_size_bytes", _positive_int, defaults_server
         ),
         max_directory_size_bytes=srv("max_directory_size_bytes", _positive_int, defaults_server),
         allow_action_cache_updates=srv("allow_action_cache_updates", _bool, defaults_server),
-        max_action_timeout=srv("max_action_timeout", _duration, defaults_server),
+        max_action_timeout=srv("max_action_timeout", parse_duration, defaults_server),
         reject_unmatched_platforms=srv("reject_unmatched_platforms", _bool, defaults_server),
-        task_retention=srv("task_retention", _duration, defaults_server),
+        task_retention=srv("task_retention", parse_duration, defaults_server),
         worker_address=str(_get(s, "worker_address", "")),
         allow_insecure_public=srv("allow_insecure_public", _bool, defaults_server),
         **{key: str(_get(s, key, "")) for key in TLS_FILE_KEYS},
@@ -615,7 +611,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
     a = _section(raw, "auth")
     auth = AuthSettings(
         mode=_choice(_get(a, "mode", AuthSettings.mode), "auth.mode", AUTH_MODES),
-        cache_ttl=_reader(a, "auth")("cache_ttl", _duration, AuthSettings()),
+        cache_ttl=_reader(a, "auth")("cache_ttl", parse_duration, AuthSettings()),
     )
 
     execution = ExecutionSettings(
@@ -627,7 +623,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         url=str(_get(d, "url", "")),
         pool_min_size=db("pool_min_size", _positive_int, DatabaseSettings()),
         pool_max_size=db("pool_max_size", _positive_int, DatabaseSettings()),
-        connect_wait=db("connect_wait", _duration, DatabaseSettings()),
+        connect_wait=db("connect_wait", parse_duration, DatabaseSettings()),
         embedded_data_dir=str(_get(d, "embedded_data_dir", "")),
     )
     if database.url and urlparse(database.url).scheme not in ("postgres", "postgresql"):
@@ -639,12 +635,12 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         root=str(_get(c, "root", "")),
         fsync=_choice(_get(c, "fsync", CasSettings.fsync), "cas.fsync", CAS_FSYNC_MODES),
         max_size=cas_field("max_size", _size_or_off, CasSettings()),
-        eviction_interval=cas_field("eviction_interval", _duration, CasSettings()),
+        eviction_interval=cas_field("eviction_interval", parse_duration, CasSettings()),
     )
     asset_field = _reader(_section(raw, "asset"), "asset")
     asset = AssetSettings(
         max_download_size=asset_field("max_download_size", _size, AssetSettings()),
-        download_timeout=asset_field("download_timeout", _duration, AssetSettings()),
+        download_timeout=asset_field("download_timeout", parse_duration, AssetSettings()),
     )
 
     b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
@@ -680,8 +676,10 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         ),
         name=str(_get(w, "name", "")) or socket.gethostname(),
         platform=worker_platform(w.get("platform")),
-        heartbeat_interval=_duration(heartbeat, "worker.heartbeat_interval") if heartbeat else None,
-        poll_timeout=_duration(_get(w, "poll_timeout", 30), "worker.poll_timeout"),
+        heartbeat_interval=parse_duration(heartbeat, "worker.heartbeat_interval")
+        if heartbeat
+        else None,
+        poll_timeout=parse_duration(_get(w, "poll_timeout", 30), "worker.poll_timeout"),
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
@@ -749,12 +747,12 @@ def _limits(raw: dict) -> LimitsSettings:
     timeout, memory, cpu_time = given("timeout"), given("memory"), given("cpu_time")
     output, processes, cpus = given("max_output_size"), given("max_processes"), given("cpus")
     return LimitsSettings(
-        timeout=None if timeout is None else _duration(timeout, "worker.limits.timeout"),
+        timeout=None if timeout is None else parse_duration(timeout, "worker.limits.timeout"),
         memory=None if memory is None else _size(memory, "worker.limits.memory"),
         # RLIMIT_CPU counts whole seconds.
         cpu_time=None
         if cpu_time is None
-        else math.ceil(_duration(cpu_time, "worker.limits.cpu_time").total_seconds()),
+        else math.ceil(parse_duration(cpu_time, "worker.limits.cpu_time").total_seconds()),
         max_output_size=None if output is None else _size(output, "worker.limits.max_output_size"),
         max_processes=None
         if processes is None

@@ -13,7 +13,7 @@ import click
 from expbuild.auth.scopes import SCOPES, check_scopes
 from expbuild.auth.token_secrets import new_secret, secret_hash
 from expbuild.cli.common import config_option, settings_or_exit
-from expbuild.config import ConfigError, _duration
+from expbuild.config import ConfigError, parse_duration
 from expbuild.db import tokens as db_tokens
 from expbuild.db.pool import DatabaseUnavailable
 from expbuild.errors import ExpBuildError
@@ -114,7 +114,7 @@ def create_command(
     scope_list = _split(scopes)
     try:
         check_scopes(scope_list)
-        lifetime = _duration(expires, "--expires") if expires else None
+        lifetime = parse_duration(expires, "--expires") if expires else None
     except (ValueError, ConfigError) as exc:
         raise click.BadParameter(str(exc)) from None
     if not name.strip():
