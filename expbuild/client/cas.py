@@ -37,7 +37,7 @@ from expbuild.client.batches import (
 from expbuild.client.capabilities import fetch_capabilities
 from expbuild.client.channel import MAX_MESSAGE_BYTES, channel_target
 from expbuild.client.errors import from_rpc_error
-from expbuild.client.files import CHUNK_BYTES, publish, temp_path_for, write_new_file
+from expbuild.client.files import publish, temp_path_for, write_new_file
 from expbuild.client.integrity import INLINE_CHECK_BYTES
 from expbuild.digest import Digest
 from expbuild.errors import NotFound, RemoteError
@@ -49,7 +49,6 @@ from expbuild.reapi.compression import ZSTD as ZSTD_NAME
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BATCH_BYTES = 4 * MiB
-BYTESTREAM_CHUNK_BYTES = CHUNK_BYTES
 FIND_MISSING_BATCH = 10_000
 DEFAULT_CONCURRENCY = 8
 DEFAULT_TREE_PAGE_SIZE = 0  # let the server choose
