@@ -17,6 +17,8 @@ from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
+from tests.secured import CLIENT_SCOPES, make_token, secured_settings
+from tests.secured import channel as secured_channel
 from tests.serving import running_server, server_settings
 from tests.test_server_execution import (
     channel_to,
@@ -72,6 +74,23 @@ async def test_rpcs_answer_unavailable_while_the_database_is_down(restartable_po
             assert stage(await stream.read()) == Stage.QUEUED
             stream.cancel()
             assert await app.pool.fetchval("SELECT count(*) FROM tasks") == 1
+
+
+async def test_a_token_checked_while_the_database_is_down_is_unavailable(
+    restartable_postgres, tmp_path
+):
+    settings = secured_settings(tmp_path / "cas")
+    async with running_server(settings, restartable_postgres.url) as app:
+        secret = await make_token(app.pool, "ci", *CLIENT_SCOPES)
+        await asyncio.to_thread(restartable_postgres.stop)
+        # The token was never used, so the interceptor must ask the database.
+        async with secured_channel(app, secret) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await re_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+                    re_pb2.FindMissingBlobsRequest()
+                )
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "database is unavailable" in info.value.details()
 
 
 async def test_an_execute_stream_rides_out_a_postgres_restart(restartable_postgres, tmp_path):

@@ -17,6 +17,7 @@ import grpc
 from expbuild.auth.principal import Principal, reset_principal, set_principal
 from expbuild.auth.scopes import ANY_TOKEN, OPEN, WORKER, required_scope
 from expbuild.auth.verifier import TokenVerifier, Unauthenticated
+from expbuild.db.outages import is_database_outage, outage_error
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except Unauthenticated as exc:
             log.info("%s refused: %s", short, exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except Exception as exc:
+            # Runs before the servicer's @rpc: without this a database outage while
+            # looking the token up reached the client as UNKNOWN, which it does not retry.
+            if not is_database_outage(exc):
+                raise
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(outage_error(exc)))
         if scope != ANY_TOKEN and scope not in principal.scopes:
             have = ", ".join(sorted(principal.scopes)) or "none"
             message = (
