@@ -87,6 +87,12 @@ def platform_summary(platform: Mapping[str, Sequence[str]]) -> dict[str, str | l
     return {k: v[0] if len(v) == 1 else list(v) for k, v in platform.items()}
 
 
+def platform_text(platform: Mapping[str, Sequence[str]], separator: str = ", ") -> str:
+    """A platform for people: `Arch=x86_64, OSFamily=linux|macos`, names sorted, a
+    name's values joined by `|`; "" for an empty platform."""
+    return separator.join(f"{name}={'|'.join(platform[name])}" for name in sorted(platform))
+
+
 def lexicon_spelling(value: str) -> str:
     """An OSFamily value: `Linux` -> `linux`; a value that is no lexicon family comes back
     unchanged."""

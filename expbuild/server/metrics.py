@@ -16,6 +16,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
 
 from expbuild.db.metrics import queue_depth, queue_gauges
+from expbuild.reapi.platforms import platform_text
 
 REFRESH_SECONDS = 5.0
 """How often each replica reads the queue gauges from Postgres."""
@@ -109,7 +110,7 @@ def platform_label(platform: Mapping[str, Sequence[str]] | str) -> str:
     spec: Mapping[str, Sequence[str]] = (
         json.loads(platform) if isinstance(platform, str) else platform
     )
-    return ",".join(f"{name}={'|'.join(spec[name])}" for name in sorted(spec))
+    return platform_text(spec, separator=",")
 
 
 def observe_finished_task(

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from expbuild.db import tasks, workers
 from expbuild.errors import ExpBuildError, InvalidArgument, NotFound
+from expbuild.reapi.platforms import platform_text
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 FINISHED_WINDOW = timedelta(hours=1)
@@ -29,8 +30,9 @@ _templates = jinja2.Environment(
 )
 
 
-def platform_text(platform: dict[str, list[str]]) -> str:
-    return ", ".join(f"{k}={'|'.join(v)}" for k, v in sorted(platform.items())) or "(any)"
+def platform_cell(platform: dict[str, list[str]]) -> str:
+    """A platform in a table cell; "(any)" where the action asks for nothing."""
+    return platform_text(platform) or "(any)"
 
 
 def ago(moment: datetime | None, now: datetime) -> str:
@@ -60,7 +62,7 @@ def when(moment: datetime | None) -> str:
 
 
 _templates.globals.update(
-    platform_text=platform_text,
+    platform_cell=platform_cell,
     ago=ago,
     seconds_text=seconds_text,
     between=between,
