@@ -15,6 +15,8 @@ from expbuild.db.queue import PlatformSpec
 from expbuild.errors import InvalidArgument, NotFound
 
 MAX_LIST = 1000
+TASK_STATES = ("queued", "leased", "completed", "failed", "cancelled")
+"""Every state a task can be in (`tasks.state`), in the order of its life."""
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,8 @@ async def list_tasks(
     since: datetime | None = None,
     limit: int = 50,
 ) -> list[TaskSummary]:
-    if state is not None and state not in ("queued", "leased", "completed", "failed", "cancelled"):
-        raise InvalidArgument(
-            f"unknown task state {state!r}; one of queued, leased, completed, failed, cancelled"
-        )
+    if state is not None and state not in TASK_STATES:
+        raise InvalidArgument(f"unknown task state {state!r}; one of {', '.join(TASK_STATES)}")
     if limit <= 0 or limit > MAX_LIST:
         raise InvalidArgument(f"limit {limit} is out of range: 1 to {MAX_LIST}")
     rows = await db.fetch(sql("list_tasks"), state, platform or None, since, limit)

@@ -21,7 +21,6 @@ from expbuild.reapi.platforms import platform_text
 POOL = web.AppKey("pool", asyncpg.Pool)
 FINISHED_WINDOW = timedelta(hours=1)
 RECENT_TASKS = 50
-STATES = ("queued", "leased", "completed", "failed", "cancelled")
 
 _templates = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -88,12 +87,12 @@ async def overview(request: web.Request) -> web.Response:
         return _page("error.html", status=400, message=str(exc))
     counts = await tasks.state_counts(pool, FINISHED_WINDOW)
     fleet = await workers.list_workers(pool, include_offline=True)
-    totals = {s: sum(c.tasks for c in counts if c.state == s) for s in STATES}
+    totals = {s: sum(c.tasks for c in counts if c.state == s) for s in tasks.TASK_STATES}
     return _page(
         "overview.html",
         counts=counts,
         totals=totals,
-        states=STATES,
+        states=tasks.TASK_STATES,
         workers=fleet,
         recent=recent,
         state_filter=state,
