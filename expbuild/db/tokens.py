@@ -1,6 +1,6 @@
 """Bearer tokens in the `tokens` table: create, find by secret, list, revoke.
 
-Secrets are generated and hashed in `expbuild.auth.secrets`; this module sees only hashes.
+Secrets are generated and hashed in `expbuild.auth.token_secrets`; this module sees only hashes.
 """
 
 from __future__ import annotations

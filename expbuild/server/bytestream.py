@@ -5,7 +5,7 @@ Writes are resumable: the store keeps an upload's data by its uuid, so after a b
 stream QueryWriteStatus says how much was committed and a new Write continues from
 there. Offsets follow REAPI: a compressed stream starts at an uncompressed offset (0,
 or the committed size when resuming, with the rest of the blob compressed afresh) and
-its later messages add the compressed bytes sent (see `expbuild.cas.store.UploadSession`).
+its later messages add the compressed bytes sent (see `expbuild.cas.uploads.UploadSession`).
 """
 
 from __future__ import annotations
