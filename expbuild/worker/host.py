@@ -99,6 +99,11 @@ def outcome_of(
         if error.filename and error.filename != executable:
             reason = f"{reason}: {error.filename}"
         return not_started(request, code, f"{program}: cannot execute: {reason}", append=True)
+    return finished_outcome(finished)
+
+
+def finished_outcome(finished: Finished) -> ExecutionOutcome:
+    """The outcome of a command the supervisor ran to its end."""
     return ExecutionOutcome(
         exit_code=finished.exit_code,
         timed_out=finished.timed_out,
@@ -123,13 +128,6 @@ def find_program(program: str, search_path: str, working_directory: Path) -> str
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
-
-
-def exit_code(returncode: int | None) -> int:
-    """asyncio reports death by signal N as -N; report 128 + N like a shell does."""
-    if returncode is None:
-        return -1
-    return 128 - returncode if returncode < 0 else returncode
 
 
 def not_started(

@@ -36,7 +36,13 @@ from typing import Any
 from expbuild.config import BackendSettings, ConfigError, LimitsSettings
 from expbuild.worker.action_user import ActionUser
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest
-from expbuild.worker.host import DEFAULT_PATH, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, not_started
+from expbuild.worker.host import (
+    DEFAULT_PATH,
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
+    finished_outcome,
+    not_started,
+)
 from expbuild.worker.supervisor import Command, Supervisor
 
 log = logging.getLogger(__name__)
@@ -155,13 +161,7 @@ class SandboxExecutor:
                 raise RuntimeError(
                     f"the sandbox could not be set up: {failure.decode(errors='replace')}"
                 )
-        return ExecutionOutcome(
-            exit_code=finished.exit_code,
-            timed_out=finished.timed_out,
-            started_at=finished.started_at,
-            completed_at=finished.completed_at,
-            limit_exceeded=finished.limit_exceeded,
-        )
+        return finished_outcome(finished)
 
     def _mount_points(self) -> list[str]:
         return [*_SYSTEM_MOUNTS, *(p for p in self.ro_binds if os.path.exists(p))]
