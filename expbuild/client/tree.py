@@ -29,7 +29,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.reapi.merkle import DirectoryContents, TreeBuilder, serialize
 from expbuild.reapi.status import missing_blob
 
-# How many small files materialize fetches in one read_many call, by total size: bounds
+# How many small files materialize fetches in one read_available call, by total size: bounds
 # the memory held while still amortizing round trips.
 _SMALL_FILE_GROUP_BYTES = 16 * 1024 * 1024
 _PARALLEL_DOWNLOADS = 8
