@@ -41,7 +41,7 @@ def split_blob(store: FileStore, digest: Digest) -> list[Digest]:
         for chunk in chunker.cut_file(os.fspath(store.path_of(digest))):
             data = bytes(chunk.data)
             chunk_digest = digest_of(data)
-            _store(store, chunk_digest, data)  # a blob under one chunk is its own chunk
+            store.put_blocking(chunk_digest, data)  # a blob under one chunk is its own chunk
             chunks.append(chunk_digest)
             total += len(data)
     except FileNotFoundError:
@@ -49,20 +49,6 @@ def split_blob(store: FileStore, digest: Digest) -> list[Digest]:
     if total != digest.size_bytes:
         raise NotFound(f"blob {digest} changed size while it was being split")
     return chunks
-
-
-def _store(store: FileStore, digest: Digest, data: bytes) -> None:
-    if store.layout.present(digest, touch=True):
-        return
-    tmp = store.layout.new_temp_path(digest)
-    try:
-        with open(tmp, "xb") as out:
-            out.write(data)
-            store.layout.finish_file(out)
-        store.layout.publish(tmp, store.path_of(digest))
-    except BaseException:
-        unlink_quiet(tmp)
-        raise
 
 
 def splice_blob(store: FileStore, digest: Digest, chunks: list[Digest]) -> Digest:

@@ -159,7 +159,8 @@ class FileStore:
             raise
         return tmp is not None
 
-    def _put_checked(self, digest: Digest, data: bytes) -> None:
+    def put_blocking(self, digest: Digest, data: bytes) -> None:
+        """`put` for a caller already on a worker thread (SplitBlob, `put_many`)."""
         # The size check needs no I/O and spares writing a temp file that is bound to fail.
         if len(data) != digest.size_bytes:
             raise size_error(digest, len(data))
@@ -196,7 +197,7 @@ class FileStore:
                 try:
                     if len(item) > 2 and check_compressor(item[2]) is not None:
                         data = decompress(digest, data)
-                    self._put_checked(digest, data)
+                    self.put_blocking(digest, data)
                 except Exception as exc:  # noqa: BLE001 - each item gets its own status
                     results.append(exc)
                 else:
