@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from expbuild.db.pool import Database
 from expbuild.db.queries import sql
-from expbuild.db.queue import PlatformSpec
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    state: str
-    platform: PlatformSpec
-    instance_name: str
-    tasks: int
+from expbuild.db.tasks import StateCount
 
 
 async def queue_gauges(db: Database) -> dict[str, float]:
@@ -22,5 +12,6 @@ async def queue_gauges(db: Database) -> dict[str, float]:
     return {key: float(value) for key, value in row.items()}
 
 
-async def queue_depth(db: Database) -> list[QueueDepth]:
-    return [QueueDepth(**row) for row in await db.fetch(sql("queue_depth"))]
+async def queue_depth(db: Database) -> list[StateCount]:
+    """Unfinished tasks (queued, leased) by state, platform and instance."""
+    return [StateCount(**row) for row in await db.fetch(sql("queue_depth"))]

@@ -58,6 +58,8 @@ class TaskHistory:
 
 @dataclass(frozen=True)
 class StateCount:
+    """How many tasks of one instance and platform requirement are in `state`."""
+
     state: str
     platform: PlatformSpec
     instance_name: str
