@@ -19,9 +19,10 @@ from expbuild.client.actions import build_action, build_command, check_output_pa
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.execution import ExecutionClient, response_error
+from expbuild.client.integrity import verify
 from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from_paths
 from expbuild.digest import Digest, digest_of
-from expbuild.errors import InvalidArgument
+from expbuild.errors import InvalidArgument, RemoteError
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.reapi.platforms import PlatformInput
 
@@ -165,10 +166,10 @@ async def _download_outputs(
             await asyncio.to_thread(shutil.rmtree, destination)
         if entry.contents or digest.is_empty:
             # Inlined by the server; still verified like any other blob.
-            if digest_of(entry.contents) != digest:
-                raise InvalidArgument(
-                    f"output {entry.path}: inlined contents do not match {digest}"
-                )
+            try:
+                verify(digest, entry.contents)
+            except RemoteError as exc:
+                raise RemoteError(exc.code, f"output {entry.path}: {exc}") from None
             await asyncio.to_thread(_write_inline, destination, entry.contents, entry.is_executable)
         else:
             await cas.read_to_file(digest, destination, entry.is_executable)
