@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,6 +20,7 @@ from expbuild.client.actions import build_action, build_command, check_output_pa
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import ChannelSecurity, open_channel
 from expbuild.client.execution import ExecutionClient, response_error
+from expbuild.client.files import publish, temp_path_for, write_new_file
 from expbuild.client.integrity import verify
 from expbuild.client.tree import materialize, materialize_tree, merkle_tree_from_paths
 from expbuild.digest import Digest, digest_of
@@ -135,11 +137,15 @@ async def _std_streams(cas: CasClient, result: re_pb2.ActionResult) -> tuple[byt
 
 
 def _write_inline(destination: Path, contents: bytes, executable: bool) -> None:
+    """Publish inlined output bytes as `CasClient.read_to_file` publishes a download."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temp = destination.with_name(f".{destination.name}.expbuild-inline")
-    temp.write_bytes(contents)
-    os.chmod(temp, 0o755 if executable else 0o644)
-    os.replace(temp, destination)
+    temp = temp_path_for(destination, uuid.uuid4().hex)
+    try:
+        write_new_file(temp, contents)
+        publish(temp, destination, 0o755 if executable else 0o644)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _clear(path: Path) -> None:
