@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4096
 
 
-def domain_error(error: BaseException) -> BaseException:
+def _as_domain_error(error: BaseException) -> BaseException:
     """`error` itself, or the domain error it stands for: a database outage is
     Unavailable, a full disk (the CAS's) ResourceExhausted."""
     if isinstance(error, errors.ExpBuildError):
@@ -48,7 +48,7 @@ def client_status(error: BaseException, method: str) -> status_pb2.Status:
     A domain error keeps its code and (shortened) message; anything else is INTERNAL with
     an incident id, its text and traceback going to the server log under that id (the
     text may hold paths, SQL or the client's own input)."""
-    error = domain_error(error)
+    error = _as_domain_error(error)
     if error_code(error) == code_pb2.INTERNAL:
         incident = uuid.uuid4().hex[:12]
         log.error(
