@@ -305,7 +305,7 @@ def zygote_main(control_fd: int, worker: int) -> int:
             poller.unregister(control_fd)
             control.close()
             continue
-        _zygote_start(control, (wake_read, wake_write), data, fds, flags, replies)
+        _zygote_start(data, fds, flags, replies)
     return 0
 
 
@@ -313,9 +313,7 @@ def _ignore_signal(signum: int, frame: object) -> None:
     pass  # only to have the wakeup fd written
 
 
-def _zygote_start(
-    control, wake: tuple[int, int], data: bytes, fds: list[int], flags: int, replies: dict
-) -> None:
+def _zygote_start(data: bytes, fds: list[int], flags: int, replies: dict) -> None:
     import socket
 
     if len(fds) != ZYGOTE_FDS or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
