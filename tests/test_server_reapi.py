@@ -187,6 +187,19 @@ async def test_update_action_result_checks_outputs_and_can_be_switched_off(datab
                     )
                 )
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            # A tree_digest naming a blob that is no Tree: its outputs cannot be read back.
+            await app.store.put(digest_of(b"not a tree"), b"not a tree")
+            not_a_tree = re_pb2.ActionResult()
+            not_a_tree.output_directories.add(
+                path="out", tree_digest=digest_of(b"not a tree").to_proto()
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await cache.UpdateActionResult(
+                    re_pb2.UpdateActionResultRequest(
+                        action_digest=action.to_proto(), action_result=not_a_tree
+                    )
+                )
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
             await app.store.put(digest_of(b"hello"), b"hello")
             good = re_pb2.ActionResult(exit_code=0, stdout_digest=digest_of(b"hello").to_proto())
             await cache.UpdateActionResult(

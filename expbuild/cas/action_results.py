@@ -50,7 +50,11 @@ async def missing_blobs(store: FileStore, result: re_pb2.ActionResult) -> list[D
         if isinstance(blob, Exception):
             missing.append(tree_digest)
             continue
-        tree = re_pb2.Tree.FromString(blob)
+        try:
+            tree = re_pb2.Tree.FromString(blob)
+        except DecodeError:
+            missing.append(tree_digest)  # not a Tree: the outputs cannot be read back
+            continue
         inside = [
             d
             for directory in (tree.root, *tree.children)
