@@ -33,6 +33,7 @@ from expbuild.client.actions import build_action, build_command
 from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.execution import ExecutionClient
+from expbuild.client.run import _download_outputs as download_outputs
 from expbuild.client.run import execute_action, run_command
 from expbuild.client.tree import materialize, merkle_tree_from_paths
 from expbuild.config import BackendSettings, WorkerSettings
@@ -316,6 +317,17 @@ async def test_inlined_output_that_does_not_match_its_digest_is_data_loss(
     assert raised.value.code == code_pb2.DATA_LOSS, raised.value
     assert "out.txt" in str(raised.value)
     assert not (tmp_path / "out" / "out.txt").exists()
+
+
+async def test_an_output_tree_that_is_no_tree_message_is_named(cas: CasClient, tmp_path: Path):
+    # Another server's result may name any blob as a Tree; the user gets one line, not a
+    # DecodeError traceback.
+    blob = b"not a tree"
+    await cas.upload({digest_of(blob): blob})
+    result = re_pb2.ActionResult()
+    result.output_directories.add(path="out", tree_digest=digest_of(blob).to_proto())
+    with pytest.raises(InvalidArgument, match="output directory out: .* is not a Tree message"):
+        await download_outputs(cas, result, tmp_path, None)
 
 
 # -- CLI ----------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from expbuild.aio import gather_or_cancel
 from expbuild.client.actions import build_action, build_command, check_output_path
 from expbuild.client.cas import CasClient
@@ -186,8 +188,15 @@ async def _download_outputs(
         destination = download_to / check_output_path(entry.path)
         await asyncio.to_thread(_clear, destination)
         if entry.HasField("tree_digest"):
+            tree_digest = Digest.from_proto(entry.tree_digest)
             tree = re_pb2.Tree()
-            tree.ParseFromString(await cas.read(Digest.from_proto(entry.tree_digest)))
+            try:
+                tree.ParseFromString(await cas.read(tree_digest))
+            except DecodeError:
+                # As for a Directory (client/tree.py), not a traceback from the CLI.
+                raise InvalidArgument(
+                    f"output directory {entry.path}: blob {tree_digest} is not a Tree message"
+                ) from None
             await materialize_tree(cas, tree, destination, location=entry.path)
         elif entry.HasField("root_directory_digest"):
             root = Digest.from_proto(entry.root_directory_digest)
