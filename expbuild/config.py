@@ -615,7 +615,9 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
     )
 
     execution = ExecutionSettings(
-        backend=_choice(_get(e, "backend", "scheduler"), "execution.backend", EXECUTION_BACKENDS),
+        backend=_choice(
+            _get(e, "backend", ExecutionSettings.backend), "execution.backend", EXECUTION_BACKENDS
+        ),
         local_workers=_reader(e, "execution")("local_workers", _positive_int, ExecutionSettings()),
     )
     db = _reader(d, "database")
@@ -646,10 +648,12 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
     b = {str(k).lower(): v for k, v in (w.get("backend") or {}).items()}
     ro_binds = b.get("ro_binds")
     backend = BackendSettings(
-        type=_choice(_get(b, "type", "host"), "worker.backend.type", WORKER_BACKENDS),
+        type=_choice(_get(b, "type", BackendSettings.type), "worker.backend.type", WORKER_BACKENDS),
         work_dir=str(_get(b, "work_dir", BackendSettings.work_dir)),
         sandbox_root=_choice(
-            _get(b, "sandbox_root", "workdir"), "worker.backend.sandbox_root", SANDBOX_ROOTS
+            _get(b, "sandbox_root", BackendSettings.sandbox_root),
+            "worker.backend.sandbox_root",
+            SANDBOX_ROOTS,
         ),
         ro_binds=None if ro_binds is None else _absolute_paths(ro_binds, "worker.backend.ro_binds"),
         run_as=str(_get(b, "run_as", BackendSettings.run_as)),
@@ -672,14 +676,17 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         server_url=server_url,
         cas_url=cas_url,
         max_concurrent_tasks=_positive_int(
-            _get(w, "max_concurrent_tasks", 4), "worker.max_concurrent_tasks"
+            _get(w, "max_concurrent_tasks", WorkerSettings.max_concurrent_tasks),
+            "worker.max_concurrent_tasks",
         ),
         name=str(_get(w, "name", "")) or socket.gethostname(),
         platform=worker_platform(w.get("platform")),
         heartbeat_interval=parse_duration(heartbeat, "worker.heartbeat_interval")
         if heartbeat
         else None,
-        poll_timeout=parse_duration(_get(w, "poll_timeout", 30), "worker.poll_timeout"),
+        poll_timeout=parse_duration(
+            _get(w, "poll_timeout", WorkerSettings.poll_timeout), "worker.poll_timeout"
+        ),
         backend=backend,
         limits=limits,
         cache=_cache({str(k).lower(): v for k, v in (w.get("cache") or {}).items()}),
