@@ -29,7 +29,7 @@ class EmbeddedPostgres:
 
 
 def start_embedded_postgres(data_dir: Path) -> EmbeddedPostgres:
-    """Start (or attach to) the embedded server for `data_dir`; returns its URL."""
+    """Start (or attach to) the embedded server for `data_dir` (its `url` to connect to)."""
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (root, containers); its fallback
         # (a private /tmp directory for the start-up lock) is fine for us.
