@@ -46,9 +46,7 @@ def _with_database(config: str | None, work):
     with contextlib.ExitStack() as stack:
         try:
             return asyncio.run(run(resolve_database_url(settings, stack)))
-        except DatabaseUnavailable as exc:
-            raise click.ClickException(str(exc)) from None
-        except ExpBuildError as exc:
+        except (DatabaseUnavailable, ExpBuildError) as exc:
             raise click.ClickException(str(exc)) from None
 
 
@@ -151,7 +149,8 @@ def create_command(
 @json_option
 def list_command(config: str | None, as_json: bool) -> None:
     """List tokens (never their secrets)."""
-    rows = [_as_dict(r) for r in _with_database(config, db_tokens.list_tokens)]
+    records = _with_database(config, db_tokens.list_tokens)
+    rows = [_as_dict(r) for r in records]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -159,9 +158,10 @@ def list_command(config: str | None, as_json: bool) -> None:
         click.echo("no tokens; create one with `expbuild tokens create`")
         return
     click.echo(f"{'NAME':<20} {'STATE':<8} {'EXPIRES':<17} {'LAST USED':<17} SCOPES")
-    for row in rows:
-        expired = row["expires_at"] and row["expires_at"] <= datetime.now(UTC).isoformat()
-        state = "revoked" if row["revoked_at"] else "expired" if expired else "active"
+    now = datetime.now(UTC)
+    for record, row in zip(records, rows, strict=True):
+        expired = record.expires_at is not None and record.expires_at <= now
+        state = "revoked" if record.revoked_at else "expired" if expired else "active"
         click.echo(
             f"{row['name'][:20]:<20} {state:<8} {(row['expires_at'] or 'never')[:16]:<17} "
             f"{(row['last_used_at'] or 'never')[:16]:<17} {','.join(row['scopes'])}"
