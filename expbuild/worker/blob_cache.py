@@ -45,7 +45,7 @@ from expbuild.aio import gather_or_cancel
 from expbuild.client.cas import CasClient
 from expbuild.client.tree import download_files
 from expbuild.config import ConfigError
-from expbuild.digest import Digest, digest_of_file, new_hasher
+from expbuild.digest import Digest, digest_of, digest_of_file, new_hasher
 from expbuild.worker import action_log
 
 log = logging.getLogger(__name__)
@@ -551,10 +551,6 @@ async def open_blob_cache(root: Path, max_bytes: int, *, verify_fraction: float 
 # -- file work, run in threads -----------------------------------------------------------
 
 
-def _hash_matches(path: Path, digest: Digest) -> bool:
-    return digest_of_file(path) == digest
-
-
 def _changed_entries(entries: Mapping[_Key, tuple[Path, _Entry, Digest]]) -> set[_Key]:
     """The entries whose file is not exactly as the cache left it (cheap: one stat)."""
     changed: set[_Key] = set()
@@ -582,7 +578,7 @@ def _restore_intact(entries: Mapping[_Key, tuple[Path, Digest]]) -> dict[_Key, i
     for key, (path, digest) in entries.items():
         try:
             st = os.stat(path, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and _hash_matches(path, digest):
+            if stat.S_ISREG(st.st_mode) and digest_of_file(path) == digest:
                 _seal(path, key[1])
                 intact[key] = st.st_ino
                 continue
@@ -638,10 +634,7 @@ def _read_verified(entries: Mapping[_Key, tuple[Path, Digest]]) -> dict[_Key, by
         except FileNotFoundError:
             result[key] = None
             continue
-        hasher = new_hasher()
-        hasher.update(data)
-        ok = len(data) == digest.size_bytes and hasher.hexdigest() == digest.hash
-        result[key] = data if ok else None
+        result[key] = data if digest_of(data) == digest else None
     return result
 
 
