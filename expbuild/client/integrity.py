@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from google.rpc import code_pb2
 
-from expbuild.digest import Digest, new_hasher
+from expbuild.digest import Digest, digest_of, new_hasher
 from expbuild.errors import InvalidArgument, RemoteError
 from expbuild.reapi.compression import ZstdDecoder, decompress
 
@@ -32,10 +32,9 @@ def bad_compressed_data(error: InvalidArgument) -> RemoteError:
 
 def verify(digest: Digest, data: bytes) -> None:
     """Raise DATA_LOSS unless `data` is the blob `digest` names. Blocking."""
-    hasher = new_hasher()
-    hasher.update(data)
-    if len(data) != digest.size_bytes or hasher.hexdigest() != digest.hash:
-        raise corrupt(digest, len(data), hasher.hexdigest())
+    actual = digest_of(data)
+    if actual != digest:
+        raise corrupt(digest, actual.size_bytes, actual.hash)
 
 
 def decode_and_verify(digest: Digest, data: bytes, compressed: bool) -> bytes:
