@@ -21,6 +21,9 @@ Modules:
   enforcement and the messages that say which limit an action hit.
 - `outputs`: turning what an action left on disk into an ActionResult and CAS blobs.
 - `paths`: validation of the relative paths a Command names.
+- `action_user`: which user actions run as (`[worker.backend] run_as`).
+- `action_log`: each action's own log, returned as `server_logs["worker.log"]`.
+- `metrics`: the worker's Prometheus metrics (`[worker] metrics_address`).
 
 Nothing here imports `expbuild.server` or `expbuild.db`: a worker host needs neither.
 """
