@@ -34,7 +34,7 @@ from expbuild.client.cas import CasClient
 from expbuild.client.channel import open_channel
 from expbuild.client.execution import ExecutionClient
 from expbuild.client.run import _download_outputs as download_outputs
-from expbuild.client.run import execute_action, run_command
+from expbuild.client.run import execute_action, input_entries, run_command
 from expbuild.client.tree import materialize, merkle_tree_from_paths
 from expbuild.config import BackendSettings, WorkerSettings
 from expbuild.digest import EMPTY, digest_of
@@ -328,6 +328,21 @@ async def test_an_output_tree_that_is_no_tree_message_is_named(cas: CasClient, t
     result.output_directories.add(path="out", tree_digest=digest_of(blob).to_proto())
     with pytest.raises(InvalidArgument, match="output directory out: .* is not a Tree message"):
         await download_outputs(cas, result, tmp_path, None)
+
+
+def test_inputs_are_named_as_the_cli_checks_them(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    # `a/..` is the directory itself, named as such (not '..'); a symlink keeps its name.
+    assert list(input_entries([tmp_path / "a" / "..", tmp_path / "link"])) == [
+        tmp_path.name,
+        "link",
+    ]
+    with pytest.raises(InvalidArgument, match="would both be placed at 'link'"):
+        input_entries([tmp_path / "link", tmp_path / "a" / ".." / "link"])
+    with pytest.raises(InvalidArgument, match="no name"):
+        input_entries([Path("/")])
 
 
 # -- CLI ----------------------------------------------------------------------------------

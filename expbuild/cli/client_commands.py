@@ -15,7 +15,7 @@ from google.rpc import code_pb2
 
 from expbuild.cli.common import channel_security, server_option
 from expbuild.client.actions import check_output_path, parse_pair, platform_from_pairs
-from expbuild.client.run import RunResult, execute_action, run_command
+from expbuild.client.run import RunResult, execute_action, input_entries, run_command
 from expbuild.digest import Digest
 from expbuild.errors import (
     ExpBuildError,
@@ -292,18 +292,11 @@ def run(
         except InvalidArgument as e:
             raise _usage_failure(f"{e}; for example --platform OSFamily=linux") from None
         paths = [Path(p) for p in inputs]
-        names: dict[str, Path] = {}
         for path in paths:
             if not path.exists():
                 raise _usage_failure(f"input {path} does not exist; check the --input path")
-            name = path.resolve().name
-            if name in names:
-                raise _usage_failure(
-                    f"inputs {names[name]} and {path} would both be placed at {name!r}; "
-                    "pass their common parent directory instead"
-                )
-            names[name] = path
         try:
+            input_entries(paths)  # the names the inputs get: a clash is a usage error
             for output in outputs:
                 check_output_path(output)
         except InvalidArgument as e:

@@ -75,11 +75,13 @@ def _say(progress: Progress | None, line: str) -> None:
         progress(line)
 
 
-def _input_entries(inputs: Sequence[Path]) -> dict[str, Path]:
-    """Each input under its basename at the input root; two inputs with one name refuse."""
+def input_entries(inputs: Sequence[Path]) -> dict[str, Path]:
+    """Each input under its name at the input root: its last component once `.` and `..`
+    are resolved (`src/..` is the current directory's name), a symlink under its own
+    name. InvalidArgument for `/` or for two inputs with one name."""
     entries: dict[str, Path] = {}
     for path in inputs:
-        name = path.name or path.resolve().name
+        name = Path(os.path.abspath(path)).name  # lexical: a symlink keeps its name
         if not name:
             raise InvalidArgument(f"input {path} has no name to place it under (is it '/'?)")
         if name in entries:
@@ -335,7 +337,7 @@ async def run_command(
     holding the RunResult (exit code, stdout, stderr) if the server returned one.
     """
     download_to = Path.cwd() if download_to is None else download_to
-    tree = await asyncio.to_thread(merkle_tree_from_paths, _input_entries(inputs))
+    tree = await asyncio.to_thread(merkle_tree_from_paths, input_entries(inputs))
     command = build_command(argv, env=env, output_paths=outputs, platform=platform)
     command_bytes = command.SerializeToString(deterministic=True)
     command_digest = digest_of(command_bytes)
