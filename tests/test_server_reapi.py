@@ -223,6 +223,38 @@ async def test_update_action_result_checks_outputs_and_can_be_switched_off(datab
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.parametrize("field", ["stdout", "stderr", "output_file"])
+async def test_update_action_result_refuses_inlined_bytes_that_lie(server, channel, field):
+    # The blob is in the CAS; the bytes inlined beside its digest are other bytes.
+    await server.store.put(digest_of(b"hello"), b"hello")
+    hello = digest_of(b"hello").to_proto()
+    result = re_pb2.ActionResult()
+    if field == "output_file":
+        result.output_files.add(path="out", digest=hello, contents=b"HELLO")
+    else:
+        getattr(result, f"{field}_digest").CopyFrom(hello)
+        setattr(result, f"{field}_raw", b"HELLO")
+    cache = re_grpc.ActionCacheStub(channel)
+    action = digest_of(f"inlined {field}".encode()).to_proto()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cache.UpdateActionResult(
+            re_pb2.UpdateActionResultRequest(action_digest=action, action_result=result)
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inlined bytes" in info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cache.GetActionResult(re_pb2.GetActionResultRequest(action_digest=action))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was stored
+    # The same result with the true bytes inlined is accepted.
+    if field == "output_file":
+        result.output_files[0].contents = b"hello"
+    else:
+        setattr(result, f"{field}_raw", b"hello")
+    await cache.UpdateActionResult(
+        re_pb2.UpdateActionResultRequest(action_digest=action, action_result=result)
+    )
+
+
 async def test_cancel_a_queued_action(server, channel):
     digest = await upload_action(channel, ["true"], do_not_cache=True)
     call = re_grpc.ExecutionStub(channel).Execute(

@@ -14,8 +14,8 @@ import asyncpg
 from expbuild.cas.action_results import missing_blobs
 from expbuild.cas.store import FileStore
 from expbuild.db import action_cache
-from expbuild.digest import Digest, digest_field
-from expbuild.errors import FailedPrecondition, PermissionDenied
+from expbuild.digest import Digest, digest_field, digest_of
+from expbuild.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.reapi.status import missing_blob
 
@@ -56,6 +56,29 @@ def check_result_digests(result: re_pb2.ActionResult) -> None:
             digest_field(directory.root_directory_digest, f"{where}.root_directory_digest")
         if directory.HasField("tree_digest") or not directory.HasField("root_directory_digest"):
             digest_field(directory.tree_digest, f"{where}.tree_digest")
+    check_inlined_bytes(result)
+
+
+def check_inlined_bytes(result: re_pb2.ActionResult) -> None:
+    """INVALID_ARGUMENT when bytes inlined in the result are not the blob its digest names:
+    a reader trusts the inlined copy without fetching the blob, so a mismatch would serve
+    other bytes than the CAS holds under that digest."""
+    inlined = [
+        ("stdout_raw", result.stdout_raw, result, "stdout_digest"),
+        ("stderr_raw", result.stderr_raw, result, "stderr_digest"),
+    ] + [
+        (f"output_files[{index}].contents", output.contents, output, "digest")
+        for index, output in enumerate(result.output_files)
+    ]
+    for name, data, message, field in inlined:
+        if not data or not message.HasField(field):
+            continue
+        named = Digest.from_proto(getattr(message, field))
+        if digest_of(data) != named:
+            raise InvalidArgument(
+                f"action_result.{name}: the inlined bytes are not the blob {named} "
+                "that its digest names"
+            )
 
 
 async def store_client_result(
