@@ -25,8 +25,8 @@ from tests.test_server_execution import (
     result_response,
     stage,
     unpack_response,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 Stage = re_pb2.ExecutionStage
 
@@ -184,13 +184,6 @@ async def test_a_session_reopened_within_the_grace_keeps_the_leases(database_url
             )
             assert reply == worker_pb2.CompleteTaskResponse()
             second.cancel()
-
-
-async def wait_until_db(app, query: str, expected, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while await app.pool.fetchval(query) != expected:
-        assert time.monotonic() < deadline, f"{query} never gave {expected!r}"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_lease_the_worker_does_not_report_is_requeued_at_its_heartbeat(

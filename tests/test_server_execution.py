@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from datetime import timedelta
 
 import grpc
@@ -21,6 +20,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from tests.serving import running_server, server_settings
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -40,15 +40,6 @@ async def slow_fallback_server(database_url, tmp_path):
     )
     async with running_server(settings, database_url) as app:
         yield app
-
-
-async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 def idle_pollers(app, count: int):

@@ -32,8 +32,9 @@ from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.blob_cache import ENTRY_MTIME_NS, BlobCache, open_blob_cache
 from tests.serving import running_server, server_settings
-from tests.test_worker_agent import Client, client_of, eventually, running_agent, settings_for
+from tests.test_worker_agent import Client, client_of, running_agent, settings_for
 from tests.test_worker_run_as import work_dir  # noqa: F401 (a fixture)
+from tests.waiting import wait_until
 
 MiB = 1024 * 1024
 BATCH = "BatchReadBlobs"
@@ -432,7 +433,7 @@ async def test_never_evicts_an_entry_another_call_is_placing(server, cas, tmp_pa
                 )
             )
             # A hit is counted once `a` is checked and pinned (`small` then waits its turn).
-            await eventually(lambda: cache.stats.hits == hits + 1, what="`a` pinned")
+            await wait_until(lambda: cache.stats.hits == hits + 1, what="`a` pinned")
             # Pushes the total over the bound with `a` the least recently used entry.
             assert await cache.place_files(cas, {db: [(tmp_path / "b", False)]}) == []
             assert not blocker.done(), "the download meant to hold the slot ended too soon"
