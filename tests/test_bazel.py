@@ -331,6 +331,13 @@ def check_outputs(files: dict[str, bytes | None], case: str, *, top_level_only=F
     assert not problems, "\n".join(problems)
 
 
+def check_every_output(bazel: Bazel, flags: list[str]) -> None:
+    """Every case's outputs are in bazel-bin, each with its expected content."""
+    files = snapshot(bazel.bazel_bin(*flags))
+    for case in EXPECTED:
+        check_outputs(files, case)
+
+
 def copy_tree(dest: Path) -> Path:
     """tests/bazel (workspace and stand-in repositories) copied: Bazel never writes there."""
     shutil.copytree(BAZEL_DIR, dest, ignore=shutil.ignore_patterns("bazel-*", "*.md"))

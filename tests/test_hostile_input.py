@@ -530,32 +530,34 @@ def _big_directory(files: int) -> re_pb2.Directory:
     return directory
 
 
+async def get_tree(env: Env, root: re_pb2.Directory):
+    """GetTree of `root`, stored first: the response stream."""
+    digest = await put(env.store, root)
+    stub = re_grpc.ContentAddressableStorageStub(env.channel)
+    return stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
+
+
+async def _parent_of(env: Env, name: str, child: re_pb2.Directory) -> re_pb2.Directory:
+    child_digest = await put(env.store, child)
+    root = re_pb2.Directory()
+    root.directories.add(name=name, digest=child_digest.to_proto())
+    return root
+
+
 async def test_get_tree_refuses_a_root_directory_above_the_bound(env):
     root = _big_directory(200)
     assert root.ByteSize() > MAX_DIRECTORY
-    digest = await put(env.store, root)
-    stub = re_grpc.ContentAddressableStorageStub(env.channel)
-    call = stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
-    assert await code_of(call) == EXHAUSTED
+    assert await code_of(await get_tree(env, root)) == EXHAUSTED
 
 
 async def test_get_tree_refuses_a_child_directory_above_the_bound(env):
-    child = await put(env.store, _big_directory(200))
-    root = re_pb2.Directory()
-    root.directories.add(name="big", digest=child.to_proto())
-    digest = await put(env.store, root)
-    stub = re_grpc.ContentAddressableStorageStub(env.channel)
-    call = stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
-    assert await code_of(call) == EXHAUSTED
+    root = await _parent_of(env, "big", _big_directory(200))
+    assert await code_of(await get_tree(env, root)) == EXHAUSTED
 
 
 async def test_get_tree_serves_directories_within_the_bound(env):
-    child = await put(env.store, _big_directory(10))
-    root = re_pb2.Directory()
-    root.directories.add(name="small", digest=child.to_proto())
-    digest = await put(env.store, root)
-    stub = re_grpc.ContentAddressableStorageStub(env.channel)
-    pages = [p async for p in stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))]
+    root = await _parent_of(env, "small", _big_directory(10))
+    pages = [p async for p in await get_tree(env, root)]
     assert sum(len(p.directories) for p in pages) == 2
 
 
