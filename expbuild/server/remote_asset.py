@@ -115,36 +115,30 @@ class FetchServicer(ra_grpc.FetchServicer):
             oldest_content_accepted=_timestamp(request, "oldest_content_accepted"),
         )
 
-    @rpc
-    async def FetchBlob(self, request, context):
-        fetch = self._request(request, BLOB)
+    async def _fetch(self, request, context, kind: str, reply_type, digest_name: str):
+        """Answer a FetchBlob or FetchDirectory: content found or why not, in `status`."""
+        fetch = self._request(request, kind)
         try:
             got = await self._catalog.fetch(fetch, caller_of(context))
         except ExpBuildError as exc:
-            return ra_pb2.FetchBlobResponse(status=to_status(exc))
-        return ra_pb2.FetchBlobResponse(
+            return reply_type(status=to_status(exc))
+        return reply_type(
             status=ok_status(),
             uri=got.uri,
             qualifiers=request.qualifiers,
             expires_at=_to_timestamp(got.expires_at),
-            blob_digest=got.digest.to_proto(),
             digest_function=re_pb2.DigestFunction.SHA256,
+            **{digest_name: got.digest.to_proto()},
         )
 
     @rpc
+    async def FetchBlob(self, request, context):
+        return await self._fetch(request, context, BLOB, ra_pb2.FetchBlobResponse, "blob_digest")
+
+    @rpc
     async def FetchDirectory(self, request, context):
-        fetch = self._request(request, DIRECTORY)
-        try:
-            got = await self._catalog.fetch(fetch, caller_of(context))
-        except ExpBuildError as exc:
-            return ra_pb2.FetchDirectoryResponse(status=to_status(exc))
-        return ra_pb2.FetchDirectoryResponse(
-            status=ok_status(),
-            uri=got.uri,
-            qualifiers=request.qualifiers,
-            expires_at=_to_timestamp(got.expires_at),
-            root_directory_digest=got.digest.to_proto(),
-            digest_function=re_pb2.DigestFunction.SHA256,
+        return await self._fetch(
+            request, context, DIRECTORY, ra_pb2.FetchDirectoryResponse, "root_directory_digest"
         )
 
 
