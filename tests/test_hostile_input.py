@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
@@ -31,7 +30,7 @@ from expbuild.proto import remote_asset_pb2_grpc as ra_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.server.app import ServerApp
-from tests.conftest import TEMPLATE, with_database
+from tests.conftest import create_from_template, drop_database
 from tests.secured import channel as secured_channel
 from tests.secured import make_token, secured_settings
 from tests.serving import running_server, server_settings
@@ -67,10 +66,8 @@ class _Collect(logging.Handler):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def env(postgres_admin_url, tmp_path_factory):
     name = f"expbuild_hostile_{os.getpid()}"
-    admin = await asyncpg.connect(postgres_admin_url)
-    await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    await admin.close()
+    await drop_database(postgres_admin_url, name)
+    database_url = await create_from_template(postgres_admin_url, name)
     records: list[logging.LogRecord] = []
     handler = _Collect(records)
     logging.getLogger("expbuild").addHandler(handler)
@@ -84,15 +81,13 @@ async def env(postgres_admin_url, tmp_path_factory):
         reject_unmatched_platforms=False,
     )
     try:
-        async with running_server(settings, with_database(postgres_admin_url, name)) as app:
+        async with running_server(settings, database_url) as app:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
                 yield Env(app, channel, app.store, records)
     finally:
         logging.getLogger("expbuild").removeHandler(handler)
         logging.getLogger("expbuild").setLevel(previous_level)
-        admin = await asyncpg.connect(postgres_admin_url)
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+        await drop_database(postgres_admin_url, name)
 
 
 async def code_of(call) -> grpc.StatusCode:
