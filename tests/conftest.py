@@ -1,4 +1,5 @@
-"""Shared fixtures: a real PostgreSQL for the session, a fresh migrated database per test."""
+"""Shared fixtures: a real PostgreSQL for the session, a fresh migrated database per test,
+and a client channel to whatever `server` fixture a test file defines."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from urllib.parse import urlparse, urlunparse
 import asyncpg
 import pytest
 
+from expbuild.client.channel import open_channel
 from expbuild.db.migrate import migrate
 from expbuild.db.pool import create_pool
 from tests.postgres import LocalPostgres, find_postgres, postgres_bindir
@@ -69,6 +71,13 @@ async def database_url(postgres_admin_url):
     name = f"expbuild_test_{os.getpid()}_{next(_counter)}"
     yield await create_from_template(postgres_admin_url, name)
     await drop_database(postgres_admin_url, name)
+
+
+@pytest.fixture
+async def channel(server):
+    """A client channel to the test file's own `server` fixture (a ServerApp)."""
+    async with open_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel
 
 
 @pytest.fixture

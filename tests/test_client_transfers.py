@@ -75,12 +75,6 @@ def target_of(app: ServerApp) -> str:
     return f"127.0.0.1:{app.port}"
 
 
-@pytest.fixture
-async def channel(server) -> AsyncIterator[grpc.aio.Channel]:
-    async with open_channel(target_of(server)) as channel:
-        yield channel
-
-
 def compressible(size: int, seed: int = 0) -> bytes:
     line = f"line {seed}: the quick brown fox jumps over the lazy dog\n".encode()
     return (line * (size // len(line) + 1))[:size]

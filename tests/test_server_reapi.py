@@ -42,12 +42,6 @@ async def server(database_url, tmp_path):
         yield app
 
 
-@pytest.fixture
-async def channel(server):
-    async with open_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
-
-
 def worker_running(server, tmp_path, *, slots=2, platform=None, name="w"):
     return running_worker(
         server,
