@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, timedelta
@@ -517,10 +516,8 @@ async def test_shutdown_hands_back_tasks_still_running_after_grace(
     await wait_until(pid_in(pid_file), what="the action to start")
     pid = int(pid_file.read_text())
     worker_id = agent.worker_id
-    started = time.monotonic()
     agent.request_stop()
-    await asyncio.wait_for(job, 20)
-    assert time.monotonic() - started < 5
+    await asyncio.wait_for(job, 20)  # the action alone would take 300 s
     assert is_gone(pid)
 
     task = await server.pool.fetchrow(
@@ -541,23 +538,21 @@ async def test_shutdown_hands_back_tasks_still_running_after_grace(
 
 
 def long_poll_settings(cas_root: Path) -> Settings:
-    """A server that holds a PollTasks call for up to a minute when there is no work."""
+    """A server that holds a PollTasks call for up to an hour when there is no work."""
     settings = server_settings(cas_root)
-    return replace(settings, server=replace(settings.server, poll_timeout=timedelta(minutes=1)))
+    return replace(settings, server=replace(settings.server, poll_timeout=timedelta(hours=1)))
 
 
 async def test_stop_cancels_the_long_poll_at_once(database_url, tmp_path):
     async with running_server(long_poll_settings(tmp_path / "cas"), database_url) as app:
         agent = WorkerAgent(
-            settings_for(app.port, tmp_path / "work", poll_timeout=timedelta(minutes=1))
+            settings_for(app.port, tmp_path / "work", poll_timeout=timedelta(hours=1))
         )
         job = asyncio.create_task(agent.run())
-        # The agent's long poll is in flight (the server would hold it for a minute).
+        # The agent's long poll is in flight (the server would hold it for an hour).
         await wait_until(lambda: agent._poll_call is not None, what="a poll")
-        started = time.monotonic()
         agent.request_stop()
-        await asyncio.wait_for(job, 20)
-        assert time.monotonic() - started < 2
+        await asyncio.wait_for(job, 20)  # only by cancelling the poll
 
 
 async def test_stop_while_server_unreachable_returns(tmp_path, caplog):
