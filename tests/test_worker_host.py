@@ -246,10 +246,17 @@ async def test_actions_run_concurrently(tmp_path):
     dirs = [tmp_path / str(i) for i in range(3)]
     for d in dirs:
         d.mkdir()
-    started = time.monotonic()
-    outcomes = await asyncio.gather(*(executor.execute(request(d, "sleep", "1")) for d in dirs))
+    # A barrier: each action signs in and waits (up to 30 s, then fails) until all three
+    # have, which only actions running side by side can do.
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    script = (
+        f"touch {barrier}/$$; i=0; "
+        f'while [ "$(ls {barrier} | wc -l)" -lt 3 ]; do '
+        "i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.05; done"
+    )
+    outcomes = await asyncio.gather(*(executor.execute(request(d, SH, "-c", script)) for d in dirs))
     assert [o.exit_code for o in outcomes] == [0, 0, 0]
-    assert time.monotonic() - started < 2.5  # one after another would take 3 s
 
 
 def test_default_path_is_documented_value():
