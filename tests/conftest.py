@@ -1,4 +1,5 @@
-"""Shared fixtures: a real PostgreSQL for the session, a fresh migrated database per test."""
+"""Shared fixtures: a real PostgreSQL for the session, a fresh migrated database per test,
+and a client channel to whatever `server` fixture a test file defines."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from urllib.parse import urlparse, urlunparse
 import asyncpg
 import pytest
 
+from expbuild.client.channel import open_channel
 from expbuild.db.migrate import migrate
 from expbuild.db.pool import create_pool
 from tests.postgres import LocalPostgres, find_postgres, postgres_bindir
@@ -45,21 +47,37 @@ async def _build_template(admin_url: str) -> None:
         await conn.close()
 
 
+async def _admin(admin_url: str, statement: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def create_from_template(admin_url: str, name: str) -> str:
+    """A new database `name`, a clone of the migrated template; its URL."""
+    await _admin(admin_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    return with_database(admin_url, name)
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    await _admin(admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 async def database_url(postgres_admin_url):
     """A fresh database cloned from the migrated template; dropped after the test."""
     name = f"expbuild_test_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(postgres_admin_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    finally:
-        await admin.close()
-    yield with_database(postgres_admin_url, name)
-    admin = await asyncpg.connect(postgres_admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    yield await create_from_template(postgres_admin_url, name)
+    await drop_database(postgres_admin_url, name)
+
+
+@pytest.fixture
+async def channel(server):
+    """A client channel to the test file's own `server` fixture (a ServerApp)."""
+    async with open_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel
 
 
 @pytest.fixture

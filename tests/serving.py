@@ -10,9 +10,16 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
+
+from expbuild.cas.store import FileStore
+from expbuild.cas.uploads import UploadSession, _upload_key
 from expbuild.config import BackendSettings, Settings, WorkerSettings, settings_from_mapping
+from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
+from expbuild.reapi.resource_names import parse_upload_name
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
+from tests.waiting import wait_until
 
 
 def server_settings(cas_root: Path, **server_overrides) -> Settings:
@@ -61,3 +68,48 @@ async def running_worker(
     finally:
         agent.request_stop()
         await asyncio.wait_for(job, 20)
+
+
+def upload_session(store: FileStore, name: str) -> UploadSession | None:
+    """The store's session for the ByteStream upload `name`, once a Write opened it. (The
+    store's own state: what the server has taken in, which no RPC reports exactly.)"""
+    parsed = parse_upload_name(name)
+    key = _upload_key(parsed.upload_id, parsed.digest, parsed.compressor)
+    return store._uploads._sessions.get(key)
+
+
+async def break_write(
+    store: FileStore,
+    bytestream: bytestream_pb2_grpc.ByteStreamStub,
+    name: str,
+    stream_bytes: bytes,
+    chunk: int,
+) -> int:
+    """Send `stream_bytes` on a ByteStream Write that then stalls without finishing, wait
+    until the server has taken every message, then cancel the call as a dropped
+    connection would. Returns the committed size QueryWriteStatus reports afterwards."""
+    stall = asyncio.Event()
+
+    async def stream():
+        for start in range(0, len(stream_bytes), chunk):
+            yield bytestream_pb2.WriteRequest(
+                resource_name=name if start == 0 else "",
+                write_offset=start,
+                data=stream_bytes[start : start + chunk],
+            )
+        await stall.wait()
+
+    call = bytestream.Write(stream())
+    session = await wait_until(lambda: upload_session(store, name), what=f"an upload of {name}")
+    await wait_until(
+        lambda: session.next_offset == len(stream_bytes),
+        what=f"the server to take all {len(stream_bytes)} bytes sent",
+    )
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+        await call
+    status = await bytestream.QueryWriteStatus(
+        bytestream_pb2.QueryWriteStatusRequest(resource_name=name)
+    )
+    assert not status.complete
+    return status.committed_size

@@ -7,11 +7,11 @@ host whatever namespace they are in.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import uuid
 from pathlib import Path
+
+from tests.waiting import wait_until
 
 
 def marker_seconds() -> str:
@@ -35,20 +35,23 @@ def running_with(marker: str) -> list[int]:
     return found
 
 
+def is_gone(pid: int) -> bool:
+    """True once `pid` no longer runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
 async def wait_for_processes(marker: str, seconds: float = 10.0) -> list[int]:
     """Wait until some process carries `marker` (the action got going)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if found := running_with(marker):
-            return found
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no process with {marker!r} ever started")
+    return await wait_until(
+        lambda: running_with(marker), seconds, f"a process with {marker!r} to start"
+    )
 
 
 async def none_left(marker: str, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not running_with(marker):
-            return True
-        await asyncio.sleep(0.05)
-    return not running_with(marker)
+    """Wait until no process carries `marker`; fails naming the survivors' marker."""
+    await wait_until(lambda: not running_with(marker), seconds, f"no process with {marker!r} left")
+    return True

@@ -31,22 +31,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import TEMPLATE, with_database
+from tests.conftest import create_from_template, drop_database
 from tests.postgres import free_port
 from tests.test_bazel import (
-    EXPECTED,
     TARGET,
     Bazel,
     Process,
-    _admin,
-    check_outputs,
+    check_every_output,
     common_flags,
     copy_tree,
     expbuild_command,
     find_bazel,
     record_time,
     register_timing_summary,
-    snapshot,
     start,
     wait_for_log,
 )
@@ -153,10 +150,10 @@ def secured_cluster(request, postgres_admin_url, tmp_path_factory):
         else {}
     )
     name = f"expbuild_bazel_{scheme}_{os.getpid()}"
-    asyncio.run(_admin(postgres_admin_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    database_url = asyncio.run(create_from_template(postgres_admin_url, name))
     port = free_port()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("EXPBUILD_")}
-    database = {"EXPBUILD_DATABASE__URL": with_database(postgres_admin_url, name)}
+    database = {"EXPBUILD_DATABASE__URL": database_url}
     processes: list[Process] = []
     try:
         bazel_token = create_token({**base_env, **database}, "bazel", "cas:read", "cas:write",
@@ -204,7 +201,7 @@ def secured_cluster(request, postgres_admin_url, tmp_path_factory):
         for process in reversed(processes):
             process.stop()
         with contextlib.suppress(Exception):
-            asyncio.run(_admin(postgres_admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            asyncio.run(drop_database(postgres_admin_url, name))
 
 
 @pytest.mark.parametrize(
@@ -240,9 +237,7 @@ def test_bazel_builds_over_grpcs_with_a_token_and_not_without(
         record_time(f"tokens, {route}: build", built.wall, built.elapsed())
         _, kinds = built.summary()
         assert {k for k in kinds if k != "internal"} == {"remote"}, kinds
-        files = snapshot(bazel.bazel_bin(*authorized))
-        for case in EXPECTED:
-            check_outputs(files, case)
+        check_every_output(bazel, authorized)
 
         assert bazel.run("clean").returncode == 0
         refused = bazel.run("build", *remote, TARGET)

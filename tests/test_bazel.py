@@ -38,14 +38,13 @@ import time
 import zipfile
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expbuild.cas.eviction import EvictionReport, evict_to_size
 from expbuild.cas.store import FileStore
-from tests.conftest import TEMPLATE, with_database
+from tests.conftest import create_from_template, drop_database
 from tests.postgres import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -331,6 +330,13 @@ def check_outputs(files: dict[str, bytes | None], case: str, *, top_level_only=F
     assert not problems, "\n".join(problems)
 
 
+def check_every_output(bazel: Bazel, flags: list[str]) -> None:
+    """Every case's outputs are in bazel-bin, each with its expected content."""
+    files = snapshot(bazel.bazel_bin(*flags))
+    for case in EXPECTED:
+        check_outputs(files, case)
+
+
 def copy_tree(dest: Path) -> Path:
     """tests/bazel (workspace and stand-in repositories) copied: Bazel never writes there."""
     shutil.copytree(BAZEL_DIR, dest, ignore=shutil.ignore_patterns("bazel-*", "*.md"))
@@ -432,24 +438,16 @@ def wait_for_log(process: Process, needle: str, timeout: float = 60) -> None:
     )
 
 
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def cluster(bazel_exe, postgres_admin_url, tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("expbuild-bazel")
     name = f"expbuild_bazel_{os.getpid()}_{next(_counter)}"
-    asyncio.run(_admin(postgres_admin_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    database_url = asyncio.run(create_from_template(postgres_admin_url, name))
     port = free_port()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("EXPBUILD_")}
     server_env = {
         **base_env,
-        "EXPBUILD_DATABASE__URL": with_database(postgres_admin_url, name),
+        "EXPBUILD_DATABASE__URL": database_url,
         "EXPBUILD_SERVER__ADDRESS": f"127.0.0.1:{port}",
         # "" should switch /metrics off, but the settings loader reads an empty value as
         # "unset" (the default 127.0.0.1:9464, shared by parallel runs): use a free port.
@@ -489,7 +487,7 @@ def cluster(bazel_exe, postgres_admin_url, tmp_path_factory, request):
                 else:
                     print(text)
         with contextlib.suppress(Exception):
-            asyncio.run(_admin(postgres_admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            asyncio.run(drop_database(postgres_admin_url, name))
 
 
 # -- one Bazel per mode, and its builds ---------------------------------------------------------

@@ -37,7 +37,7 @@ import asyncpg
 import pytest
 
 from expbuild.proto import remote_execution_pb2 as re_pb2
-from tests.conftest import TEMPLATE, with_database
+from tests.conftest import create_from_template, drop_database
 from tests.postgres import free_port
 from tests.processes import Process, start, wait_for_log, wait_healthy
 
@@ -201,14 +201,6 @@ class Builds:
         return (self.cas / "sha256" / sha[:2] / sha).read_bytes()
 
 
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def builds(postgres_admin_url, tmp_path_factory):
     if shutil.which("bwrap") is None:
@@ -217,8 +209,7 @@ def builds(postgres_admin_url, tmp_path_factory):
     folder = tmp_path_factory.mktemp("buildstream")
     project = make_project(folder)
     name = f"expbuild_bst_{os.getpid()}_{next(_counter)}"
-    asyncio.run(_admin(postgres_admin_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
-    database_url = with_database(postgres_admin_url, name)
+    database_url = asyncio.run(create_from_template(postgres_admin_url, name))
     port = free_port()
     processes: list[Process] = []
     try:
@@ -273,7 +264,7 @@ def builds(postgres_admin_url, tmp_path_factory):
         for process in reversed(processes):
             process.stop()
         with contextlib.suppress(Exception):
-            asyncio.run(_admin(postgres_admin_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            asyncio.run(drop_database(postgres_admin_url, name))
 
 
 def test_manual_and_script_elements_build_remotely(builds: Builds):

@@ -25,7 +25,9 @@ from expbuild.db.locks import CAS_EVICTION_LOCK, try_advisory_lock
 from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.server import app as server_app
 from tests.serving import running_server, server_settings
+from tests.waiting import wait_until
 
 HOUR = 3600.0
 
@@ -209,9 +211,12 @@ async def test_a_pass_holds_no_pool_connection_while_it_scans(database_url, tmp_
 async def test_two_servers_sharing_a_cas_take_turns(database_url, tmp_path, monkeypatch):
     settings = server_settings(tmp_path / "cas")
     real_scan = eviction._scan
+    other_turned_away = threading.Event()
 
-    def slow_scan(blob_dir):
-        time.sleep(0.5)
+    def held_scan(blob_dir):
+        # The pass that got the lock scans only once the other has tried and given up:
+        # the two overlap for sure. (Two scans at once would both wait here in vain.)
+        other_turned_away.wait(30)
         return real_scan(blob_dir)
 
     async with (
@@ -221,8 +226,11 @@ async def test_two_servers_sharing_a_cas_take_turns(database_url, tmp_path, monk
         bound_by_hand(a, 5000)
         bound_by_hand(b, 5000)
         digests = await put_aged(a.store, 10)
-        monkeypatch.setattr(eviction, "_scan", slow_scan)
-        reports = await asyncio.gather(a.evict_once(), b.evict_once())
+        monkeypatch.setattr(eviction, "_scan", held_scan)
+        passes = [asyncio.create_task(a.evict_once()), asyncio.create_task(b.evict_once())]
+        await asyncio.wait(passes, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        other_turned_away.set()
+        reports = [await each for each in passes]
         assert sum(r is not None for r in reports) == 1, reports
         assert present(a.store, digests) == [False] * 6 + [True] * 4
 
@@ -253,8 +261,19 @@ def test_config_keys():
 
 
 @pytest.mark.e2e
-async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path, caplog):
+async def test_server_evicts_and_the_action_cache_notices(
+    database_url, tmp_path, caplog, monkeypatch
+):
     caplog.set_level(logging.INFO, logger="expbuild.server.app")
+    finished_passes = [0]
+    real_evict = server_app.evict_to_size
+
+    async def counted_evict(*args, **kwargs):
+        report = await real_evict(*args, **kwargs)
+        finished_passes[0] += 1
+        return report
+
+    monkeypatch.setattr(server_app, "evict_to_size", counted_evict)
     settings = server_settings(tmp_path / "cas")
     settings = replace(
         settings, cas=replace(settings.cas, max_size=4000, eviction_interval=timedelta(seconds=0.2))
@@ -275,8 +294,10 @@ async def test_server_evicts_and_the_action_cache_notices(database_url, tmp_path
                     action_result=re_pb2.ActionResult(exit_code=0, stdout_digest=stdout.to_proto()),
                 )
             )
-            # Everything was uploaded just now, so min_age protects it all.
-            await asyncio.sleep(0.6)
+            # Everything was uploaded just now, so min_age protects it all: the second
+            # pass to finish from here began after the upload, and removed nothing.
+            after_upload = finished_passes[0] + 2
+            await wait_until(lambda: finished_passes[0] >= after_upload, what="two passes")
             assert present(store, digests) == [True] * 6
             # Age them all at once as far as eviction can tell: holding the replicas'
             # eviction lock, no pass can scan a half-aged store.

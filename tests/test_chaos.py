@@ -13,17 +13,20 @@ twice to completion, and recover within the bound of issue #9:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from tests.postgres import free_port
-from tests.processes import BIN, server_env, start, wait_for_log, wait_healthy
+from tests.processes import BIN, Process, server_env, start, wait_for_log, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -129,52 +132,57 @@ async def test_kill_9_a_busy_worker(restartable_postgres, tmp_path):
         server.stop()
 
 
-async def test_kill_9_the_replica_and_start_it_again(restartable_postgres, tmp_path):
-    url, port = restartable_postgres.url, free_port()
+@dataclass
+class BusyCluster:
+    url: str
+    port: int
+    server: Process  # replaced when a test starts the replica again
+    clients: list[subprocess.Popen]
+    marker: Path
+
+
+@contextlib.asynccontextmanager
+async def all_actions_running(postgres, tmp_path: Path) -> AsyncIterator[BusyCluster]:
+    """A replica and two 5-slot workers, every action running on them at once."""
+    url, port = postgres.url, free_port()
     address = f"127.0.0.1:{port}"
-    server = replica(url, tmp_path, port)
+    cluster = BusyCluster(url, port, replica(url, tmp_path, port), [], tmp_path / "marker")
     workers = [worker(f"w{n}", address, tmp_path, slots=5) for n in range(2)]
-    marker = tmp_path / "marker"
     try:
-        clients = submit_all(address, tmp_path, marker)
+        cluster.clients = submit_all(address, tmp_path, cluster.marker)
         await wait_running(url, ACTIONS)
-        server.stop(signal.SIGKILL)
+        yield cluster
+    finally:
+        for each in workers:
+            each.stop()
+        cluster.server.stop()
+
+
+async def test_kill_9_the_replica_and_start_it_again(restartable_postgres, tmp_path):
+    async with all_actions_running(restartable_postgres, tmp_path) as cluster:
+        cluster.server.stop(signal.SIGKILL)
         await asyncio.sleep(2)  # the fault itself: the replica is away for two seconds
         # A loaded machine may take the workers more than the default 5 s grace to find
         # the new replica; the promise is no rerun for a restart within 30 s.
-        server = replica(
-            url,
+        cluster.server = replica(
+            cluster.url,
             tmp_path,
-            port,
+            cluster.port,
             name="server-again",
             EXPBUILD_SERVER__WORKER_DISCONNECT_GRACE="30s",
         )
-        assert_all_once(clients, marker)
-        assert await events(url, "requeued") == [], "an action ran again after the restart"
-        assert len(await events(url, "completed")) == ACTIONS
-    finally:
-        for each in workers:
-            each.stop()
-        server.stop()
+        assert_all_once(cluster.clients, cluster.marker)
+        requeued = await events(cluster.url, "requeued")
+        assert requeued == [], "an action ran again after the restart"
+        assert len(await events(cluster.url, "completed")) == ACTIONS
 
 
 async def test_restart_postgres(restartable_postgres, tmp_path):
-    url, port = restartable_postgres.url, free_port()
-    address = f"127.0.0.1:{port}"
-    server = replica(url, tmp_path, port)
-    workers = [worker(f"w{n}", address, tmp_path, slots=5) for n in range(2)]
-    marker = tmp_path / "marker"
-    try:
-        clients = submit_all(address, tmp_path, marker)
-        await wait_running(url, ACTIONS)
+    async with all_actions_running(restartable_postgres, tmp_path) as cluster:
         restartable_postgres.restart()
-        assert_all_once(clients, marker)
-        assert "internal error" not in server.log()
-        assert len(await events(url, "completed")) == ACTIONS
-    finally:
-        for each in workers:
-            each.stop()
-        server.stop()
+        assert_all_once(cluster.clients, cluster.marker)
+        assert "internal error" not in cluster.server.log()
+        assert len(await events(cluster.url, "completed")) == ACTIONS
 
 
 async def test_sigterm_a_busy_worker(restartable_postgres, tmp_path):

@@ -44,6 +44,7 @@ from expbuild.reapi.merkle import serialize
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
 from tests.serving import running_server, running_worker, server_settings
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -498,8 +499,7 @@ async def test_execute_survives_a_server_restart(database_url, tmp_path: Path, c
             running = asyncio.create_task(
                 ExecutionClient(channel).execute(digest_of(action_bytes), on_stage=stages.append)
             )
-            while not stages:
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: stages, what="the first stage")
             await first.stop(grace=0)
             second = ServerApp(settings, database_url, port=port)
             await second.start()

@@ -39,13 +39,14 @@ from expbuild.client.run import run_command
 from expbuild.client.tree import materialize, merkle_tree_from_directory
 from expbuild.digest import Digest, digest_of
 from expbuild.errors import FailedPrecondition, InvalidArgument, NotFound
-from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
+from expbuild.proto import bytestream_pb2_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.reapi.resource_names import parse_upload_name
 from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
-from tests.serving import running_server, running_worker, server_settings
+from tests.serving import break_write, running_server, running_worker, server_settings
+from tests.waiting import wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -72,12 +73,6 @@ async def small_batch_server(database_url, tmp_path) -> AsyncIterator[ServerApp]
 
 def target_of(app: ServerApp) -> str:
     return f"127.0.0.1:{app.port}"
-
-
-@pytest.fixture
-async def channel(server) -> AsyncIterator[grpc.aio.Channel]:
-    async with open_channel(target_of(server)) as channel:
-        yield channel
 
 
 def compressible(size: int, seed: int = 0) -> bytes:
@@ -327,45 +322,6 @@ async def test_zstd_round_trip_through_batches_and_bytestream(server: ServerApp,
 # -- resumable uploads ------------------------------------------------------------------------
 
 
-async def break_write(channel: grpc.aio.Channel, name: str, stream_bytes: bytes, chunk: int) -> int:
-    """Send `stream_bytes` on a raw ByteStream Write that then stalls without finishing,
-    wait until the server has taken all it will (QueryWriteStatus stops moving), then
-    cancel the call as a dropped connection would. Returns the committed size."""
-    bytestream = bytestream_pb2_grpc.ByteStreamStub(channel)
-    stall, sent = asyncio.Event(), asyncio.Event()
-
-    async def stream():
-        for start in range(0, len(stream_bytes), chunk):
-            yield bytestream_pb2.WriteRequest(
-                resource_name=name if start == 0 else "",
-                write_offset=start,
-                data=stream_bytes[start : start + chunk],
-            )
-        sent.set()
-        await stall.wait()
-
-    async def committed() -> int:
-        status = await bytestream.QueryWriteStatus(
-            bytestream_pb2.QueryWriteStatusRequest(resource_name=name)
-        )
-        assert not status.complete
-        return status.committed_size
-
-    call = bytestream.Write(stream())
-    await asyncio.wait_for(sent.wait(), 30)
-    previous, steady = -1, 0
-    while steady < 5:
-        size = await committed()
-        steady = steady + 1 if size == previous > 0 else 0
-        previous = size
-        await asyncio.sleep(0.02)
-    call.cancel()
-    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-        await call
-    await asyncio.sleep(0.05)
-    return await committed()
-
-
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "zstd"])
 async def test_reads_are_checked_off_the_event_loop(
     server: ServerApp, channel, monkeypatch, compressed: bool
@@ -418,7 +374,13 @@ async def test_resume_upload_continues_a_broken_stream_at_its_offset(
     assert upload_key(name) == (digest, compressed)
     # Half the stream the client would send, then the connection "drops".
     stream = zstd(data) if compressed else data
-    committed = await break_write(channel, name, stream[: len(stream) // 2], 128 * KiB)
+    committed = await break_write(
+        server.store,
+        bytestream_pb2_grpc.ByteStreamStub(channel),
+        name,
+        stream[: len(stream) // 2],
+        128 * KiB,
+    )
     assert 0 < committed < digest.size_bytes
     if not compressed:
         assert committed == len(stream) // 2
@@ -448,8 +410,9 @@ class CuttingProxy:
     connections are relayed whole. The stall lets the server take in what it received, so
     it commits every whole Write message (1 MiB) that crossed before the cut."""
 
-    def __init__(self, upstream_port: int, cut_after: int) -> None:
-        self.upstream_port = upstream_port
+    def __init__(self, server: ServerApp, cut_after: int) -> None:
+        self.server = server
+        self.upstream_port = server.port
         self.cut_after = cut_after
         self.connections = 0
         self.upstream_bytes = 0
@@ -470,7 +433,7 @@ class CuttingProxy:
                         self.upstream_bytes += len(data)
                         forwarded += len(data)
                         if cut and forwarded > self.cut_after:
-                            await asyncio.sleep(0.5)
+                            await self._server_took_whole_messages()
                             writer.transport.abort()
                             up_writer.transport.abort()
                             return
@@ -479,6 +442,14 @@ class CuttingProxy:
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    async def _server_took_whole_messages(self) -> None:
+        whole = self.cut_after // MiB * MiB  # offset after the last whole message that crossed
+        sessions = self.server.store._uploads._sessions  # the server runs in this process
+        await wait_until(
+            lambda: any(s.next_offset >= whole for s in sessions.values()),
+            what=f"the server to take the first {whole} bytes",
+        )
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
@@ -496,7 +467,7 @@ class CuttingProxy:
 async def test_upload_resumes_after_the_connection_drops(server: ServerApp, compressed: bool):
     data = os.urandom(5 * MiB)  # over the 4 MiB batch limit: ByteStream
     digest = digest_of(data)
-    proxy = CuttingProxy(server.port, cut_after=5 * MiB // 2)
+    proxy = CuttingProxy(server, cut_after=5 * MiB // 2)
     async with proxy.running() as target, open_channel(target) as channel:
         cas = CasClient(channel, compressor=ZSTD if compressed else IDENTITY)
         assert await cas.upload({digest: data}) == digest.size_bytes

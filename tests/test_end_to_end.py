@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.postgres import free_port
-from tests.processes import BIN, server_env, start, wait_for_log, wait_healthy
+from tests.processes import BIN, expbuild_up, server_env, start, wait_for_log, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -271,30 +269,11 @@ def test_server_with_the_local_backend_runs_actions_itself(database_url, tmp_pat
 
 def test_up_with_the_embedded_postgres(tmp_path_factory):
     """What `make run` does: no database configured, so `expbuild up` starts its own."""
-    import tempfile
-
-    # Not under pytest's 0700 tmp tree: as root the embedded server runs as another user,
-    # and must reach its data dir without anyone loosening permissions.
-    home = Path(tempfile.mkdtemp(prefix="expbuild-up-"))
-    home.chmod(0o755)
-    port = free_port()
-    env = {
-        "EXPBUILD_HOME": str(home),
-        "EXPBUILD_SERVER__METRICS_ADDRESS": "",
-        "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(home / "work"),
-    }
-    up = start(
-        "up", ["expbuild", "up", "--workers", "1", "--address", f"127.0.0.1:{port}"], home, env
-    )
-    try:
-        wait_healthy(f"127.0.0.1:{port}", up, timeout=120)
-        wait_for_log(up, "registered successfully")
-        result = run(f"127.0.0.1:{port}", "--", "sh", "-c", "echo embedded; exit 4", cwd=home)
+    with expbuild_up() as (up, home, address):
+        result = run(address, "--", "sh", "-c", "echo embedded; exit 4", cwd=home)
         assert result.returncode == 4 and result.stdout == b"embedded\n", result.stderr
         assert f"data in {home / 'postgres'}" in up.log()
-    finally:
         assert up.stop(signal.SIGINT, timeout=60) == 0, up.log()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_an_unreachable_database_is_one_clear_line_after_retrying(tmp_path):

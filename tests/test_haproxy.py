@@ -23,16 +23,7 @@ import pytest
 
 from tests.postgres import free_port
 from tests.processes import Process, server_env, start, wait_for_log, wait_healthy
-from tests.test_bazel import (
-    EXPECTED,
-    TARGET,
-    Bazel,
-    check_outputs,
-    copy_tree,
-    find_bazel,
-    mode_flags,
-    snapshot,
-)
+from tests.test_bazel import TARGET, Bazel, check_every_output, copy_tree, find_bazel, mode_flags
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -125,9 +116,7 @@ def build_with_fault(stack: Stack, bazel_exe: str, folder: Path, fault) -> None:
             fault()
             result = build.result(timeout=900)
         assert result.returncode == 0, f"{result.describe()}\n{stack.logs()}"
-        files = snapshot(bazel.bazel_bin(*flags))
-        for case in EXPECTED:
-            check_outputs(files, case)
+        check_every_output(bazel, flags)
     finally:
         bazel.shutdown()
 

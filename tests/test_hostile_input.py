@@ -12,22 +12,27 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 
 from expbuild.cas.store import FileStore
-from expbuild.digest import Digest, digest_of
+from expbuild.digest import EMPTY, Digest, digest_of
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc, worker_pb2, worker_pb2_grpc
+from expbuild.proto import remote_asset_pb2 as ra_pb2
+from expbuild.proto import remote_asset_pb2_grpc as ra_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.server.app import ServerApp
-from tests.conftest import TEMPLATE, with_database
+from tests.conftest import create_from_template, drop_database
+from tests.secured import channel as secured_channel
+from tests.secured import make_token, secured_settings
 from tests.serving import running_server, server_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -61,10 +66,8 @@ class _Collect(logging.Handler):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def env(postgres_admin_url, tmp_path_factory):
     name = f"expbuild_hostile_{os.getpid()}"
-    admin = await asyncpg.connect(postgres_admin_url)
-    await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    await admin.close()
+    await drop_database(postgres_admin_url, name)
+    database_url = await create_from_template(postgres_admin_url, name)
     records: list[logging.LogRecord] = []
     handler = _Collect(records)
     logging.getLogger("expbuild").addHandler(handler)
@@ -78,15 +81,13 @@ async def env(postgres_admin_url, tmp_path_factory):
         reject_unmatched_platforms=False,
     )
     try:
-        async with running_server(settings, with_database(postgres_admin_url, name)) as app:
+        async with running_server(settings, database_url) as app:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
                 yield Env(app, channel, app.store, records)
     finally:
         logging.getLogger("expbuild").removeHandler(handler)
         logging.getLogger("expbuild").setLevel(previous_level)
-        admin = await asyncpg.connect(postgres_admin_url)
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+        await drop_database(postgres_admin_url, name)
 
 
 async def code_of(call) -> grpc.StatusCode:
@@ -139,6 +140,8 @@ def _methods():
         worker_pb2.DESCRIPTOR.services_by_name["WorkerAdminService"],
         operations_pb2.DESCRIPTOR.services_by_name["Operations"],
         health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ra_pb2.DESCRIPTOR.services_by_name["Fetch"],
+        ra_pb2.DESCRIPTOR.services_by_name["Push"],
     ]
     for service in services:
         for method in service.methods:
@@ -522,32 +525,34 @@ def _big_directory(files: int) -> re_pb2.Directory:
     return directory
 
 
+async def get_tree(env: Env, root: re_pb2.Directory):
+    """GetTree of `root`, stored first: the response stream."""
+    digest = await put(env.store, root)
+    stub = re_grpc.ContentAddressableStorageStub(env.channel)
+    return stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
+
+
+async def _parent_of(env: Env, name: str, child: re_pb2.Directory) -> re_pb2.Directory:
+    child_digest = await put(env.store, child)
+    root = re_pb2.Directory()
+    root.directories.add(name=name, digest=child_digest.to_proto())
+    return root
+
+
 async def test_get_tree_refuses_a_root_directory_above_the_bound(env):
     root = _big_directory(200)
     assert root.ByteSize() > MAX_DIRECTORY
-    digest = await put(env.store, root)
-    stub = re_grpc.ContentAddressableStorageStub(env.channel)
-    call = stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
-    assert await code_of(call) == EXHAUSTED
+    assert await code_of(await get_tree(env, root)) == EXHAUSTED
 
 
 async def test_get_tree_refuses_a_child_directory_above_the_bound(env):
-    child = await put(env.store, _big_directory(200))
-    root = re_pb2.Directory()
-    root.directories.add(name="big", digest=child.to_proto())
-    digest = await put(env.store, root)
-    stub = re_grpc.ContentAddressableStorageStub(env.channel)
-    call = stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))
-    assert await code_of(call) == EXHAUSTED
+    root = await _parent_of(env, "big", _big_directory(200))
+    assert await code_of(await get_tree(env, root)) == EXHAUSTED
 
 
 async def test_get_tree_serves_directories_within_the_bound(env):
-    child = await put(env.store, _big_directory(10))
-    root = re_pb2.Directory()
-    root.directories.add(name="small", digest=child.to_proto())
-    digest = await put(env.store, root)
-    stub = re_grpc.ContentAddressableStorageStub(env.channel)
-    pages = [p async for p in stub.GetTree(re_pb2.GetTreeRequest(root_digest=digest.to_proto()))]
+    root = await _parent_of(env, "small", _big_directory(10))
+    pages = [p async for p in await get_tree(env, root)]
     assert sum(len(p.directories) for p in pages) == 2
 
 
@@ -591,6 +596,508 @@ async def test_a_huge_operation_name_gets_a_short_answer(env):
         await operations.GetOperation(operations_pb2.GetOperationRequest(name=name))
     assert info.value.code() == NOT_FOUND
     assert len(info.value.details()) < 1000
+
+
+# -- the newer RPCs ------------------------------------------------------------------------
+# Each refusal names the problem in its message, leaves nothing behind, and the same
+# service answers a good request right after it.
+
+
+async def refusal(call) -> grpc.aio.AioRpcError:
+    """The error a unary call or a response stream ends with; fails if it succeeds."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async with asyncio.timeout(20):
+            if hasattr(call, "read") and not asyncio.iscoroutine(call):
+                async for _ in call:
+                    pass
+            else:
+                await call
+    return info.value
+
+
+def stub_for(env: Env, service: str):
+    return {
+        "Fetch": ra_grpc.FetchStub,
+        "Push": ra_grpc.PushStub,
+        "CAS": re_grpc.ContentAddressableStorageStub,
+        "Workers": worker_pb2_grpc.WorkerServiceStub,
+        "Admin": worker_pb2_grpc.WorkerAdminServiceStub,
+    }[service](env.channel)
+
+
+def _qualifiers(*pairs: tuple[str, str]) -> list[ra_pb2.Qualifier]:
+    return [ra_pb2.Qualifier(name=name, value=value) for name, value in pairs]
+
+
+UNREACHABLE = "http://127.0.0.1:9/asset"  # the discard port: nothing answers
+HUGE = 2**62
+LYING_SRI = "sha256-" + "A" * 43 + "="  # well formed, but not the empty blob's
+
+
+def _fetch(uris=(UNREACHABLE,), qualifiers=(), **fields) -> ra_pb2.FetchBlobRequest:
+    return ra_pb2.FetchBlobRequest(uris=list(uris), qualifiers=_qualifiers(*qualifiers), **fields)
+
+
+def _push(
+    uris=("https://example.invalid/pushed",), qualifiers=(), digest=None, **fields
+) -> ra_pb2.PushBlobRequest:
+    return ra_pb2.PushBlobRequest(
+        uris=list(uris),
+        qualifiers=_qualifiers(*qualifiers),
+        blob_digest=digest if digest is not None else EMPTY.to_proto(),
+        **fields,
+    )
+
+
+ASSET_CASES = {
+    "fetch-no-uri": ("FetchBlob", _fetch(uris=()), INVALID, "uris is empty"),
+    "fetch-directory-no-uri": (
+        "FetchDirectory",
+        ra_pb2.FetchDirectoryRequest(),
+        INVALID,
+        "uris is empty",
+    ),
+    "fetch-nul-in-uri": ("FetchBlob", _fetch(uris=["http://x.invalid/\x00"]), INVALID, "uris[0]"),
+    "fetch-nul-in-qualifier": (
+        "FetchBlob",
+        _fetch(qualifiers=[("bazel.canonical_id", "a\x00")]),
+        INVALID,
+        "NUL",
+    ),
+    "fetch-huge-qualifier": (
+        "FetchBlob",
+        _fetch(qualifiers=[("bazel.canonical_id", os.urandom(4000).hex())]),
+        INVALID,
+        "longer than",
+    ),
+    "fetch-huge-uri": (
+        "FetchBlob",
+        _fetch(uris=["https://x.invalid/" + os.urandom(4000).hex()]),
+        INVALID,
+        "longer than",
+    ),
+    "fetch-unknown-qualifier": (
+        "FetchBlob",
+        _fetch(qualifiers=[("vcs.commit", "abc")]),
+        INVALID,
+        "'vcs.commit' is not supported",
+    ),
+    "fetch-sri-not-base64": (
+        "FetchBlob",
+        _fetch(qualifiers=[("checksum.sri", "sha256-!!!")]),
+        INVALID,
+        "is not base64",
+    ),
+    "fetch-sri-md5": (
+        "FetchBlob",
+        _fetch(qualifiers=[("checksum.sri", "md5-AAAA")]),
+        INVALID,
+        "algorithm one of",
+    ),
+    "fetch-sri-short": (
+        "FetchBlob",
+        _fetch(qualifiers=[("checksum.sri", "sha256-AAAA")]),
+        INVALID,
+        "a sha256 digest is 32 bytes",
+    ),
+    "fetch-negative-timeout": (
+        "FetchBlob",
+        _fetch(timeout=duration_pb2.Duration(seconds=-1)),
+        INVALID,
+        "timeout",
+    ),
+    "fetch-nul-in-instance-name": (
+        "FetchBlob",
+        _fetch(instance_name="a\x00b"),
+        INVALID,
+        "instance name",
+    ),
+    "push-no-uri": ("PushBlob", _push(uris=()), INVALID, "uris is empty"),
+    "push-uri-without-scheme": ("PushBlob", _push(uris=["not a uri"]), INVALID, "'not a uri'"),
+    "push-nul-in-uri": ("PushBlob", _push(uris=["https://x.invalid/\x00"]), INVALID, "NUL"),
+    "push-huge-uri": (
+        "PushBlob",
+        _push(uris=["https://x.invalid/" + os.urandom(4000).hex()]),
+        INVALID,
+        "longer than",
+    ),
+    "push-huge-qualifier": (
+        "PushBlob",
+        _push(qualifiers=[("bazel.canonical_id", os.urandom(4000).hex())]),
+        INVALID,
+        "longer than",
+    ),
+    "push-bad-hash": (
+        "PushBlob",
+        _push(digest=re_pb2.Digest(hash="zz", size_bytes=1)),
+        INVALID,
+        "blob_digest",
+    ),
+    "push-negative-size": (
+        "PushBlob",
+        _push(digest=re_pb2.Digest(hash=HASH, size_bytes=-1)),
+        INVALID,
+        "blob_digest",
+    ),
+    "push-huge-size": (
+        "PushBlob",
+        _push(digest=re_pb2.Digest(hash=EMPTY.hash, size_bytes=HUGE)),
+        PRECONDITION,
+        "not in the CAS",
+    ),
+    "push-sri-that-lies": (
+        "PushBlob",
+        _push(qualifiers=[("checksum.sri", LYING_SRI)]),
+        INVALID,
+        "does not match",
+    ),
+    "push-bad-reference": (
+        "PushBlob",
+        _push(references_blobs=[re_pb2.Digest(hash=HASH, size_bytes=-5)]),
+        INVALID,
+        "references_blobs[0]",
+    ),
+    "push-bad-expiry": (
+        "PushBlob",
+        _push(expire_at=timestamp_pb2.Timestamp(seconds=HUGE)),
+        INVALID,
+        "expire_at",
+    ),
+    "push-directory-bad-digest": (
+        "PushDirectory",
+        ra_pb2.PushDirectoryRequest(
+            uris=["https://example.invalid/d"],
+            root_directory_digest=re_pb2.Digest(hash=HASH.upper(), size_bytes=1),
+        ),
+        INVALID,
+        "root_directory_digest",
+    ),
+    "push-nul-in-instance-name": (
+        "PushBlob",
+        _push(instance_name="a\x00b"),
+        INVALID,
+        "instance name",
+    ),
+    "push-dot-dot-instance-name": (
+        "PushBlob",
+        _push(instance_name="main/../other"),
+        INVALID,
+        "'..'",
+    ),
+}
+
+GOOD_URI = "https://example.invalid/good.tar.gz"
+
+
+async def assets_stored(env: Env) -> list[str]:
+    return [r["uri"] for r in await env.app.pool.fetch("SELECT uri FROM assets ORDER BY uri")]
+
+
+async def good_push_and_fetch(env: Env) -> None:
+    push = ra_grpc.PushStub(env.channel)
+    await push.PushBlob(_push(uris=[GOOD_URI]))
+    reply = await ra_grpc.FetchStub(env.channel).FetchBlob(_fetch(uris=[GOOD_URI]))
+    assert reply.status.code == code_pb2.OK, reply.status.message
+    assert Digest.from_proto(reply.blob_digest) == EMPTY
+
+
+@pytest.mark.parametrize("case", list(ASSET_CASES))
+async def test_remote_asset_refuses_a_malformed_request_naming_the_problem(env, case):
+    method, request, code, needle = ASSET_CASES[case]
+    service = "Fetch" if method.startswith("Fetch") else "Push"
+    error = await refusal(getattr(stub_for(env, service), method)(request))
+    assert error.code() == code, error.details()
+    assert needle in error.details()
+    assert len(error.details()) < MAX_LOG_LINE
+    assert set(await assets_stored(env)) <= {GOOD_URI}
+    await good_push_and_fetch(env)
+
+
+THIS_FILE = Path(__file__)
+FETCH_FAILURES = {
+    "file-uri": (THIS_FILE.as_uri(), code_pb2.INVALID_ARGUMENT, "'file'"),
+    "no-scheme": ("just some words", code_pb2.INVALID_ARGUMENT, "(none)"),
+    "ftp": ("ftp://127.0.0.1/x", code_pb2.INVALID_ARGUMENT, "'ftp'"),
+    "unreachable": (UNREACHABLE, code_pb2.UNAVAILABLE, "127.0.0.1:9"),
+}
+
+
+@pytest.mark.parametrize("case", list(FETCH_FAILURES))
+async def test_a_fetch_that_cannot_download_says_why_and_stores_nothing(env, case):
+    uri, code, needle = FETCH_FAILURES[case]
+    reply = await ra_grpc.FetchStub(env.channel).FetchBlob(_fetch(uris=[uri]))
+    assert reply.status.code == code, reply.status.message
+    assert needle in reply.status.message
+    assert not reply.HasField("blob_digest")
+    assert uri not in await assets_stored(env)
+    if uri.startswith("file:"):
+        assert not await env.store.has(digest_of(THIS_FILE.read_bytes()))
+    await good_push_and_fetch(env)
+
+
+async def test_push_directory_refuses_a_blob_that_is_not_a_directory(env):
+    lie = await put(env.store, b"\x0a\x05ab")
+    error = await refusal(
+        ra_grpc.PushStub(env.channel).PushDirectory(
+            ra_pb2.PushDirectoryRequest(
+                uris=["https://example.invalid/not-a-tree"], root_directory_digest=lie.to_proto()
+            )
+        )
+    )
+    assert error.code() == INVALID
+    assert str(lie) in error.details() and "not a Directory" in error.details()
+    assert "https://example.invalid/not-a-tree" not in await assets_stored(env)
+
+
+# -- WorkerService.OpenSession -------------------------------------------------------------
+
+SESSION_CASES = {
+    "empty": ("", INVALID, "worker_id"),
+    "nul": ("w\x00", INVALID, "NUL"),
+    "unknown": ("never-registered", NOT_FOUND, "register again"),
+    "huge": ("w" * 100_000, INVALID, "worker_id"),
+}
+
+
+@pytest.mark.parametrize("case", list(SESSION_CASES))
+async def test_open_session_refuses_a_worker_id_it_cannot_use(env, case):
+    worker_id, code, needle = SESSION_CASES[case]
+    workers = worker_pb2_grpc.WorkerServiceStub(env.channel)
+    error = await refusal(workers.OpenSession(worker_pb2.OpenSessionRequest(worker_id=worker_id)))
+    assert error.code() == code, error.details()
+    assert needle in error.details()
+    assert env.app.sessions.held == 0
+    assert await env.app.pool.fetchval("SELECT count(*) FROM workers") == 0
+
+
+async def test_open_session_for_a_worker_of_another_credential_is_permission_denied(
+    database_url, tmp_path
+):
+    async with running_server(secured_settings(tmp_path / "cas"), database_url) as app:
+        alice = await make_token(app.pool, "alice", "worker")
+        mallory = await make_token(app.pool, "mallory", "worker")
+        async with secured_channel(app, alice) as channel:
+            workers = worker_pb2_grpc.WorkerServiceStub(channel)
+            registered = await workers.RegisterWorker(
+                worker_pb2.RegisterWorkerRequest(name="alice-w", max_concurrent_tasks=1)
+            )
+            worker_id = registered.worker_id
+        async with secured_channel(app, mallory) as channel:
+            workers = worker_pb2_grpc.WorkerServiceStub(channel)
+            error = await refusal(
+                workers.OpenSession(worker_pb2.OpenSessionRequest(worker_id=worker_id))
+            )
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert worker_id in error.details() and "another credential" in error.details()
+        assert app.sessions.held == 0
+        session_column = "SELECT session_id FROM workers WHERE id = $1"
+        assert await app.pool.fetchval(session_column, worker_id) is None
+        # Its own credential still opens it.
+        async with secured_channel(app, alice) as channel:
+            workers = worker_pb2_grpc.WorkerServiceStub(channel)
+            session = workers.OpenSession(worker_pb2.OpenSessionRequest(worker_id=worker_id))
+            assert (await session.read()).opened
+            session.cancel()
+
+
+# -- WorkerAdminService ListTasks / GetTaskHistory -----------------------------------------
+
+
+def _list(**fields) -> worker_pb2.ListTasksRequest:
+    platform = fields.pop("platform", None)
+    request = worker_pb2.ListTasksRequest(**fields)
+    if platform:
+        request.platform.properties.add(name=platform[0], value=platform[1])
+    return request
+
+
+ADMIN_CASES = {
+    "list-huge-limit": ("ListTasks", _list(limit=2**32 - 1), INVALID, "limit 4294967295"),
+    "list-unknown-state": ("ListTasks", _list(state="running"), INVALID, "'running'"),
+    "list-nul-state": ("ListTasks", _list(state="queued\x00"), INVALID, "NUL"),
+    "list-nul-platform": ("ListTasks", _list(platform=("OS\x00", "x")), INVALID, "NUL"),
+    "list-since-out-of-range": (
+        "ListTasks",
+        _list(since=timestamp_pb2.Timestamp(seconds=HUGE)),
+        INVALID,
+        "since",
+    ),
+    "history-empty": ("GetTaskHistory", worker_pb2.GetTaskHistoryRequest(), INVALID, "empty"),
+    "history-nul": (
+        "GetTaskHistory",
+        worker_pb2.GetTaskHistoryRequest(task="task-1\x00"),
+        INVALID,
+        "NUL",
+    ),
+    "history-garbage": (
+        "GetTaskHistory",
+        worker_pb2.GetTaskHistoryRequest(task="no such thing"),
+        NOT_FOUND,
+        "'no such thing'",
+    ),
+    "history-id-past-bigint": (
+        "GetTaskHistory",
+        worker_pb2.GetTaskHistoryRequest(task="task-" + "9" * 30),
+        NOT_FOUND,
+        "9" * 30,
+    ),
+    "history-non-ascii-digits": (
+        "GetTaskHistory",
+        worker_pb2.GetTaskHistoryRequest(task="task-²"),
+        NOT_FOUND,
+        "task-²",
+    ),
+    "history-unknown-id": (
+        "GetTaskHistory",
+        worker_pb2.GetTaskHistoryRequest(task="task-424242"),
+        NOT_FOUND,
+        "task-424242",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ADMIN_CASES))
+async def test_task_admin_refuses_a_bad_request_naming_the_problem(env, case):
+    method, request, code, needle = ADMIN_CASES[case]
+    admin = worker_pb2_grpc.WorkerAdminServiceStub(env.channel)
+    error = await refusal(getattr(admin, method)(request))
+    assert error.code() == code, error.details()
+    assert needle in error.details()
+    assert len(error.details()) < MAX_LOG_LINE
+    listed = await admin.ListTasks(worker_pb2.ListTasksRequest(limit=1000))
+    assert len(listed.tasks) == await env.app.pool.fetchval("SELECT count(*) FROM tasks")
+
+
+# -- ContentAddressableStorage SplitBlob / SpliceBlob --------------------------------------
+
+SPLICED = b"spliced from two chunks"
+HEAD, TAIL = SPLICED[:7], SPLICED[7:]
+
+
+def _splice(blob: Digest | re_pb2.Digest, chunks, **fields) -> re_pb2.SpliceBlobRequest:
+    as_proto = [c.to_proto() if isinstance(c, Digest) else c for c in chunks]
+    return re_pb2.SpliceBlobRequest(
+        blob_digest=blob.to_proto() if isinstance(blob, Digest) else blob,
+        chunk_digests=as_proto,
+        **fields,
+    )
+
+
+def _split(blob: Digest | re_pb2.Digest, **fields) -> re_pb2.SplitBlobRequest:
+    return re_pb2.SplitBlobRequest(
+        blob_digest=blob.to_proto() if isinstance(blob, Digest) else blob, **fields
+    )
+
+
+WHOLE, FIRST, SECOND = digest_of(SPLICED), digest_of(HEAD), digest_of(TAIL)
+OTHER = digest_of(b"something else entirely")
+SPLIT_SPLICE_CASES = {
+    "splice-sizes-do-not-add-up": (
+        "SpliceBlob",
+        _splice(Digest(WHOLE.hash, WHOLE.size_bytes + 1), [FIRST, SECOND]),
+        INVALID,
+        "add up to",
+    ),
+    "splice-chunks-in-the-wrong-order": (
+        "SpliceBlob",
+        _splice(WHOLE, [SECOND, FIRST]),
+        INVALID,
+        "concatenate to",
+    ),
+    "splice-blob-digest-that-lies": (
+        "SpliceBlob",
+        _splice(Digest(OTHER.hash, WHOLE.size_bytes), [FIRST, SECOND]),
+        INVALID,
+        "concatenate to",
+    ),
+    "splice-chunk-digest-that-lies": (
+        "SpliceBlob",
+        _splice(WHOLE, [Digest(FIRST.hash, FIRST.size_bytes + 1), SECOND]),
+        NOT_FOUND,
+        "not in the CAS",
+    ),
+    "splice-huge-chunk-list": (
+        "SpliceBlob",
+        _splice(Digest(WHOLE.hash, HUGE), [FIRST] * 50_000),
+        INVALID,
+        "add up to",
+    ),
+    "splice-huge-size": (
+        "SpliceBlob",
+        _splice(Digest(WHOLE.hash, HUGE), [FIRST, SECOND]),
+        INVALID,
+        "add up to",
+    ),
+    "splice-negative-chunk": (
+        "SpliceBlob",
+        _splice(WHOLE, [re_pb2.Digest(hash=HASH, size_bytes=-1)]),
+        INVALID,
+        "chunk_digests[0]",
+    ),
+    "splice-no-blob-digest": (
+        "SpliceBlob",
+        re_pb2.SpliceBlobRequest(chunk_digests=[FIRST.to_proto()]),
+        INVALID,
+        "blob_digest is not set",
+    ),
+    "splice-nul-in-instance-name": (
+        "SpliceBlob",
+        _splice(WHOLE, [FIRST, SECOND], instance_name="a\x00"),
+        INVALID,
+        "NUL",
+    ),
+    "splice-dot-dot-instance-name": (
+        "SpliceBlob",
+        _splice(WHOLE, [FIRST, SECOND], instance_name="../up"),
+        INVALID,
+        "'..'",
+    ),
+    "split-missing": ("SplitBlob", _split(OTHER), NOT_FOUND, str(OTHER)),
+    "split-size-that-lies": (
+        "SplitBlob",
+        _split(Digest(FIRST.hash, HUGE)),
+        NOT_FOUND,
+        "not in the CAS",
+    ),
+    "split-bad-hash": (
+        "SplitBlob",
+        _split(re_pb2.Digest(hash="g" * 64, size_bytes=1)),
+        INVALID,
+        "blob_digest",
+    ),
+    "split-nul-in-instance-name": (
+        "SplitBlob",
+        _split(FIRST, instance_name="\x00"),
+        INVALID,
+        "NUL",
+    ),
+    "split-dot-dot-instance-name": (
+        "SplitBlob",
+        _split(FIRST, instance_name="a/./b"),
+        INVALID,
+        "'.'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_SPLICE_CASES))
+async def test_split_and_splice_refuse_a_bad_request_and_store_nothing(env, case):
+    await put(env.store, HEAD)
+    await put(env.store, TAIL)
+    method, request, code, needle = SPLIT_SPLICE_CASES[case]
+    cas = re_grpc.ContentAddressableStorageStub(env.channel)
+    error = await refusal(getattr(cas, method)(request))
+    assert error.code() == code, error.details()
+    assert needle in error.details()
+    assert len(error.details()) < MAX_LOG_LINE
+    assert not await env.store.has(WHOLE)
+    assert [p for p in env.store.layout.tmp_dir.iterdir() if not p.name.startswith("upload-")] == []
+    # The same RPCs still serve: a good splice, then a split of what it stored.
+    spliced = await cas.SpliceBlob(_splice(WHOLE, [FIRST, SECOND]))
+    assert Digest.from_proto(spliced.blob_digest) == WHOLE
+    split = await cas.SplitBlob(_split(WHOLE))
+    assert [Digest.from_proto(d) for d in split.chunk_digests] == [WHOLE]
+    env.store.path_of(WHOLE).unlink()
 
 
 # -- afterwards ------------------------------------------------------------------------------

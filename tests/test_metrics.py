@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import urllib.request
 from datetime import timedelta
 
@@ -29,6 +28,7 @@ from tests import processes
 from tests.postgres import free_port
 from tests.serving import running_server, server_settings
 from tests.test_server_execution import put_action
+from tests.waiting import wait_until
 
 Samples = dict[tuple[str, frozenset], float]
 # Actions below ask for `Linux`; the server queues them in the lexicon's spelling.
@@ -52,17 +52,6 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return total(after, name, **labels) - total(before, name, **labels)
-
-
-async def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 async def start_execute(channel, digest: Digest) -> tuple[asyncio.Task, str]:

@@ -21,7 +21,6 @@ import itertools
 import uuid
 from datetime import timedelta
 
-import asyncpg
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -38,7 +37,7 @@ from expbuild.db import queue, workers
 from expbuild.db.pool import create_pool
 from expbuild.digest import digest_of
 from expbuild.errors import Aborted
-from tests.conftest import TEMPLATE, with_database
+from tests.conftest import create_from_template, drop_database
 
 LINUX = {"OSFamily": ["Linux"]}
 LEASE = timedelta(minutes=5)
@@ -55,10 +54,8 @@ class QueueMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.database = f"expbuild_props_{uuid.uuid4().hex[:12]}"
-        self.run(self._create_database())
-        self.pool = self.run(
-            create_pool(with_database(self.admin_url, self.database), min_size=1, max_size=2)
-        )
+        url = self.run(create_from_template(self.admin_url, self.database))
+        self.pool = self.run(create_pool(url, min_size=1, max_size=2))
         self.operations: list[str] = []
         self.leases: list[tuple[int, str, str]] = []  # (task, token, worker) ever handed out
         self.latest: dict[int, str] = {}  # task -> the last token handed out
@@ -67,27 +64,13 @@ class QueueMachine(RuleBasedStateMachine):
     def run(self, coroutine):
         return self.loop.run_until_complete(coroutine)
 
-    async def _create_database(self) -> None:
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(f"CREATE DATABASE {self.database} TEMPLATE {TEMPLATE}")
-        finally:
-            await conn.close()
-
     def teardown(self) -> None:
         try:
             self.run(self._drain())
         finally:
             self.run(self.pool.close())
-            self.run(self._drop_database())
+            self.run(drop_database(self.admin_url, self.database))
             self.loop.close()
-
-    async def _drop_database(self) -> None:
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)")
-        finally:
-            await conn.close()
 
     async def _drain(self) -> None:
         """Every operation ends once a worker keeps serving and leases keep expiring."""

@@ -16,7 +16,6 @@ from google.rpc import code_pb2
 
 from expbuild.client.actions import build_action, build_command
 from expbuild.client.cas import CasClient
-from expbuild.client.channel import open_channel
 from expbuild.client.tree import serialize
 from expbuild.digest import Digest, digest_of
 from expbuild.proto import bytestream_pb2, bytestream_pb2_grpc
@@ -35,12 +34,6 @@ async def server(database_url, tmp_path):
     settings = server_settings(tmp_path / "cas", max_action_timeout=timedelta(seconds=60))
     async with running_server(settings, database_url) as app:
         yield app
-
-
-@pytest.fixture
-async def channel(server):
-    async with open_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
 
 
 @pytest.fixture

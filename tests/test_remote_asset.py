@@ -16,7 +16,6 @@ import pytest
 from google.rpc import code_pb2
 
 from expbuild.client.cas import CasClient
-from expbuild.client.channel import open_channel
 from expbuild.client.tree import serialize
 from expbuild.config import AssetSettings
 from expbuild.digest import Digest, digest_of
@@ -54,12 +53,6 @@ async def server(database_url, tmp_path):
     settings = replace(settings, asset=AssetSettings(max_download_size=MAX_DOWNLOAD))
     async with running_server(settings, database_url) as app:
         yield app
-
-
-@pytest.fixture
-async def channel(server):
-    async with open_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
 
 
 async def fetches(database_url) -> list[asyncpg.Record]:

@@ -23,6 +23,7 @@ from expbuild.server.bytestream import ByteStreamServicer
 from expbuild.server.capabilities import CapabilitiesServicer
 from expbuild.server.cas import ContentAddressableStorageServicer
 from expbuild.server.instances import InstanceNames
+from tests.serving import break_write
 
 MiB = 1024 * 1024
 BATCH_LIMIT = 1 * MiB
@@ -574,47 +575,12 @@ async def test_stream_ended_without_finish_write_can_be_resumed(env):
     assert (await env.store.get(d)) == data
 
 
-async def break_write(env: Env, name: str, stream_bytes: bytes, chunk: int, target: int = 0) -> int:
-    """Send `stream_bytes` on a Write that then stalls, wait until the server has taken
-    all of it (QueryWriteStatus reaches `target`, or stops moving), and cancel the call,
-    as a broken connection would. Returns the committed size afterwards."""
-    stall, sent = asyncio.Event(), asyncio.Event()
-
-    async def stream():
-        for request in requests_for(name, stream_bytes, chunk, finish=False):
-            yield request
-        sent.set()
-        await stall.wait()
-
-    call = env.bs.Write(stream())
-    await asyncio.wait_for(sent.wait(), 30)
-    previous, steady = -1, 0
-    for _ in range(1000):
-        status = await query(env, name)
-        assert not status.complete
-        if target and status.committed_size == target:
-            break
-        if not target:
-            steady = steady + 1 if status.committed_size == previous > 0 else 0
-            if steady >= 5:
-                break
-        previous = status.committed_size
-        await asyncio.sleep(0.01)
-    else:
-        pytest.fail(f"the server never took the whole stream (committed {status.committed_size})")
-    call.cancel()
-    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-        await call
-    await asyncio.sleep(0.05)
-    return (await query(env, name)).committed_size
-
-
 async def test_resumed_write_after_broken_stream(env):
     data = os.urandom(3 * MiB + 17)
     d = digest_of(data)
     name = write_name(d)
     chunk = 256 * 1024
-    committed = await break_write(env, name, data[: 6 * chunk], chunk, target=6 * chunk)
+    committed = await break_write(env.store, env.bs, name, data[: 6 * chunk], chunk)
     assert committed == 6 * chunk  # 1 MiB on disk, the rest still buffered in the session
     # Resuming anywhere but the committed offset is refused and changes nothing. (One
     # message only: a client still sending when the server answers may see its own
@@ -640,7 +606,7 @@ async def test_resumed_compressed_write_after_broken_stream(env):
     d = digest_of(data)
     name = write_name(d, compressed=True)
     chunk = 128 * 1024
-    committed = await break_write(env, name, zstd(data)[: 5 * chunk], chunk)
+    committed = await break_write(env.store, env.bs, name, zstd(data)[: 5 * chunk], chunk)
     assert 0 < committed < MiB  # decoded bytes of the random part that arrived
     rest = zstd(data[committed:])
 
@@ -677,7 +643,7 @@ async def test_upload_survives_a_restart(tmp_path, compressed):
     chunk = 256 * 1024
     sent = (zstd(data) if compressed else data)[: 6 * chunk]
     async with serving(FileStore(root, fsync=False)) as first:
-        before = await break_write(first, name, sent, chunk, target=0 if compressed else 6 * chunk)
+        before = await break_write(first.store, first.bs, name, sent, chunk)
     async with serving(FileStore(root, fsync=False)) as second:
         status = await query(second, name)
         assert not status.complete
@@ -699,7 +665,7 @@ async def test_idle_uploads_are_dropped(tmp_path):
         data = os.urandom(2 * MiB)
         name = write_name(digest_of(data))
         chunk = 256 * 1024
-        assert await break_write(env, name, data[: 5 * chunk], chunk, target=5 * chunk) > 0
+        assert await break_write(env.store, env.bs, name, data[: 5 * chunk], chunk) > 0
         assert upload_files(store) != []
         # Opening another upload sweeps the idle one away.
         await write(env, write_name(digest_of(b"other")), b"other")

@@ -18,7 +18,6 @@ from google.rpc import code_pb2
 
 from expbuild.client.actions import build_action, build_command
 from expbuild.client.cas import CasClient
-from expbuild.client.channel import open_channel
 from expbuild.client.execution import ExecutionClient
 from expbuild.client.tree import serialize
 from expbuild.digest import Digest, digest_of
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.e2e
 async def server(database_url, tmp_path):
     async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
         yield app
-
-
-@pytest.fixture
-async def channel(server):
-    async with open_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
 
 
 async def upload(channel, argv, files: dict[str, bytes] | None = None, timeout=None) -> Digest:

@@ -7,7 +7,6 @@ inlining, and the Operations service's error paths.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -25,6 +24,7 @@ from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.reapi.merkle import serialize
 from tests.serving import running_server, running_worker, server_settings
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 Stage = re_pb2.ExecutionStage
@@ -40,12 +40,6 @@ async def server(database_url, tmp_path):
     )
     async with running_server(settings, database_url) as app:
         yield app
-
-
-@pytest.fixture
-async def channel(server):
-    async with open_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
 
 
 def worker_running(server, tmp_path, *, slots=2, platform=None, name="w"):
@@ -103,15 +97,6 @@ async def all_operations(call) -> list:
     while (op := await call.read()) is not grpc.aio.EOF:
         found.append(op)
     return found
-
-
-async def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_stages_run_from_cache_check_to_completed_and_cache_hits_say_so(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import urllib.error
+import urllib.request
 from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,8 +22,9 @@ import pytest
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.server.app import ServerApp
 from tests.serving import running_worker, server_settings
-from tests.test_metrics import start_execute, wait_until
+from tests.test_metrics import start_execute
 from tests.test_server_execution import put_action
+from tests.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 EVIL = '<img src=x onerror="document.title=1">'
@@ -235,36 +238,35 @@ async def test_status_pages_show_what_sql_says(server, pool, tmp_path):
             parked_reader.cancel()
 
 
+def _status_of(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def http_status(base: str, path: str, token: str | None) -> int:
+    """The HTTP status of GET `base + path`, sending `token` as a Bearer header if any."""
+    return await asyncio.to_thread(_status_of, base + path, token)
+
+
 async def test_status_page_access_by_bearer_token(server):
     """Scripts send the token as a Bearer header; a wrong one is refused, /metrics is open."""
     base = f"http://127.0.0.1:{server.metrics_port}"
-
-    def get(path: str, token: str | None) -> int:
-        import urllib.error
-        import urllib.request
-
-        request = urllib.request.Request(base + path)
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-
-    assert await asyncio.to_thread(get, "/", TOKEN) == 200
-    assert await asyncio.to_thread(get, "/", "wrong") == 403
-    assert await asyncio.to_thread(get, "/", None) == 401
-    assert await asyncio.to_thread(get, "/tasks/task-1", None) == 401
-    assert await asyncio.to_thread(get, "/metrics", None) == 200
+    assert await http_status(base, "/", TOKEN) == 200
+    assert await http_status(base, "/", "wrong") == 403
+    assert await http_status(base, "/", None) == 401
+    assert await http_status(base, "/tasks/task-1", None) == 401
+    assert await http_status(base, "/metrics", None) == 200
 
 
 async def test_with_tokens_the_pages_and_task_rpcs_need_the_admin_scope(database_url, tmp_path):
     """`[auth] mode = "tokens"`: the real TokenVerifier decides; admin reads, a client
     token, a revoked one or none do not; `/metrics` stays open for Prometheus."""
-    import urllib.error
-    import urllib.request
-
     from expbuild.db import tokens as db_tokens
     from tests.secured import CLIENT_SCOPES, channel, make_token, secured_settings
 
@@ -277,22 +279,11 @@ async def test_with_tokens_the_pages_and_task_rpcs_need_the_admin_scope(database
         revoked = await make_token(app.pool, "old-ops", "admin")
         await db_tokens.revoke_token(app.pool, "old-ops")
         base = f"http://127.0.0.1:{app.metrics_port}"
-
-        def status(path: str, token: str | None) -> int:
-            request = urllib.request.Request(base + path)
-            if token:
-                request.add_header("Authorization", f"Bearer {token}")
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    return response.status
-            except urllib.error.HTTPError as exc:
-                return exc.code
-
-        assert await asyncio.to_thread(status, "/", admin) == 200
-        assert await asyncio.to_thread(status, "/", client) == 403
-        assert await asyncio.to_thread(status, "/", revoked) == 403
-        assert await asyncio.to_thread(status, "/", None) == 401
-        assert await asyncio.to_thread(status, "/metrics", None) == 200
+        assert await http_status(base, "/", admin) == 200
+        assert await http_status(base, "/", client) == 403
+        assert await http_status(base, "/", revoked) == 403
+        assert await http_status(base, "/", None) == 401
+        assert await http_status(base, "/metrics", None) == 200
 
         # The browser login: ?token= sets the cookie, and the cookie alone then reads.
         profile = tmp_path / "chromium"

@@ -14,8 +14,9 @@ import pytest
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from tests.processes import BIN
 from tests.serving import running_server, running_worker, server_settings
-from tests.test_metrics import start_execute, wait_until
+from tests.test_metrics import start_execute
 from tests.test_server_execution import put_action
+from tests.waiting import wait_until
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -32,8 +32,9 @@ from expbuild.server.app import ServerApp
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.blob_cache import ENTRY_MTIME_NS, BlobCache, open_blob_cache
 from tests.serving import running_server, server_settings
-from tests.test_worker_agent import Client, client_of, eventually, running_agent, settings_for
+from tests.test_worker_agent import Client, client_of, running_agent, settings_for
 from tests.test_worker_run_as import work_dir  # noqa: F401 (a fixture)
+from tests.waiting import wait_until
 
 MiB = 1024 * 1024
 BATCH = "BatchReadBlobs"
@@ -355,8 +356,8 @@ async def test_a_cancelled_download_is_taken_over_by_the_next_caller(cas, tmp_pa
         reads = ServerReads()
         first = asyncio.create_task(cache.place_files(cas, {digest: [(tmp_path / "a", False)]}))
         second = asyncio.create_task(cache.place_files(cas, {digest: [(tmp_path / "b", False)]}))
-        while reads.bytes(STREAM) == 0:  # the first caller's download is under way
-            await asyncio.sleep(0.001)
+        # The first caller's download is under way (polled fast: it must still be).
+        await wait_until(lambda: reads.bytes(STREAM), what="a download", interval=0.001)
         first.cancel()
         assert await second == []
         with pytest.raises(asyncio.CancelledError):
@@ -423,8 +424,7 @@ async def test_never_evicts_an_entry_another_call_is_placing(server, cas, tmp_pa
             assert await cache.place_files(cas, {da: [(tmp_path / "a0", False)]}) == []
             reads = ServerReads()
             blocker = asyncio.create_task(narrow.read_to_file(dbig, tmp_path / "big"))
-            while reads.bytes(STREAM) == 0:
-                await asyncio.sleep(0.001)
+            await wait_until(lambda: reads.bytes(STREAM), what="the download", interval=0.001)
             hits = cache.stats.hits
             placing = asyncio.create_task(
                 cache.place_files(
@@ -432,7 +432,7 @@ async def test_never_evicts_an_entry_another_call_is_placing(server, cas, tmp_pa
                 )
             )
             # A hit is counted once `a` is checked and pinned (`small` then waits its turn).
-            await eventually(lambda: cache.stats.hits == hits + 1, what="`a` pinned")
+            await wait_until(lambda: cache.stats.hits == hits + 1, what="`a` pinned")
             # Pushes the total over the bound with `a` the least recently used entry.
             assert await cache.place_files(cas, {db: [(tmp_path / "b", False)]}) == []
             assert not blocker.done(), "the download meant to hold the slot ended too soon"

@@ -23,9 +23,13 @@ from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.docker import DockerExecutor
 from expbuild.worker.execution import ExecutionRequest
 from tests.docker_engine import TEST_IMAGE, EngineUnavailable, docker_engine
-from tests.serving import running_server, server_settings
 from tests.survivors import marker_seconds, none_left, running_with
-from tests.test_worker_agent import client_of, running_agent, settings_for
+from tests.test_worker_agent import (  # noqa: F401 (client, server: fixtures)
+    client,
+    running_agent,
+    server,
+    settings_for,
+)
 
 IMAGE = f"docker://{TEST_IMAGE}"
 
@@ -37,14 +41,6 @@ def docker(tmp_path_factory):
             yield engine
     except EngineUnavailable as exc:
         pytest.skip(f"no Docker engine: {exc}")
-
-
-@pytest.fixture
-async def client(database_url, tmp_path):
-    """A real server (PostgreSQL queue, file CAS) and a client of it; `client.app` is the server."""
-    async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
-        async with client_of(app, tmp_path) as connected:
-            yield connected
 
 
 def request(
@@ -243,7 +239,7 @@ def test_offers_the_engines_images(docker):
 # -- through the real server and WorkerAgent -------------------------------------------------
 
 
-async def test_end_to_end_through_the_server(docker, client, tmp_path):
+async def test_end_to_end_through_the_server(docker, client, tmp_path):  # noqa: F811
     settings = settings_for(client.app.port, tmp_path / "work")
     settings = replace(
         settings,

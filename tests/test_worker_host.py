@@ -14,7 +14,8 @@ import pytest
 from expbuild.config import LimitsSettings
 from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import DEFAULT_PATH, HostExecutor
-from tests.survivors import marker_seconds, none_left, wait_for_processes
+from tests.survivors import is_gone, marker_seconds, none_left, wait_for_processes
+from tests.waiting import wait_until
 
 SH = "/bin/sh"
 
@@ -44,31 +45,15 @@ def stderr(tmp_path: Path) -> str:
     return (tmp_path / "stderr").read_text()
 
 
-def is_gone(pid: int) -> bool:
-    """True once `pid` no longer runs (a zombie waiting for a reaper counts as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return True
-    return fields[0] in ("Z", "X")
+async def read_pid(path: Path) -> int:
+    written = await wait_until(
+        lambda: path.exists() and path.read_text().strip(), what=f"a pid in {path}"
+    )
+    return int(written)
 
 
-async def wait_until_gone(pid: int, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if is_gone(pid):
-            return True
-        await asyncio.sleep(0.05)
-    return is_gone(pid)
-
-
-async def read_pid(path: Path, seconds: float = 5.0) -> int:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return int(path.read_text())
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{path} was never written")
+async def wait_gone(pid: int) -> None:
+    await wait_until(lambda: is_gone(pid), what=f"pid {pid} to end")
 
 
 async def test_exit_code_zero_and_output_to_files(tmp_path):
@@ -213,7 +198,7 @@ async def test_timeout_kills_the_whole_process_group(tmp_path):
     assert outcome.exit_code != 0
     assert stdout(tmp_path) == "started\n"
     grandchild = await read_pid(pid_file)
-    assert await wait_until_gone(grandchild), f"grandchild sleep {grandchild} survived the timeout"
+    await wait_gone(grandchild)
 
 
 async def test_timeout_escalates_to_sigkill(tmp_path):
@@ -229,7 +214,7 @@ async def test_timeout_escalates_to_sigkill(tmp_path):
     )
     assert outcome.timed_out
     assert outcome.exit_code == 128 + 9
-    assert await wait_until_gone(await read_pid(pid_file))
+    await wait_gone(await read_pid(pid_file))
 
 
 async def test_background_process_does_not_outlive_the_action(tmp_path):
@@ -238,7 +223,7 @@ async def test_background_process_does_not_outlive_the_action(tmp_path):
         request(tmp_path, SH, "-c", f"sleep 300 > /dev/null 2>&1 & echo $! > {pid_file}")
     )
     assert outcome.exit_code == 0
-    assert await wait_until_gone(await read_pid(pid_file))
+    await wait_gone(await read_pid(pid_file))
 
 
 async def test_cancellation_kills_the_process_group(tmp_path):
@@ -252,7 +237,7 @@ async def test_cancellation_kills_the_process_group(tmp_path):
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
-    assert await wait_until_gone(grandchild)
+    await wait_gone(grandchild)
 
 
 async def test_actions_run_concurrently(tmp_path):
@@ -260,10 +245,17 @@ async def test_actions_run_concurrently(tmp_path):
     dirs = [tmp_path / str(i) for i in range(3)]
     for d in dirs:
         d.mkdir()
-    started = time.monotonic()
-    outcomes = await asyncio.gather(*(executor.execute(request(d, "sleep", "1")) for d in dirs))
+    # A barrier: each action signs in and waits (up to 30 s, then fails) until all three
+    # have, which only actions running side by side can do.
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    script = (
+        f"touch {barrier}/$$; i=0; "
+        f'while [ "$(ls {barrier} | wc -l)" -lt 3 ]; do '
+        "i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.05; done"
+    )
+    outcomes = await asyncio.gather(*(executor.execute(request(d, SH, "-c", script)) for d in dirs))
     assert [o.exit_code for o in outcomes] == [0, 0, 0]
-    assert time.monotonic() - started < 2.5  # one after another would take 3 s
 
 
 def test_default_path_is_documented_value():

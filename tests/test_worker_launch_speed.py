@@ -20,7 +20,8 @@ from expbuild.config import LimitsSettings
 from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import HostExecutor
 from expbuild.worker.supervisor import ZYGOTE_MAX_MESSAGE, Supervisor
-from tests.survivors import marker_seconds, none_left, wait_for_processes
+from tests.survivors import is_gone, marker_seconds, none_left, wait_for_processes
+from tests.waiting import wait_until
 
 SH = "/bin/sh"
 
@@ -50,19 +51,6 @@ def count_exec_starts(monkeypatch, executor: HostExecutor) -> list[int]:
 
     monkeypatch.setattr(executor.supervisor, "_start_exec", counted)
     return calls
-
-
-async def gone(pid: int, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 async def test_the_zygote_is_reused_across_actions(tmp_path, monkeypatch):
@@ -101,7 +89,7 @@ async def test_a_killed_zygote_is_restarted(tmp_path, monkeypatch):
     assert (await executor.execute(request(tmp_path, "true"))).exit_code == 0
     first = executor.supervisor.zygote.pid
     os.kill(first, signal.SIGKILL)
-    assert await gone(first)
+    await wait_until(lambda: is_gone(first), what=f"the zygote {first} to end")
     outcome = await executor.execute(request(tmp_path, SH, "-c", "echo again"))
     assert outcome.exit_code == 0
     assert stdout(tmp_path) == "again\n"

@@ -20,21 +20,17 @@ from expbuild.config import BackendSettings, ConfigError
 from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.sandbox import SandboxExecutor, find_bwrap
-from tests.serving import running_server, server_settings
 from tests.survivors import marker_seconds, none_left, wait_for_processes
-from tests.test_worker_agent import client_of, running_agent, settings_for
+from tests.test_worker_agent import (  # noqa: F401 (client, server: fixtures)
+    client,
+    running_agent,
+    server,
+    settings_for,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bwrap") is None, reason="bubblewrap is not installed (apt-get install bubblewrap)"
 )
-
-
-@pytest.fixture
-async def client(database_url, tmp_path):
-    """A real server (PostgreSQL queue, file CAS) and a client of it; `client.app` is the server."""
-    async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
-        async with client_of(app, tmp_path) as connected:
-            yield connected
 
 
 def request(
@@ -237,7 +233,7 @@ def test_offers_network_choice():
     assert SandboxExecutor().platform() == {"network": ("off", "on")}
 
 
-async def test_end_to_end_through_the_server(client, tmp_path, listener):
+async def test_end_to_end_through_the_server(client, tmp_path, listener):  # noqa: F811
     work_dir = tmp_path / "work"
     settings = replace(
         settings_for(client.app.port, work_dir),

@@ -8,20 +8,17 @@ must leave on their own, with nothing left behind.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from expbuild.worker.agent import DEFAULT_SHUTDOWN_GRACE
-from tests.postgres import free_port
-from tests.processes import start, wait_for_log, wait_healthy
+from tests.processes import expbuild_up, wait_for_log
 from tests.test_failover import replica, submit, worker
+from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -94,22 +91,8 @@ def started_by(root: int, home: Path) -> set[int]:
 
 
 def test_ctrl_c_of_expbuild_up_leaves_no_process_behind(tmp_path):
-    # Not under pytest's 0700 tmp tree: as root the embedded server runs as another user.
-    home = Path(tempfile.mkdtemp(prefix="expbuild-up-"))
-    home.chmod(0o755)
-    port = free_port()
-    env = {
-        "EXPBUILD_HOME": str(home),
-        "EXPBUILD_SERVER__METRICS_ADDRESS": "",
-        "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(home / "work"),
-    }
-    up = start(
-        "up", ["expbuild", "up", "--workers", "1", "--address", f"127.0.0.1:{port}"], home, env
-    )
-    try:
-        wait_healthy(f"127.0.0.1:{port}", up, timeout=120)
-        wait_for_log(up, "registered successfully")
-        client = submit(f"127.0.0.1:{port}", home, "sh", "-c", "echo hello")
+    with expbuild_up() as (up, home, address):
+        client = submit(address, home, "sh", "-c", "echo hello")
         out, err = client.communicate(timeout=60)
         assert json.loads(out)["exit_code"] == 0, err
         children = started_by(up.popen.pid, home)
@@ -118,16 +101,14 @@ def test_ctrl_c_of_expbuild_up_leaves_no_process_behind(tmp_path):
         assert any(b"--zygote" in c for c in cmdlines), cmdlines
         assert any(b"postgres" in c for c in cmdlines), cmdlines
 
-        deadline = time.monotonic() + 10
         up.popen.send_signal(signal.SIGINT)
         status = exits_within(up.popen, 10)
         assert status == 0, f"expbuild up exit status {status}:\n{up.log()}"
-        while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
-    finally:
-        up.stop(signal.SIGKILL)
-        shutil.rmtree(home, ignore_errors=True)
+        wait_until_sync(
+            lambda: not any(alive(pid) for pid in children),
+            timeout=10,
+            what=f"every child of `up` gone (of {cmdlines})",
+        )
 
 
 EXECUTOR_LEFT_AT_EXIT = """

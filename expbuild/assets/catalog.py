@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from google.protobuf.message import DecodeError
+
 from expbuild.assets.download import download
 from expbuild.assets.qualifiers import Qualifiers
 from expbuild.cas.layout import read_file_chunks
@@ -31,6 +33,7 @@ from expbuild.errors import (
     PermissionDenied,
     Violation,
 )
+from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.text import shorten
 
 log = logging.getLogger(__name__)
@@ -198,6 +201,8 @@ class AssetCatalog:
                 f"the pushed {kind} {digest} is not in the CAS; upload it first",
                 [Violation("MISSING", f"blobs/{digest}")],
             )
+        if kind == DIRECTORY:
+            await asyncio.to_thread(_check_directory, self._store, digest)
         if kind == BLOB and qualifiers.checksums:
             # Pushed under a checksum, the blob answers every fetch with that checksum:
             # it must really have it.
@@ -207,6 +212,28 @@ class AssetCatalog:
         await db_assets.put_assets(
             self._db, instance_name, kind, uris, qualifiers.key, digest, "push", expires_at
         )
+
+
+# Past this a root "Directory" is taken to be something else; workers refuse larger
+# Directory messages by default too ([worker.backend] max_directory_size).
+MAX_PUSHED_DIRECTORY_BYTES = 16 * 1024 * 1024
+
+
+def _check_directory(store: FileStore, digest: Digest) -> None:
+    """INVALID_ARGUMENT unless the stored blob is a Directory message: a pushed directory
+    answers FetchDirectory, whose callers take it for the root of a tree."""
+    if digest.size_bytes > MAX_PUSHED_DIRECTORY_BYTES:
+        raise InvalidArgument(
+            f"the pushed root_directory_digest {digest} is over "
+            f"{MAX_PUSHED_DIRECTORY_BYTES} bytes, too large for a Directory message"
+        )
+    data = store.layout.path_of(digest).read_bytes() if not digest.is_empty else b""
+    try:
+        re_pb2.Directory.FromString(data)
+    except DecodeError:
+        raise InvalidArgument(
+            f"the pushed root_directory_digest {digest} is not a Directory message"
+        ) from None
 
 
 def _checksum_mismatch(store: FileStore, digest: Digest, qualifiers: Qualifiers) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -127,3 +128,20 @@ def parse_qualifiers(pairs: list[tuple[str, str]]) -> Qualifiers:
             )
         values[name] = value
     return Qualifiers(values, tuple(checksums), tuple(headers))
+
+
+# An asset's key (instance name, URI, qualifiers) is one entry of the assets table's
+# primary-key btree, which PostgreSQL caps at 2704 bytes: longer keys are refused up front.
+MAX_ASSET_KEY_BYTES = 2400
+
+
+def check_asset_key(instance_name: str, uris: list[str], qualifiers: Qualifiers) -> None:
+    """INVALID_ARGUMENT naming the URI whose key would be too long to store."""
+    common = len(instance_name.encode()) + len(json.dumps(qualifiers.key).encode())
+    for i, uri in enumerate(uris):
+        size = common + len(uri.encode())
+        if size > MAX_ASSET_KEY_BYTES:
+            raise InvalidArgument(
+                f"uris[{i}] with the instance name and qualifiers is {size} bytes, longer "
+                f"than the {MAX_ASSET_KEY_BYTES} bytes an asset's key may have"
+            )

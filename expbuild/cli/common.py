@@ -113,6 +113,9 @@ _CONNECTION_OPTIONS = (
 )
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
 def server_option(func):
     """--server plus the options that secure the connection (--token, --tls-*); the
     command gets them back from `channel_security()`."""

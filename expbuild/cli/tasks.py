@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import click
 from google.protobuf import timestamp_pb2
 
-from expbuild.cli.common import server_option
-from expbuild.cli.workers import admin_call, json_option
+from expbuild.cli.admin import admin_call, platform_dict, platform_text
+from expbuild.cli.common import json_option, server_option
 from expbuild.config import ConfigError, parse_duration
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2
@@ -23,15 +23,12 @@ def _moment(ts: timestamp_pb2.Timestamp, present: bool) -> str | None:
 
 
 def _task_dict(info: worker_pb2.TaskInfo) -> dict:
-    platform: dict[str, list[str]] = {}
-    for prop in info.platform.properties:
-        platform.setdefault(prop.name, []).append(prop.value)
     return {
         "task_id": info.task_id,
         "state": info.state,
         "instance_name": info.instance_name,
         "action_digest": info.action_digest,
-        "platform": platform,
+        "platform": platform_dict(info.platform),
         "priority": info.priority,
         "attempts": info.attempts,
         "max_attempts": info.max_attempts,
@@ -175,7 +172,7 @@ def show_command(server: str, as_json: bool, task: str) -> None:
             f"{reply.task_id} {summary['state']}  attempts {summary['attempts']}/"
             f"{summary['max_attempts']}  action {summary['action_digest']}"
         )
-        platform = ", ".join(f"{k}={'|'.join(v)}" for k, v in sorted(summary["platform"].items()))
+        platform = platform_text(summary["platform"])
         click.echo(
             f"  platform: {platform or '(any)'}  instance: {summary['instance_name'] or '(default)'}"
         )

@@ -12,13 +12,11 @@ import click
 
 from expbuild.auth.scopes import SCOPES, check_scopes
 from expbuild.auth.token_secrets import new_secret, secret_hash
-from expbuild.cli.common import config_option, settings_or_exit
+from expbuild.cli.common import config_option, json_option, settings_or_exit
 from expbuild.config import ConfigError, parse_duration
 from expbuild.db import tokens as db_tokens
 from expbuild.db.pool import DatabaseUnavailable
 from expbuild.errors import ExpBuildError
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 
 import click
-import grpc
 
-from expbuild.cli.common import channel_security, server_option
-from expbuild.client.channel import open_channel
-from expbuild.client.errors import from_rpc_error
-from expbuild.proto import worker_pb2, worker_pb2_grpc
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-
-
-def admin_call(target: str, method: str, request):
-    """One WorkerAdminService call; a failure is a one-line ClickException."""
-    security = channel_security()
-
-    async def run():
-        async with open_channel(target, security) as channel:
-            stub = worker_pb2_grpc.WorkerAdminServiceStub(channel)
-            try:
-                return await getattr(stub, method)(request, timeout=30)
-            except grpc.aio.AioRpcError as exc:
-                raise click.ClickException(str(from_rpc_error(exc, target))) from None
-
-    return asyncio.run(run())
+from expbuild.cli.admin import admin_call, platform_dict, platform_text
+from expbuild.cli.common import json_option, server_option
+from expbuild.proto import worker_pb2
 
 
 def _as_dict(info: worker_pb2.WorkerInfo) -> dict:
-    platform: dict[str, list[str]] = {}
-    for prop in info.platform.properties:
-        platform.setdefault(prop.name, []).append(prop.value)
     return {
         "worker_id": info.worker_id,
         "name": info.name,
@@ -43,7 +20,7 @@ def _as_dict(info: worker_pb2.WorkerInfo) -> dict:
         "state": info.state,
         "running_tasks": info.running_tasks,
         "max_concurrent_tasks": info.max_concurrent_tasks,
-        "platform": platform,
+        "platform": platform_dict(info.platform),
         "version": info.version,
         "registered_at": info.registered_at.ToDatetime(UTC).isoformat(),
         "last_heartbeat_at": info.last_heartbeat_at.ToDatetime(UTC).isoformat(),
@@ -78,7 +55,7 @@ def list_command(server: str, as_json: bool, include_offline: bool) -> None:
         return
     click.echo(f"{'ID':<20} {'NAME':<20} {'STATE':<9} {'TASKS':>7}  {'HEARTBEAT':<10} PLATFORM")
     for row in rows:
-        platform = ", ".join(f"{k}={'|'.join(v)}" for k, v in sorted(row["platform"].items()))
+        platform = platform_text(row["platform"])
         tasks = f"{row['running_tasks']}/{row['max_concurrent_tasks']}"
         click.echo(
             f"{row['worker_id']:<20} {row['name'][:20]:<20} {row['state']:<9} {tasks:>7}  "

@@ -13,10 +13,12 @@ from expbuild.db.pool import Database
 from expbuild.db.queries import sql
 from expbuild.db.queue import PlatformSpec
 from expbuild.errors import InvalidArgument, NotFound
+from expbuild.text import quoted
 
 MAX_LIST = 1000
 TASK_STATES = ("queued", "leased", "completed", "failed", "cancelled")
 """Every state a task can be in (`tasks.state`), in the order of its life."""
+MAX_TASK_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,15 @@ async def list_tasks(
 async def resolve_task(db: Database, task: str) -> int:
     """A task id from `42`, `task-42` or an operation name; NotFound when none matches."""
     raw = task.strip().removeprefix("task-")
-    if raw.isdigit():
+    # ASCII digits only (int() takes others) and within the bigint ids; anything else
+    # can only be an operation name.
+    if raw.isascii() and raw.isdigit() and int(raw) <= MAX_TASK_ID:
         return int(raw)
     if not raw:
         raise InvalidArgument("the task is empty; give a task id (task-42) or an operation name")
     task_id = await db.fetchval(sql("task_for_operation"), task.strip())
     if task_id is None:
-        raise NotFound(f"no task or operation named {task!r} (its task may have been purged)")
+        raise NotFound(f"no task or operation named {quoted(task)} (its task may have been purged)")
     return task_id
 
 

@@ -30,6 +30,8 @@ MAX_NAME_CHARS = 255
 def require_worker_id(worker_id: str) -> str:
     if not worker_id:
         raise InvalidArgument("worker_id is empty; call RegisterWorker first")
+    if len(worker_id) > MAX_NAME_CHARS:  # longer than any id RegisterWorker accepts
+        raise InvalidArgument(f"worker_id is {len(worker_id)} characters; at most {MAX_NAME_CHARS}")
     return check_no_nul(worker_id, "worker_id")
 
 

@@ -23,6 +23,10 @@ class InstanceNames:
                     "(add it to [server] instance_names)"
                 )
             check_no_nul(name, "instance name")
+            # Path-like names: `a/./b` or `a/../b` would be a second spelling of another.
+            for segment in (".", ".."):
+                if segment in name.split("/"):
+                    raise InvalidArgument(f"instance name {quoted(name)} has a {segment!r} segment")
         # The one gate every servicer passes: a token may be limited to some instances.
         current_principal().check_instance(name)
         return name

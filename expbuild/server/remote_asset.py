@@ -8,12 +8,13 @@ too slow) is an OK call whose response `status` says why, as the API asks.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from expbuild.assets.catalog import BLOB, DIRECTORY, AssetCatalog, Caller, FetchRequest
-from expbuild.assets.qualifiers import Qualifiers, parse_qualifiers
+from expbuild.assets.qualifiers import Qualifiers, check_asset_key, parse_qualifiers
 from expbuild.auth.principal import current_principal
 from expbuild.auth.scopes import CAS_WRITE
 from expbuild.digest import check_digest_function, digest_field
@@ -25,7 +26,7 @@ from expbuild.reapi.status import ok_status, to_status
 from expbuild.scheduling.actions import checked_duration
 from expbuild.server.instances import InstanceNames
 from expbuild.server.status import rpc
-from expbuild.text import check_no_nul
+from expbuild.text import check_no_nul, quoted
 
 REQUEST_METADATA_KEY = "build.bazel.remote.execution.v2.requestmetadata-bin"
 
@@ -36,8 +37,18 @@ def _uris(request) -> list[str]:
     return [check_no_nul(uri, f"uris[{i}]") for i, uri in enumerate(request.uris)]
 
 
-def _qualifiers(request) -> Qualifiers:
-    return parse_qualifiers([(q.name, q.value) for q in request.qualifiers])
+def _absolute(uris: list[str]) -> list[str]:
+    """A pushed URI is only ever matched, never fetched: refuse one that names nothing."""
+    for i, uri in enumerate(uris):
+        if not urlsplit(uri).scheme:
+            raise InvalidArgument(f"uris[{i}] {quoted(uri)} is not an absolute URI (no scheme)")
+    return uris
+
+
+def _qualifiers(request, uris: list[str]) -> Qualifiers:
+    qualifiers = parse_qualifiers([(q.name, q.value) for q in request.qualifiers])
+    check_asset_key(request.instance_name, uris, qualifiers)
+    return qualifiers
 
 
 def _timestamp(request, field: str) -> datetime | None:
@@ -94,45 +105,40 @@ class FetchServicer(ra_grpc.FetchServicer):
             timeout = checked_duration(request.timeout, "timeout")
             if timeout.total_seconds() < 0:
                 raise InvalidArgument("timeout is negative")
+        uris = _uris(request)
         return FetchRequest(
             instance_name=request.instance_name,
             kind=kind,
-            uris=_uris(request),
-            qualifiers=_qualifiers(request),
+            uris=uris,
+            qualifiers=_qualifiers(request, uris),
             timeout=timeout or None,
             oldest_content_accepted=_timestamp(request, "oldest_content_accepted"),
         )
 
-    @rpc
-    async def FetchBlob(self, request, context):
-        fetch = self._request(request, BLOB)
+    async def _fetch(self, request, context, kind: str, reply_type, digest_name: str):
+        """Answer a FetchBlob or FetchDirectory: content found or why not, in `status`."""
+        fetch = self._request(request, kind)
         try:
             got = await self._catalog.fetch(fetch, caller_of(context))
         except ExpBuildError as exc:
-            return ra_pb2.FetchBlobResponse(status=to_status(exc))
-        return ra_pb2.FetchBlobResponse(
+            return reply_type(status=to_status(exc))
+        return reply_type(
             status=ok_status(),
             uri=got.uri,
             qualifiers=request.qualifiers,
             expires_at=_to_timestamp(got.expires_at),
-            blob_digest=got.digest.to_proto(),
             digest_function=re_pb2.DigestFunction.SHA256,
+            **{digest_name: got.digest.to_proto()},
         )
 
     @rpc
+    async def FetchBlob(self, request, context):
+        return await self._fetch(request, context, BLOB, ra_pb2.FetchBlobResponse, "blob_digest")
+
+    @rpc
     async def FetchDirectory(self, request, context):
-        fetch = self._request(request, DIRECTORY)
-        try:
-            got = await self._catalog.fetch(fetch, caller_of(context))
-        except ExpBuildError as exc:
-            return ra_pb2.FetchDirectoryResponse(status=to_status(exc))
-        return ra_pb2.FetchDirectoryResponse(
-            status=ok_status(),
-            uri=got.uri,
-            qualifiers=request.qualifiers,
-            expires_at=_to_timestamp(got.expires_at),
-            root_directory_digest=got.digest.to_proto(),
-            digest_function=re_pb2.DigestFunction.SHA256,
+        return await self._fetch(
+            request, context, DIRECTORY, ra_pb2.FetchDirectoryResponse, "root_directory_digest"
         )
 
 
@@ -144,8 +150,8 @@ class PushServicer(ra_grpc.PushServicer):
     async def _push(self, request, kind: str, digest_name: str) -> None:
         self._instances.check(request.instance_name)
         check_digest_function(request.digest_function)
-        uris = _uris(request)
-        qualifiers = _qualifiers(request)
+        uris = _absolute(_uris(request))
+        qualifiers = _qualifiers(request, uris)
         digest = digest_field(getattr(request, digest_name), digest_name)
         for field in ("references_blobs", "references_directories"):
             for i, reference in enumerate(getattr(request, field)):

@@ -85,6 +85,15 @@ def task_event(event: tasks.TaskEvent) -> worker_pb2.TaskEvent:
     )
 
 
+def _since(request: worker_pb2.ListTasksRequest):
+    if not request.HasField("since"):
+        return None
+    try:
+        return request.since.ToDatetime(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument("since is not a valid Timestamp") from None
+
+
 class WorkerAdminServicer(worker_pb2_grpc.WorkerAdminServiceServicer):
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
@@ -112,7 +121,7 @@ class WorkerAdminServicer(worker_pb2_grpc.WorkerAdminServiceServicer):
             self.pool,
             state=check_no_nul(request.state, "state") or None,
             platform=platform_spec(request.platform, "platform") or None,
-            since=request.since.ToDatetime(UTC) if request.HasField("since") else None,
+            since=_since(request),
             limit=request.limit or DEFAULT_TASK_LIMIT,
         )
         return worker_pb2.ListTasksResponse(tasks=[task_info(t) for t in found])
