@@ -102,9 +102,7 @@ async def test_three_invocations_take_turns_and_priority_comes_first(pool):
 
 async def test_a_build_arriving_late_joins_at_the_head_not_the_tail(pool):
     w = await worker(pool)
-    large = [
-        (await queue.enqueue(pool, task(f"a{n}", "A"), f"a{n}")).task_id for n in range(200)
-    ]
+    large = [(await queue.enqueue(pool, task(f"a{n}", "A"), f"a{n}")).task_id for n in range(200)]
     first = await queue.lease_tasks(pool, w, LINUX, 50, LEASE)
     assert [t.task_id for t in first] == large[:50]
     small = [(await queue.enqueue(pool, task(f"b{n}", "B"), f"b{n}")).task_id for n in range(10)]

@@ -28,6 +28,7 @@ from expbuild.server.instances import InstanceNames
 from expbuild.server.status import rpc
 from expbuild.text import check_no_nul
 
+
 def _uris(request) -> list[str]:
     if not request.uris:
         raise InvalidArgument("uris is empty; name at least one URI")
