@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import Counter
 from datetime import timedelta
 
+import asyncpg
 import grpc
 import pytest
 
 from expbuild.db import queue, workers
+from expbuild.db.migrate import available_migrations, migrate
+from expbuild.db.pool import create_pool
 from expbuild.digest import digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
@@ -302,3 +306,48 @@ async def test_a_small_build_finishes_long_before_a_large_one(postgres_admin_url
     assert fair.small_last_lease <= 20 + 2 * 4, fair.lease_order
     assert unfair.small_first_lease > 200 - 2 * 4, unfair.lease_order
     assert fair.small_done_s < unfair.small_done_s
+
+
+async def test_tasks_queued_before_the_upgrade_keep_their_order(postgres_admin_url, tmp_path):
+    """0009 ranks the tasks already queued (and leased: they may come back) as one line per
+    platform and priority, in their old order, and new builds join that line fairly."""
+    older = tmp_path / "migrations"
+    older.mkdir()
+    for migration in available_migrations():
+        if migration.name != "fair_queue" and migration.version < 9:
+            shutil.copy(migration.path, older / migration.path.name)
+    async with fresh_database(postgres_admin_url, None, migrations=older) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                """INSERT INTO task_platforms (platform) VALUES ('{"OSFamily": ["linux"]}');
+                   INSERT INTO tasks (instance_name, action_digest, platform, platform_id,
+                                      priority, state)
+                   SELECT 'old-' || n, encode(sha256(n::text::bytea), 'hex') || '/1',
+                          '{"OSFamily": ["linux"]}', 1,
+                          CASE WHEN n = 3 THEN -1 ELSE 0 END,
+                          CASE WHEN n = 1 THEN 'leased' ELSE 'queued' END
+                   FROM generate_series(1, 5) n"""
+            )
+            applied = [m.name for m in await migrate(conn)]
+            assert applied[0] == "fair_queue", applied
+            ranks = await conn.fetch("SELECT priority, fair_rank FROM tasks ORDER BY id")
+            assert [(r["priority"], r["fair_rank"]) for r in ranks] == [
+                (0, 0),
+                (0, 1),
+                (-1, 0),
+                (0, 2),
+                (0, 3),
+            ]
+        finally:
+            await conn.close()
+        pool = await create_pool(url, min_size=1, max_size=2)
+        try:
+            w = await worker(pool)
+            fresh = await queue.enqueue(pool, task("new", "B"), "new")
+            order = await lease_one_by_one(pool, w)
+            names = dict(await pool.fetch("SELECT id, instance_name FROM tasks"))
+            names[fresh.task_id] = "new"
+            assert [names[t] for t in order] == ["old-3", "old-2", "new", "old-4", "old-5"]
+        finally:
+            await pool.close()

@@ -55,8 +55,11 @@ class BuildFigures:
 
 
 @contextlib.asynccontextmanager
-async def fresh_database(admin_url: str, template: str | None = None) -> AsyncIterator[str]:
-    """A new database (a copy of `template`, else migrated here), dropped afterwards."""
+async def fresh_database(
+    admin_url: str, template: str | None = None, *, migrations: Path | None = None
+) -> AsyncIterator[str]:
+    """A new database (a copy of `template`, else migrated here from `migrations`, by
+    default the checkout's), dropped afterwards."""
     name = f"expbuild_builds_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(admin_url)
     try:
@@ -70,7 +73,7 @@ async def fresh_database(admin_url: str, template: str | None = None) -> AsyncIt
         if template is None:
             conn = await asyncpg.connect(url)
             try:
-                await migrate(conn)
+                await migrate(conn, migrations)
             finally:
                 await conn.close()
         yield url
