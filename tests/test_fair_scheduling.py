@@ -7,9 +7,11 @@ real server with real workers, clients sending the header as Bazel does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import shutil
+import subprocess
 from collections import Counter
 from datetime import timedelta
 
@@ -26,6 +28,7 @@ from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.reapi.request_metadata import HEADER
 from tests.conftest import TEMPLATE
+from tests.processes import BIN
 from tests.serving import running_server, server_settings
 from tests.two_builds import (
     LARGE,
@@ -245,6 +248,25 @@ async def test_request_metadata_is_recorded_with_the_task_and_its_queued_event(s
         )
         queued = [e for e in history.events if e.event == "queued"]
         assert json.loads(queued[0].detail_json)["request_metadata"]["tool_name"] == "bazel"
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [
+            str(BIN / "expbuild"),
+            "tasks",
+            "show",
+            "--server",
+            f"127.0.0.1:{server.port}",
+            f"task-{row['id']}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "build: bazel 7.4.1, invocation inv-1, correlated ci-inv-1, target //inv-1:step_7, "
+        "mnemonic Genrule, configuration k8-fastbuild"
+    ) in shown.stdout
 
 
 async def test_without_metadata_the_invocation_is_the_caller(server, pool):
