@@ -4,7 +4,8 @@
    queues its actions, then a small one; the small build's completion time and its place
    in the lease order, with `[server] fair_scheduling` on and off, in interleaved rounds.
 2. Enqueue rate, 4 producers: all tasks of one invocation (they serialise on its rank
-   row) against four invocations.
+   row) against four invocations; with --durable also on a PostgreSQL with fsync and
+   synchronous_commit on, where each commit waits for its WAL flush while holding the row.
 3. With --queued N (100,000 by default) tasks queued — 50 invocations, 90 % of them on a
    platform the worker lacks — the p50 of one lease of 8 and EXPLAIN ANALYZE of the lease
    and the enqueue statements.
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from expbuild.db import queue, workers  # noqa: E402
 from expbuild.db.pool import create_pool  # noqa: E402
 from expbuild.db.queries import sql  # noqa: E402
 from expbuild.digest import digest_of  # noqa: E402
-from tests.postgres import find_postgres  # noqa: E402
+from tests.postgres import LocalPostgres, find_postgres, postgres_bindir  # noqa: E402
 from tests.two_builds import fresh_database, run_two_builds  # noqa: E402
 
 LINUX = {"OSFamily": ["linux"]}
@@ -63,20 +65,43 @@ async def two_builds(admin_url: str, rounds: int, large: int, small: int) -> Non
 
 
 async def enqueue_rate(pool, producers: int, per_producer: int, *, invocations: int) -> float:
+    run = uuid.uuid4().hex[:8]
     started = time.perf_counter()
 
     async def produce(p: int) -> None:
         for n in range(per_producer):
             new = queue.NewTask(
                 "",
-                digest_of(f"rate-{invocations}-{p}-{n}".encode()),
+                digest_of(f"rate-{run}-{p}-{n}".encode()),
                 LINUX,
                 invocation_key=f"inv-{p % invocations}",
             )
-            await queue.enqueue(pool, new, f"rate-{invocations}-{p}-{n}")
+            await queue.enqueue(pool, new, f"rate-{run}-{p}-{n}")
 
     await asyncio.gather(*(produce(p) for p in range(producers)))
     return producers * per_producer / (time.perf_counter() - started)
+
+
+class DurablePostgres(LocalPostgres):
+    """The tests' throwaway cluster, but with the defaults' durability (fsync, synchronous
+    commits)."""
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1"
+        self._pg_ctl("-o", options, "-l", str(self.base / "log"), "-w", "start")
+
+
+async def enqueue_rates(admin_url: str, label: str) -> None:
+    async with fresh_database(admin_url) as url:
+        pool = await create_pool(url, min_size=5, max_size=8)
+        try:
+            print(f"\nenqueue, {label}, 4 producers x 500 (task + operation + event + NOTIFY):")
+            await enqueue_rate(pool, 4, 50, invocations=4)  # warm up
+            for invocations in (1, 4, 1, 4):
+                rate = await enqueue_rate(pool, 4, 500, invocations=invocations)
+                print(f"  {invocations} invocation(s): {rate:6.0f} tasks/s")
+        finally:
+            await pool.close()
 
 
 async def crowded_queue(pool, queued: int) -> None:
@@ -169,19 +194,25 @@ async def main() -> None:
     parser.add_argument("--small", type=int, default=10)
     parser.add_argument("--queued", type=int, default=100_000)
     parser.add_argument("--skip-builds", action="store_true", help="only parts 2 and 3")
+    parser.add_argument("--durable", action="store_true", help="part 2 on a durable cluster too")
     args = parser.parse_args()
 
     with find_postgres() as (source, admin_url):
         print(f"PostgreSQL from {source}")
         if not args.skip_builds:
             await two_builds(admin_url, args.rounds, args.large, args.small)
+        await enqueue_rates(admin_url, source)
+        bindir = postgres_bindir()
+        if args.durable and bindir is not None:
+            durable = DurablePostgres(bindir)
+            try:
+                durable.init_and_start()
+                await enqueue_rates(durable.url, "durable (fsync, synchronous_commit on)")
+            finally:
+                durable.remove()
         async with fresh_database(admin_url) as url:
             pool = await create_pool(url, min_size=5, max_size=8)
             try:
-                print("\nenqueue, 4 producers x 500 (1 task + operation + event + NOTIFY each):")
-                for invocations in (1, 4):
-                    rate = await enqueue_rate(pool, 4, 500, invocations=invocations)
-                    print(f"  {invocations} invocation(s): {rate:6.0f} tasks/s")
                 await crowded_queue(pool, args.queued)
             finally:
                 await pool.close()
