@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import subprocess
+import urllib.request
 from collections import Counter
 from datetime import timedelta
 
@@ -217,7 +218,8 @@ async def test_two_platforms_queues_merge_by_distance_from_their_heads(pool):
 
 @pytest.fixture
 async def server(database_url, tmp_path):
-    async with running_server(server_settings(tmp_path / "cas"), database_url) as app:
+    settings = server_settings(tmp_path / "cas", metrics_address="127.0.0.1:0")
+    async with running_server(settings, database_url) as app:
         yield app
 
 
@@ -263,6 +265,13 @@ async def test_request_metadata_is_recorded_with_the_task_and_its_queued_event(s
         timeout=60,
     )
     assert shown.returncode == 0, shown.stderr
+    # And the status page's task page, in its summary.
+    page = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{server.metrics_port}/tasks/task-{row['id']}", timeout=30
+        ).read()
+    )
+    assert b'id="build">action_id=inv-1-action-7, action_mnemonic=Genrule' in page
     assert (
         "build: bazel 7.4.1, invocation inv-1, correlated ci-inv-1, target //inv-1:step_7, "
         "mnemonic Genrule, configuration k8-fastbuild"
