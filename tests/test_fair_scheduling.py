@@ -127,32 +127,40 @@ async def test_without_fairness_one_line_oldest_first(pool):
     assert await lease_one_by_one(pool, w) == ids
 
 
-async def test_a_requeued_task_keeps_its_place(pool):
+async def test_a_requeued_task_goes_back_to_the_head_of_its_line(pool):
+    """Released (or reaped) it is leased next, not after the tasks queued since; and its
+    old rank does not drag the queue's virtual time back, which would hand the next new
+    build a run of turns ahead of everyone."""
     w = await worker(pool)
     a = [(await queue.enqueue(pool, task(f"a{n}", "A"), f"a{n}")).task_id for n in range(5)]
     b = [(await queue.enqueue(pool, task(f"b{n}", "B"), f"b{n}")).task_id for n in range(5)]
-    [leased] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    assert leased.task_id == a[0]
-    late = [(await queue.enqueue(pool, task(f"c{n}", "C"), f"c{n}")).task_id for n in range(5)]
-    await queue.release_task(pool, leased.task_id, leased.lease_token, w, "shutdown")
-    order = await lease_one_by_one(pool, w)
-    assert order[0] == a[0]  # not behind the 14 queued since
-    assert set(order) == set(a + b + late)
-    # A lease that expires keeps it too (the reaper's requeue).
-    redo = await queue.enqueue(pool, task("redo", "D"), "redo")
-    [again] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
-    assert again.task_id == redo.task_id
-    ranks = "SELECT fair_rank FROM tasks WHERE id = $1"
-    rank = await pool.fetchval(ranks, redo.task_id)
-    for n in range(5):
-        await queue.enqueue(pool, task(f"e{n}", "E"), f"e{n}")
+    first = await queue.lease_tasks(pool, w, LINUX, 6, LEASE)
+    assert [t.task_id for t in first] == [a[0], b[0], a[1], b[1], a[2], b[2]]
+    await queue.release_task(pool, first[0].task_id, first[0].lease_token, w, "shutdown")
+    c = [(await queue.enqueue(pool, task(f"c{n}", "C"), f"c{n}")).task_id for n in range(3)]
+    assert await lease_one_by_one(pool, w) == [a[0], a[3], b[3], c[0], a[4], b[4], c[1], c[2]]
+
+    # A lease that expires: the reaper's requeue does the same.
+    d = [(await queue.enqueue(pool, task(f"d{n}", "D"), f"d{n}")).task_id for n in range(3)]
+    [expiring] = await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    assert expiring.task_id == d[0]
+    await queue.lease_tasks(pool, w, LINUX, 1, LEASE)  # d1: the queue moves on
     await pool.execute(
-        "UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE id = $1", redo.task_id
+        "UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE id = $1", d[0]
     )
     [reaped] = await queue.reap_expired_leases(pool)
-    assert (reaped.task_id, reaped.state) == (redo.task_id, "queued")
-    assert await pool.fetchval(ranks, redo.task_id) == rank
-    assert (await queue.lease_tasks(pool, w, LINUX, 1, LEASE))[0].task_id == redo.task_id
+    assert (reaped.task_id, reaped.state) == (d[0], "queued")
+    e = (await queue.enqueue(pool, task("e0", "E"), "e0")).task_id
+    assert await lease_one_by_one(pool, w) == [d[0], d[2], e]
+
+    # A worker that deregisters hands its leases back the same way.
+    f = [(await queue.enqueue(pool, task(f"f{n}", "F"), f"f{n}")).task_id for n in range(3)]
+    leaving = await worker(pool)
+    [held] = await queue.lease_tasks(pool, leaving, LINUX, 1, LEASE)
+    await queue.lease_tasks(pool, w, LINUX, 1, LEASE)
+    await workers.deregister_worker(pool, leaving)
+    g = (await queue.enqueue(pool, task("g0", "G"), "g0")).task_id
+    assert await lease_one_by_one(pool, w) == [held.task_id, f[2], g]
 
 
 async def test_a_joined_action_keeps_its_rank_and_costs_the_joiner_no_turn(pool):

@@ -193,14 +193,21 @@ FROM done;
 
 -- name: release_task
 -- A worker hands back a lease it will not finish (shutdown): the task is queued again at
--- once and the attempt is not counted against it.
+-- once and the attempt is not counted against it. Like every requeue it goes back to the
+-- head of its line: its fair_rank, raised to the queue's virtual time if the queue moved
+-- on (an old rank left in the queue would drag the virtual time back, and hand the next
+-- new build a run of turns).
 -- $1 task_id, $2 lease_token, $3 worker_id, $4 reason
 WITH released AS (
-    UPDATE tasks
+    UPDATE tasks t
     SET state = 'queued', worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-        attempts = greatest(attempts - 1, 0)
-    WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased'
-    RETURNING id, attempts
+        attempts = greatest(t.attempts - 1, 0),
+        fair_rank = greatest(t.fair_rank, (SELECT q.fair_rank FROM tasks q
+                 WHERE q.state = 'queued' AND q.platform_id = t.platform_id
+                   AND q.priority = t.priority
+                 ORDER BY q.fair_rank LIMIT 1))
+    WHERE t.id = $1 AND t.lease_token = $2 AND t.worker_id = $3 AND t.state = 'leased'
+    RETURNING t.id, t.attempts
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
     SELECT id, 'released', $3, attempts, jsonb_build_object('reason', $4::text) FROM released
@@ -234,7 +241,12 @@ WITH expired AS (
         error = CASE WHEN t.attempts >= t.max_attempts THEN
             format('task failed after %s attempts; last attempt on worker %s: %s',
                    t.attempts, t.worker_id, replace(e.reason, '-', ' ')) END,
-        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
+        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+        -- Back to the head of its line, as in release_task.
+        fair_rank = greatest(t.fair_rank, (SELECT q.fair_rank FROM tasks q
+                 WHERE q.state = 'queued' AND q.platform_id = t.platform_id
+                   AND q.priority = t.priority
+                 ORDER BY q.fair_rank LIMIT 1))
     FROM expired e
     WHERE t.id = e.id
     RETURNING t.id, t.state, t.attempts, e.reason, e.worker_id
