@@ -20,6 +20,7 @@ import asyncpg
 import grpc
 import pytest
 
+from expbuild.auth.principal import ANONYMOUS, Principal
 from expbuild.db import queue, workers
 from expbuild.db.migrate import available_migrations, migrate
 from expbuild.db.pool import create_pool
@@ -27,7 +28,8 @@ from expbuild.digest import digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.proto import worker_pb2, worker_pb2_grpc
-from expbuild.reapi.request_metadata import HEADER
+from expbuild.reapi.request_metadata import HEADER, RequestMetadata
+from expbuild.scheduling.submission import invocation_key
 from tests.conftest import TEMPLATE
 from tests.processes import BIN
 from tests.serving import running_server, server_settings
@@ -219,6 +221,17 @@ async def test_two_platforms_queues_merge_by_distance_from_their_heads(pool):
     ]
     leased = await queue.lease_tasks(pool, w, multi, 6, LEASE)
     assert [t.task_id for t in leased] == [x[0], y[0], x[1], y[1], x[2], y[2]]
+
+
+def test_the_invocation_is_the_build_then_the_caller():
+    alice = Principal.of("alice", ["execute"])
+    build = RequestMetadata(tool_invocation_id="inv", correlated_invocations_id="ci")
+    assert invocation_key(build, alice) == "inv"
+    assert invocation_key(RequestMetadata(correlated_invocations_id="ci"), alice) == "ci"
+    assert invocation_key(RequestMetadata(tool_name="bazel"), alice) == "principal:alice"
+    assert invocation_key(None, alice) == "principal:alice"
+    assert invocation_key(None, ANONYMOUS) == ""
+    assert invocation_key(build, alice, fair=False) == ""
 
 
 # -- through a real server ----------------------------------------------------------------
