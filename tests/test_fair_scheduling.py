@@ -339,7 +339,6 @@ async def test_a_malformed_header_is_invalid_argument_and_queues_nothing(
     assert await pool.fetchval("SELECT count(*) FROM operations") == 0
 
 
-@pytest.mark.e2e
 async def test_a_small_build_finishes_long_before_a_large_one(postgres_admin_url, tmp_path):
     """The issue's test: 200 actions of one build queued, then 10 of another; real server,
     two real workers. With the fair lease the small build's leases are among the first
