@@ -595,10 +595,10 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         allow_action_cache_updates=srv("allow_action_cache_updates", _bool, defaults_server),
         max_action_timeout=srv("max_action_timeout", _duration, defaults_server),
         reject_unmatched_platforms=srv("reject_unmatched_platforms", _bool, defaults_server),
-        fair_scheduling=srv("fair_scheduling", _bool, defaults_server),
         task_retention=srv("task_retention", _duration, defaults_server),
         worker_address=str(_get(s, "worker_address", "")),
         allow_insecure_public=srv("allow_insecure_public", _bool, defaults_server),
+        fair_scheduling=srv("fair_scheduling", _bool, defaults_server),
         **{key: str(_get(s, key, "")) for key in TLS_FILE_KEYS},
     )
     if server.worker_address:
