@@ -69,6 +69,9 @@ class ServerSettings:
     # Refuse at once (FAILED_PRECONDITION) an action whose platform no online worker
     # offers, instead of queueing it for a worker that may never come.
     reject_unmatched_platforms: bool = True
+    # Concurrent builds (RequestMetadata's tool_invocation_id, else the caller) take turns
+    # in each platform's queue; false: one line, oldest first, within a priority.
+    fair_scheduling: bool = True
     # Finished tasks (and their operations) are deleted after this; task_events keep history.
     task_retention: timedelta = timedelta(days=7)
     # The Worker API's own listener; empty: it shares `address` with the clients' services.
@@ -591,6 +594,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         task_retention=srv("task_retention", parse_duration, defaults_server),
         worker_address=str(_get(s, "worker_address", "")),
         allow_insecure_public=srv("allow_insecure_public", _bool, defaults_server),
+        fair_scheduling=srv("fair_scheduling", _bool, defaults_server),
         **{key: str(_get(s, key, "")) for key in TLS_FILE_KEYS},
     )
     if server.worker_address:

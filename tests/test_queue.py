@@ -122,7 +122,7 @@ async def test_platform_matching_is_containment(pool):
 
 async def test_lease_merges_the_queues_of_every_offered_platform_in_order(pool):
     """Each platform is its own queue; a worker offering several takes from all of them
-    in (priority, id) order, as from one queue."""
+    in (priority, place in line, id) order, as from one queue."""
     w = await worker(pool, "multi", {"OSFamily": ["Linux"], "ISA": ["a", "b"]})
     offered = {"OSFamily": ["Linux"], "ISA": ["a", "b"]}
     ids = {}

@@ -59,6 +59,29 @@ def _seconds(start: str | None, end: str | None) -> str:
     return f"{delta.total_seconds():.2f}s"
 
 
+def _build_of(events: list[dict]) -> str:
+    """Which build queued the task, from its RequestMetadata (recorded with `queued`)."""
+    for event in events:
+        metadata = event["detail"].get("request_metadata") if event["event"] == "queued" else None
+        if metadata:
+            parts = [
+                f"{metadata.get('tool_name', '')} {metadata.get('tool_version', '')}".strip(),
+                *(
+                    f"{label} {metadata[key]}"
+                    for label, key in (
+                        ("invocation", "tool_invocation_id"),
+                        ("correlated", "correlated_invocations_id"),
+                        ("target", "target_id"),
+                        ("mnemonic", "action_mnemonic"),
+                        ("configuration", "configuration_id"),
+                    )
+                    if metadata.get(key)
+                ),
+            ]
+            return ", ".join(part for part in parts if part)
+    return ""
+
+
 def _platform_option(values: tuple[str, ...]) -> re_pb2.Platform:
     platform = re_pb2.Platform()
     for value in values:
@@ -182,6 +205,8 @@ def show_command(server: str, as_json: bool, task: str) -> None:
         )
         if summary["error"]:
             click.echo(f"  error: {summary['error']}")
+    if build := _build_of(events):
+        click.echo(f"  build: {build}")
     for operation in reply.operations:
         click.echo(f"  operation {operation}")
     for event in events:
@@ -190,7 +215,9 @@ def show_command(server: str, as_json: bool, task: str) -> None:
             name = event["worker_name"] or ""
             host = f" on {event['worker_hostname']}" if event["worker_hostname"] else ""
             where = f" {event['worker_id']}" + (f" ({name}{host})" if name else "")
-        detail = ", ".join(f"{k}={v}" for k, v in sorted(event["detail"].items()))
+        detail = ", ".join(
+            f"{k}={v}" for k, v in sorted(event["detail"].items()) if k != "request_metadata"
+        )
         click.echo(
             f"  {event['at']}  {event['event']:<16} attempt {event['attempt']}{where}"
             + (f"  {detail}" if detail else "")

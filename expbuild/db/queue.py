@@ -36,6 +36,10 @@ class NewTask:
     do_not_cache: bool = False
     timeout: timedelta | None = None
     max_attempts: int = 3
+    # Whose turn the task is in its queue (fair scheduling); tasks of one key run in order.
+    invocation_key: str = ""
+    # The client's RequestMetadata as {field: value}, recorded with the task and its event.
+    request_metadata: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ async def enqueue(
             task.max_attempts,
             operation_name,
             principal,
+            task.invocation_key,
+            task.request_metadata,
         )
         if row is not None:
             return Enqueued(task_id=row["task_id"], is_new=row["is_new"])
@@ -273,6 +279,11 @@ async def reap_expired_leases(db: Database, batch_size: int = 500) -> list[Reape
     return [
         ReapedTask(r["id"], r["state"], r["attempts"], r["reason"], r["worker_id"]) for r in rows
     ]
+
+
+async def forget_idle_invocations(db: Database, batch_size: int = 1000) -> int:
+    """Delete the fair-queue rows of invocations with nothing left queued; returns how many."""
+    return len(await db.fetch(sql("forget_idle_invocations"), batch_size))
 
 
 async def purge_finished_tasks(db: Database, retention: timedelta, batch_size: int = 1000) -> int:

@@ -5,6 +5,9 @@ read and checked, and the task is queued, or joined when the same cacheable acti
 flight already. Either way the caller gets an operation name that any replica can follow.
 The operation belongs to the submitting principal (see `expbuild.scheduling.operations`);
 a joined task is shared, but each submitter gets an operation of its own.
+
+A queued task records the client's RequestMetadata and takes its turn in the queue as part
+of its build (`invocation_key`, docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from expbuild.db import queue
 from expbuild.digest import Digest
 from expbuild.errors import ResourceExhausted
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.request_metadata import RequestMetadata
 from expbuild.scheduling.actions import (
     check_command,
     check_working_directory,
@@ -71,6 +75,21 @@ async def inline_into(store: FileStore, response: re_pb2.ExecuteResponse, inline
         )
 
 
+def invocation_key(
+    metadata: RequestMetadata | None, principal: Principal, *, fair: bool = True
+) -> str:
+    """Whose turn a task is: its build (the tool's invocation id, else the correlated
+    invocations id), else the caller's credential (`principal:<name>`), else '' (anonymous).
+    Without fair scheduling every task is the one line's ('')."""
+    if not fair:
+        return ""
+    if metadata is not None:
+        build = metadata.tool_invocation_id or metadata.correlated_invocations_id
+        if build:
+            return build
+    return f"principal:{principal.name}" if principal.name else ""
+
+
 async def check_queue_room(pool: asyncpg.Pool, instance: str, limit: int) -> None:
     """Refuse a new action while `limit` tasks of the instance wait in the queue: a burst
     beyond what the workers can take is pushed back to the clients (they retry) instead of
@@ -94,11 +113,13 @@ async def submit_action(
     priority: int = 0,
     inline: Inline = Inline(),
     offers: PlatformOffers | None = None,
+    request_metadata: RequestMetadata | None = None,
 ) -> Submitted:
     """Answer the action from the cache or queue it; the operation exists on return,
     owned by `principal`.
 
-    `offers` is the replica's memory of offered platforms (asked afresh without it)."""
+    `offers` is the replica's memory of offered platforms (asked afresh without it);
+    `request_metadata` the client's header, recorded with a queued task."""
     operation_name = str(uuid.uuid4())
     if not skip_cache_lookup:
         cached = await lookup_cached_result(pool, store, instance, digest)
@@ -140,6 +161,10 @@ async def submit_action(
             do_not_cache=loaded.action.do_not_cache,
             timeout=timeout,
             max_attempts=settings.max_attempts,
+            invocation_key=invocation_key(
+                request_metadata, principal, fair=settings.fair_scheduling
+            ),
+            request_metadata=request_metadata.as_dict() if request_metadata else None,
         ),
         operation_name,
         principal=principal.name,

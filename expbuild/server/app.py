@@ -368,6 +368,7 @@ class ServerApp:
                 task.reason.replace("-", " "),
                 task.worker_id,
             )
+        await queue.forget_idle_invocations(self.pool)
         purged = await queue.purge_finished_tasks(self.pool, s.task_retention)
         if purged:
             log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)

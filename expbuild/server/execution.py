@@ -16,6 +16,7 @@ from expbuild.config import ServerSettings
 from expbuild.digest import check_digest_function, digest_field
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
+from expbuild.reapi.request_metadata import request_metadata_of
 from expbuild.scheduling.operations import OperationTracker
 from expbuild.scheduling.platforms import PlatformOffers
 from expbuild.scheduling.submission import Inline, inline_into, submit_action
@@ -52,6 +53,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             files=tuple(request.inline_output_files),
         )
         principal = current_principal()
+        metadata = request_metadata_of(context.invocation_metadata())
         submitted = await submit_action(
             self.pool,
             self.store,
@@ -63,6 +65,7 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             priority=request.execution_policy.priority,
             inline=inline,
             offers=self.offers,
+            request_metadata=metadata,
         )
         EXECUTE_REQUESTS.labels(submitted.outcome).inc()
         if not request.skip_cache_lookup:

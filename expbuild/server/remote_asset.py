@@ -22,13 +22,12 @@ from expbuild.errors import ExpBuildError, InvalidArgument
 from expbuild.proto import remote_asset_pb2 as ra_pb2
 from expbuild.proto import remote_asset_pb2_grpc as ra_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
+from expbuild.reapi.request_metadata import request_metadata_of
 from expbuild.reapi.status import ok_status, to_status
 from expbuild.scheduling.actions import checked_duration
 from expbuild.server.instances import InstanceNames
 from expbuild.server.status import rpc
 from expbuild.text import check_no_nul, quoted
-
-REQUEST_METADATA_KEY = "build.bazel.remote.execution.v2.requestmetadata-bin"
 
 
 def _uris(request) -> list[str]:
@@ -72,16 +71,13 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
     """Who is asking (the credential's name, or the peer address with auth off), the
     RequestMetadata's tool if sent, and whether it may make the server download."""
     tool = invocation = None
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_METADATA_KEY and isinstance(value, bytes):
-            metadata = re_pb2.RequestMetadata()
-            try:
-                metadata.ParseFromString(value)
-            except Exception:  # noqa: BLE001 - a bad header only loses the detail
-                break
-            details = metadata.tool_details
-            tool = f"{details.tool_name} {details.tool_version}".strip() or None
-            invocation = metadata.tool_invocation_id or None
+    try:
+        metadata = request_metadata_of(context.invocation_metadata())
+    except InvalidArgument:
+        metadata = None  # a fetch only records the tool: a bad header loses that detail
+    if metadata is not None:
+        tool = f"{metadata.tool_name} {metadata.tool_version}".strip() or None
+        invocation = metadata.tool_invocation_id or None
     principal = current_principal()
     name = principal.name if principal.authenticated else (context.peer() or "unknown")
     return Caller(

@@ -5,8 +5,14 @@
 -- Insert a task, or join the in-flight task of the same cacheable action, and record the
 -- operation that waits on it. Returns no row when the in-flight task finished between the
 -- insert attempt and the lookup; the caller retries. NOTIFY only when a task was added.
+-- A new task takes its fair_rank (start-time fair queueing, docs/scheduling.md): the
+-- invocation's last rank in this platform's queue at this priority + 1, but never less
+-- than the queue's virtual time, the smallest rank still queued there (when nothing is,
+-- the largest rank taken). The upsert of the invocation's row serialises its enqueues, so
+-- concurrent Executes of one build take distinct ranks; a joined task keeps its own.
 -- $1 instance_name, $2 action_digest, $3 platform, $4 priority, $5 do_not_cache,
--- $6 timeout, $7 max_attempts, $8 operation name
+-- $6 timeout, $7 max_attempts, $8 operation name, $9 principal, $10 invocation_key,
+-- $11 request_metadata (jsonb or NULL)
 WITH known_platform AS (
     SELECT id FROM task_platforms WHERE platform = $3::jsonb
 ), new_platform AS (
@@ -19,14 +25,34 @@ WITH known_platform AS (
     RETURNING id
 ), platform AS (
     SELECT id FROM known_platform UNION ALL SELECT id FROM new_platform
+), twin AS (
+    SELECT 1 FROM tasks
+    WHERE instance_name = $1 AND action_digest = $2
+      AND state IN ('queued', 'leased') AND NOT do_not_cache AND NOT $5::boolean
+), ranked AS (
+    INSERT INTO invocation_ranks AS r (platform_id, priority, invocation_key, last_rank)
+    SELECT p.id, $4, $10, coalesce(
+        (SELECT t.fair_rank FROM tasks t
+         WHERE t.state = 'queued' AND t.platform_id = p.id AND t.priority = $4
+         ORDER BY t.fair_rank LIMIT 1),
+        (SELECT max(m.last_rank) FROM invocation_ranks m
+         WHERE m.platform_id = p.id AND m.priority = $4),
+        0)
+    FROM platform p
+    WHERE NOT EXISTS (SELECT 1 FROM twin)
+    ON CONFLICT (platform_id, priority, invocation_key)
+        DO UPDATE SET last_rank = greatest(r.last_rank + 1, excluded.last_rank)
+    RETURNING r.platform_id, r.last_rank AS fair_rank
 ), inserted AS (
     INSERT INTO tasks (instance_name, action_digest, platform, priority, do_not_cache,
-                       timeout, max_attempts, platform_id)
-    SELECT $1, $2, $3, $4, $5, $6, $7, platform.id FROM platform
+                       timeout, max_attempts, platform_id, invocation_key, request_metadata,
+                       fair_rank)
+    SELECT $1, $2, $3, $4, $5, $6, $7, ranked.platform_id, $10, $11::jsonb, ranked.fair_rank
+    FROM ranked
     ON CONFLICT (instance_name, action_digest)
         WHERE state IN ('queued', 'leased') AND NOT do_not_cache
         DO NOTHING
-    RETURNING id, priority
+    RETURNING id, priority, fair_rank
 ), joined AS (
     SELECT id, priority FROM tasks
     WHERE instance_name = $1 AND action_digest = $2
@@ -37,8 +63,13 @@ WITH known_platform AS (
     UNION ALL
     SELECT id, priority, false FROM joined
 ), event AS (
+    -- Which build queued the task, for SQL: detail->'request_metadata'->>'target_id'.
     INSERT INTO task_events (task_id, event, attempt, detail)
-    SELECT id, 'queued', 0, jsonb_build_object('priority', priority) FROM inserted
+    SELECT id, 'queued', 0,
+           jsonb_strip_nulls(jsonb_build_object(
+               'priority', priority, 'invocation', $10::text, 'fair_rank', fair_rank,
+               'request_metadata', $11::jsonb))
+    FROM inserted
 ), operation AS (
     INSERT INTO operations (name, instance_name, action_digest, task_id, principal)
     SELECT $8, $1, $2, id, $9 FROM chosen
@@ -56,24 +87,32 @@ SELECT count(*) FROM (
 ) AS queued;
 
 -- name: lease_tasks
--- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1, oldest of
--- the most urgent first. SKIP LOCKED lets any number of pollers run this at once.
--- Each platform the worker satisfies is its own range of tasks_queue_idx, walked in
--- (priority, id) order for at most $3 rows; queues of other platforms are never read,
--- so the cost does not grow with the queue (bench/queue_throughput.py --scale).
+-- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1: the most
+-- urgent priority first, then in fair_rank order (invocations take turns, see
+-- enqueue_task), then oldest first. SKIP LOCKED lets any number of pollers run this at
+-- once. Each platform the worker satisfies is its own range of tasks_queue_idx, walked in
+-- (priority, fair_rank, id) order for at most $3 rows; queues of other platforms are never
+-- read, so the cost does not grow with the queue (bench/queue_throughput.py --scale).
+-- Ranks of two platforms' queues are not comparable (each has its own virtual time), so
+-- the queues are merged by each task's distance from its queue's head.
 -- $1 worker_id, $2 worker platform, $3 limit, $4 lease duration
 WITH offered AS (
     SELECT id FROM task_platforms WHERE platform <@ $2::jsonb
-), picked AS (
-    SELECT c.id FROM offered
+), candidates AS (
+    SELECT c.id, c.priority,
+           c.fair_rank - min(c.fair_rank) OVER (PARTITION BY offered.id, c.priority) AS behind
+    FROM offered
     CROSS JOIN LATERAL (
-        SELECT t.id, t.priority FROM tasks t
+        SELECT t.id, t.priority, t.fair_rank FROM tasks t
         WHERE t.state = 'queued' AND t.platform_id = offered.id
-        ORDER BY t.priority, t.id
+        ORDER BY t.priority, t.fair_rank, t.id
         LIMIT $3
         FOR UPDATE SKIP LOCKED
     ) c
-    ORDER BY c.priority, c.id
+), picked AS (
+    SELECT id, row_number() OVER (ORDER BY priority, behind, id) AS turn
+    FROM candidates
+    ORDER BY turn
     LIMIT $3
 ), leased AS (
     UPDATE tasks t
@@ -83,14 +122,15 @@ WITH offered AS (
     FROM picked
     WHERE t.id = picked.id
     RETURNING t.id, t.lease_token, t.instance_name, t.action_digest, t.attempts,
-              t.queued_at, t.timeout, t.do_not_cache, t.priority
+              t.queued_at, t.timeout, t.do_not_cache, t.priority, picked.turn
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
 )
 -- The NOTIFY tells clients streaming the task that it is now EXECUTING (they do not poll).
-SELECT *, pg_notify('expbuild_task_done', id::text) AS notified
-FROM leased ORDER BY priority, id;
+SELECT id, lease_token, instance_name, action_digest, attempts, queued_at, timeout,
+       do_not_cache, priority, pg_notify('expbuild_task_done', id::text) AS notified
+FROM leased ORDER BY turn;
 
 -- name: complete_task
 -- Accept a worker's result only under the current lease. No row back means the token is
@@ -153,14 +193,21 @@ FROM done;
 
 -- name: release_task
 -- A worker hands back a lease it will not finish (shutdown): the task is queued again at
--- once and the attempt is not counted against it.
+-- once and the attempt is not counted against it. Like every requeue it goes back to the
+-- head of its line: its fair_rank, raised to the queue's virtual time if the queue moved
+-- on (an old rank left in the queue would drag the virtual time back, and hand the next
+-- new build a run of turns).
 -- $1 task_id, $2 lease_token, $3 worker_id, $4 reason
 WITH released AS (
-    UPDATE tasks
+    UPDATE tasks t
     SET state = 'queued', worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-        attempts = greatest(attempts - 1, 0)
-    WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased'
-    RETURNING id, attempts
+        attempts = greatest(t.attempts - 1, 0),
+        fair_rank = greatest(t.fair_rank, (SELECT q.fair_rank FROM tasks q
+                 WHERE q.state = 'queued' AND q.platform_id = t.platform_id
+                   AND q.priority = t.priority
+                 ORDER BY q.fair_rank LIMIT 1))
+    WHERE t.id = $1 AND t.lease_token = $2 AND t.worker_id = $3 AND t.state = 'leased'
+    RETURNING t.id, t.attempts
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
     SELECT id, 'released', $3, attempts, jsonb_build_object('reason', $4::text) FROM released
@@ -194,7 +241,12 @@ WITH expired AS (
         error = CASE WHEN t.attempts >= t.max_attempts THEN
             format('task failed after %s attempts; last attempt on worker %s: %s',
                    t.attempts, t.worker_id, replace(e.reason, '-', ' ')) END,
-        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL
+        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+        -- Back to the head of its line, as in release_task.
+        fair_rank = greatest(t.fair_rank, (SELECT q.fair_rank FROM tasks q
+                 WHERE q.state = 'queued' AND q.platform_id = t.platform_id
+                   AND q.priority = t.priority
+                 ORDER BY q.fair_rank LIMIT 1))
     FROM expired e
     WHERE t.id = e.id
     RETURNING t.id, t.state, t.attempts, e.reason, e.worker_id
@@ -227,6 +279,28 @@ SELECT id, instance_name, action_digest, state, priority, attempts, max_attempts
        do_not_cache, timeout
 FROM tasks WHERE id = $1;
 
+
+-- name: forget_idle_invocations
+-- Keep invocation_ranks small: an invocation whose last rank is below its queue's virtual
+-- time has nothing queued there, and its next task would take the virtual time anyway, so
+-- its row changes nothing. When a queue is empty only its largest rank is kept, as the
+-- virtual time its next task starts from. Rows an enqueue holds are skipped.
+-- $1 batch size
+WITH idle AS (
+    SELECT r.platform_id, r.priority, r.invocation_key FROM invocation_ranks r
+    WHERE r.last_rank < coalesce(
+        (SELECT t.fair_rank FROM tasks t
+         WHERE t.state = 'queued' AND t.platform_id = r.platform_id AND t.priority = r.priority
+         ORDER BY t.fair_rank LIMIT 1),
+        (SELECT max(m.last_rank) FROM invocation_ranks m
+         WHERE m.platform_id = r.platform_id AND m.priority = r.priority))
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM invocation_ranks r USING idle i
+WHERE r.platform_id = i.platform_id AND r.priority = i.priority
+  AND r.invocation_key = i.invocation_key
+RETURNING r.invocation_key;
 
 -- name: purge_finished_tasks
 -- Keep the hot table small: finished tasks older than the retention go (their operations

@@ -61,13 +61,18 @@ SELECT NULL, NULL, state, (SELECT count(*) FROM unreported)
 FROM alive WHERE NOT EXISTS (SELECT 1 FROM reported);
 
 -- name: deregister_worker
--- The worker leaves cleanly. Leases it still holds go back to the queue at once.
+-- The worker leaves cleanly. Leases it still holds go back to the queue at once, to the
+-- head of their line (as queue.sql release_task).
 WITH gone AS (
     UPDATE workers SET state = 'offline' WHERE id = $1 RETURNING id
 ), requeued AS (
     UPDATE tasks t
     SET state = 'queued', worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-        attempts = greatest(attempts - 1, 0)
+        attempts = greatest(t.attempts - 1, 0),
+        fair_rank = greatest(t.fair_rank, (SELECT q.fair_rank FROM tasks q
+                 WHERE q.state = 'queued' AND q.platform_id = t.platform_id
+                   AND q.priority = t.priority
+                 ORDER BY q.fair_rank LIMIT 1))
     FROM gone WHERE t.worker_id = gone.id AND t.state = 'leased'
     RETURNING t.id, t.attempts
 ), event AS (
