@@ -128,6 +128,22 @@ class FileStore:
 
         return await asyncio.to_thread(scan)
 
+    # ------------------------------------------- blocking, for one thread hop
+
+    # For a caller that runs several steps (checks, reads, writes) in one thread hop of
+    # its own; never call these on the event loop.
+
+    def has_blocking(self, digest: Digest, *, touch: bool = False) -> bool:
+        return self.layout.present(digest, touch=touch)
+
+    def get_blocking(self, digest: Digest) -> bytes:
+        """The blob's content; `NotFound` if absent."""
+        return self._read_whole(digest)
+
+    def put_blocking(self, digest: Digest, data: bytes) -> None:
+        """Store `data` as `digest`; `InvalidArgument` (storing nothing) if it does not match."""
+        self._put_checked(digest, data)
+
     # ---------------------------------------------------------------- writing
 
     def _ingest(self, digest: Digest, chunks: Iterable[bytes]) -> bool:
