@@ -38,6 +38,11 @@ class CompletionBatcher:
         self._sender: asyncio.Task[None] | None = None
         self.statements = 0  # statements sent: how much coalescing happened
 
+    @property
+    def waiting(self) -> int:
+        """Completions waiting for the statement in flight to end."""
+        return sum(1 for _, done in self._waiting if not done.done())
+
     async def complete(self, completion: queue.Completion) -> queue.CompletedTask:
         """Apply the completion under its lease; raises what `complete_task` would."""
         queue.check_lease_token(completion.lease_token, completion.task_id)  # never fails others
