@@ -5,8 +5,8 @@ For each code tree (`--code DIR`, and `--baseline REV` exported from git, as in
 fresh database on a PostgreSQL started here with `pg_stat_statements` loaded. The client
 (this process) and the worker reach the server through two counting gRPC proxies in this
 process, so every call is counted by method and by caller, whatever the code measured.
-Then `--actions` unique no-op actions run one at a time (upload Command and Action,
-Execute with skip_cache_lookup), and an idle window as long as that run is measured too,
+Then `--actions` unique no-op actions run one at a time, or `--clients` at once
+(upload Command and Action, Execute with skip_cache_lookup), and an idle window as long as that run is measured too,
 so what is per action (enqueue, lease, complete...) stands apart from what is per second
 (heartbeats, polls that time out, the reaper). Printed per tree: calls per action of each
 gRPC method and of each SQL statement (by its `-- name:` in expbuild/sql).
@@ -205,7 +205,7 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Counts:
                 await load.many(args.warmup, 1)
 
                 async def run() -> None:
-                    await load.many(args.actions, 1)
+                    await load.many(args.actions, args.clients)
 
                 counts.rpcs, counts.sql, counts.seconds = await _window(db, proxies, names, run)
 
@@ -291,6 +291,9 @@ async def main() -> None:
     )
     parser.add_argument("--actions", type=int, default=50, help="serial actions counted")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--clients", type=int, default=1, help="concurrent clients (1: one action at a time)"
+    )
     args = parser.parse_args()
     bindir = postgres_bindir()
     if bindir is None:
@@ -306,7 +309,8 @@ async def main() -> None:
         cluster.remove()
     first = next(iter(columns.values()))
     print(
-        f"Round trips of one no-op action ({first.actions} serial actions, 1 worker; "
+        f"Round trips of one no-op action ({first.actions} actions, {args.clients} client(s), "
+        "1 worker; "
         "each cell: calls per action less an idle window of the same length, then raw):"
     )
     print(report(columns))
