@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from google.protobuf.message import DecodeError
 
 from expbuild.cas.store import FileStore
-from expbuild.digest import Digest, digest_of
+from expbuild.digest import EMPTY, Digest, digest_of
 from expbuild.errors import InvalidArgument, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
 
@@ -37,8 +37,18 @@ async def missing_blobs(store: FileStore, result: re_pb2.ActionResult) -> list[D
     Directory messages of a `root_directory_digest` and what they hold) that the store no
     longer has. The present ones are touched: the eviction's LRU sees them as just used,
     so an entry's outputs stay as long as the entry is hit (build without the bytes).
-    One thread hop."""
+    One thread hop, none for a result that names only empty blobs (a no-op's)."""
+    if _names_only_empty_blobs(result):
+        return []
     return await asyncio.to_thread(_BlobWalk(store, {}).missing, result, ())
+
+
+def _names_only_empty_blobs(result: re_pb2.ActionResult) -> bool:
+    """No output directory, and every other digest empty (always present) or unset."""
+    if result.output_directories:
+        return False
+    named = [result.stdout_digest, result.stderr_digest, *(f.digest for f in result.output_files)]
+    return all(not d.hash or (d.hash == EMPTY.hash and d.size_bytes == 0) for d in named)
 
 
 class _BlobWalk:
