@@ -145,7 +145,12 @@ async def statement_counts(db: asyncpg.Connection, names: dict[str, str]) -> col
         text = _canonical(row["query"])
         if "pg_stat_statements" in text or "pg_stat_database" in text:
             continue  # this script's own
-        label = names.get(text) or text[:60]
+        # pg_stat_statements may number a statement's constants differently: then its start.
+        label = (
+            names.get(text)
+            or next((n for t, n in names.items() if t[:100] == text[:100]), None)
+            or text[:60]
+        )
         counts[label] += row["calls"]
     return counts
 
