@@ -58,6 +58,8 @@ lint: venv
 BASELINE ?= 783a216
 bench: venv
 	$(PY) bench/noop_load.py --baseline $(BASELINE) --code .
+	$(PY) bench/round_trips.py --baseline $(BASELINE) --code .
+	$(PY) bench/round_trips.py --baseline $(BASELINE) --code . --clients 8 --actions 200
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/execute_latency.py
 

@@ -102,14 +102,17 @@ class Deployment:
     workers: list[subprocess.Popen] = field(default_factory=list)
     address: str = ""
     logs: Path | None = None
+    worker_count: int = WORKERS
+    # Where workers dial (a proxy's address, for bench/round_trips.py); empty: the server.
+    worker_address: str = ""
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.code), **extra}
 
-    def start(self, database_url: str, scratch: Path) -> None:
-        port = free_port()
-        self.address = f"127.0.0.1:{port}"
+    def start(self, database_url: str, scratch: Path, address: str = "") -> None:
+        self.address = address or f"127.0.0.1:{free_port()}"
         self.logs = scratch
+        scratch.chmod(0o755)  # actions run as nobody, who must reach the work dirs inside
         common = {
             "EXPBUILD_DATABASE__URL": database_url,
             "EXPBUILD_SERVER__ADDRESS": self.address,
@@ -118,9 +121,9 @@ class Deployment:
             "EXPBUILD_EXECUTION__BACKEND": "scheduler",
         }
         self.server = self._spawn("server", ["server"], common)
-        for n in range(WORKERS):
+        for n in range(self.worker_count):
             worker_env = {
-                "EXPBUILD_WORKER__SERVER_URL": f"http://{self.address}",
+                "EXPBUILD_WORKER__SERVER_URL": f"http://{self.worker_address or self.address}",
                 "EXPBUILD_WORKER__NAME": f"bench-{n}",
                 "EXPBUILD_WORKER__MAX_CONCURRENT_TASKS": str(SLOTS),
                 "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(scratch / f"work-{n}"),

@@ -128,6 +128,18 @@ class FileStore:
 
         return await asyncio.to_thread(scan)
 
+    # ------------------------------------------- blocking, for one thread hop
+
+    # For a caller that runs several steps (checks, reads, writes) in one thread hop of
+    # its own; never call these on the event loop.
+
+    def has_blocking(self, digest: Digest, *, touch: bool = False) -> bool:
+        return self.layout.present(digest, touch=touch)
+
+    def get_blocking(self, digest: Digest) -> bytes:
+        """The blob's content; `NotFound` if absent."""
+        return self._read_whole(digest)
+
     # ---------------------------------------------------------------- writing
 
     def _ingest(self, digest: Digest, chunks: Iterable[bytes]) -> bool:
@@ -160,7 +172,8 @@ class FileStore:
         return tmp is not None
 
     def put_blocking(self, digest: Digest, data: bytes) -> None:
-        """`put` for a caller already on a worker thread (SplitBlob, `put_many`)."""
+        """`put` for a caller already on a worker thread (SplitBlob, `put_many`, a worker's
+        inline blobs); `InvalidArgument` (storing nothing) if `data` does not match."""
         # The size check needs no I/O and spares writing a temp file that is bound to fail.
         if len(data) != digest.size_bytes:
             raise size_error(digest, len(data))

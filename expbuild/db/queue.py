@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -172,6 +173,11 @@ async def _refusal(db: Database, task_id: int, worker_id: str, verb: str) -> Exc
     return Aborted(f"cannot {verb} task {task_id} with this lease token: {why}")
 
 
+def check_lease_token(token: str, task_id: int) -> None:
+    """`InvalidArgument` unless `token` can be a lease token (a UUID)."""
+    _uuid(token, task_id)
+
+
 def _uuid(token: str, task_id: int) -> uuid.UUID:
     try:
         return uuid.UUID(token)
@@ -224,7 +230,7 @@ def _completed(row: asyncpg.Record) -> CompletedTask:
 
 @dataclass(frozen=True)
 class Completion:
-    """One leased task's result, for `complete_tasks`."""
+    """One leased task's result, for `complete_tasks` and `complete_each`."""
 
     task_id: int
     lease_token: str
@@ -232,6 +238,7 @@ class Completion:
     response: bytes
     cache_result: bytes | None = None
     detail: dict[str, Any] | None = None
+    worker_id: str = ""  # the leaseholder (`complete_tasks` fills it in)
 
 
 async def complete_tasks(
@@ -243,24 +250,35 @@ async def complete_tasks(
     applied, else the `Aborted` (or `NotFound`) it would have raised; a refused completion
     changes nothing.
     """
+    mine = [replace(c, worker_id=worker_id) for c in completions]
+    outcomes = await complete_each(db, mine)
+    return {c.task_id: outcome for c, outcome in zip(mine, outcomes, strict=True)}
+
+
+async def complete_each(
+    db: Database, completions: Sequence[Completion]
+) -> list[CompletedTask | Exception]:
+    """`complete_task` for several leases, each under its own worker, in one statement and
+    commit; per completion, in order, what `complete_task` would have returned or raised
+    (`InvalidArgument` for a token that is not a UUID, checked before anything runs)."""
     if not completions:
-        return {}
+        return []
     tokens = [_uuid(c.lease_token, c.task_id) for c in completions]
     rows = await db.fetch(
         sql("complete_tasks"),
         [c.task_id for c in completions],
         tokens,
-        worker_id,
+        [c.worker_id for c in completions],
         ["completed" if c.succeeded else "failed" for c in completions],
         [c.response for c in completions],
         [c.cache_result for c in completions],
         [c.detail or {} for c in completions],
     )
-    applied = {r["id"]: _completed(r) for r in rows}
-    return {
-        c.task_id: applied.get(c.task_id) or await _refusal(db, c.task_id, worker_id, "complete")
-        for c in completions
-    }
+    applied = {r["n"] - 1: _completed(r) for r in rows}
+    return [
+        applied.get(n) or await _refusal(db, c.task_id, c.worker_id, "complete")
+        for n, c in enumerate(completions)
+    ]
 
 
 async def release_task(

@@ -28,16 +28,18 @@ class RegisterWorkerRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., hostname: _Optional[str] = ..., platform: _Optional[_Union[_remote_execution_pb2.Platform, _Mapping]] = ..., max_concurrent_tasks: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("worker_id", "heartbeat_interval", "lease_duration", "poll_timeout")
+    __slots__ = ("worker_id", "heartbeat_interval", "lease_duration", "poll_timeout", "max_inline_blob_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     LEASE_DURATION_FIELD_NUMBER: _ClassVar[int]
     POLL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_INLINE_BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     heartbeat_interval: _duration_pb2.Duration
     lease_duration: _duration_pb2.Duration
     poll_timeout: _duration_pb2.Duration
-    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., poll_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    max_inline_blob_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., poll_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_inline_blob_bytes: _Optional[int] = ...) -> None: ...
 
 class TaskLease(_message.Message):
     __slots__ = ("task_id", "lease_token")
@@ -108,16 +110,26 @@ class PollTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
 
 class CompleteTaskRequest(_message.Message):
-    __slots__ = ("worker_id", "task_id", "lease_token", "response")
+    __slots__ = ("worker_id", "task_id", "lease_token", "response", "inline_blobs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    INLINE_BLOBS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     task_id: str
     lease_token: str
     response: _remote_execution_pb2.ExecuteResponse
-    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_token: _Optional[str] = ..., response: _Optional[_Union[_remote_execution_pb2.ExecuteResponse, _Mapping]] = ...) -> None: ...
+    inline_blobs: _containers.RepeatedCompositeFieldContainer[InlineBlob]
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_token: _Optional[str] = ..., response: _Optional[_Union[_remote_execution_pb2.ExecuteResponse, _Mapping]] = ..., inline_blobs: _Optional[_Iterable[_Union[InlineBlob, _Mapping]]] = ...) -> None: ...
+
+class InlineBlob(_message.Message):
+    __slots__ = ("digest", "data")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    digest: _remote_execution_pb2.Digest
+    data: bytes
+    def __init__(self, digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CompleteTaskResponse(_message.Message):
     __slots__ = ()

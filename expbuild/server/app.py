@@ -151,6 +151,7 @@ class ServerApp:
         bytestream = ByteStreamServicer(self.store, instances)
         self.sessions = WorkerSessions(self.pool, s.worker_disconnect_grace, self.reap_once)
         worker_api = WorkerServicer(self.pool, self.store, self.notifications, s, self.sessions)
+        self.worker_api = worker_api
 
         def storage(server: grpc.aio.Server) -> None:
             re_grpc.add_ContentAddressableStorageServicer_to_server(cas, server)

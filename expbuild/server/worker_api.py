@@ -18,6 +18,7 @@ from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.reapi.platforms import platform_spec
 from expbuild.scheduling import results, workers
 from expbuild.scheduling.actions import checked_duration
+from expbuild.scheduling.completions import CompletionBatcher
 from expbuild.scheduling.leases import Assignment, LeaseDispatcher
 from expbuild.scheduling.sessions import WorkerSessions
 from expbuild.scheduling.task_names import parse_task_name, task_name
@@ -37,8 +38,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         sessions: WorkerSessions,
     ):
         self.pool = pool
+        self.store = store
         self.settings = settings
         self.leases = LeaseDispatcher(pool, store, notifications, settings)
+        # This replica's concurrent CompleteTask calls share statements.
+        self.completions = CompletionBatcher(pool)
         self.sessions = sessions
 
     @rpc
@@ -60,6 +64,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             heartbeat_interval=duration(self.settings.heartbeat_interval),
             lease_duration=duration(self.settings.lease_duration),
             poll_timeout=duration(self.settings.poll_timeout),
+            max_inline_blob_bytes=results.MAX_INLINE_BLOB_BYTES,
         )
 
     @rpc
@@ -99,11 +104,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ):
         accepted = await results.accept_result(
             self.pool,
+            self.store,
+            self.completions,
             current_principal(),
             workers.require_worker_id(request.worker_id),
             parse_task_name(request.task_id),
             request.lease_token,
             request.response,
+            request.inline_blobs,
         )
         TASK_COMPLETIONS.labels("succeeded" if accepted.succeeded else "failed").inc()
         done = accepted.task

@@ -159,22 +159,26 @@ SELECT id, instance_name, platform, queued_at, leased_at, completed_at,
 FROM done;
 
 -- name: complete_tasks
--- complete_task for several leases of one worker in one statement (and one commit): each
--- element is applied only under its own current lease; the tasks that were applied come
--- back with complete_task's columns (timestamps for the metrics), the rest changed nothing.
--- $1 task ids, $2 lease tokens, $3 worker_id, $4 final states, $5 ExecuteResponse bytes,
+-- complete_task for several leases, of one worker or many, in one statement (and one
+-- commit): each element is applied only under its own current lease and worker; the
+-- elements applied come back with complete_task's columns (timestamps for the metrics)
+-- and their position n in the arrays (1-based), the rest changed nothing. Of two elements
+-- for one task at most one is applied.
+-- $1 task ids, $2 lease tokens, $3 worker ids, $4 final states, $5 ExecuteResponse bytes,
 -- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details
 WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $4::text[], $5::bytea[], $6::bytea[],
-                         $7::jsonb[]) AS i(id, token, state, result, cache_result, detail)
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bytea[],
+                         $6::bytea[], $7::jsonb[])
+        WITH ORDINALITY AS i(id, token, worker_id, state, result, cache_result, detail, n)
 ), done AS (
     UPDATE tasks t
     SET state = i.state, result = i.result, completed_at = now(), lease_expires_at = NULL
     FROM input i
-    WHERE t.id = i.id AND t.lease_token = i.token AND t.worker_id = $3 AND t.state = 'leased'
+    WHERE t.id = i.id AND t.lease_token = i.token AND t.worker_id = i.worker_id
+      AND t.state = 'leased'
     RETURNING t.id, t.instance_name, t.action_digest, t.attempts, t.worker_id, t.do_not_cache,
               t.platform, t.queued_at, t.leased_at, t.completed_at,
-              i.state AS final_state, i.cache_result, i.detail
+              i.state AS final_state, i.cache_result, i.detail, i.n
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
     SELECT id, final_state, worker_id, attempts, detail FROM done ORDER BY id
@@ -187,7 +191,7 @@ WITH input AS (
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
 )
-SELECT id, instance_name, platform, queued_at, leased_at, completed_at,
+SELECT id, n, instance_name, platform, queued_at, leased_at, completed_at,
        pg_notify('expbuild_task_done', id::text) AS notified
 FROM done;
 

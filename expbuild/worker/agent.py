@@ -39,7 +39,6 @@ from expbuild.client.errors import from_rpc_error
 from expbuild.client.replicas import replicas_target
 from expbuild.config import WorkerSettings
 from expbuild.errors import ExpBuildError
-from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.reapi.platforms import platform_message, platform_summary
 from expbuild.worker import metrics
@@ -47,7 +46,7 @@ from expbuild.worker.blob_cache import open_blob_cache
 from expbuild.worker.execution import Executor
 from expbuild.worker.executor import make_executor
 from expbuild.worker.host_platform import detected_platform
-from expbuild.worker.runner import TaskRunner
+from expbuild.worker.runner import TaskReport, TaskRunner
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +115,7 @@ class WorkerAgent:
         self._registration = _Registration()
         self._heartbeat_interval = settings.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
         self._lease_duration = DEFAULT_LEASE_DURATION
+        self._inline_budget = 0  # RegisterWorkerResponse.max_inline_blob_bytes
         self._running: dict[str, _RunningTask] = {}
         self._cas_clients: dict[str, CasClient] = {}
         self._stopping = False
@@ -192,6 +192,9 @@ class WorkerAgent:
             limits=self.settings.limits,
             max_directory_size=self.settings.backend.max_directory_size,
             still_leased=self._still_leased,
+            # Inline blobs reach the CAS of the server they are reported to: only when that
+            # is the worker's CAS too.
+            inline_budget=lambda: self._inline_budget if cas_channel is server_channel else 0,
         )
         background: list[asyncio.Task] = []
         try:
@@ -270,6 +273,7 @@ class WorkerAgent:
                 registration.generation += 1
                 if _seconds(response.lease_duration) > 0:
                     self._lease_duration = response.lease_duration.ToTimedelta()
+                self._inline_budget = response.max_inline_blob_bytes
                 if (
                     self.settings.heartbeat_interval is None
                     and _seconds(response.heartbeat_interval) > 0
@@ -461,7 +465,7 @@ class WorkerAgent:
         metrics.RUNNING_ACTIONS.inc()
         try:
             try:
-                response = await runner.run(task)
+                report = await runner.run(task)
             except asyncio.CancelledError:
                 if running.stop_reason is None:
                     raise  # not ours: the whole worker is being torn down
@@ -474,7 +478,7 @@ class WorkerAgent:
                     )
                 return
             running.reporting = True
-            await self._complete(task, response)
+            await self._complete(task, report)
         except Exception:
             log.exception("Task %s: unexpected error while serving it", task.task_id)
         finally:
@@ -501,12 +505,14 @@ class WorkerAgent:
             and asyncio.get_running_loop().time() < running.lease_valid_until
         )
 
-    async def _complete(self, task: worker_pb2.Task, response: re_pb2.ExecuteResponse) -> None:
+    async def _complete(self, task: worker_pb2.Task, report: TaskReport) -> None:
+        response = report.response
         request = worker_pb2.CompleteTaskRequest(
             worker_id=self.worker_id,
             task_id=task.task_id,
             lease_token=task.lease_token,
             response=response,
+            inline_blobs=report.inline_blobs,
         )
         delay = 0.25
         while True:

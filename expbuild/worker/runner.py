@@ -24,6 +24,7 @@ from google.rpc import code_pb2, status_pb2
 
 from expbuild import errors
 from expbuild.client.cas import CasClient
+from expbuild.client.files import read_local
 from expbuild.config import BackendSettings, LimitsSettings
 from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
@@ -60,30 +61,38 @@ class TaskRunner:
     # Whether a task's lease may still be valid: while it is, an upload that fails because
     # the server is away is retried rather than turned into a failed action.
     still_leased: Callable[[str], bool] = lambda _task_id: False
+    # How many bytes of blobs the server takes inline in CompleteTask (0: none, all go to
+    # the CAS first); the agent learns it when it registers.
+    inline_budget: Callable[[], int] = lambda: 0
 
-    async def run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
+    async def run(self, task: worker_pb2.Task) -> TaskReport:
         """Run the task; the response carries this action's log as server_logs["worker.log"]."""
+        report = TaskReport(re_pb2.ExecuteResponse())
         with action_log.capture(task.task_id) as this_log:
-            response = await self._run(task)
-            if LOG_NAME not in response.server_logs:
+            report.response = await self._run(task, report)
+            if LOG_NAME not in report.response.server_logs:
                 # Failed before its outputs went up: the log goes on its own.
-                await self._upload_log(task, response, this_log)
-        return response
+                await self._send_log(task, report, this_log)
+        return report
 
-    async def _upload_log(
-        self, task: worker_pb2.Task, response: re_pb2.ExecuteResponse, this_log: ActionLog
+    async def _send_log(
+        self, task: worker_pb2.Task, report: TaskReport, this_log: ActionLog
     ) -> None:
-        _note_status(response)
+        _note_status(report.response)
         digest, data = _log_blob(this_log)
-        try:
-            cas = await self.cas_for(task.instance_name)
-            await cas.upload({digest: data})
-        except (errors.ExpBuildError, grpc.aio.AioRpcError, OSError) as exc:
-            log.warning("Task %s: its log could not be uploaded: %s", task.task_id, exc)
-            return
-        _attach_log(response, digest)
+        report.inline_blobs.clear()  # an earlier stage's outputs are not in the response
+        if digest.size_bytes <= self.inline_budget():
+            report.add_inline(digest, data)
+        else:
+            try:
+                cas = await self.cas_for(task.instance_name)
+                await cas.upload({digest: data})
+            except (errors.ExpBuildError, grpc.aio.AioRpcError, OSError) as exc:
+                log.warning("Task %s: its log could not be uploaded: %s", task.task_id, exc)
+                return
+        _attach_log(report.response, digest)
 
-    async def _run(self, task: worker_pb2.Task) -> re_pb2.ExecuteResponse:
+    async def _run(self, task: worker_pb2.Task, report: TaskReport) -> re_pb2.ExecuteResponse:
         log.info("Starting execution of task %s", task.task_id)
         action_log.note(
             f"task {task.task_id} (attempt {task.attempt}) on worker {self.worker_name}: "
@@ -104,7 +113,7 @@ class TaskRunner:
                 RuntimeError(f"worker cannot create an action directory in {self.work_dir}: {exc}")
             )
         try:
-            return await self._run_in(action_path, task, cas, metadata)
+            return await self._run_in(action_path, task, cas, metadata, report)
         except (errors.ExpBuildError, grpc.aio.AioRpcError) as exc:
             return failure_response(exc)
         except Exception as exc:  # a bug must fail this task, not the worker
@@ -119,8 +128,10 @@ class TaskRunner:
         task: worker_pb2.Task,
         cas: CasClient,
         metadata: re_pb2.ExecutedActionMetadata,
+        report: TaskReport,
     ) -> re_pb2.ExecuteResponse:
-        """The stages, each timed into `metadata`: inputs, execution, outputs."""
+        """The stages, each timed into `metadata`: inputs, execution, outputs (the small
+        ones into `report`'s inline blobs, the rest uploaded)."""
         cache_before = replace(self.blob_cache.stats) if self.blob_cache else None
         with _timed(metadata.input_fetch_start_timestamp, metadata.input_fetch_completed_timestamp):
             try:
@@ -157,12 +168,21 @@ class TaskRunner:
             )
             result.exit_code = outcome.exit_code
             response = execute_response(result, outcome, timeout, output_error)
-            # The log goes up with the outputs: one round trip for both.
+            # The log goes with the outputs: one round trip for both.
             _note_status(response, len(blobs))
             digest, data = _log_blob(action_log.current())
             blobs[digest] = data
-            sent = await self._upload_while_leased(cas, blobs, task.task_id)
-            log.info("Uploaded outputs: %d blob(s), %d byte(s) sent", len(blobs), sent)
+            inline, upload = await _split_inline(blobs, self.inline_budget())
+            sent = await self._upload_while_leased(cas, upload, task.task_id) if upload else 0
+            for blob_digest, blob_data in inline.items():
+                report.add_inline(blob_digest, blob_data)
+            log.info(
+                "Outputs: %d blob(s) inline (%d bytes), %d uploaded (%d bytes sent)",
+                len(inline),
+                sum(d.size_bytes for d in inline),
+                len(upload),
+                sent,
+            )
             _attach_log(response, digest)
         _stamp(metadata.worker_completed_timestamp)
         response.result.execution_metadata.CopyFrom(metadata)
@@ -217,6 +237,45 @@ class TaskRunner:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+@dataclass
+class TaskReport:
+    """What CompleteTask carries: the response, and blobs it names sent inline."""
+
+    response: re_pb2.ExecuteResponse
+    inline_blobs: list[worker_pb2.InlineBlob] = field(default_factory=list)
+
+    def add_inline(self, digest: Digest, data: bytes) -> None:
+        self.inline_blobs.append(worker_pb2.InlineBlob(digest=digest.to_proto(), data=data))
+
+
+async def _split_inline(
+    blobs: dict[Digest, Blob], budget: int
+) -> tuple[dict[Digest, bytes], dict[Digest, Blob]]:
+    """(inline, to upload): the smallest blobs first, while they fit in `budget` bytes."""
+    inline: dict[Digest, Blob] = {}
+    for digest in sorted(blobs, key=lambda d: d.size_bytes):
+        if digest.size_bytes > budget:
+            break
+        budget -= digest.size_bytes
+        inline[digest] = blobs[digest]
+    upload = {d: b for d, b in blobs.items() if d not in inline}
+    if all(isinstance(b, bytes) for b in inline.values()):
+        return {d: b for d, b in inline.items() if isinstance(b, bytes)}, upload
+    return await asyncio.to_thread(_read_inline, inline), upload
+
+
+def _read_inline(blobs: dict[Digest, Blob]) -> dict[Digest, bytes]:
+    """The blobs' bytes, refusing a file that changed since it was hashed (as an upload
+    would be refused). Blocking."""
+    read = {}
+    for digest, source in blobs.items():
+        data = read_local(digest, source)
+        if isinstance(source, Path) and digest_of(data) != digest:
+            raise errors.InvalidArgument(f"{source} changed after it was hashed (blob {digest})")
+        read[digest] = data
+    return read
 
 
 def _server_away(error: BaseException) -> bool:
