@@ -138,6 +138,14 @@ class Deployment:
                 cwd=self.logs,
             )
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The end of each process's log (the scratch directory is removed afterwards)."""
+        assert self.logs is not None
+        return "\n".join(
+            f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+            for log in sorted(self.logs.glob("*.log"))
+        )
+
     def stop(self) -> None:
         for process in [*self.workers, self.server]:
             if process and process.poll() is None:
@@ -155,13 +163,13 @@ async def wait_for_workers(db: asyncpg.Connection, count: int, deployment: Deplo
     while time.monotonic() < deadline:
         for process in [deployment.server, *deployment.workers]:
             if process is not None and process.poll() is not None:
-                raise SystemExit(f"{deployment.label}: a process exited; logs in {deployment.logs}")
+                raise SystemExit(f"{deployment.label}: a process exited:\n{deployment.log_tails()}")
         with contextlib.suppress(asyncpg.UndefinedTableError):
             online = await db.fetchval("SELECT count(*) FROM workers WHERE state = 'online'")
             if online >= count:
                 return
         await asyncio.sleep(0.2)
-    raise SystemExit(f"{deployment.label}: workers never came online; logs in {deployment.logs}")
+    raise SystemExit(f"{deployment.label}: workers never came online:\n{deployment.log_tails()}")
 
 
 # --- the load -------------------------------------------------------------------------------
@@ -323,6 +331,8 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
     postmaster = parent_pid(postmaster)
     figures = Figures()
     with tempfile.TemporaryDirectory(prefix="expbuild-bench-") as scratch:
+        # Actions run as nobody, who must be able to enter the work directories.
+        os.chmod(scratch, 0o755)
         deployment.start(url, Path(scratch))
         try:
             await wait_for_workers(db, WORKERS, deployment)
