@@ -182,8 +182,13 @@ async def remove_action_directory(path: Path) -> None:
 
 def _remove_tree(path: Path) -> None:
     """rmtree that also copes with read-only directories an action (or its inputs) made."""
-    if not path.exists():
+    try:
+        shutil.rmtree(path)
         return
+    except OSError:
+        if not path.exists():
+            return
+        # A directory we may not write in: make them all writable, then again.
     for dirpath, dirnames, _ in os.walk(path):
         for name in dirnames:
             child = os.path.join(dirpath, name)
