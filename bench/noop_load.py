@@ -102,6 +102,9 @@ class Deployment:
     workers: list[subprocess.Popen] = field(default_factory=list)
     address: str = ""
     logs: Path | None = None
+    # Extra settings of every worker (e.g. `--limits`: each action gets memory, pids and
+    # cpu cgroups, not just the tracking one).
+    worker_settings: dict[str, str] = field(default_factory=dict)
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.code), **extra}
@@ -124,6 +127,7 @@ class Deployment:
                 "EXPBUILD_WORKER__NAME": f"bench-{n}",
                 "EXPBUILD_WORKER__MAX_CONCURRENT_TASKS": str(SLOTS),
                 "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(scratch / f"work-{n}"),
+                **self.worker_settings,
             }
             self.workers.append(self._spawn(f"worker-{n}", ["worker", "daemon"], worker_env))
 
@@ -515,13 +519,28 @@ def table(columns: dict[str, Figures], args) -> str:
     return "\n".join(lines)
 
 
+# `--limits`: what a production worker would set, so that every action has a memory,
+# a pids and a cpu cgroup (four cgroups on a v1 host with a v2 tracking hierarchy).
+LIMITS = {
+    "EXPBUILD_WORKER__LIMITS__MEMORY": "1GiB",
+    "EXPBUILD_WORKER__LIMITS__MAX_PROCESSES": "1000",
+    "EXPBUILD_WORKER__LIMITS__CPUS": "2",
+}
+
+
 def planned(args) -> list[Deployment]:
     deployments = []
+    settings = LIMITS if args.limits else {}
     if args.baseline:
-        deployments.append(Deployment(f"today ({args.baseline})", export_revision(args.baseline)))
+        deployments.append(
+            Deployment(
+                f"today ({args.baseline})", export_revision(args.baseline), worker_settings=settings
+            )
+        )
     for code in args.code or ["."]:
         path = Path(code).resolve()
-        deployments.append(Deployment("new" if path == ROOT else path.name, path))
+        label = "new" if path == ROOT else path.name
+        deployments.append(Deployment(label, path, worker_settings=settings))
     return deployments
 
 
@@ -536,6 +555,9 @@ async def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server and a worker into DIR")
+    parser.add_argument(
+        "--limits", action="store_true", help="workers with memory, process and CPU limits"
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds; each figure is their median"
     )
