@@ -621,14 +621,25 @@ def _counter(path: Path, name: str) -> int:
     return 0
 
 
+# Raw descriptors, not open(): a few cgroup files are read and written per action, and
+# a buffered text file object costs several times the system calls.
 def _read(path: Path) -> str:
-    with open(path) as handle:
-        return handle.read()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, value: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(value)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 def _write_if_present(path: Path, value: str) -> None:
