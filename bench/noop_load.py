@@ -105,6 +105,9 @@ class Deployment:
     worker_count: int = WORKERS
     # Where workers dial (a proxy's address, for bench/round_trips.py); empty: the server.
     worker_address: str = ""
+    # Extra settings of every worker (e.g. `--limits`: each action gets memory, pids and
+    # cpu cgroups, not just the tracking one).
+    worker_settings: dict[str, str] = field(default_factory=dict)
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.code), **extra}
@@ -127,6 +130,7 @@ class Deployment:
                 "EXPBUILD_WORKER__NAME": f"bench-{n}",
                 "EXPBUILD_WORKER__MAX_CONCURRENT_TASKS": str(SLOTS),
                 "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(scratch / f"work-{n}"),
+                **self.worker_settings,
             }
             self.workers.append(self._spawn(f"worker-{n}", ["worker", "daemon"], worker_env))
 
@@ -140,6 +144,14 @@ class Deployment:
                 env=self.env(extra),
                 cwd=self.logs,
             )
+
+    def log_tails(self, lines: int = 15) -> str:
+        """The end of each process's log (the scratch directory is removed afterwards)."""
+        assert self.logs is not None
+        return "\n".join(
+            f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+            for log in sorted(self.logs.glob("*.log"))
+        )
 
     def stop(self) -> None:
         for process in [*self.workers, self.server]:
@@ -158,13 +170,13 @@ async def wait_for_workers(db: asyncpg.Connection, count: int, deployment: Deplo
     while time.monotonic() < deadline:
         for process in [deployment.server, *deployment.workers]:
             if process is not None and process.poll() is not None:
-                raise SystemExit(f"{deployment.label}: a process exited; logs in {deployment.logs}")
+                raise SystemExit(f"{deployment.label}: a process exited:\n{deployment.log_tails()}")
         with contextlib.suppress(asyncpg.UndefinedTableError):
             online = await db.fetchval("SELECT count(*) FROM workers WHERE state = 'online'")
             if online >= count:
                 return
         await asyncio.sleep(0.2)
-    raise SystemExit(f"{deployment.label}: workers never came online; logs in {deployment.logs}")
+    raise SystemExit(f"{deployment.label}: workers never came online:\n{deployment.log_tails()}")
 
 
 # --- the load -------------------------------------------------------------------------------
@@ -326,6 +338,8 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
     postmaster = parent_pid(postmaster)
     figures = Figures()
     with tempfile.TemporaryDirectory(prefix="expbuild-bench-") as scratch:
+        # Actions run as nobody, who must be able to enter the work directories.
+        os.chmod(scratch, 0o755)
         deployment.start(url, Path(scratch))
         try:
             await wait_for_workers(db, WORKERS, deployment)
@@ -508,13 +522,28 @@ def table(columns: dict[str, Figures], args) -> str:
     return "\n".join(lines)
 
 
+# `--limits`: what a production worker would set, so that every action has a memory,
+# a pids and a cpu cgroup (four cgroups on a v1 host with a v2 tracking hierarchy).
+LIMITS = {
+    "EXPBUILD_WORKER__LIMITS__MEMORY": "1GiB",
+    "EXPBUILD_WORKER__LIMITS__MAX_PROCESSES": "1000",
+    "EXPBUILD_WORKER__LIMITS__CPUS": "2",
+}
+
+
 def planned(args) -> list[Deployment]:
     deployments = []
+    settings = LIMITS if args.limits else {}
     if args.baseline:
-        deployments.append(Deployment(f"today ({args.baseline})", export_revision(args.baseline)))
+        deployments.append(
+            Deployment(
+                f"today ({args.baseline})", export_revision(args.baseline), worker_settings=settings
+            )
+        )
     for code in args.code or ["."]:
         path = Path(code).resolve()
-        deployments.append(Deployment("new" if path == ROOT else path.name, path))
+        label = "new" if path == ROOT else path.name
+        deployments.append(Deployment(label, path, worker_settings=settings))
     return deployments
 
 
@@ -529,6 +558,9 @@ async def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server and a worker into DIR")
+    parser.add_argument(
+        "--limits", action="store_true", help="workers with memory, process and CPU limits"
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds; each figure is their median"
     )

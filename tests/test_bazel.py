@@ -723,6 +723,46 @@ def test_no_errors_logged(mode_run: ModeRun):
     assert not problems, "\n".join(problems[:50]) + "\n" + mode_run.cluster.logs(200)
 
 
+# The fan-out target: 24 independent actions, at most JOBS at once.
+FAN_OUT = "//:parallel"
+
+
+def test_fan_out_remote_execution_against_local(bazel_exe, cluster, tmp_path):
+    """Issue #10 point 9: the wall time of building the fan-out target with remote
+    execution next to the same build run locally, both by a warm Bazel (a first build,
+    `bazel clean`, then the measured one). Printed in the terminal summary; nothing here
+    is timed, only that every action ran where it should."""
+    bazel = Bazel(bazel_exe, copy_tree(tmp_path / "bazel"), tmp_path)
+    measured: dict[str, BazelResult] = {}
+    try:
+        for mode, kinds_wanted in (("local", None), ("remote_executor", {"remote"})):
+            # Remote results are not taken from the action cache: every action executes.
+            flags = [*mode_flags(mode, cluster.port), "--noremote_accept_cached"]
+            flags.append(f"--action_env=EXPBUILD_FAN_OUT={tmp_path.name}")
+            for _ in range(2):
+                clean = bazel.run("clean")
+                assert clean.returncode == 0, clean.describe()
+                result = bazel.run("build", *flags, FAN_OUT)
+                assert result.returncode == 0, result.describe()
+                total, kinds = result.summary()
+                executed = {k: n for k, n in kinds.items() if k != "internal"}
+                assert sum(executed.values()) >= PARALLEL, (kinds, result.describe())
+                if kinds_wanted is None:
+                    assert not any("remote" in k for k in executed), kinds
+                else:
+                    assert set(executed) == kinds_wanted, kinds  # executed, no cache hit
+            measured[mode] = result
+    finally:
+        bazel.shutdown()
+    local, remote = measured["local"], measured["remote_executor"]
+    record_time(f"fan-out {FAN_OUT}: local build", local.wall, local.elapsed())
+    record_time(
+        f"fan-out {FAN_OUT}: remote execution build",
+        remote.wall,
+        f"{remote.elapsed()}; {remote.wall / local.wall:.2f}x the local build's wall time",
+    )
+
+
 def test_local_build_offline(bazel_exe, tmp_path):
     """The workspace builds with no remote at all: the harness itself works offline."""
     bazel = Bazel(bazel_exe, copy_tree(tmp_path / "bazel"), tmp_path)

@@ -274,12 +274,6 @@ CONTAINMENT = [
 DAEMONIZE = "setsid sh -c 'sleep {marker} & sleep {marker}' > /dev/null 2>&1 < /dev/null &"
 
 
-def expbuild_cgroups(name: str) -> list[Path]:
-    """The action's cgroups that exist right now, in every hierarchy (only this action's:
-    other tests, and other test runs on the machine, make their own meanwhile)."""
-    return [p for p in Path("/sys/fs/cgroup").rglob(f"expbuild-{name}") if p.is_dir()]
-
-
 @pytest.mark.parametrize("limits", CONTAINMENT)
 async def test_daemonized_grandchildren_do_not_outlive_the_action(tmp_path, limits):
     marker = marker_seconds()
@@ -288,11 +282,19 @@ async def test_daemonized_grandchildren_do_not_outlive_the_action(tmp_path, limi
         request(tmp_path, SH, "-c", DAEMONIZE.format(marker=marker) + " sleep 0.3; echo done"),
         name=name,
     )
-    outcome = await HostExecutor(limits=limits).execute(job)
+    executor = HostExecutor(limits=limits, pool_key=str(tmp_path))
+    outcome = await executor.execute(job)
     assert outcome.exit_code == 0
     assert stdout(tmp_path) == "done\n"
     assert await none_left(marker)
-    assert expbuild_cgroups(name) == []
+    pool = executor.supervisor.pool
+    if pool is not None:
+        # The action's cgroup went back to the pool empty; closing removes it.
+        (group,) = pool.idle
+        assert group.pids_alive() == set()
+        directories = list(group.directories)
+        await executor.close()
+        assert not any(d.exists() for d in directories)
 
 
 @pytest.mark.parametrize("limits", CONTAINMENT)

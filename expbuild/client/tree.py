@@ -226,6 +226,10 @@ def _check_symlink(link_path: str, target: str) -> None:
 # -- materializing ----------------------------------------------------------------------
 
 
+# Up to this many directories (the root is one) are created on the event loop.
+_INLINE_DIRECTORIES = 4
+
+
 @dataclass
 class _Layout:
     directories: list[str] = field(default_factory=list)
@@ -428,7 +432,10 @@ async def _lay_out(source: BlobSource, layout: _Layout, target: Path) -> None:
         for where in layout.directories:
             (target / where).mkdir(parents=True, exist_ok=True)
 
-    await asyncio.to_thread(make_directories)
+    if len(layout.directories) <= _INLINE_DIRECTORIES:
+        make_directories()  # a few mkdirs cost less than the hop to a thread
+    else:
+        await asyncio.to_thread(make_directories)
 
     files = {
         digest: [(target / path, executable) for path, executable in places]
@@ -444,7 +451,8 @@ async def _lay_out(source: BlobSource, layout: _Layout, target: Path) -> None:
         for relative, link_target in layout.symlinks:
             os.symlink(link_target, target / relative)
 
-    await asyncio.to_thread(make_symlinks)
+    if layout.symlinks:
+        await asyncio.to_thread(make_symlinks)
 
 
 async def materialize(

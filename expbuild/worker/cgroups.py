@@ -12,14 +12,29 @@ Where the worker may create cgroups (root, or a delegated subtree), each action 
 The launcher writes the command's pid into every `cgroup.procs` before exec, so
 everything the command starts is accounted from its first instruction. Limits a host
 cannot enforce with cgroups fall back to rlimits (see `expbuild.worker.limits`).
+
+Creating and removing these cgroups for every action costs milliseconds (more on a busy
+host), so a `CgroupPool` keeps them between actions: an action's cgroup is emptied
+(leftover processes killed) and goes back to the pool; the next action re-applies the
+limits and resets the counters, or reads them as differences from what it found. A
+cgroup that cannot be emptied, has children, or still holds much of a previous action's
+memory is removed instead of reused. Pool cgroups are named
+`expbuild-pool-<key>-<pid>.<start time>-<n>`: `key` names the worker (its work_dir), so
+a worker starting again removes those its crashed predecessor left, and never those of
+another worker on the host or of a live process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import logging
 import os
+import re
 import signal
+import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +42,11 @@ log = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpu")
 _CPU_PERIOD_US = 100_000
+POOL_PREFIX = "expbuild-pool-"
+# A pooled cgroup still charged with more than this (page cache of a previous action's
+# files, tmpfs) is replaced: the next action must not start with its memory in use.
+POOL_MEMORY_LEFTOVER = 4 * 1024 * 1024
+_POOL_SERIAL = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,19 @@ class CgroupSupport:
         cpus: float | None = None,
     ) -> ActionCgroup:
         """Create the action's cgroups with the given limits; OSError if that fails."""
-        group = ActionCgroup(name=f"expbuild-{name}")
+        return self.create_named(
+            f"expbuild-{name}", memory=memory, max_processes=max_processes, cpus=cpus
+        )
+
+    def create_named(
+        self,
+        name: str,
+        *,
+        memory: int | None = None,
+        max_processes: int | None = None,
+        cpus: float | None = None,
+    ) -> ActionCgroup:
+        group = ActionCgroup(name=name)
         try:
             v2_controllers: set[str] = set()
             if self.unified is not None:
@@ -109,6 +141,11 @@ class CgroupSupport:
             raise
         return group
 
+    def parents(self) -> list[Path]:
+        """Every directory this worker creates cgroups in."""
+        found = [self.unified] if self.unified is not None else []
+        return found + sorted({p for p in self.v1.values() if p not in found})
+
 
 @dataclass
 class ActionCgroup:
@@ -118,6 +155,12 @@ class ActionCgroup:
     memory: Path | None = None  # the cgroup whose memory limit applies
     pids: Path | None = None
     cpu: Path | None = None
+    # Counters that cannot be reset, as they were when this action started (pool reuse).
+    oom_kills_before: int = 0
+    limit_hits_before: int = 0
+    # v2 pooled: memory.peak opened and reset for this action (kernel >= 6.12); -1: none.
+    peak_fd: int = -1
+    reused: bool = False
 
     @property
     def procs_files(self) -> list[str]:
@@ -175,15 +218,96 @@ class ActionCgroup:
     # -- after the run ----------------------------------------------------------------
 
     def oom_kills(self) -> int:
-        """How many processes the kernel killed for exceeding the memory limit."""
+        """How many of this action's processes the kernel killed for exceeding the memory
+        limit."""
+        return self._oom_kill_counter() - self.oom_kills_before
+
+    def process_limit_hits(self) -> int:
+        """How many of this action's forks failed because of the process limit."""
+        return self._limit_hit_counter() - self.limit_hits_before
+
+    def _oom_kill_counter(self) -> int:
         if self.memory is None:
             return 0
         events = "memory.events" if self.memory == self.unified else "memory.oom_control"
         return _counter(self.memory / events, "oom_kill")
 
-    def process_limit_hits(self) -> int:
-        """How many forks failed because of the process limit."""
+    def _limit_hit_counter(self) -> int:
         return 0 if self.pids is None else _counter(self.pids / "pids.events", "max")
+
+    def memory_peak(self) -> int | None:
+        """The most memory this action's cgroup held at once (bytes); None if unknown."""
+        if self.memory is None:
+            return None
+        try:
+            if self.memory != self.unified:
+                return int(_read(self.memory / "memory.max_usage_in_bytes"))
+            if self.peak_fd >= 0:
+                return int(os.pread(self.peak_fd, 64, 0))
+            # A reused v2 cgroup whose peak could not be reset holds an earlier action's.
+            return None if self.reused else int(_read(self.memory / "memory.peak"))
+        except (OSError, ValueError):
+            return None
+
+    def memory_in_use(self) -> int:
+        """Bytes still charged to the memory cgroup (0 without one)."""
+        if self.memory is None:
+            return 0
+        name = "memory.current" if self.memory == self.unified else "memory.usage_in_bytes"
+        try:
+            return int(_read(self.memory / name))
+        except (OSError, ValueError):
+            return 0
+
+    def reset_for_reuse(
+        self, memory: int | None, max_processes: int | None, cpus: float | None
+    ) -> None:
+        """Make an emptied cgroup of an earlier action ready for the next one: its limits
+        written again (a CPU quota rewrite also refills the period's runtime), resettable
+        counters reset, the others remembered to be read as differences."""
+        self.reused = True
+        self._close_peak()
+        if self.memory is not None and memory is not None:
+            if self.memory == self.unified:
+                _write(self.memory / "memory.max", str(memory))
+                self._reset_v2_peak()
+            else:
+                _write(self.memory / "memory.limit_in_bytes", str(memory))
+                _write_if_present(self.memory / "memory.memsw.limit_in_bytes", str(memory))
+                _write(self.memory / "memory.max_usage_in_bytes", "0")
+                _write_if_present(self.memory / "memory.memsw.max_usage_in_bytes", "0")
+                _write(self.memory / "memory.failcnt", "0")
+        if self.pids is not None and max_processes is not None:
+            _write(self.pids / "pids.max", str(max_processes))
+        if self.cpu is not None and cpus is not None:
+            quota = max(int(cpus * _CPU_PERIOD_US), 1000)
+            if self.cpu == self.unified:
+                _write(self.cpu / "cpu.max", f"{quota} {_CPU_PERIOD_US}")
+            else:
+                _write(self.cpu / "cpu.cfs_quota_us", str(quota))
+                _write_if_present(self.cpu / "cpuacct.usage", "0")
+        self.oom_kills_before = self._oom_kill_counter()
+        self.limit_hits_before = self._limit_hit_counter()
+
+    def _reset_v2_peak(self) -> None:
+        """A private memory.peak for this action: since Linux 6.12 a write to an open
+        memory.peak resets the peak that descriptor reads."""
+        assert self.memory is not None
+        try:
+            fd = os.open(self.memory / "memory.peak", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.write(fd, b"reset\n")
+        except OSError:
+            os.close(fd)
+            return
+        self.peak_fd = fd
+
+    def _close_peak(self) -> None:
+        if self.peak_fd >= 0:
+            os.close(self.peak_fd)
+            self.peak_fd = -1
 
     def pids_alive(self) -> set[int]:
         alive: set[int] = set()
@@ -207,8 +331,15 @@ class ActionCgroup:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    async def destroy(self, wait: float = 5.0) -> None:
-        """Kill whatever is left, wait for it to be gone, remove the cgroups."""
+    def has_children(self) -> bool:
+        """Did the action create cgroups below its own (a kernfs directory's link count
+        is 2 plus its subdirectories)?"""
+        return any(_link_count(d) > 2 for d in self.directories)
+
+    async def empty(self, wait: float = 5.0) -> bool:
+        """Kill whatever is left and wait for it to be gone; False if something stays."""
+        if not self.pids_alive():
+            return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -219,9 +350,15 @@ class ActionCgroup:
         survivors = self.pids_alive()
         if survivors:
             log.error("Processes %s of %s survived SIGKILL", sorted(survivors), self.name)
+        return not survivors
+
+    async def destroy(self, wait: float = 5.0) -> None:
+        """Kill whatever is left, wait for it to be gone, remove the cgroups."""
+        await self.empty(wait)
         self.remove_now()
 
     def remove_now(self) -> None:
+        self._close_peak()
         for directory in reversed(self.directories):
             try:
                 directory.rmdir()
@@ -230,6 +367,173 @@ class ActionCgroup:
             except OSError as exc:
                 log.warning("Could not remove cgroup %s: %s", directory, exc)
         self.directories.clear()
+
+
+class CgroupPool:
+    """Cgroups kept between the actions of one Supervisor (see the module's doc).
+
+    Holds at most as many idle cgroups as actions ever ran at once, so a worker's pool
+    is as large as its slots. Idle cgroups are empty of processes; `close` (and, for a
+    Supervisor never closed, the garbage collector or interpreter exit) removes them.
+    """
+
+    def __init__(
+        self,
+        support: CgroupSupport,
+        key: str,
+        *,
+        memory: int | None = None,
+        max_processes: int | None = None,
+        cpus: float | None = None,
+    ) -> None:
+        self.support = support
+        self.key = pool_key(key)
+        self.limits = (memory, max_processes, cpus)
+        self.owner = f"{os.getpid()}.{_start_time(os.getpid())}"
+        self.prefix = f"{POOL_PREFIX}{self.key}-"
+        self.idle: list[ActionCgroup] = []
+        self.stuck: list[ActionCgroup] = []  # could not be emptied: removed at close
+        self.busy = 0
+        self.created = 0
+        self.reused = 0
+        # A Supervisor nobody closes still leaves no empty cgroup behind.
+        self._finalizer = weakref.finalize(self, _remove_all, self.idle)
+        swept = sweep_stale(support, self.key)
+        if swept:
+            log.info("Removed %d cgroup(s) a previous run of this worker left", swept)
+
+    def acquire(self) -> ActionCgroup:
+        """A cgroup for one action, limits applied and counters reset; OSError if none
+        can be created."""
+        memory, max_processes, cpus = self.limits
+        while self.idle:
+            group = self.idle.pop()
+            try:
+                group.reset_for_reuse(memory, max_processes, cpus)
+            except OSError as exc:
+                log.warning("Cannot reuse cgroup %s (%s); removing it", group.name, exc)
+                group.remove_now()
+                continue
+            self.busy += 1
+            self.reused += 1
+            return group
+        name = f"{self.prefix}{self.owner}-{next(_POOL_SERIAL)}"
+        group = self.support.create_named(
+            name, memory=memory, max_processes=max_processes, cpus=cpus
+        )
+        self.busy += 1
+        self.created += 1
+        return group
+
+    async def release(self, group: ActionCgroup) -> None:
+        """Empty the action's cgroup and keep it for the next action, or remove it."""
+        self.busy -= 1
+        if not await group.empty():
+            self.stuck.append(group)  # rmdir would fail while it has processes
+            return
+        group._close_peak()
+        if group.has_children():
+            # The action made cgroups of its own (it ran as root): remove the whole tree.
+            log.info("Not reusing cgroup %s: the action created cgroups in it", group.name)
+            directories, group.directories = list(group.directories), []
+            await asyncio.to_thread(_remove_trees, directories)
+            return
+        leftover = group.memory_in_use()
+        if leftover > POOL_MEMORY_LEFTOVER:
+            log.debug("Not reusing cgroup %s: %d bytes still charged", group.name, leftover)
+            group.remove_now()
+            return
+        self.idle.append(group)
+
+    async def close(self) -> None:
+        """Remove every cgroup of the pool; call once no action runs any more."""
+        for group in self.stuck:
+            await group.empty()
+        _remove_all(self.stuck)
+        _remove_all(self.idle)
+        self._finalizer.detach()
+
+
+def pool_key(text: str) -> str:
+    """A short name for a worker in its pool cgroups' names (no dash, which separates)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def sweep_stale(support: CgroupSupport, key: str) -> int:
+    """Remove the pool cgroups of worker `key` whose owning process is gone; how many."""
+    pattern = re.compile(re.escape(f"{POOL_PREFIX}{key}-") + r"(\d+)\.(\d+)-\d+$")
+    stale: list[Path] = []
+    for parent in support.parents():
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            match = pattern.match(entry.name)
+            if match and entry.is_dir() and not _alive(int(match[1]), int(match[2])):
+                stale.append(Path(entry.path))
+    return _remove_trees(stale)
+
+
+def _remove_trees(directories: list[Path]) -> int:
+    """Kill every process in these cgroups and their descendants, then remove them all
+    (deepest first); how many of `directories` are gone. Blocking."""
+    removed = 0
+    for top in directories:
+        tree = [Path(d) for d, _, _ in os.walk(top)]
+        for directory in reversed(tree):
+            deadline = time.monotonic() + 5.0
+            while True:
+                pids = _procs(directory)
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                if not pids or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)  # until the killed processes have left the cgroup
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("Could not remove cgroup %s: %s", directory, exc)
+        removed += not top.exists()
+    return removed
+
+
+def _remove_all(groups: list[ActionCgroup]) -> None:
+    while groups:
+        groups.pop().remove_now()
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Is process `pid` the one that started at `start_time` (not a later reuse of its id)?"""
+    return _start_time(pid) == start_time
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot; -1 when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _procs(directory: Path) -> list[int]:
+    try:
+        return [int(p) for p in _read(directory / "cgroup.procs").split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _link_count(directory: Path) -> int:
+    try:
+        return os.stat(directory).st_nlink
+    except OSError:
+        return 0
 
 
 def _own_cgroups() -> dict[str, str]:
@@ -317,14 +621,25 @@ def _counter(path: Path, name: str) -> int:
     return 0
 
 
+# Raw descriptors, not open(): a few cgroup files are read and written per action, and
+# a buffered text file object costs several times the system calls.
 def _read(path: Path) -> str:
-    with open(path) as handle:
-        return handle.read()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, value: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(value)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 def _write_if_present(path: Path, value: str) -> None:

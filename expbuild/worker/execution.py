@@ -35,7 +35,8 @@ class ExecutionRequest:
     input_root: Path | None = None
     # The action's platform properties (`container-image`, `network`, ...), name -> values.
     platform: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    # Names the action's container or cgroup, so that it can be found and killed.
+    # Names the action's container (docker), so that it can be found and killed; the
+    # host and sandbox backends log it with the pooled cgroup the action runs in.
     name: str = ""
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from expbuild.config import BackendSettings, LimitsSettings
@@ -24,7 +25,7 @@ def make_executor(settings: BackendSettings, limits: LimitsSettings | None = Non
         check_reachable(Path(settings.work_dir), user)
         log.info("Actions run as %s", user)
     if settings.type == "host":
-        return HostExecutor(limits=limits, user=user)
+        return HostExecutor(limits=limits, user=user, pool_key=os.path.abspath(settings.work_dir))
     if settings.type == "sandbox":
         return SandboxExecutor(settings, limits=limits, user=user)
     if settings.type == "docker":

@@ -1,7 +1,8 @@
 """The `host` backend: run the action as a plain process on the worker's machine.
 
 Each action runs under its own launcher (`expbuild.worker.launcher`), in its own session
-and, where the worker may create one, its own cgroup. No process survives its action:
+and, where the worker may create cgroups, a cgroup of its own for the action's duration
+(kept in a pool between actions, emptied and reset). No process survives its action:
 on timeout, on cancellation and after the main process exits, the launcher kills the
 command's process group and every orphan re-parented to it (it is a child subreaper,
 so daemons that called setsid are caught too), and the cgroup is emptied with SIGKILL.
@@ -34,7 +35,7 @@ EXIT_CANNOT_EXECUTE = 126
 
 
 class HostExecutor:
-    """Runs commands directly on the host, one launcher (and cgroup) per action."""
+    """Runs commands directly on the host, one launcher (and pooled cgroup) per action."""
 
     def __init__(
         self,
@@ -42,11 +43,16 @@ class HostExecutor:
         terminate_grace: float = 1.0,
         limits: LimitsSettings | None = None,
         user: ActionUser | None = None,
+        pool_key: str = "",
     ):
         # terminate_grace: how long the command gets between SIGTERM and SIGKILL.
+        # pool_key: what names this worker's pooled cgroups (its work_dir).
         self.user = user
         self.supervisor = Supervisor(
-            limits or LimitsSettings(), terminate_grace=terminate_grace, user=user
+            limits or LimitsSettings(),
+            terminate_grace=terminate_grace,
+            user=user,
+            pool_key=pool_key,
         )
 
     async def close(self) -> None:

@@ -35,6 +35,9 @@ from expbuild.worker.outputs import output_parent_directories, working_directory
 
 log = logging.getLogger(__name__)
 
+# Up to this many declared outputs, an empty input root is finished on the event loop.
+_INLINE_OUTPUTS = 16
+
 
 @dataclass(frozen=True)
 class ActionDirectory:
@@ -46,10 +49,13 @@ class ActionDirectory:
 
 
 def create_action_directory(work_dir: Path, task_id: str, attempt: int) -> Path:
-    work_dir.mkdir(parents=True, exist_ok=True)
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)
     path = work_dir / f"{safe_id}-{attempt}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
+    try:
+        path.mkdir()
+    except FileNotFoundError:  # the work_dir itself is gone: only then make it again
+        work_dir.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
     return path
 
 
@@ -85,7 +91,15 @@ async def prepare_inputs(
     source = blob_cache.source(cas, link=user is not None) if blob_cache else CasSource(cas)
     bounded = _BoundedDirectories(source, max_directory_size)
     await materialize(cas, input_root_digest, input_root, source=bounded)
-    await asyncio.to_thread(_finish_input_root, command, input_root, user)
+    outputs = (
+        len(command.output_paths) + len(command.output_files) + len(command.output_directories)
+    )
+    if input_root_digest.size_bytes == 0 and outputs <= _INLINE_OUTPUTS:
+        # An empty input root and a few outputs: a few mkdirs and a chown, cheaper than a
+        # thread hop.
+        _finish_input_root(command, input_root, user)
+    else:
+        await asyncio.to_thread(_finish_input_root, command, input_root, user)
     return ActionDirectory(
         path=action_path,
         input_root=input_root,
@@ -168,8 +182,13 @@ async def remove_action_directory(path: Path) -> None:
 
 def _remove_tree(path: Path) -> None:
     """rmtree that also copes with read-only directories an action (or its inputs) made."""
-    if not path.exists():
+    try:
+        shutil.rmtree(path)
         return
+    except OSError:
+        if not path.exists():
+            return
+        # A directory we may not write in: make them all writable, then again.
     for dirpath, dirnames, _ in os.walk(path):
         for name in dirnames:
             child = os.path.join(dirpath, name)

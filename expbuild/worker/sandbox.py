@@ -73,7 +73,10 @@ class SandboxExecutor:
         self.root_mode = settings.sandbox_root == "root"
         self.ro_binds = settings.sandbox_ro_binds
         self.supervisor = Supervisor(
-            limits or LimitsSettings(), terminate_grace=terminate_grace, user=user
+            limits or LimitsSettings(),
+            terminate_grace=terminate_grace,
+            user=user,
+            pool_key=os.path.abspath(settings.work_dir),
         )
         self._self_test()
 

@@ -3,7 +3,8 @@
 The `host` and `sandbox` backends share this: they differ only in the command line
 (sandbox: bwrap plus the action's command) and its working directory. Here:
 
-- the action's cgroup is created (when the host allows it) and its limits written;
+- the action gets a cgroup from the pool (when the host allows cgroups) with its limits
+  written and its counters reset, and gives it back emptied (see `expbuild.worker.cgroups`);
 - a launcher (`launcher.py`) is started with the command, its environment, rlimits and
   the cgroup: normally forked by the Supervisor's zygote (a long-lived `launcher.py
   --zygote`, which saves a fresh interpreter's start per action), watched and signalled
@@ -34,7 +35,7 @@ from typing import Protocol
 from expbuild.config import LimitsSettings
 from expbuild.worker import limits as limit_checks
 from expbuild.worker.action_user import ActionUser
-from expbuild.worker.cgroups import ActionCgroup, CgroupSupport
+from expbuild.worker.cgroups import ActionCgroup, CgroupPool, CgroupSupport
 from expbuild.worker.zygote import Zygote
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Finished:
     completed_at: datetime
     # Set when a limit ended the action (the status message).
     limit_exceeded: str | None = None
+    # The most memory the action's cgroup held at once, when it had a memory cgroup.
+    memory_peak: int | None = None
 
 
 class Supervisor:
@@ -88,11 +91,25 @@ class Supervisor:
         *,
         terminate_grace: float = 1.0,
         user: ActionUser | None = None,
+        pool_key: str = "",
     ):
+        # pool_key: names this worker's pooled cgroups (its work_dir), so that a restart
+        # removes the ones a crashed run left and no other worker's.
         self.limits = limits
         self.user = user  # None: commands run as the worker's own user
         self.terminate_grace = terminate_grace
         self.cgroups = CgroupSupport.detect() if limits.cgroups else None
+        self.pool = (
+            CgroupPool(
+                self.cgroups,
+                pool_key,
+                memory=limits.memory,
+                max_processes=limits.max_processes,
+                cpus=limits.cpus,
+            )
+            if self.cgroups is not None
+            else None
+        )
         self.zygote = Zygote(LAUNCHER)
         if self.cgroups is not None:
             log.info("Actions run in their own cgroups (%s)", self.cgroups.describe())
@@ -105,39 +122,39 @@ class Supervisor:
                 )
 
     async def close(self) -> None:
-        """Let the zygote go and wait for it; call once no action runs any more."""
+        """Let the zygote go and wait for it, remove the pooled cgroups; call once no
+        action runs any more."""
         await self.zygote.close()
+        if self.pool is not None:
+            await self.pool.close()
 
     async def run(self, command: Command, *, name: str, timeout: float | None) -> Finished:
         """Run `command` to completion, timeout or cancellation (which propagates)."""
-        group = self._create_cgroup(name)
+        group = self._acquire_cgroup(name)
         try:
             finished = await self._run(command, group, timeout)
             # Shells and bwrap report a child's death by signal N as exit code 128 + N;
             # such a code counts as that signal when looking for the limit hit.
             signum = finished.signal or limit_checks.death_signal(finished.exit_code)
             reason = self._limit_hit(finished, signum, group, command.stderr_path)
+            peak = group.memory_peak() if group is not None else None
         finally:
             if group is not None:
+                assert self.pool is not None
                 # Shielded: a second cancellation must not leave processes or cgroups behind.
-                await asyncio.shield(group.destroy())
-        if reason:
-            return replace(finished, limit_exceeded=reason)
-        return finished
+                await asyncio.shield(self.pool.release(group))
+        return replace(finished, limit_exceeded=reason or None, memory_peak=peak)
 
-    def _create_cgroup(self, name: str) -> ActionCgroup | None:
-        if self.cgroups is None:
+    def _acquire_cgroup(self, name: str) -> ActionCgroup | None:
+        if self.pool is None:
             return None
         try:
-            return self.cgroups.create(
-                name or os.urandom(4).hex(),
-                memory=self.limits.memory,
-                max_processes=self.limits.max_processes,
-                cpus=self.limits.cpus,
-            )
+            group = self.pool.acquire()
         except OSError as exc:
             log.warning("Cannot create a cgroup for %s (%s); running without one", name, exc)
             return None
+        log.debug("Action %s runs in cgroup %s", name, group.name)
+        return group
 
     async def _run(
         self, command: Command, group: ActionCgroup | None, timeout: float | None
