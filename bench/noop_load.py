@@ -14,9 +14,13 @@ tree, side by side:
 - cached replay through Execute at 1 client (actions/s, p50);
 - a 64 MiB ByteStream write and read (MB/s).
 
+With `--server-processes N` (repeatable), each tree is measured once per N with
+`expbuild server --processes N` (the server's CPU is then its whole process tree's).
+
 The machine is shared and noisy: compare the columns of one run, not runs.
 
     .venv/bin/python bench/noop_load.py --baseline 783a216 --code .
+    .venv/bin/python bench/noop_load.py --server-processes 1 --server-processes 2
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class Deployment:
     workers: list[subprocess.Popen] = field(default_factory=list)
     address: str = ""
     logs: Path | None = None
+    # `[server] processes`; None: the tree's default (older trees do not know the key).
+    processes: int | None = None
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.code), **extra}
@@ -117,7 +123,10 @@ class Deployment:
             "EXPBUILD_CAS__ROOT": str(scratch / "cas"),
             "EXPBUILD_EXECUTION__BACKEND": "scheduler",
         }
-        self.server = self._spawn("server", ["server"], common)
+        server = dict(common)
+        if self.processes is not None:
+            server["EXPBUILD_SERVER__PROCESSES"] = str(self.processes)
+        self.server = self._spawn("server", ["server"], server)
         for n in range(WORKERS):
             worker_env = {
                 "EXPBUILD_WORKER__SERVER_URL": f"http://{self.address}",
@@ -389,6 +398,7 @@ def start_profilers(folder: str | None, deployment: Deployment, pids: dict) -> l
                 "--rate",
                 "250",
                 "--nonblocking",
+                "--subprocesses",  # the children of `expbuild server --processes N`
                 "--output",
                 str(Path(folder) / f"{label}-{name.replace(' ', '')}.txt"),
             ],
@@ -511,7 +521,11 @@ def planned(args) -> list[Deployment]:
         deployments.append(Deployment(f"today ({args.baseline})", export_revision(args.baseline)))
     for code in args.code or ["."]:
         path = Path(code).resolve()
-        deployments.append(Deployment("new" if path == ROOT else path.name, path))
+        label = "new" if path == ROOT else path.name
+        if not args.server_processes:
+            deployments.append(Deployment(label, path))
+        for count in args.server_processes:
+            deployments.append(Deployment(f"{label}, {count} proc.", path, processes=count))
     return deployments
 
 
@@ -525,6 +539,14 @@ async def main() -> None:
     parser.add_argument("--serial", type=int, default=100, help="actions of the 1-client phase")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--server-processes",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="run the server tree(s) with `--processes N`; repeat to compare (e.g. 1 and 2)",
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server and a worker into DIR")
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds; each figure is their median"
