@@ -21,6 +21,7 @@ from expbuild.config import ConfigError, settings_from_mapping
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.server.process_group import usable_cores
+from expbuild.server.shared_port import hold_port
 from tests.postgres import free_port
 from tests.processes import BIN, Process, server_env, start, wait_for_log, wait_healthy
 
@@ -268,6 +269,33 @@ def test_an_unreachable_database_ends_the_start_with_one_line(tmp_path):
     assert "Error: cannot connect to the database" in _refused(env, "--processes", "3")
     env["EXPBUILD_SERVER__METRICS_ADDRESS"] = ""  # no pool in the parent: a child finds it
     assert "Error: cannot connect to the database" in _refused(env, "--processes", "3")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "0.0.0.0:0", "[::]:0"])
+def test_a_held_port_admits_only_listeners_that_share_it(address):
+    from concurrent import futures
+
+    held = hold_port(address, "server.address")
+    servers = []
+    try:
+
+        def bind(share: int) -> int | str:
+            server = grpc.server(
+                futures.ThreadPoolExecutor(1), options=[("grpc.so_reuseport", share)]
+            )
+            servers.append(server)
+            try:
+                return server.add_insecure_port(held.address)
+            except RuntimeError:
+                return "refused"
+
+        assert [bind(1), bind(1), bind(0)] == [held.port, held.port, "refused"]
+        with pytest.raises(ConfigError, match=r"\[server\] address .* is already in use"):
+            hold_port(held.address, "server.address")
+    finally:
+        for server in servers:
+            server.stop(None)
+        held.close()
 
 
 def test_how_many_processes():

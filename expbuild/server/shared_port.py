@@ -44,12 +44,11 @@ def hold_port(address: str, key: str) -> HeldPort:
     host, port = parse_address(address, key)
     section, _, name = key.partition(".")
     key = f"[{section}] {name}"
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(
-            f"{key} {host}:{port}: cannot resolve {host!r} ({exc.strerror})"
-        ) from None
+        raise ConfigError(f"{key} {shown}: cannot resolve {host!r} ({exc.strerror})") from None
     held: list[socket.socket] = []
     unusable: OSError | None = None
     try:
@@ -64,7 +63,7 @@ def hold_port(address: str, key: str) -> HeldPort:
             except OSError as exc:
                 each.close()
                 if exc.errno == errno.EADDRINUSE:
-                    raise ConfigError(f"{key} {host}:{port} is already in use") from None
+                    raise ConfigError(f"{key} {shown} is already in use") from None
                 unusable = exc  # e.g. no IPv6 on this host: gRPC skips it as well
                 continue
             each.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -76,5 +75,5 @@ def hold_port(address: str, key: str) -> HeldPort:
         raise
     if not held:
         reason = unusable.strerror if unusable else "the name resolves to no address"
-        raise ConfigError(f"{key} {host}:{port}: cannot bind it ({reason})")
+        raise ConfigError(f"{key} {shown}: cannot bind it ({reason})")
     return HeldPort(host, port, held)
