@@ -134,7 +134,7 @@ def run_action(address: str, tmp_path: Path, text: str) -> dict:
 def worker(address: str, tmp_path: Path) -> Process:
     env = {
         "EXPBUILD_WORKER__SERVER_URL": f"http://{address}",
-        "EXPBUILD_WORKER__NAME": "worker",
+        "EXPBUILD_WORKER__NAME": "worker-of-the-group",
         "EXPBUILD_WORKER__BACKEND__WORK_DIR": str(tmp_path / "work"),
         "EXPBUILD_WORKER__BACKEND__RUN_AS": "root",  # pytest's tmp tree is root's alone
     }
@@ -169,6 +169,10 @@ def test_two_processes_share_the_port_and_the_metrics_add_up(database_url, tmp_p
             lambda: (samples := scrape(env)).get(online) == 1 and samples, "the gauge counts 1"
         )
         assert [n for (n, _labels) in latest if n == online[0]] == [online[0]]
+        # The parent serves the status pages too, from its own pool.
+        port = env["EXPBUILD_SERVER__METRICS_ADDRESS"].rsplit(":", 1)[1]
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        assert "worker-of-the-group" in page  # read from the database
     finally:
         if runner is not None:
             runner.stop()
