@@ -57,7 +57,7 @@ lint: venv
 ## bench: issue #10's figures, today's (BASELINE: main before #10) and this tree's side by side
 BASELINE ?= 783a216
 bench: venv
-	$(PY) bench/noop_load.py --baseline $(BASELINE) --code .
+	$(PY) bench/noop_load.py --baseline $(BASELINE) --code . --server-processes 1 --server-processes 2
 	$(PY) bench/round_trips.py --baseline $(BASELINE) --code .
 	$(PY) bench/round_trips.py --baseline $(BASELINE) --code . --clients 8 --actions 200
 	$(PY) bench/queue_throughput.py

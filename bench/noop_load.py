@@ -11,12 +11,17 @@ tree, side by side:
   (utime+stime from /proc of the server's, each worker's and PostgreSQL's process trees);
 - p50/p99 at 1 client and where that time went (the task's events, the worker's
   ExecutedActionMetadata, the client's clock);
-- cached replay through Execute at 1 client (actions/s, p50);
+- cached replay through Execute at 1 client (actions/s, p50) and at 8 (actions/s: the
+  server's own throughput, no worker involved);
 - a 64 MiB ByteStream write and read (MB/s).
+
+With `--server-processes N` (repeatable), each tree is measured once per N with
+`expbuild server --processes N` (the server's CPU is then its whole process tree's).
 
 The machine is shared and noisy: compare the columns of one run, not runs.
 
     .venv/bin/python bench/noop_load.py --baseline 783a216 --code .
+    .venv/bin/python bench/noop_load.py --server-processes 1 --server-processes 2
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from tests.postgres import find_postgres, free_port  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK")
 WORKERS = 2
 SLOTS = 4
+CACHED_REPEATS = 10  # the serial phase's actions, replayed this many times by 8 clients
 MiB = 1 << 20
 
 
@@ -108,6 +114,8 @@ class Deployment:
     # Extra settings of every worker (e.g. `--limits`: each action gets memory, pids and
     # cpu cgroups, not just the tracking one).
     worker_settings: dict[str, str] = field(default_factory=dict)
+    # `[server] processes`; None: the tree's default (older trees do not know the key).
+    processes: int | None = None
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.code), **extra}
@@ -123,7 +131,10 @@ class Deployment:
             "EXPBUILD_CAS__ROOT": str(scratch / "cas"),
             "EXPBUILD_EXECUTION__BACKEND": "scheduler",
         }
-        self.server = self._spawn("server", ["server"], common)
+        server = dict(common)
+        if self.processes is not None:
+            server["EXPBUILD_SERVER__PROCESSES"] = str(self.processes)
+        self.server = self._spawn("server", ["server"], server)
         for n in range(self.worker_count):
             worker_env = {
                 "EXPBUILD_WORKER__SERVER_URL": f"http://{self.worker_address or self.address}",
@@ -168,7 +179,8 @@ class Deployment:
 async def wait_for_workers(db: asyncpg.Connection, count: int, deployment: Deployment) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        for process in [deployment.server, *deployment.workers]:
+        names = ["server", *(f"worker-{n}" for n in range(len(deployment.workers)))]
+        for name, process in zip(names, [deployment.server, *deployment.workers], strict=True):
             if process is not None and process.poll() is not None:
                 raise SystemExit(f"{deployment.label}: a process exited:\n{deployment.log_tails()}")
         with contextlib.suppress(asyncpg.UndefinedTableError):
@@ -191,6 +203,8 @@ class Figures:
     stages: dict[str, float] = field(default_factory=dict)
     cached_rate: float = 0.0
     cached_p50: float = 0.0
+    cached_rate_8: float = 0.0
+    cached_server_cores: float = 0.0
     transactions: float = 0.0
     write_mbs: float = 0.0
     read_mbs: float = 0.0
@@ -376,6 +390,16 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
                 hits, wall = await load.many(0, 1, skip_cache=False, digests=digests)
                 figures.cached_rate = len(hits) / wall
                 figures.cached_p50 = statistics.median(r[0] for r in hits) * 1000
+                # The server alone (no worker): what more server processes can speed up.
+                server_before = tree_cpu_seconds(deployment.server.pid)
+                hits, wall = await load.many(
+                    0, args.clients, skip_cache=False, digests=digests * CACHED_REPEATS
+                )
+                figures.cached_rate_8 = len(hits) / wall
+                # Above 1.0 only with several processes: one Python process is one core.
+                figures.cached_server_cores = (
+                    tree_cpu_seconds(deployment.server.pid) - server_before
+                ) / wall
 
                 figures.write_mbs, figures.read_mbs = await bytestream(deployment.address, 64 * MiB)
         finally:
@@ -406,6 +430,7 @@ def start_profilers(folder: str | None, deployment: Deployment, pids: dict) -> l
                 "--rate",
                 "250",
                 "--nonblocking",
+                "--subprocesses",  # the children of `expbuild server --processes N`
                 "--output",
                 str(Path(folder) / f"{label}-{name.replace(' ', '')}.txt"),
             ],
@@ -458,6 +483,8 @@ def median_figures(runs: list[Figures]) -> Figures:
         stages={k: mid([r.stages.get(k, float("nan")) for r in runs]) for k in first.stages},
         cached_rate=mid([r.cached_rate for r in runs]),
         cached_p50=mid([r.cached_p50 for r in runs]),
+        cached_rate_8=mid([r.cached_rate_8 for r in runs]),
+        cached_server_cores=mid([r.cached_server_cores for r in runs]),
         transactions=mid([r.transactions for r in runs]),
         write_mbs=mid([r.write_mbs for r in runs]),
         read_mbs=mid([r.read_mbs for r in runs]),
@@ -502,6 +529,16 @@ def table(columns: dict[str, Figures], args) -> str:
         lambda f: (f.cached_rate, f.cached_p50),
     )
     row(
+        f"cached replay through Execute, {args.clients} clients (/s)",
+        "{:.0f}".format,
+        lambda f: f.cached_rate_8,
+    )
+    row(
+        "  the server's CPU over it (cores busy)",
+        "{:.2f}".format,
+        lambda f: f.cached_server_cores,
+    )
+    row(
         "ByteStream 64 MiB write / read (MB/s)",
         lambda v: f"{v[0]:.0f} / {v[1]:.0f}",
         lambda f: (f.write_mbs, f.read_mbs),
@@ -543,7 +580,10 @@ def planned(args) -> list[Deployment]:
     for code in args.code or ["."]:
         path = Path(code).resolve()
         label = "new" if path == ROOT else path.name
-        deployments.append(Deployment(label, path, worker_settings=settings))
+        if not args.server_processes:
+            deployments.append(Deployment(label, path, worker_settings=settings))
+        for count in args.server_processes:
+            deployments.append(Deployment(f"{label}, {count} proc.", path, processes=count, worker_settings=settings))
     return deployments
 
 
@@ -557,6 +597,14 @@ async def main() -> None:
     parser.add_argument("--serial", type=int, default=100, help="actions of the 1-client phase")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--server-processes",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="run the server tree(s) with `--processes N`; repeat to compare (e.g. 1 and 2)",
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server and a worker into DIR")
     parser.add_argument(
         "--limits", action="store_true", help="workers with memory, process and CPU limits"

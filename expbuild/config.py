@@ -37,6 +37,10 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServerSettings:
     address: str = DEFAULT_ADDRESS
+    # Replica processes sharing `address` (and `worker_address`) on this host, each on its
+    # own core; 0: one per usable core. `expbuild up` and `[execution] backend = "local"`
+    # run one (their workers live in the server process).
+    processes: int = 0
     # Prometheus /metrics; empty string switches the endpoint off.
     metrics_address: str = "127.0.0.1:9464"
     instance_names: tuple[str, ...] = ("",)
@@ -573,6 +577,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         instance_names = [instance_names]
     server = ServerSettings(
         address=address,
+        processes=srv("processes", _non_negative_int, defaults_server),
         metrics_address=metrics_address,
         instance_names=tuple(str(n) for n in instance_names),
         lease_duration=srv("lease_duration", parse_duration, defaults_server),

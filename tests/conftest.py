@@ -17,6 +17,10 @@ from expbuild.db.pool import create_pool
 from tests.postgres import LocalPostgres, find_postgres, postgres_bindir
 
 TEMPLATE = "expbuild_template"
+
+# `expbuild server` started by a test runs one replica process, as the tests were written
+# for; the default (one per core) and N are tests/test_server_processes.py's business.
+os.environ.setdefault("EXPBUILD_SERVER__PROCESSES", "1")
 _counter = itertools.count()
 
 

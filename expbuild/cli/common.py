@@ -19,10 +19,11 @@ from expbuild.config import (
 )
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, tag: str = "") -> None:
+    """Log to stderr; `tag` starts every message (a server process's number)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-5s %(message)s",
+        format=f"%(asctime)s %(levelname)-5s {tag}%(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )

@@ -8,6 +8,7 @@ import logging
 import shutil
 import signal
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -17,6 +18,13 @@ from expbuild.auth.exposure import check_exposure
 from expbuild.cli.common import config_option, settings_or_exit, setup_logging, verbose_option
 from expbuild.config import ConfigError, Settings, data_dir
 from expbuild.db.pool import DatabaseUnavailable
+from expbuild.server.process_group import (
+    ChildFailed,
+    ChildRole,
+    ProcessGroup,
+    child_command,
+    usable_cores,
+)
 
 log = logging.getLogger("expbuild.server")
 
@@ -44,18 +52,34 @@ def _private_token_file(secret: str, stack: contextlib.ExitStack) -> str:
     return str(path)
 
 
-async def serve(settings: Settings, database_url: str, *, local_workers: int = 0) -> None:
-    """Run one replica (and optionally in-process workers) until SIGINT/SIGTERM."""
+async def serve(
+    settings: Settings,
+    database_url: str,
+    *,
+    local_workers: int = 0,
+    role: ChildRole | None = None,
+) -> None:
+    """Run one replica (and optionally in-process workers) until SIGINT/SIGTERM; `role`:
+    as a process of `expbuild server --processes N`."""
     with contextlib.ExitStack() as stack:
-        await _serve(settings, database_url, local_workers, stack)
+        await _serve(settings, database_url, local_workers, role, stack)
 
 
 async def _serve(
-    settings: Settings, database_url: str, local_workers: int, stack: contextlib.ExitStack
+    settings: Settings,
+    database_url: str,
+    local_workers: int,
+    role: ChildRole | None,
+    stack: contextlib.ExitStack,
 ) -> None:
     from expbuild.server.app import ServerApp
 
-    app = ServerApp(settings, database_url)
+    app = ServerApp(
+        settings,
+        database_url,
+        process_index=None if role is None else role.index,
+        housekeeping=role is None or role.index == 0,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,9 +97,9 @@ async def _serve(
             '[execution] backend = "scheduler" and run `expbuild worker daemon` beside it'
         )
     await app.start()
+    if role is not None:
+        role.report_ready()
     if local_workers:
-        from dataclasses import replace
-
         from expbuild.worker.agent import WorkerAgent
 
         target = f"http://127.0.0.1:{app.port}"
@@ -117,24 +141,67 @@ def _report_worker_exit(job: asyncio.Task) -> None:
 @config_option
 @verbose_option
 @click.option("--address", metavar="HOST:PORT", help="Listen address (overrides [server] address).")
-def server_command(config: str | None, verbose: bool, address: str | None) -> None:
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Replica processes sharing the port (overrides [server] processes; "
+    "0: one per usable core, the default).",
+)
+@click.option("--child-of", hidden=True)  # internal: a process of a --processes group
+def server_command(
+    config: str | None,
+    verbose: bool,
+    address: str | None,
+    processes: int | None,
+    child_of: str | None,
+) -> None:
     """Run an ExpBuild server replica: REAPI, the Worker API, health and /metrics.
 
     Several replicas may share one database and one CAS directory. Without a
-    [database] url the embedded PostgreSQL is started.
+    [database] url the embedded PostgreSQL is started. On a host with several
+    cores, N processes (--processes, default: one per core) share the port.
 
     \b
     Examples:
       expbuild server --config configs/expbuild-server-remote-workers.toml --verbose
       EXPBUILD_DATABASE__URL=postgresql://expbuild@db/expbuild expbuild server
+      expbuild server --processes 4
     """
+    if child_of is not None:
+        run_child(ChildRole.parse(child_of), config, verbose)
+        return
     setup_logging(verbose)
     settings = settings_or_exit(config, address)
+    if processes is not None:
+        settings = replace(settings, server=replace(settings.server, processes=processes))
+    try:
+        count = process_count(settings)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    if count > 1:
+        run_process_group(settings, count, child_command(config, verbose))
+        return
     local = settings.execution.local_workers if settings.execution.backend == "local" else 0
     run_replica(settings, local_workers=local)
 
 
-def run_replica(settings: Settings, *, local_workers: int) -> None:
+def process_count(settings: Settings) -> int:
+    """How many replica processes `[server] processes` asks for on this host."""
+    asked = settings.server.processes
+    if settings.execution.backend == "local":
+        # Its workers run inside the server process: N processes would be N worker pools.
+        if asked > 1:
+            raise ConfigError(
+                f'[server] processes = {asked} needs [execution] backend = "scheduler": '
+                "the local backend's workers run inside its one server process"
+            )
+        return 1
+    return asked or usable_cores()
+
+
+def run_replica(settings: Settings, *, local_workers: int, role: ChildRole | None = None) -> None:
     """Database (configured or embedded), server and local workers, until a signal."""
     try:
         check_exposure(settings, warn=False)  # before starting anything (the server warns)
@@ -143,11 +210,37 @@ def run_replica(settings: Settings, *, local_workers: int) -> None:
     with contextlib.ExitStack() as stack:
         url = resolve_database_url(settings, stack)
         try:
-            aio.run(serve(settings, url, local_workers=local_workers))
+            aio.run(serve(settings, url, local_workers=local_workers, role=role))
         except ConfigError as exc:  # e.g. the worker backend cannot work on this host
             raise click.ClickException(f"configuration error: {exc}") from None
         except DatabaseUnavailable as exc:
             raise click.ClickException(str(exc)) from None
+
+
+def run_process_group(settings: Settings, count: int, command: list[str]) -> None:
+    """The parent of `count` replica processes (expbuild.server.process_group)."""
+    try:
+        check_exposure(settings, warn=False)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    with contextlib.ExitStack() as stack:
+        url = resolve_database_url(settings, stack)  # an embedded one is shared by all
+        try:
+            code = aio.run(ProcessGroup(settings, url, count, command).run())
+        except ConfigError as exc:  # a port in use
+            raise click.ClickException(f"configuration error: {exc}") from None
+        except (DatabaseUnavailable, ChildFailed) as exc:
+            raise click.ClickException(str(exc)) from None
+    if code:
+        raise SystemExit(code)  # the child has said why
+
+
+def run_child(role: ChildRole, config: str | None, verbose: bool) -> None:
+    """One process of a group: the settings its parent resolved (address, database), its
+    number in the logs, and gone when the parent is."""
+    role.die_with_parent()
+    setup_logging(verbose, tag=f"[{role.index}] ")
+    run_replica(settings_or_exit(config), local_workers=0, role=role)
 
 
 @click.group("db")

@@ -25,7 +25,7 @@ from expbuild.auth.interceptor import WORKER_CERTIFICATE_SCOPES, AuthInterceptor
 from expbuild.auth.principal import Principal
 from expbuild.auth.scopes import WORKER as WORKER_SCOPE
 from expbuild.auth.token_secrets import new_secret
-from expbuild.auth.verifier import TokenVerifier, Unauthenticated
+from expbuild.auth.verifier import TokenVerifier
 from expbuild.cas.eviction import EvictionReport, evict_to_size, measure_usage
 from expbuild.cas.store import FileStore
 from expbuild.config import ConfigError, Settings, parse_address
@@ -102,6 +102,15 @@ class ServerApp:
     # everyone otherwise.
     status_access: http.ReadAccess | None = None
     cas_usage_interval: float = metrics.CAS_USAGE_SECONDS
+    # Set for the processes of one `expbuild server --processes N` (expbuild.server.
+    # process_group): its number, counted in `expbuild_server_process_rpcs`; the listeners
+    # then join the port the parent holds (SO_REUSEPORT). A replica on its own binds
+    # without that option, so a port in use is refused rather than silently shared.
+    process_index: int | None = None
+    # The periodic reaper, queue gauges, CAS measurement and eviction: shared work that one
+    # process of a group does for all (the reaper is idempotent, so replicas on other hosts
+    # running it too is fine; the point is not doing it N times per host).
+    housekeeping: bool = True
 
     async def start(self) -> None:
         """Connect, migrate and serve; on any failure (a port in use: ConfigError naming
@@ -210,34 +219,12 @@ class ServerApp:
                 self.pool,
                 mhost,
                 mport if self.metrics_port is None else self.metrics_port,
-                self.status_access or self._status_access(),
+                self.status_access or http.status_access(settings.auth.mode, self.verifier),
             )
-        self._background = [
-            asyncio.create_task(
-                self._every(s.reap_interval.total_seconds(), self.reap_once, "reaper"),
-                name="reaper",
-            ),
-            asyncio.create_task(
-                self._every(
-                    metrics.REFRESH_SECONDS,
-                    functools.partial(metrics.refresh_gauges, self.pool),
-                    "metrics refresh",
-                ),
-                name="metrics",
-            ),
-            asyncio.create_task(
-                self._every(self.cas_usage_interval, self.measure_cas_once, "CAS usage"),
-                name="cas-usage",
-            ),
-        ]
         metrics.CAS_MAX_BYTES.set(settings.cas.max_size)
-        if settings.cas.max_size > 0:
-            interval = settings.cas.eviction_interval.total_seconds()
-            self._background.append(
-                asyncio.create_task(
-                    self._every(interval, self.evict_once, "CAS eviction"), name="cas-eviction"
-                )
-            )
+        self._background: list[asyncio.Task] = []
+        if self.housekeeping:
+            self._start_housekeeping()
         host, _ = parse_address(s.address, "server.address")
         log.info(
             "ExpBuild server listening on %s:%d%s (CAS at %s; auth: %s)",
@@ -256,26 +243,31 @@ class ServerApp:
                 " with TLS" if s.worker_tls_cert else "",
             )
 
-    def _status_access(self) -> http.ReadAccess:
-        """With tokens on, the status pages are for tokens with the `admin` scope."""
-        if self.settings.auth.mode != "tokens":
-            return http.allow_everyone
-
-        async def may_read(token: str | None) -> bool:
-            if not token:
-                return False
-            try:
-                return (await self.verifier.verify(token)).is_admin
-            except Unauthenticated:
-                return False
-
-        return may_read
+    def _start_housekeeping(self) -> None:
+        s, cas = self.settings.server, self.settings.cas
+        loops = [
+            (s.reap_interval.total_seconds(), self.reap_once, "reaper"),
+            (
+                metrics.REFRESH_SECONDS,
+                functools.partial(metrics.refresh_gauges, self.pool),
+                "metrics refresh",
+            ),
+            (self.cas_usage_interval, self.measure_cas_once, "CAS usage"),
+        ]
+        if cas.max_size > 0:
+            loops.append((cas.eviction_interval.total_seconds(), self.evict_once, "CAS eviction"))
+        for seconds, one_pass, what in loops:
+            self._background.append(
+                asyncio.create_task(self._every(seconds, one_pass, what), name=what)
+            )
 
     def _new_server(self, client_ca: str) -> grpc.aio.Server:
         # The first interceptor wraps the others: the caller is authenticated before its
         # request body is even parsed, so a stranger's garbage is UNAUTHENTICATED, and only
         # a known caller learns how its body is malformed (INVALID_ARGUMENT).
         interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.process_index is not None:
+            interceptors.append(metrics.ProcessRpcCounter(self.process_index))
         if self.settings.auth.mode == "tokens":
             # A verified client certificate identifies a worker where a client CA is set.
             cert_scopes = WORKER_CERTIFICATE_SCOPES if client_ca else ()
@@ -288,6 +280,7 @@ class ServerApp:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.so_reuseport", int(self.process_index is not None)),
             ],
         )
 

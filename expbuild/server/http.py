@@ -17,6 +17,7 @@ import prometheus_client
 from aiohttp import web
 from multidict import MultiDict
 
+from expbuild.auth.verifier import TokenVerifier, Unauthenticated
 from expbuild.config import ConfigError
 from expbuild.server import status_page
 
@@ -71,27 +72,58 @@ def _access_middleware(may_read: ReadAccess):
     return check
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
-    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+def status_access(auth_mode: str, verifier: TokenVerifier) -> ReadAccess:
+    """With `[auth] mode = "tokens"`, the status pages are for tokens with the `admin`
+    scope; without auth, for everyone."""
+    if auth_mode != "tokens":
+        return allow_everyone
+
+    async def may_read(token: str | None) -> bool:
+        if not token:
+            return False
+        try:
+            return (await verifier.verify(token)).is_admin
+        except Unauthenticated:
+            return False
+
+    return may_read
 
 
-def make_app(pool: asyncpg.Pool, may_read: ReadAccess = allow_everyone) -> web.Application:
+def _metrics_handler(registry: prometheus_client.CollectorRegistry):
+    async def metrics(request: web.Request) -> web.Response:
+        body = prometheus_client.generate_latest(registry)
+        return web.Response(
+            body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
+        )
+
+    return metrics
+
+
+def make_app(
+    pool: asyncpg.Pool,
+    may_read: ReadAccess = allow_everyone,
+    registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
+) -> web.Application:
     app = web.Application(middlewares=[_access_middleware(may_read)])
     app[status_page.POOL] = pool
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", _metrics_handler(registry))
     status_page.add_routes(app.router)
     return app
 
 
 async def start(
-    pool: asyncpg.Pool, host: str, port: int, may_read: ReadAccess = allow_everyone
+    pool: asyncpg.Pool,
+    host: str,
+    port: int,
+    may_read: ReadAccess = allow_everyone,
+    registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY,
 ) -> tuple[web.AppRunner, int]:
     """Serve on host:port (port 0 picks one); returns the runner and the bound port.
+    `registry`: what /metrics shows (this process's metrics by default).
 
     A port in use is a ConfigError naming `[server] metrics_address`.
     """
-    runner = web.AppRunner(make_app(pool, may_read), access_log=None)
+    runner = web.AppRunner(make_app(pool, may_read, registry), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -4,6 +4,11 @@ Counters and histograms count what this replica did (sum them over replicas); ga
 describe the shared queue and the CAS and are read from Postgres and the store, so every
 replica reports the same values (scrape any one of them, or aggregate with max()).
 The HTTP endpoint that serves them (with the status page) is `expbuild.server.http`.
+
+The processes of one `expbuild server --processes N` write these to files in a private
+directory (prometheus-client's multiprocess mode) and their parent serves the sum: counters
+and histograms add up; the shared gauges are set by one process (the housekeeper) and read
+as its most recent value ("livemostrecent": a dead process's values go with it).
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Final
 
 import asyncpg
+import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from expbuild.db.metrics import queue_depth, queue_gauges
 from expbuild.reapi.platforms import platform_text
+
+# Gauges of shared state, set by one process: N children must not read N times the queue.
+SHARED: Final = "livemostrecent"
 
 REFRESH_SECONDS = 5.0
 """How often each replica reads the queue gauges from Postgres."""
@@ -80,29 +90,66 @@ TASK_TOTAL = Histogram(
 CAS_BLOBS_READ = Counter("expbuild_cas_blobs_read", "Blobs served by the CAS", ["method"])
 CAS_BYTES_READ = Counter("expbuild_cas_bytes_read", "Blob bytes served by the CAS", ["method"])
 CAS_STORE_BYTES = Gauge(
-    "expbuild_cas_store_bytes", "Bytes of blobs in the CAS (measured every 30 s and by eviction)"
+    "expbuild_cas_store_bytes",
+    "Bytes of blobs in the CAS (measured every 30 s and by eviction)",
+    multiprocess_mode=SHARED,
 )
 CAS_STORE_BLOBS = Gauge(
-    "expbuild_cas_store_blobs", "Blobs in the CAS (measured every 30 s and by eviction)"
+    "expbuild_cas_store_blobs",
+    "Blobs in the CAS (measured every 30 s and by eviction)",
+    multiprocess_mode=SHARED,
 )
-CAS_MAX_BYTES = Gauge("expbuild_cas_max_bytes", "The CAS size bound ([cas] max_size); 0: unbounded")
+CAS_MAX_BYTES = Gauge(
+    "expbuild_cas_max_bytes",
+    "The CAS size bound ([cas] max_size); 0: unbounded",
+    multiprocess_mode=SHARED,
+)
 CAS_EVICTED_BLOBS = Counter("expbuild_cas_evicted_blobs", "Blobs deleted by CAS eviction")
 CAS_EVICTED_BYTES = Counter("expbuild_cas_evicted_bytes", "Blob bytes deleted by CAS eviction")
 
 QUEUE_GAUGES = {
-    "queued": Gauge("expbuild_tasks_queued", "Tasks waiting for a worker"),
-    "leased": Gauge("expbuild_tasks_leased", "Tasks leased to a worker"),
-    "workers_online": Gauge("expbuild_workers_online", "Workers heartbeating"),
-    "workers_draining": Gauge("expbuild_workers_draining", "Workers finishing up before leaving"),
+    "queued": Gauge(
+        "expbuild_tasks_queued", "Tasks waiting for a worker", multiprocess_mode=SHARED
+    ),
+    "leased": Gauge("expbuild_tasks_leased", "Tasks leased to a worker", multiprocess_mode=SHARED),
+    "workers_online": Gauge(
+        "expbuild_workers_online", "Workers heartbeating", multiprocess_mode=SHARED
+    ),
+    "workers_draining": Gauge(
+        "expbuild_workers_draining",
+        "Workers finishing up before leaving",
+        multiprocess_mode=SHARED,
+    ),
     "oldest_queued_seconds": Gauge(
-        "expbuild_oldest_queued_task_age_seconds", "Age of the oldest queued task"
+        "expbuild_oldest_queued_task_age_seconds",
+        "Age of the oldest queued task",
+        multiprocess_mode=SHARED,
     ),
 }
 QUEUE_DEPTH = Gauge(
     "expbuild_queue_depth",
     "Unfinished tasks by state (queued, leased), platform and instance",
     ["state", "platform", "instance"],
+    multiprocess_mode=SHARED,
 )
+
+PROCESS_RPCS = Counter(
+    "expbuild_server_process_rpcs",
+    "RPCs received by each process of `expbuild server --processes N` (how the shared port "
+    "spreads the load)",
+    ["process"],
+)
+
+
+class ProcessRpcCounter(grpc.aio.ServerInterceptor):
+    """Counts every RPC under this process's number (`process` label)."""
+
+    def __init__(self, process: int) -> None:
+        self._count = PROCESS_RPCS.labels(str(process)).inc
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self._count()
+        return await continuation(handler_call_details)
 
 
 def platform_label(platform: Mapping[str, Sequence[str]] | str) -> str:
