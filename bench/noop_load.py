@@ -179,8 +179,7 @@ class Deployment:
 async def wait_for_workers(db: asyncpg.Connection, count: int, deployment: Deployment) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        names = ["server", *(f"worker-{n}" for n in range(len(deployment.workers)))]
-        for name, process in zip(names, [deployment.server, *deployment.workers], strict=True):
+        for process in [deployment.server, *deployment.workers]:
             if process is not None and process.poll() is not None:
                 raise SystemExit(f"{deployment.label}: a process exited:\n{deployment.log_tails()}")
         with contextlib.suppress(asyncpg.UndefinedTableError):
