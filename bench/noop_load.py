@@ -582,7 +582,11 @@ def planned(args) -> list[Deployment]:
         if not args.server_processes:
             deployments.append(Deployment(label, path, worker_settings=settings))
         for count in args.server_processes:
-            deployments.append(Deployment(f"{label}, {count} proc.", path, processes=count, worker_settings=settings))
+            deployments.append(
+                Deployment(
+                    f"{label}, {count} proc.", path, processes=count, worker_settings=settings
+                )
+            )
     return deployments
 
 
