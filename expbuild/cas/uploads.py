@@ -196,6 +196,11 @@ class UploadSession:
         self._deferred: asyncio.Future | None = None
 
     @property
+    def next_offset(self) -> int:
+        """The write_offset the next message of the current stream must carry."""
+        return self._next_offset
+
+    @property
     def complete(self) -> bool:
         """True once the blob is stored, by this upload or another."""
         return self._state == "complete"
