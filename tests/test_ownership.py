@@ -10,11 +10,13 @@ from datetime import timedelta
 import pytest
 
 from expbuild.auth.principal import ANONYMOUS, Principal
+from expbuild.cas.store import FileStore
 from expbuild.db import queue
 from expbuild.digest import digest_of
 from expbuild.errors import NotFound, PermissionDenied
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.scheduling import results, workers
+from expbuild.scheduling.completions import CompletionBatcher
 from expbuild.scheduling.operations import OperationTracker
 
 LINUX = {"OSFamily": ["Linux"]}
@@ -59,7 +61,7 @@ async def test_an_authenticated_worker_cannot_choose_an_unused_id(pool):
     assert await register(pool, ANONYMOUS, "worker-chosen") == "worker-chosen"
 
 
-async def test_another_credential_cannot_report_or_hand_back_a_lease(pool):
+async def test_another_credential_cannot_report_or_hand_back_a_lease(pool, tmp_path):
     worker_id = await register(pool, ALICE)
     await queue.enqueue(
         pool, queue.NewTask("", digest_of(b"action"), platform=LINUX), "op-1", "alice"
@@ -71,7 +73,14 @@ async def test_another_credential_cannot_report_or_hand_back_a_lease(pool):
         )
     with pytest.raises(PermissionDenied):
         await results.accept_result(
-            pool, BOB, worker_id, leased.task_id, leased.lease_token, re_pb2.ExecuteResponse()
+            pool,
+            FileStore(tmp_path / "cas"),
+            CompletionBatcher(pool),
+            BOB,
+            worker_id,
+            leased.task_id,
+            leased.lease_token,
+            re_pb2.ExecuteResponse(),
         )
     assert (await queue.get_task(pool, leased.task_id)).state == "leased"
     await results.release_lease(pool, ALICE, worker_id, leased.task_id, leased.lease_token, "")
