@@ -22,12 +22,13 @@ import asyncpg
 import grpc
 
 from expbuild.db.migrate import migrate
-from expbuild.digest import Digest, digest_of
+from expbuild.digest import Digest
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.reapi.request_metadata import RequestMetadata
 from tests.conftest import with_database
 from tests.serving import running_server, running_worker, server_settings
+from tests.test_server_execution import put_action
 
 LARGE, SMALL = "build-large", "build-small"
 
@@ -83,24 +84,6 @@ async def fresh_database(
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         finally:
             await admin.close()
-
-
-async def put_action(store, argv: tuple[str, ...]) -> Digest:
-    command = re_pb2.Command(arguments=list(argv))
-    root = re_pb2.Directory()
-    blobs = {}
-    for message in (command, root):
-        data = message.SerializeToString()
-        blobs[digest_of(data)] = data
-    command_digest, root_digest = list(blobs)
-    action = re_pb2.Action(
-        command_digest=command_digest.to_proto(), input_root_digest=root_digest.to_proto()
-    )
-    data = action.SerializeToString()
-    blobs[digest_of(data)] = data
-    for digest, payload in blobs.items():
-        await store.put(digest, payload)
-    return digest_of(data)
 
 
 def bazel_metadata(invocation: str, n: int) -> RequestMetadata:

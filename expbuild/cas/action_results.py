@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -18,6 +19,8 @@ from expbuild.cas.store import FileStore
 from expbuild.digest import EMPTY, Digest, digest_of
 from expbuild.errors import InvalidArgument, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
+
+_M = TypeVar("_M", re_pb2.Tree, re_pb2.Directory)
 
 # Never inline more than this in one response, whatever the client asks.
 MAX_INLINE_BYTES = 1024 * 1024
@@ -75,6 +78,17 @@ class _BlobWalk:
         except (NotFound, OSError):
             return None
 
+    def _parse(self, kind: type[_M], digest: Digest) -> _M | None:
+        """The blob as a `kind` message; None if it cannot be read or is not one (then
+        the outputs it stands for cannot be read back either)."""
+        blob = self._read(digest)
+        if blob is None:
+            return None
+        try:
+            return kind.FromString(blob)
+        except DecodeError:
+            return None
+
     def missing(self, result: re_pb2.ActionResult, logs: Iterable[Digest]) -> list[Digest]:
         wanted: list[Digest] = list(logs)
         for field in (result.stdout_digest, result.stderr_digest):
@@ -91,11 +105,7 @@ class _BlobWalk:
         for tree_digest in dict.fromkeys(trees):
             if tree_digest in missing:
                 continue
-            blob = self._read(tree_digest)
-            try:
-                tree = re_pb2.Tree.FromString(blob) if blob is not None else None
-            except DecodeError:
-                tree = None  # not a Tree: the outputs cannot be read back
+            tree = self._parse(re_pb2.Tree, tree_digest)
             if tree is None:
                 missing.append(tree_digest)
                 continue
@@ -121,11 +131,7 @@ class _BlobWalk:
             for digest in level:
                 if digest in gone:
                     continue
-                blob = self._read(digest)
-                try:
-                    directory = re_pb2.Directory.FromString(blob) if blob is not None else None
-                except DecodeError:
-                    directory = None  # not a Directory: the outputs cannot be read back
+                directory = self._parse(re_pb2.Directory, digest)
                 if directory is None:
                     missing.append(digest)
                     continue
