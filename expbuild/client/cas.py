@@ -19,7 +19,7 @@ import contextlib
 import functools
 import os
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -205,7 +205,13 @@ class CasClient:
         server's status, with a message naming the digest. (The count is of uncompressed
         bytes, whatever travelled on the wire.)
         """
-        missing = await self.find_missing(blobs.keys())
+        return await self.upload_missing(blobs, await self.find_missing(blobs.keys()))
+
+    async def upload_missing(
+        self, blobs: Mapping[Digest, bytes | Path], missing: Sequence[Digest]
+    ) -> int:
+        """`upload` for a caller that already asked FindMissingBlobs: sends `missing`
+        (digests of `blobs`) without asking again."""
         small = [d for d in missing if self.fits_in_batch(d)]
         large = [d for d in missing if not self.fits_in_batch(d)]
         jobs: list[Awaitable[None]] = [

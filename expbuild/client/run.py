@@ -361,7 +361,7 @@ async def run_command(
         if missing:
             size = sum(d.size_bytes for d in missing)
             _say(progress, f"Uploading {len(missing)} blobs ({human_size(size)})")
-            await cas.upload({d: blobs[d] for d in missing})
+            await cas.upload_missing(blobs, missing)
         else:
             _say(progress, "All inputs already in the CAS")
 
