@@ -23,10 +23,10 @@ from expbuild.proto import remote_asset_pb2 as ra_pb2
 from expbuild.proto import remote_asset_pb2_grpc as ra_grpc
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.reapi.request_metadata import request_metadata_of
-from expbuild.reapi.status import ok_status, to_status
+from expbuild.reapi.status import ok_status
 from expbuild.scheduling.actions import checked_duration
 from expbuild.server.instances import InstanceNames
-from expbuild.server.status import rpc
+from expbuild.server.status import client_status, rpc
 from expbuild.text import check_no_nul, quoted
 
 
@@ -117,7 +117,7 @@ class FetchServicer(ra_grpc.FetchServicer):
         try:
             got = await self._catalog.fetch(fetch, caller_of(context))
         except ExpBuildError as exc:
-            return reply_type(status=to_status(exc))
+            return reply_type(status=client_status(exc, f"Fetch{kind.capitalize()}"))
         return reply_type(
             status=ok_status(),
             uri=got.uri,
