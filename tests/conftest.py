@@ -14,6 +14,7 @@ import pytest
 from expbuild.client.channel import open_channel
 from expbuild.db.migrate import migrate
 from expbuild.db.pool import create_pool
+from tests.figures import write_summary
 from tests.postgres import LocalPostgres, find_postgres, postgres_bindir
 
 TEMPLATE = "expbuild_template"
@@ -109,3 +110,7 @@ async def restartable_postgres():
         yield cluster
     finally:
         await asyncio.to_thread(cluster.remove)
+
+
+def pytest_terminal_summary(terminalreporter):
+    write_summary(terminalreporter)  # the figures tests measured (tests/figures.py)

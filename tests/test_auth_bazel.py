@@ -43,7 +43,6 @@ from tests.test_bazel import (
     expbuild_command,
     find_bazel,
     record_time,
-    register_timing_summary,
     start,
     wait_for_log,
 )
@@ -99,11 +98,6 @@ def skip_if_bazel_cannot_do_tls(bazel: Bazel) -> None:
                 f"this Bazel cannot open any grpcs:// connection ({BAZEL_WITHOUT_ALPN!r} in "
                 f"{log}): Debian's bazel-bootstrap bundles a netty without JDK ALPN"
             )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _timing_summary(request):
-    register_timing_summary(request.config)
 
 
 @pytest.fixture(scope="module")

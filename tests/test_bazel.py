@@ -44,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expbuild.cas.eviction import EvictionReport, evict_to_size
 from expbuild.cas.store import FileStore
+from tests import figures
 from tests.conftest import create_from_template, drop_database
 from tests.postgres import free_port
 
@@ -109,32 +110,9 @@ INTERMEDIATE = {"chain_1.txt", "large.bin", *(f"tree/{name}" for name in TREE)}
 
 # -- timings, shown at the end of the run -------------------------------------------------------
 
-TIMINGS: list[tuple[str, float, str]] = []
-
-
-class _Summary:
-    def pytest_terminal_summary(self, terminalreporter):
-        if not TIMINGS:
-            return
-        terminalreporter.section("bazel conformance: wall times")
-        for label, seconds, note in TIMINGS:
-            terminalreporter.write_line(f"{label:<45} {seconds:7.2f}s  {note}")
-
 
 def record_time(label: str, seconds: float, note: str = "") -> None:
-    TIMINGS.append((label, seconds, note))
-    print(f"[bazel] {label}: {seconds:.2f}s {note}")
-
-
-def register_timing_summary(config: pytest.Config) -> None:
-    """Once per session, whichever Bazel test module asks first (tests/test_auth_bazel.py too)."""
-    if not config.pluginmanager.has_plugin("expbuild-bazel-timings"):
-        config.pluginmanager.register(_Summary(), "expbuild-bazel-timings")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _timing_summary(request):
-    register_timing_summary(request.config)
+    figures.record("bazel conformance: wall times", f"{label:<45} {seconds:7.2f}s  {note}")
 
 
 # -- Bazel --------------------------------------------------------------------------------------

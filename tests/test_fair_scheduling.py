@@ -31,6 +31,7 @@ from expbuild.proto import worker_pb2, worker_pb2_grpc
 from expbuild.reapi.request_metadata import HEADER, RequestMetadata
 from expbuild.scheduling.submission import invocation_key
 from tests.conftest import TEMPLATE
+from tests.figures import record
 from tests.processes import BIN
 from tests.serving import running_server, server_settings
 from tests.two_builds import (
@@ -348,7 +349,7 @@ async def test_a_small_build_finishes_long_before_a_large_one(postgres_admin_url
     for fair in (True, False):
         async with fresh_database(postgres_admin_url, TEMPLATE) as url:
             figures[fair] = await run_two_builds(url, tmp_path / f"fair-{fair}", fair=fair)
-        print(figures[fair].line())
+        record("fair scheduling: two builds (tests/two_builds.py)", figures[fair].line())
         order = figures[fair].lease_order
         assert Counter(order) == {LARGE: 200, SMALL: 10}
     fair, unfair = figures[True], figures[False]
