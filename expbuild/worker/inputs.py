@@ -25,7 +25,7 @@ from pathlib import Path
 from expbuild.client.cas import CasClient
 from expbuild.client.tree import BlobSource, CasSource, materialize
 from expbuild.config import BackendSettings
-from expbuild.digest import Digest
+from expbuild.digest import EMPTY, Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import worker_pb2
 from expbuild.worker.action_user import ActionUser, hand_over
@@ -88,17 +88,22 @@ async def prepare_inputs(
     input_root.mkdir()
     input_root_digest = Digest.from_proto(action.input_root_digest)
     log.info("Downloading input root %s", input_root_digest)
-    source = blob_cache.source(cas, link=user is not None) if blob_cache else CasSource(cas)
-    bounded = _BoundedDirectories(source, max_directory_size)
-    await materialize(cas, input_root_digest, input_root, source=bounded)
     outputs = (
         len(command.output_paths) + len(command.output_files) + len(command.output_directories)
     )
-    if input_root_digest.size_bytes == 0 and outputs <= _INLINE_OUTPUTS:
-        # An empty input root and a few outputs: a few mkdirs and a chown, cheaper than a
-        # thread hop.
-        _finish_input_root(command, input_root, user)
+    if input_root_digest == EMPTY:
+        # The empty Directory: nothing to fetch or lay out, no symlink to check. With a
+        # few outputs, a few mkdirs and a chown: cheaper than a thread hop.
+        if outputs <= _INLINE_OUTPUTS:
+            _finish_input_root(command, input_root, user, check_symlinks=False)
+        else:
+            await asyncio.to_thread(
+                _finish_input_root, command, input_root, user, check_symlinks=False
+            )
     else:
+        source = blob_cache.source(cas, link=user is not None) if blob_cache else CasSource(cas)
+        bounded = _BoundedDirectories(source, max_directory_size)
+        await materialize(cas, input_root_digest, input_root, source=bounded)
         await asyncio.to_thread(_finish_input_root, command, input_root, user)
     return ActionDirectory(
         path=action_path,
@@ -136,9 +141,12 @@ class _BoundedDirectories:
         return await self.source.place_files(files)
 
 
-def _finish_input_root(command, input_root: Path, user: ActionUser | None) -> None:
+def _finish_input_root(
+    command, input_root: Path, user: ActionUser | None, *, check_symlinks: bool = True
+) -> None:
     # First: creating output parents must not follow a symlink out of the input root.
-    _check_symlinks(input_root)
+    if check_symlinks:
+        _check_symlinks(input_root)
     _create_output_parents(command, input_root)
     if user is not None:
         hand_over(input_root, user)
@@ -167,6 +175,8 @@ def _check_symlinks(input_root: Path) -> None:
 
 def _create_output_parents(command, input_root: Path) -> None:
     for directory in output_parent_directories(command, input_root):
+        if directory == input_root:
+            continue  # made by prepare_inputs
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -177,6 +187,8 @@ def _create_output_parents(command, input_root: Path) -> None:
 
 
 async def remove_action_directory(path: Path) -> None:
+    # In a thread even when it is nearly empty: an rmdir on this ext4 takes ~1.5 ms of
+    # waiting (the freed block's discard), which must not stall the event loop.
     await asyncio.to_thread(_remove_tree, path)
 
 
