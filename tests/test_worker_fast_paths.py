@@ -2,10 +2,13 @@
 
 - Outputs and logs that are few and small are gathered on the event loop, not in a thread.
 - The zygote and each launcher name themselves, so `ps` and profiles tell them apart.
+- An action directory its action left bare is emptied and kept for the next action.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from expbuild.config import LimitsSettings
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import HostExecutor
-from expbuild.worker.inputs import ActionDirectory
+from expbuild.worker.inputs import SPARE_PREFIX, ActionDirectories, ActionDirectory
 from expbuild.worker.runner import _outputs_are_small, gather_outputs
 
 
@@ -73,3 +76,60 @@ async def test_the_zygote_and_launchers_name_themselves(tmp_path):
         assert Path(f"/proc/{zygote}/comm").read_text() == "expbuild-zygote\n"
     finally:
         await executor.close()
+
+
+# -- action directories: a bare one is kept and reused, anything else removed ------------
+
+
+def make_bare(directories: ActionDirectories, task: str = "t") -> Path:
+    path = directories.create(task, 1)
+    (path / "stdout").write_bytes(b"out\n")
+    (path / "stderr").write_bytes(b"")
+    return path
+
+
+async def test_a_bare_action_directory_is_reused_emptied(tmp_path):
+    directories = ActionDirectories(tmp_path)
+    first = make_bare(directories)
+    inode = first.stat().st_ino
+    await directories.remove(first)
+    assert not first.exists()
+    (spare,) = directories.spares
+    assert (spare / "stdout").read_bytes() == b""  # the last action's output is gone
+    second = directories.create("u", 1)
+    assert second.name.startswith("u-1-") and second.stat().st_ino == inode
+    assert list((second / "root").iterdir()) == []
+    await directories.remove(second)
+    await directories.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("change", ["file in root", "root mode", "root xattr", "extra file"])
+async def test_an_action_directory_that_is_not_bare_is_removed(tmp_path, change):
+    directories = ActionDirectories(tmp_path)
+    path = make_bare(directories)
+    root = path / "root"
+    if change == "file in root":
+        (root / "left").write_text("x")
+    elif change == "root mode":
+        root.chmod(0o777 if stat.S_IMODE(root.stat().st_mode) != 0o777 else 0o755)
+    elif change == "root xattr":
+        os.setxattr(root, "user.left", b"x")
+    else:
+        (path / "core").write_text("x")
+    await directories.remove(path)
+    assert directories.spares == []
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_spares_of_a_dead_worker_are_removed_at_start(tmp_path):
+    dead = tmp_path / f"{SPARE_PREFIX}999999999.1-1"
+    (dead / "root").mkdir(parents=True)
+    live = ActionDirectories(tmp_path)
+    await live.remove(make_bare(live))
+    (own,) = live.spares
+    ActionDirectories(tmp_path)  # another worker starting in the same work_dir
+    assert not dead.exists()
+    assert own.exists()  # this process is alive: its spare stays
+    await live.close()
+    assert not own.exists()

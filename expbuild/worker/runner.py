@@ -37,12 +37,7 @@ from expbuild.worker import action_log, metrics
 from expbuild.worker.action_log import LOG_NAME, ActionLog
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
-from expbuild.worker.inputs import (
-    ActionDirectory,
-    create_action_directory,
-    prepare_inputs,
-    remove_action_directory,
-)
+from expbuild.worker.inputs import ActionDirectories, ActionDirectory, prepare_inputs
 from expbuild.worker.limits import capped_timeout, output_size, output_too_large
 from expbuild.worker.outputs import (
     Blob,
@@ -73,6 +68,13 @@ class TaskRunner:
     # How many bytes of blobs the server takes inline in CompleteTask (0: none, all go to
     # the CAS first); the agent learns it when it registers.
     inline_budget: Callable[[], int] = lambda: 0
+
+    def __post_init__(self) -> None:
+        self.directories = ActionDirectories(self.work_dir)
+
+    async def close(self) -> None:
+        """Remove the spare action directories; once no task runs any more."""
+        await self.directories.close()
 
     async def run(self, task: worker_pb2.Task) -> TaskReport:
         """Run the task; the response carries this action's log as server_logs["worker.log"]."""
@@ -112,10 +114,10 @@ class TaskRunner:
         if task.HasField("queued_at"):
             metadata.queued_timestamp.CopyFrom(task.queued_at)
         cas = await self.cas_for(task.instance_name)
-        # Synchronous on purpose (two mkdirs): no await between creating the directory
-        # and the try whose finally removes it, so a cancellation cannot leak it.
+        # Synchronous on purpose (a rename, or two mkdirs): no await between creating the
+        # directory and the try whose finally removes it, so a cancellation cannot leak it.
         try:
-            action_path = create_action_directory(self.work_dir, task.task_id, task.attempt)
+            action_path = self.directories.create(task.task_id, task.attempt)
         except OSError as exc:
             log.error("Task %s: cannot create its action directory: %s", task.task_id, exc)
             return failure_response(
@@ -129,7 +131,7 @@ class TaskRunner:
             log.exception("Task %s: internal error", task.task_id)
             return failure_response(exc)
         finally:
-            await remove_action_directory(action_path)
+            await self.directories.remove(action_path)
 
     async def _run_in(
         self,
