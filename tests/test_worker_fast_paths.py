@@ -17,7 +17,12 @@ from expbuild.config import LimitsSettings
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.worker.execution import ExecutionRequest
 from expbuild.worker.host import HostExecutor
-from expbuild.worker.inputs import SPARE_PREFIX, ActionDirectories, ActionDirectory
+from expbuild.worker.inputs import (
+    SPARE_LOG_BYTES,
+    SPARE_PREFIX,
+    ActionDirectories,
+    ActionDirectory,
+)
 from expbuild.worker.runner import _outputs_are_small, gather_outputs
 
 
@@ -104,7 +109,9 @@ async def test_a_bare_action_directory_is_reused_emptied(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("change", ["file in root", "root mode", "root xattr", "extra file"])
+@pytest.mark.parametrize(
+    "change", ["file in root", "root mode", "root xattr", "extra file", "large log"]
+)
 async def test_an_action_directory_that_is_not_bare_is_removed(tmp_path, change):
     directories = ActionDirectories(tmp_path)
     path = make_bare(directories)
@@ -115,6 +122,8 @@ async def test_an_action_directory_that_is_not_bare_is_removed(tmp_path, change)
         root.chmod(0o777 if stat.S_IMODE(root.stat().st_mode) != 0o777 else 0o755)
     elif change == "root xattr":
         os.setxattr(root, "user.left", b"x")
+    elif change == "large log":
+        (path / "stderr").write_bytes(b"x" * (SPARE_LOG_BYTES + 1))
     else:
         (path / "core").write_text("x")
     await directories.remove(path)

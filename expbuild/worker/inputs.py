@@ -69,6 +69,9 @@ def _action_name(task_id: str, attempt: int) -> str:
 # Spare action directories a worker keeps (a few per slot is plenty).
 KEEP_SPARE = 16
 SPARE_PREFIX = ".spare-"
+# Logs larger than this in all are not emptied for reuse: the directory is removed in a
+# thread instead.
+SPARE_LOG_BYTES = 64 * 1024
 
 
 class ActionDirectories:
@@ -121,7 +124,8 @@ class ActionDirectories:
 
     def _bare(self, path: Path) -> bool:
         """Whether `path` holds only an input root as made (empty, same mode, no extended
-        attributes such as ACLs) and regular stdout/stderr files; empties those."""
+        attributes such as ACLs) and regular stdout/stderr files of at most
+        SPARE_LOG_BYTES in all; empties those."""
         try:
             root = path / "root"
             st = os.lstat(root)
@@ -139,8 +143,11 @@ class ActionDirectories:
                         logs.append(entry)
                     elif entry.name != "root":
                         return False
-            for entry in logs:
-                if entry.stat(follow_symlinks=False).st_size:
+            sizes = [entry.stat(follow_symlinks=False).st_size for entry in logs]
+            if sum(sizes) > SPARE_LOG_BYTES:
+                return False  # freeing their blocks could stall the loop: the thread does it
+            for entry, size in zip(logs, sizes, strict=True):
+                if size:
                     os.truncate(entry.path, 0)
         except OSError:
             return False
