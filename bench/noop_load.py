@@ -83,6 +83,12 @@ def parent_pid(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime+stime of `pid` alone (not its children)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return sum(int(f) for f in stat[stat.rindex(")") + 2 :].split()[11:13]) / TICKS
+
+
 def tree_cpu_seconds(root: int) -> float:
     """utime+stime of `root` and every live descendant, plus what their reaped children used."""
     tree = _children()
@@ -372,16 +378,24 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
                 pids.update({f"worker {n}": w.pid for n, w in enumerate(deployment.workers)})
                 profilers = start_profilers(args.profile, deployment, pids)
                 commits = await transactions(db)
+                daemons = {f"worker {n} daemon": w.pid for n, w in enumerate(deployment.workers)}
                 before = {k: tree_cpu_seconds(p) for k, p in pids.items()}
+                before.update({k: process_cpu_seconds(p) for k, p in daemons.items()})
                 done, wall = await load.many(args.actions, args.clients)
                 after = {k: tree_cpu_seconds(p) for k, p in pids.items()}
+                after.update({k: process_cpu_seconds(p) for k, p in daemons.items()})
                 stop_profilers(profilers)
                 await asyncio.sleep(1.5)  # backends report their counts within a second
                 figures.transactions = (await transactions(db) - commits - 1) / len(done)
                 figures.rate_8 = len(done) / wall
-                figures.cpu_ms = {k: (after[k] - before[k]) * 1000 / len(done) for k in pids}
+                figures.cpu_ms = {k: (after[k] - before[k]) * 1000 / len(done) for k in after}
                 figures.cpu_ms["workers"] = sum(
                     figures.cpu_ms[f"worker {n}"] for n in range(WORKERS)
+                )
+                # The daemons' own Python process vs what they start (zygote, launchers,
+                # the commands themselves).
+                figures.cpu_ms["workers' daemons alone"] = sum(
+                    figures.cpu_ms[f"worker {n} daemon"] for n in range(WORKERS)
                 )
 
                 digests = [r[2][0] for r in serial]
@@ -497,11 +511,18 @@ def table(columns: dict[str, Figures], args) -> str:
     def row(name: str, fmt, get) -> None:
         rows.append((name, [fmt(get(columns[label])) for label in labels]))
 
-    for component in ["server", "workers", *(f"worker {n}" for n in range(WORKERS)), "postgres"]:
+    components = [
+        "server",
+        "workers",
+        *(f"worker {n}" for n in range(WORKERS)),
+        "workers' daemons alone",
+        "postgres",
+    ]
+    for component in components:
         row(
             f"{component} CPU per no-op action (ms)",
             "{:.1f}".format,
-            lambda f, c=component: f.cpu_ms[c],
+            lambda f, c=component: f.cpu_ms.get(c, float("nan")),
         )
     row(
         "PostgreSQL transactions per no-op action (polls, heartbeats included)",

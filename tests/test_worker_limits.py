@@ -22,7 +22,7 @@ from expbuild.worker.agent import WorkerAgent
 from expbuild.worker.cgroups import CgroupSupport
 from expbuild.worker.execution import ExecutionRequest, Executor
 from expbuild.worker.host import HostExecutor
-from expbuild.worker.limits import capped_timeout, format_size
+from expbuild.worker.limits import SIGXCPU, capped_timeout, cpu_time_exceeded, format_size
 from tests.serving import running_server, server_settings
 from tests.test_worker_agent import client_of, running_agent, settings_for
 
@@ -179,6 +179,24 @@ async def test_within_limits_nothing_is_reported(tmp_path, backend: Backend):
     assert (tmp_path / "stdout").read_text() == "fine\n"
 
 
+def test_a_death_by_sigxcpu_is_the_cpu_limit_whatever_cpu_time_is_reported():
+    # Under load the CPU time reported for a process its 1 s limit killed was 0.73 s here:
+    # the kernel sent SIGXCPU, and only its limit does.
+    limits = LimitsSettings(cpu_time=1)
+    reason = cpu_time_exceeded(limits, SIGXCPU, 0.3, by_signal=True)
+    assert reason == "action exceeded its CPU time limit of 1s (SIGXCPU)"
+
+
+def test_an_exit_code_looking_like_sigxcpu_needs_the_cpu_time_to_back_it():
+    limits = LimitsSettings(cpu_time=1)
+    assert cpu_time_exceeded(limits, SIGXCPU, 0.0) is None  # `exit 152`
+    # A shell reporting its child's SIGXCPU: the child's time trails the limit's count.
+    assert cpu_time_exceeded(limits, SIGXCPU, 0.7) == (
+        "action exceeded its CPU time limit of 1s (SIGXCPU)"
+    )
+    assert cpu_time_exceeded(LimitsSettings(), SIGXCPU, 5.0, by_signal=True) is None
+
+
 def test_the_timeout_limit_caps_the_actions_own():
     limits = LimitsSettings(timeout=timedelta(seconds=5))
     assert capped_timeout(None, limits) == 5
@@ -198,24 +216,31 @@ def test_sizes_are_reported_in_binary_units():
 
 
 async def test_limits_end_to_end(client, tmp_path):
-    work_dir = tmp_path / "work"
-    # The worker's timeout also caps the CPU hog: 8 s of wall time leaves a loaded machine
-    # room to give it its 1 s of CPU.
-    limits = LimitsSettings(
-        timeout=timedelta(seconds=8), cpu_time=1, memory=64 * MiB, max_output_size=1 * MiB
+    # Two workers one after the other, so that no limit races the wall clock: the first
+    # one's short timeout is all it checks; the second one has no timeout at all, so a
+    # CPU hog on a loaded machine gets its 1 s of CPU however long that takes.
+    timing_out = WorkerAgent(
+        replace(
+            settings_for(client.app.port, tmp_path / "work-1"),
+            limits=LimitsSettings(timeout=timedelta(seconds=2)),
+        )
     )
+    async with running_agent(timing_out):
+        slow = await client.submit(["sh", "-c", "echo before; sleep 30"])
+        slow_response = await client.response(slow)
+
+    work_dir = tmp_path / "work-2"
+    limits = LimitsSettings(cpu_time=1, memory=64 * MiB, max_output_size=1 * MiB)
     agent = WorkerAgent(replace(settings_for(client.app.port, work_dir), limits=limits))
     half = 600 * 1024  # each file is within the per-file backstop, together over the total
     async with running_agent(agent):
-        slow = await client.submit(["sh", "-c", "echo before; sleep 30"])
-        spinning = await client.submit(list(CPU_HOG), timeout=10)
+        spinning = await client.submit(list(CPU_HOG))
         hog = await client.submit(list(MEMORY_HOG))
         large = await client.submit(
             ["sh", "-c", f"head -c {half} /dev/zero > a; head -c {half} /dev/zero > b; exit 4"],
             output_paths=("a", "b"),
         )
         fine = await client.submit(["sh", "-c", "echo small > a"], output_paths=("a",))
-        slow_response = await client.response(slow)
         spinning_response = await client.response(spinning)
         hog_response = await client.response(hog)
         large_response = await client.response(large)
@@ -223,7 +248,7 @@ async def test_limits_end_to_end(client, tmp_path):
 
     # [worker.limits] timeout applies to an action that sets none (and caps longer ones).
     assert slow_response.status.code == code_pb2.DEADLINE_EXCEEDED
-    assert slow_response.status.message == "action timed out after 8s"
+    assert slow_response.status.message == "action timed out after 2s"
     assert await client.read(slow_response.result.stdout_digest) == b"before\n"
 
     assert spinning_response.status.code == code_pb2.RESOURCE_EXHAUSTED

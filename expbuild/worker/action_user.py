@@ -13,6 +13,7 @@ A worker that is not root cannot switch users: its actions run as itself. Then, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pwd
@@ -33,10 +34,16 @@ class ActionUser:
     gid: int
 
     def __str__(self) -> str:
-        try:
-            return f"{pwd.getpwuid(self.uid).pw_name} ({self.uid}:{self.gid})"
-        except KeyError:
-            return f"{self.uid}:{self.gid}"
+        return _describe(self.uid, self.gid)
+
+
+@functools.cache
+def _describe(uid: int, gid: int) -> str:
+    # Once per user: every action's log names it, and a passwd lookup reads /etc/passwd.
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid}:{gid})"
+    except KeyError:
+        return f"{uid}:{gid}"
 
 
 def resolve_action_user(run_as: str, *, euid: int | None = None) -> ActionUser | None:

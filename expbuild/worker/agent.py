@@ -214,6 +214,7 @@ class WorkerAgent:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await runner.close()
             await server_channel.close()
             if cas_channel is not server_channel:
                 await cas_channel.close()

@@ -7,7 +7,8 @@ Layout of `<work_dir>/<task_id>-<attempt>-<random>/`:
     stderr     the command's standard error
 
 The random part keeps two attempts of one task (or two workers sharing a work_dir) apart.
-The directory is removed after the task whatever happened (`remove_action_directory`).
+After the task, whatever happened, the directory is removed, or, when its action left it
+bare, emptied and kept as a spare for the next action (`ActionDirectories`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from expbuild.client.cas import CasClient
 from expbuild.client.tree import BlobSource, CasSource, materialize
 from expbuild.config import BackendSettings
-from expbuild.digest import Digest
+from expbuild.digest import EMPTY, Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import worker_pb2
 from expbuild.worker.action_user import ActionUser, hand_over
@@ -49,14 +50,143 @@ class ActionDirectory:
 
 
 def create_action_directory(work_dir: Path, task_id: str, attempt: int) -> Path:
-    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)
-    path = work_dir / f"{safe_id}-{attempt}-{uuid.uuid4().hex[:8]}"
+    """A fresh action directory with its (empty) input root."""
+    path = work_dir / _action_name(task_id, attempt)
     try:
         path.mkdir()
     except FileNotFoundError:  # the work_dir itself is gone: only then make it again
         work_dir.mkdir(parents=True, exist_ok=True)
         path.mkdir()
+    (path / "root").mkdir()
     return path
+
+
+def _action_name(task_id: str, attempt: int) -> str:
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)
+    return f"{safe_id}-{attempt}-{uuid.uuid4().hex[:8]}"
+
+
+# Spare action directories a worker keeps (a few per slot is plenty).
+KEEP_SPARE = 16
+SPARE_PREFIX = ".spare-"
+# Logs larger than this in all are not emptied for reuse: the directory is removed in a
+# thread instead.
+SPARE_LOG_BYTES = 64 * 1024
+
+
+class ActionDirectories:
+    """The action directories of one worker in its work_dir: made, or reused.
+
+    Making an action directory and its input root and removing them is most of a small
+    action's file work: on this ext4, two mkdirs cost ~0.2 ms of CPU and two rmdirs ~3 ms
+    of waiting (the freed blocks' discard). So a directory its action left bare (an
+    empty input root as it was made, stdout and stderr) has its logs emptied and is
+    renamed `.spare-<worker pid>.<start time>-<n>`; the next action renames it to its
+    own name. Anything else is removed as before. Spares are the worker's own: `close`
+    removes them, and a worker starting removes those of dead workers in its work_dir.
+    """
+
+    def __init__(self, work_dir: Path, keep: int = KEEP_SPARE) -> None:
+        self.work_dir = work_dir
+        self.keep = keep
+        self.spares: list[Path] = []
+        self.owner = f"{os.getpid()}.{_start_time(os.getpid())}"
+        self._serial = 0
+        self._root_mode: int | None = None  # as mkdir makes an input root here
+        _remove_dead_spares(work_dir)
+
+    def create(self, task_id: str, attempt: int) -> Path:
+        """The action's directory with an empty input root (blocking, but a rename or two
+        mkdirs)."""
+        path = self.work_dir / _action_name(task_id, attempt)
+        while self.spares:
+            try:
+                os.rename(self.spares.pop(), path)
+                return path
+            except OSError:
+                continue  # gone meanwhile: try the next, or make one
+        path = create_action_directory(self.work_dir, task_id, attempt)
+        if self._root_mode is None:
+            self._root_mode = stat.S_IMODE(os.lstat(path / "root").st_mode)
+        return path
+
+    async def remove(self, path: Path) -> None:
+        if len(self.spares) < self.keep and self._bare(path):
+            self._serial += 1
+            spare = self.work_dir / f"{SPARE_PREFIX}{self.owner}-{self._serial}"
+            try:
+                os.rename(path, spare)
+                self.spares.append(spare)
+                return
+            except OSError:
+                pass
+        await remove_action_directory(path)
+
+    def _bare(self, path: Path) -> bool:
+        """Whether `path` holds only an input root as made (empty, same mode, no extended
+        attributes such as ACLs) and regular stdout/stderr files of at most
+        SPARE_LOG_BYTES in all; empties those."""
+        try:
+            root = path / "root"
+            st = os.lstat(root)
+            if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != self._root_mode:
+                return False
+            if os.listxattr(root, follow_symlinks=False):
+                return False
+            with os.scandir(root) as entries:
+                if next(entries, None) is not None:
+                    return False
+            logs = []
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.name in ("stdout", "stderr") and entry.is_file(follow_symlinks=False):
+                        logs.append(entry)
+                    elif entry.name != "root":
+                        return False
+            sizes = [entry.stat(follow_symlinks=False).st_size for entry in logs]
+            if sum(sizes) > SPARE_LOG_BYTES:
+                return False  # freeing their blocks could stall the loop: the thread does it
+            for entry, size in zip(logs, sizes, strict=True):
+                if size:
+                    os.truncate(entry.path, 0)
+        except OSError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Remove the spares; call once no action runs any more."""
+        spares, self.spares = self.spares, []
+        if spares:
+            await asyncio.to_thread(_remove_all, spares)
+
+
+def _remove_all(paths: list[Path]) -> None:
+    for path in paths:
+        _remove_tree(path)
+
+
+def _remove_dead_spares(work_dir: Path) -> None:
+    """Remove spares whose worker is gone (blocking; at start-up)."""
+    try:
+        entries = [e for e in os.scandir(work_dir) if e.name.startswith(SPARE_PREFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        owner = entry.name[len(SPARE_PREFIX) :].rsplit("-", 1)[0]
+        pid, _, started = owner.partition(".")
+        if not (pid.isdigit() and started.lstrip("-").isdigit()):
+            continue
+        if _start_time(int(pid)) != int(started):
+            _remove_tree(Path(entry.path))
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot; -1 when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as status:
+            return int(status.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 async def prepare_inputs(
@@ -84,21 +214,25 @@ async def prepare_inputs(
     log.info("Downloading command %s", Digest.from_proto(action.command_digest))
     if not command.arguments:
         raise InvalidArgument("the Command has no arguments; there is nothing to run")
-    input_root = action_path / "root"
-    input_root.mkdir()
+    input_root = action_path / "root"  # made empty with the action directory
     input_root_digest = Digest.from_proto(action.input_root_digest)
     log.info("Downloading input root %s", input_root_digest)
-    source = blob_cache.source(cas, link=user is not None) if blob_cache else CasSource(cas)
-    bounded = _BoundedDirectories(source, max_directory_size)
-    await materialize(cas, input_root_digest, input_root, source=bounded)
     outputs = (
         len(command.output_paths) + len(command.output_files) + len(command.output_directories)
     )
-    if input_root_digest.size_bytes == 0 and outputs <= _INLINE_OUTPUTS:
-        # An empty input root and a few outputs: a few mkdirs and a chown, cheaper than a
-        # thread hop.
-        _finish_input_root(command, input_root, user)
+    if input_root_digest == EMPTY:
+        # The empty Directory: nothing to fetch or lay out, no symlink to check. With a
+        # few outputs, a few mkdirs and a chown: cheaper than a thread hop.
+        if outputs <= _INLINE_OUTPUTS:
+            _finish_input_root(command, input_root, user, check_symlinks=False)
+        else:
+            await asyncio.to_thread(
+                _finish_input_root, command, input_root, user, check_symlinks=False
+            )
     else:
+        source = blob_cache.source(cas, link=user is not None) if blob_cache else CasSource(cas)
+        bounded = _BoundedDirectories(source, max_directory_size)
+        await materialize(cas, input_root_digest, input_root, source=bounded)
         await asyncio.to_thread(_finish_input_root, command, input_root, user)
     return ActionDirectory(
         path=action_path,
@@ -136,9 +270,12 @@ class _BoundedDirectories:
         return await self.source.place_files(files)
 
 
-def _finish_input_root(command, input_root: Path, user: ActionUser | None) -> None:
+def _finish_input_root(
+    command, input_root: Path, user: ActionUser | None, *, check_symlinks: bool = True
+) -> None:
     # First: creating output parents must not follow a symlink out of the input root.
-    _check_symlinks(input_root)
+    if check_symlinks:
+        _check_symlinks(input_root)
     _create_output_parents(command, input_root)
     if user is not None:
         hand_over(input_root, user)
@@ -167,6 +304,8 @@ def _check_symlinks(input_root: Path) -> None:
 
 def _create_output_parents(command, input_root: Path) -> None:
     for directory in output_parent_directories(command, input_root):
+        if directory == input_root:
+            continue  # made by prepare_inputs
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -177,6 +316,8 @@ def _create_output_parents(command, input_root: Path) -> None:
 
 
 async def remove_action_directory(path: Path) -> None:
+    # In a thread even when it is nearly empty: an rmdir on this ext4 takes ~1.5 ms of
+    # waiting (the freed block's discard), which must not stall the event loop.
     await asyncio.to_thread(_remove_tree, path)
 
 

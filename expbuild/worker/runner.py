@@ -14,6 +14,8 @@ import contextlib
 import errno
 import json
 import logging
+import os
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -35,14 +37,16 @@ from expbuild.worker import action_log, metrics
 from expbuild.worker.action_log import LOG_NAME, ActionLog
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.execution import ExecutionOutcome, ExecutionRequest, Executor
-from expbuild.worker.inputs import (
-    ActionDirectory,
-    create_action_directory,
-    prepare_inputs,
-    remove_action_directory,
-)
+from expbuild.worker.inputs import ActionDirectories, ActionDirectory, prepare_inputs
 from expbuild.worker.limits import capped_timeout, output_size, output_too_large
-from expbuild.worker.outputs import Blob, CollectedOutputs, collect_outputs, file_digest
+from expbuild.worker.outputs import (
+    Blob,
+    CollectedOutputs,
+    collect_outputs,
+    declared_outputs,
+    file_digest,
+)
+from expbuild.worker.paths import join_inside
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,13 @@ class TaskRunner:
     # How many bytes of blobs the server takes inline in CompleteTask (0: none, all go to
     # the CAS first); the agent learns it when it registers.
     inline_budget: Callable[[], int] = lambda: 0
+
+    def __post_init__(self) -> None:
+        self.directories = ActionDirectories(self.work_dir)
+
+    async def close(self) -> None:
+        """Remove the spare action directories; once no task runs any more."""
+        await self.directories.close()
 
     async def run(self, task: worker_pb2.Task) -> TaskReport:
         """Run the task; the response carries this action's log as server_logs["worker.log"]."""
@@ -103,10 +114,10 @@ class TaskRunner:
         if task.HasField("queued_at"):
             metadata.queued_timestamp.CopyFrom(task.queued_at)
         cas = await self.cas_for(task.instance_name)
-        # Synchronous on purpose (two mkdirs): no await between creating the directory
-        # and the try whose finally removes it, so a cancellation cannot leak it.
+        # Synchronous on purpose (a rename, or two mkdirs): no await between creating the
+        # directory and the try whose finally removes it, so a cancellation cannot leak it.
         try:
-            action_path = create_action_directory(self.work_dir, task.task_id, task.attempt)
+            action_path = self.directories.create(task.task_id, task.attempt)
         except OSError as exc:
             log.error("Task %s: cannot create its action directory: %s", task.task_id, exc)
             return failure_response(
@@ -120,7 +131,7 @@ class TaskRunner:
             log.exception("Task %s: internal error", task.task_id)
             return failure_response(exc)
         finally:
-            await remove_action_directory(action_path)
+            await self.directories.remove(action_path)
 
     async def _run_in(
         self,
@@ -163,9 +174,12 @@ class TaskRunner:
         with _timed(
             metadata.output_upload_start_timestamp, metadata.output_upload_completed_timestamp
         ):
-            result, blobs, output_error = await asyncio.to_thread(
-                gather_outputs, task.command, directory, self.limits
-            )
+            if _outputs_are_small(task.command, directory):
+                result, blobs, output_error = gather_outputs(task.command, directory, self.limits)
+            else:
+                result, blobs, output_error = await asyncio.to_thread(
+                    gather_outputs, task.command, directory, self.limits
+                )
             result.exit_code = outcome.exit_code
             response = execute_response(result, outcome, timeout, output_error)
             # The log goes with the outputs: one round trip for both.
@@ -263,6 +277,8 @@ async def _split_inline(
     upload = {d: b for d, b in blobs.items() if d not in inline}
     if all(isinstance(b, bytes) for b in inline.values()):
         return {d: b for d, b in inline.items() if isinstance(b, bytes)}, upload
+    if sum(d.size_bytes for d in inline) <= _INLINE_GATHER_BYTES:
+        return _read_inline(inline), upload  # a few small files: no thread hop
     return await asyncio.to_thread(_read_inline, inline), upload
 
 
@@ -283,6 +299,38 @@ def _server_away(error: BaseException) -> bool:
     code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(error, "code", None)
     away = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     return code in away or code in (c.value[0] for c in away)
+
+
+# Outputs this small in all (the logs included, no output directory) are gathered on the
+# event loop: a few stats and hashing 64 KiB take less than a thread hop.
+_INLINE_GATHER_BYTES = 64 * 1024
+_INLINE_GATHER_PATHS = 16
+
+
+def _outputs_are_small(command: re_pb2.Command, directory: ActionDirectory) -> bool:
+    declared = declared_outputs(command)
+    if len(declared) > _INLINE_GATHER_PATHS:
+        return False
+    paths = [directory.stdout_path, directory.stderr_path]
+    try:
+        workdir = directory.working_directory
+        paths += [join_inside(directory.input_root, workdir, o.path, "output") for o in declared]
+    except errors.ExpBuildError:
+        return False  # gather_outputs reports it
+    total = 0
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        total += st.st_size
+        if total > _INLINE_GATHER_BYTES:
+            return False
+    return True
 
 
 def gather_outputs(

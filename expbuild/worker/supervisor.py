@@ -309,7 +309,9 @@ class Supervisor:
             return None
         if group is not None and group.oom_kills() > 0:
             return limit_checks.memory_exceeded(limits)
-        reason = limit_checks.cpu_time_exceeded(limits, signum, finished.cpu_seconds)
+        reason = limit_checks.cpu_time_exceeded(
+            limits, signum, finished.cpu_seconds, by_signal=finished.signal is not None
+        )
         if reason:
             return reason
         if limits.max_output_size is not None and signum == limit_checks.SIGXFSZ:
