@@ -95,9 +95,13 @@ SELECT count(*) FROM (
 -- read, so the cost does not grow with the queue (bench/queue_throughput.py --scale).
 -- Ranks of two platforms' queues are not comparable (each has its own virtual time), so
 -- the queues are merged by each task's distance from its queue's head.
+-- Only an online worker (not draining, offline or unknown) whose registered platform still
+-- offers $2 leases anything: the poll need not read the worker first (it caches $2).
 -- $1 worker_id, $2 worker platform, $3 limit, $4 lease duration
 WITH offered AS (
     SELECT id FROM task_platforms WHERE platform <@ $2::jsonb
+      AND EXISTS (SELECT 1 FROM workers w
+                  WHERE w.id = $1 AND w.state = 'online' AND w.platform @> $2::jsonb)
 ), candidates AS (
     SELECT c.id, c.priority,
            c.fair_rank - min(c.fair_rank) OVER (PARTITION BY offered.id, c.priority) AS behind
