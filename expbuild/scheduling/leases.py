@@ -9,6 +9,7 @@ on its first poll to this replica and kept, and the lease statement itself refus
 worker that is no longer online (drained, offline, gone) or no longer offers that
 platform. A kept entry that went stale can therefore only lease nothing; it is dropped
 when a poll ends empty and when the worker registers or deregisters through this replica.
+It also holds the worker's credential, so that with auth on a poll does not look it up.
 """
 
 from __future__ import annotations
@@ -101,8 +102,12 @@ class LeaseDispatcher:
 
         A task whose Action or Command left the CAS fails and is left out.
         """
-        worker_id = await acting_worker(self.pool, principal, worker_id)
-        worker = await self._worker(worker_id)
+        worker = self._workers.get(worker_id)
+        # An id's credential never changes (register_worker refuses another): a kept
+        # record answers acting_worker's question too.
+        if worker is None or (principal.authenticated and worker.principal != principal.name):
+            worker_id = await acting_worker(self.pool, principal, worker_id)
+            worker = await self._worker(worker_id)
         limit = min(max_tasks or 1, worker.max_concurrent)
         wait = self.settings.poll_timeout.total_seconds()
         if timeout is not None:
