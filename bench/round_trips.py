@@ -299,6 +299,8 @@ async def main() -> None:
     parser.add_argument(
         "--clients", type=int, default=1, help="concurrent clients (1: one action at a time)"
     )
+    # noop_load.planned's other options: one server process, workers without limits.
+    parser.set_defaults(server_processes=[], limits=False)
     args = parser.parse_args()
     bindir = postgres_bindir()
     if bindir is None:

@@ -238,6 +238,10 @@ async def test_results_come_only_from_the_worker_holding_the_lease(server):
             )
         )
         assert error.code() == PERMISSION_DENIED
+        # ...and so is polling for it, though the replica now keeps its record (the poll
+        # that leased did not end empty).
+        poll = rogue_stub.PollTasks(worker_pb2.PollTasksRequest(worker_id=real_id))
+        assert (await refused(poll)).code() == PERMISSION_DENIED
         # ...and so is reporting under its own id without the lease.
         rogue_id = (await rogue_stub.RegisterWorker(register_request("b"))).worker_id
         error = await refused(

@@ -6,10 +6,11 @@ import asyncio
 import os
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from expbuild.cas.store import FileStore
+from expbuild.cas.store import INLINE_LOOKUPS, INLINE_READ_BYTES, FileStore
 from expbuild.digest import EMPTY, Digest, digest_of
 from expbuild.errors import InvalidArgument, NotFound, OutOfRange
 
@@ -379,3 +380,28 @@ async def test_put_many_mixed_results(store):
     assert await store.get(digest_of(good)) == good
     assert await store.put_many([]) == []
     assert temp_files(store) == []
+
+
+async def test_small_lookups_and_reads_need_no_thread_but_large_ones_do(store):
+    """A thread hop costs more than a stat or a small read: those run on the loop. With
+    the loop's thread pool shut they still work, and anything larger is refused."""
+    small, large = b"s" * 100, b"L" * (INLINE_READ_BYTES + 1)
+    await store.put_many([(digest_of(small), small), (digest_of(large), large)])
+    absent = [digest_of(f"absent {n}".encode()) for n in range(INLINE_LOOKUPS + 1)]
+    closed = ThreadPoolExecutor(max_workers=1)
+    closed.shutdown()
+    asyncio.get_running_loop().set_default_executor(closed)
+
+    assert await store.get(digest_of(small)) == small
+    found, missing = await store.get_many([digest_of(small), absent[0]])
+    assert found == small and isinstance(missing, NotFound)
+    assert await store.has(digest_of(large))
+    few = absent[: INLINE_LOOKUPS - 1]
+    assert await store.find_missing([digest_of(large), *few]) == few
+    for large_work in (
+        store.get(digest_of(large)),
+        store.get_many([digest_of(small), digest_of(large)]),
+        store.find_missing(absent),  # more digests than INLINE_LOOKUPS
+    ):
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            await large_work

@@ -446,3 +446,153 @@ async def test_a_wake_passes_over_pollers_of_another_platform(slow_fallback_serv
         for poll in mac_polls:
             poll.cancel()
         stream.cancel()
+
+
+async def _complete(workers, worker_id: str, task, stdout: bytes = b"") -> None:
+    await workers.CompleteTask(
+        worker_pb2.CompleteTaskRequest(
+            worker_id=worker_id,
+            task_id=task.task_id,
+            lease_token=task.lease_token,
+            response=result_response(0, stdout),
+        )
+    )
+
+
+async def _poll_now(workers, worker_id: str) -> list:
+    """One poll that does not wait: what it leased."""
+    request = worker_pb2.PollTasksRequest(worker_id=worker_id, max_tasks=2)
+    request.timeout.FromTimedelta(timedelta(0))
+    return list((await workers.PollTasks(request)).tasks)
+
+
+async def test_a_drained_worker_polls_nothing_and_another_gets_the_task(server):
+    """The poll does not read the worker (the replica keeps its record): the lease itself
+    refuses a worker an admin drained, even when it polls before its heartbeat hears so."""
+    first, second = await put_action(server.store, ("a",)), await put_action(server.store, ("b",))
+    async with channel_to(server) as channel:
+        execution = re_grpc.ExecutionStub(channel)
+        workers = worker_pb2_grpc.WorkerServiceStub(channel)
+        drained, other = await register(workers, "drained"), await register(workers, "other")
+        stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=first.to_proto()))
+        await stream.read()
+        [task] = await _poll_now(workers, drained)  # the replica now keeps its record
+        await _complete(workers, drained, task)
+        await _rest(stream)
+
+        admin = worker_pb2_grpc.WorkerAdminServiceStub(channel)
+        await admin.DrainWorker(worker_pb2.DrainWorkerRequest(worker_id=drained))
+        stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=second.to_proto()))
+        await stream.read()
+        assert await _poll_now(workers, drained) == []
+        [task] = await _poll_now(workers, other)
+        assert task.action_digest.hash == second.hash
+        await _complete(workers, other, task)
+        assert (await _rest(stream))[-1].done
+
+
+async def test_a_worker_registered_again_elsewhere_with_another_platform(database_url, tmp_path):
+    """Replica `a` keeps the worker's old platform (Linux); the worker registered again
+    through `b` as a Mac. `a` must not lease it a Linux task, then learns the new platform."""
+    cas = tmp_path / "cas"
+    async with (
+        running_server(server_settings(cas), database_url) as a,
+        running_server(server_settings(cas), database_url) as b,
+    ):
+        linux = [
+            await put_action(a.store, (f"l{n}",), platform=[("OSFamily", "Linux")]) for n in (1, 2)
+        ]
+        mac = await put_action(a.store, ("m",), platform=[("OSFamily", "Darwin")])
+        async with channel_to(a) as ca, channel_to(b) as cb:
+            execution = re_grpc.ExecutionStub(ca)
+            at_a, at_b = (
+                worker_pb2_grpc.WorkerServiceStub(ca),
+                worker_pb2_grpc.WorkerServiceStub(cb),
+            )
+            worker_id = await register(at_a, OSFamily="Linux")
+            stream = execution.Execute(re_pb2.ExecuteRequest(action_digest=linux[0].to_proto()))
+            await stream.read()
+            [task] = await _poll_now(at_a, worker_id)
+            await _complete(at_a, worker_id, task)
+            await _rest(stream)
+
+            request = worker_pb2.RegisterWorkerRequest(
+                worker_id=worker_id, name="w1", max_concurrent_tasks=2
+            )
+            request.platform.properties.add(name="OSFamily", value="Darwin")
+            assert (await at_b.RegisterWorker(request)).worker_id == worker_id
+            streams = [
+                execution.Execute(re_pb2.ExecuteRequest(action_digest=d.to_proto()))
+                for d in (linux[1], mac)
+            ]
+            for s in streams:
+                await s.read()
+            assert await _poll_now(at_a, worker_id) == []  # not the Linux task
+            [task] = await _poll_now(at_a, worker_id)  # the empty poll dropped the old record
+            assert task.action_digest.hash == mac.hash
+            for s in streams:
+                s.cancel()
+
+
+def _executing(operation) -> re_pb2.ExecutedActionMetadata:
+    metadata = re_pb2.ExecuteOperationMetadata()
+    operation.metadata.Unpack(metadata)
+    assert metadata.stage == re_pb2.ExecutionStage.EXECUTING, metadata
+    return metadata.partial_execution_metadata
+
+
+async def test_a_stream_follows_a_lease_and_completion_on_another_replica(database_url, tmp_path):
+    """Execute on `a`, leased and finished through `b`: `a`'s stream shows EXECUTING with
+    the worker and the lease's times (from the lease's notification, not a read) exactly as
+    the database has them, then ends with the result."""
+    cas = tmp_path / "cas"
+    async with (
+        running_server(server_settings(cas), database_url) as a,
+        running_server(server_settings(cas), database_url) as b,
+    ):
+        digest = await put_action(a.store)
+        async with channel_to(a) as ca, channel_to(b) as cb:
+            stream = re_grpc.ExecutionStub(ca).Execute(
+                re_pb2.ExecuteRequest(action_digest=digest.to_proto(), skip_cache_lookup=True)
+            )
+            queued = await stream.read()
+            assert stage(queued) == re_pb2.ExecutionStage.QUEUED
+            workers = worker_pb2_grpc.WorkerServiceStub(cb)
+            worker_id = await register(workers, "on-b")
+            [task] = await _poll_now(workers, worker_id)
+            executing = _executing(await asyncio.wait_for(stream.read(), 60))
+            read = await operations_pb2_grpc.OperationsStub(cb).GetOperation(
+                operations_pb2.GetOperationRequest(name=queued.name)
+            )
+            assert executing.worker == "on-b"
+            assert executing == _executing(read)  # the same worker, queued and start times
+            await _complete(workers, worker_id, task, b"via b")
+            last = await asyncio.wait_for(_last(stream), timeout=60)
+            assert last.done and unpack_response(last).result.stdout_raw == b"via b"
+
+
+async def test_an_execute_stream_takes_the_stage_from_notifications_not_reads(server):
+    """A stream following the task its Execute queued does not read the operation back
+    until a notification says less than a lease: a lease notification alone (sent by hand
+    here; the task is still queued in the database) makes it report EXECUTING."""
+    digest = await put_action(server.store)
+    async with channel_to(server) as channel:
+        stream = re_grpc.ExecutionStub(channel).Execute(
+            re_pb2.ExecuteRequest(action_digest=digest.to_proto(), skip_cache_lookup=True)
+        )
+        queued = await stream.read()
+        task_id = await server.pool.fetchval(
+            "SELECT task_id FROM operations WHERE name = $1", queued.name
+        )
+        await server.pool.execute(
+            "SELECT pg_notify('expbuild_task_done', $1)",
+            f"{task_id} leased 1733389201000000 1733389202000000 told-by-notify",
+        )
+        executing = _executing(await asyncio.wait_for(stream.read(), 60))
+        assert executing.worker == "told-by-notify"
+        assert executing.worker_start_timestamp.seconds == 1733389202
+        # A bare id says "read it": the read finds the task cancelled and the stream ends.
+        await server.pool.execute("UPDATE tasks SET state = 'cancelled' WHERE id = $1", task_id)
+        await server.pool.execute("SELECT pg_notify('expbuild_task_done', $1)", str(task_id))
+        last = await asyncio.wait_for(_last(stream), timeout=60)
+        assert last.done and unpack_response(last).status.code == code_pb2.CANCELLED

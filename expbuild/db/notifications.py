@@ -7,8 +7,14 @@ One dedicated connection per replica listens on two channels and wakes local wai
   passes the wake on (`pass_work_on`) when it found nothing it could run (another
   platform's task), at most once around the pollers that were waiting when the
   notification came. Every queued task sends its own notification.
-- `expbuild_task_done` (payload: task id): the task's stage changed (leased, finished);
-  it wakes the clients streaming that task's operations.
+- `expbuild_task_done`: the task's stage changed; it wakes the clients streaming that
+  task's operations. The payload is the task id ("what changed: read the task"), or for
+  a lease `<id> leased <queued_at> <leased_at> <worker name>` (times in microseconds
+  since the epoch), which says all an EXECUTING stage shows, so streams need not read.
+
+The last few thousand tasks' notifications are remembered, so a stream can start
+watching a task after it queued it (`mark` before, `watching_task(..., since=mark)`)
+and still learn what it missed in between without reading the task.
 
 While the listener is connected, waiters sleep until a notification (or their own
 deadline) and the database is not polled at all: a notification sent after a waiter
@@ -26,7 +32,8 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -36,6 +43,65 @@ log = logging.getLogger(__name__)
 
 QUEUED_CHANNEL = "expbuild_task_queued"
 DONE_CHANNEL = "expbuild_task_done"
+
+# Tasks whose notifications are remembered for `watching_task(since=...)`: minutes of
+# traffic at hundreds of actions per second, far longer than an Execute's enqueue.
+REMEMBERED_TASKS = 4096
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class TaskLeased:
+    """A lease as its notification tells it."""
+
+    worker_name: str
+    queued_at: datetime
+    leased_at: datetime
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A point in this replica's stream of task notifications (`Notifications.mark`)."""
+
+    received: int  # task notifications received before it
+    connection: int | None  # the listener connection then (None: none was up)
+
+
+class TaskWatch:
+    """What a stream following one task was told since it last looked."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.recheck = False  # something changed that no notification described: read
+        self.lease: TaskLeased | None = None  # the newest lease notified
+
+    def note(self, lease: TaskLeased | None) -> None:
+        if lease is None:
+            self.recheck = True
+        else:
+            self.lease = lease
+        self.event.set()
+
+    def take(self) -> tuple[bool, TaskLeased | None]:
+        """(read the task?, the newest lease notified), and forget both."""
+        taken = self.recheck, self.lease
+        self.recheck, self.lease = False, None
+        return taken
+
+
+def parse_task_change(payload: str) -> tuple[int, TaskLeased | None]:
+    """The task id of a `expbuild_task_done` payload and, for a lease, what it says.
+    ValueError: not a payload this server sends."""
+    task_id, _, rest = payload.partition(" ")
+    kind, _, rest = rest.partition(" ")
+    if kind != "leased":
+        return int(task_id), None  # a bare id, or a kind this replica does not know: read
+    queued, leased, worker = rest.split(" ", 2)
+    return int(task_id), TaskLeased(
+        worker_name=worker,
+        queued_at=_EPOCH + timedelta(microseconds=int(queued)),
+        leased_at=_EPOCH + timedelta(microseconds=int(leased)),
+    )
 
 
 class Notifications:
@@ -52,7 +118,14 @@ class Notifications:
         # the next poller (it may have missed the notification between its lease and wait).
         self._pollers: collections.deque[asyncio.Future] = collections.deque()
         self._pending_wake = False
-        self._done_waiters: dict[int, set[asyncio.Event]] = defaultdict(set)
+        self._done_waiters: dict[int, set[TaskWatch]] = defaultdict(set)
+        # Recent task notifications, oldest task first: task id -> (number received, change).
+        self._recent: collections.OrderedDict[int, list[tuple[int, TaskLeased | None]]] = (
+            collections.OrderedDict()
+        )
+        self._received = 0
+        self._forgotten = 0  # the newest notification number no longer remembered
+        self._connection = 0  # counts connects and disconnects of the listener
         self._conn: asyncpg.Connection | None = None
         self._supervisor: asyncio.Task | None = None
         self._connected = asyncio.Event()
@@ -93,6 +166,7 @@ class Notifications:
                 self._conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await self._conn.add_listener(QUEUED_CHANNEL, self._on_queued)
                 await self._conn.add_listener(DONE_CHANNEL, self._on_done)
+                self._connection += 1
                 self._connected.set()
                 delay = 0.5
                 if connected_before:
@@ -108,6 +182,7 @@ class Notifications:
             if self._conn is not None and not self._conn.is_closed():
                 self._conn.terminate()
             was_connected = self.connected
+            self._connection += 1
             self._connected.clear()
             if was_connected:
                 # Waiters sleeping without a deadline must start polling now.
@@ -162,11 +237,38 @@ class Notifications:
 
     def _on_done(self, _conn, _pid, _channel, payload: str) -> None:
         try:
-            task_id = int(payload)
+            task_id, lease = parse_task_change(payload)
         except ValueError:
             return
-        for event in self._done_waiters.get(task_id, ()):
-            event.set()
+        self._received += 1
+        self._remember(task_id, lease)
+        for watch in self._done_waiters.get(task_id, ()):
+            watch.note(lease)
+
+    def _remember(self, task_id: int, lease: TaskLeased | None) -> None:
+        changes = self._recent.pop(task_id, None) or []
+        changes.append((self._received, lease))
+        self._recent[task_id] = changes
+        if len(self._recent) > REMEMBERED_TASKS:
+            _, oldest = self._recent.popitem(last=False)
+            self._forgotten = max(self._forgotten, oldest[-1][0])
+
+    def mark(self) -> Mark:
+        """Now, in the stream of task notifications: take it before queueing a task to
+        follow it from then on with `watching_task(task_id, since=mark)`."""
+        return Mark(self._received, self._connection if self.connected else None)
+
+    def _missed(self, task_id: int, since: Mark) -> list[TaskLeased | None] | None:
+        """The task's changes notified after `since`; None when they cannot be known (the
+        listener was down or reconnected, or they may have been forgotten)."""
+        if (
+            since.connection is None
+            or since.connection != self._connection
+            or not self.connected
+            or since.received < self._forgotten
+        ):
+            return None
+        return [lease for n, lease in self._recent.get(task_id, ()) if n > since.received]
 
     def _wake_all(self) -> None:
         while self._pollers:
@@ -174,9 +276,9 @@ class Notifications:
             if not waiter.done():
                 waiter.set_result(0)
         self._pending_wake = True
-        for events in self._done_waiters.values():
-            for event in events:
-                event.set()
+        for watches in self._done_waiters.values():
+            for watch in watches:
+                watch.note(None)  # notifications may have been lost: read
 
     async def wait_for_work(self, timeout: float) -> int | None:
         """Wait until this poller is woken for new work or `timeout` passes (while the
@@ -205,25 +307,33 @@ class Notifications:
         return None
 
     @contextlib.contextmanager
-    def watching_task(self, task_id: int) -> Iterator[asyncio.Event]:
-        """An event set whenever the task's stage may have changed.
-
-        Enter it before reading the task: a change committed after the read is then never
-        missed, so `wait_for_change` may sleep without polling."""
-        event = asyncio.Event()
-        self._done_waiters[task_id].add(event)
+    def watching_task(self, task_id: int, since: Mark | None = None) -> Iterator[TaskWatch]:
+        """What changes of the task are notified from now on, and, with `since`, from that
+        mark on: a change committed after the mark is then never missed, so
+        `wait_for_change` may sleep without polling. When what happened since the mark
+        cannot be known, the watch starts with `recheck` set (read the task)."""
+        watch = TaskWatch()
+        self._done_waiters[task_id].add(watch)
         try:
-            yield event
+            if since is not None:
+                missed = self._missed(task_id, since)
+                for lease in [None] if missed is None else missed:
+                    watch.note(lease)
+            yield watch
         finally:
             waiters = self._done_waiters.get(task_id)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.discard(watch)
                 if not waiters:
                     del self._done_waiters[task_id]
 
-    async def wait_for_change(self, event: asyncio.Event, timeout: float) -> None:
-        """Wait for `event` (from `watching_task`) or `timeout` (while the listener is
-        disconnected, the fallback interval at most), then clear it."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=self._wait_seconds(timeout))
-        event.clear()
+    async def wait_for_change(self, watch: TaskWatch, timeout: float) -> None:
+        """Wait for a change of the watched task or `timeout`. While the listener is
+        disconnected the wait lasts the fallback interval at most and then asks for a
+        read (`recheck`): notifications do not arrive."""
+        try:
+            await asyncio.wait_for(watch.event.wait(), timeout=self._wait_seconds(timeout))
+        except TimeoutError:
+            if not self.connected:
+                watch.recheck = True
+        watch.event.clear()

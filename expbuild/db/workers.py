@@ -25,6 +25,7 @@ class WorkerRecord:
     registered_at: datetime
     last_heartbeat_at: datetime
     running: int = 0
+    principal: str = ""  # the credential that registered it (only get_worker reads it)
 
 
 @dataclass
@@ -154,6 +155,7 @@ def _record(r) -> WorkerRecord:
         registered_at=r["registered_at"],
         last_heartbeat_at=r["last_heartbeat_at"],
         running=r.get("running", 0),
+        principal=r.get("principal", ""),
     )
 
 

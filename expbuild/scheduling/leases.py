@@ -3,6 +3,13 @@
 A poll leases at once when it can; otherwise it waits on the replica's LISTEN wake-ups
 (or the fallback interval) and tries again, until its deadline. Each leased task goes out
 with its Action and Command, so the worker needs no extra round trip to start.
+
+A poll is one statement per lease attempt: the worker's platform and slot count are read
+on its first poll to this replica and kept, and the lease statement itself refuses a
+worker that is no longer online (drained, offline, gone) or no longer offers that
+platform. A kept entry that went stale can therefore only lease nothing; it is dropped
+when a poll ends empty and when the worker registers or deregisters through this replica.
+It also holds the worker's credential, so that with auth on a poll does not look it up.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from expbuild.config import ServerSettings
 from expbuild.db import queue, workers
 from expbuild.db.notifications import Notifications
 from expbuild.db.queue import LeasedTask
+from expbuild.db.workers import WorkerRecord
 from expbuild.errors import FailedPrecondition, NotFound
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.reapi.status import to_status
@@ -28,6 +36,9 @@ from expbuild.scheduling.task_names import task_name
 from expbuild.scheduling.workers import acting_worker
 
 log = logging.getLogger(__name__)
+
+# Far more workers than one replica serves; past it the cache starts over.
+MAX_KEPT_WORKERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,23 @@ class LeaseDispatcher:
         self.store = store
         self.notifications = notifications
         self.settings = settings
+        self._workers: dict[str, WorkerRecord] = {}  # see the module's docstring
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Read the worker again on its next poll (it registered or left)."""
+        self._workers.pop(worker_id, None)
+
+    async def _worker(self, worker_id: str) -> WorkerRecord:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            try:
+                worker = await workers.get_worker(self.pool, worker_id)
+            except NotFound:
+                raise NotFound(f"worker {worker_id} is not registered; register again") from None
+            if len(self._workers) >= MAX_KEPT_WORKERS:
+                self._workers.clear()
+            self._workers[worker_id] = worker
+        return worker
 
     async def poll(
         self,
@@ -74,11 +102,12 @@ class LeaseDispatcher:
 
         A task whose Action or Command left the CAS fails and is left out.
         """
-        worker_id = await acting_worker(self.pool, principal, worker_id)
-        try:
-            worker = await workers.get_worker(self.pool, worker_id)
-        except NotFound:
-            raise NotFound(f"worker {worker_id} is not registered; register again") from None
+        worker = self._workers.get(worker_id)
+        # An id's credential never changes (register_worker refuses another): a kept
+        # record answers acting_worker's question too.
+        if worker is None or (principal.authenticated and worker.principal != principal.name):
+            worker_id = await acting_worker(self.pool, principal, worker_id)
+            worker = await self._worker(worker_id)
         limit = min(max_tasks or 1, worker.max_concurrent)
         wait = self.settings.poll_timeout.total_seconds()
         if timeout is not None:
@@ -101,6 +130,8 @@ class LeaseDispatcher:
             empty += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                # Nothing leased all poll: maybe the kept worker record went stale.
+                self.forget_worker(worker_id)
                 return PollOutcome([], empty)
             hops = await self.notifications.wait_for_work(remaining)
 

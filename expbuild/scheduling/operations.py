@@ -1,9 +1,12 @@
 """Operations: a client's handle on one execution, its stage and its final response.
 
-`OperationTracker.follow` is the stream behind Execute and WaitExecution: it reads the
-operation from Postgres, yields it whenever its stage changes, and sleeps on the replica's
-LISTEN wake-ups in between (polling only while the listener is disconnected). Nothing about
-an operation lives in one replica's memory, so any replica can stream any operation.
+`OperationTracker.follow` is the stream behind Execute and WaitExecution: it yields the
+operation whenever its stage changes, and sleeps on the replica's LISTEN wake-ups in
+between (polling only while the listener is disconnected). It reads the operation from
+Postgres only when a notification does not say enough: a lease's notification carries
+what the EXECUTING stage shows, so a task Execute has just queued is read once, when it
+is done. Nothing about an operation lives in one replica's memory, so any replica can
+stream any operation.
 
 A database outage does not end a stream at once: it keeps trying to read the operation,
 with backoff, for `outage_patience` seconds, then ends with UNAVAILABLE so that the
@@ -22,7 +25,7 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import asyncpg
@@ -30,9 +33,10 @@ from google.rpc import code_pb2, status_pb2
 
 from expbuild.auth.principal import Principal
 from expbuild.db import operations as db_operations
-from expbuild.db.notifications import Notifications
+from expbuild.db.notifications import Mark, Notifications
 from expbuild.db.operations import OperationRecord
 from expbuild.db.outages import is_database_outage, outage_error
+from expbuild.digest import Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.text import check_no_nul, quoted
@@ -84,6 +88,28 @@ def final_response_bytes(record: OperationRecord) -> bytes:
     return final_response(record).SerializeToString()
 
 
+def queued_operation(
+    name: str, instance_name: str, digest: Digest, task_id: int, principal: Principal
+) -> OperationRecord:
+    """The operation of a task just queued, as a read would return it then."""
+    return OperationRecord(
+        name=name,
+        instance_name=instance_name,
+        action_digest=digest,
+        task_id=task_id,
+        cached_result=None,
+        task_state="queued",
+        result=None,
+        error_code=None,
+        error=None,
+        worker_id=None,
+        queued_at=None,
+        leased_at=None,
+        completed_at=None,
+        principal=principal.name,
+    )
+
+
 def operation_name(name: str) -> str:
     """A client-given operation name, fit to look up (names this server gives are UUIDs)."""
     if not name:
@@ -117,20 +143,28 @@ class OperationTracker:
         *,
         seen_stage: int | None = None,
         max_wait: float = 24 * 3600,
+        queued: tuple[OperationRecord, Mark] | None = None,
     ) -> AsyncIterator[OperationRecord]:
-        """Yield the operation at every stage change (from `seen_stage` on) until it is done."""
+        """Yield the operation at every stage change (from `seen_stage` on) until it is done.
+
+        `queued`: the operation of a task the caller has just queued (`queued_operation`)
+        and the notification mark it took before queueing; the operation is then not read
+        until a notification says more than a lease."""
         name = operation_name(name)
         owner = owner_filter(principal)
         deadline = time.monotonic() + max_wait
         last_stage = seen_stage
-        record = await self._read(name, owner)
+        if queued is None:
+            # Changes committed after the mark are notified: none is missed by the read.
+            since = self.notifications.mark()
+            record = await self._read(name, owner)
+        else:
+            record, since = queued
         if record.task_id is None:
             yield record
             return
-        with self.notifications.watching_task(record.task_id) as changed:
+        with self.notifications.watching_task(record.task_id, since) as watch:
             while True:
-                # Read after watching: a change committed from now on sets `changed`.
-                record = await self._read(name, owner)
                 stage = stage_of(record)
                 if stage != last_stage or record.done:
                     yield record
@@ -140,7 +174,19 @@ class OperationTracker:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                await self.notifications.wait_for_change(changed, remaining)
+                await self.notifications.wait_for_change(watch, remaining)
+                recheck, lease = watch.take()
+                if recheck:
+                    record = await self._read(name, owner)
+                elif lease is not None:
+                    record = replace(
+                        record,
+                        task_state="leased",
+                        worker_id=lease.worker_name,  # shown only; the notification has no id
+                        worker_name=lease.worker_name,
+                        queued_at=lease.queued_at,
+                        leased_at=lease.leased_at,
+                    )
 
     async def _read(self, name: str, owner) -> OperationRecord:
         """The operation; through a database outage, retried for `outage_patience` seconds."""

@@ -17,7 +17,7 @@ from expbuild.digest import check_digest_function, digest_field
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.reapi.request_metadata import request_metadata_of
-from expbuild.scheduling.operations import OperationTracker
+from expbuild.scheduling.operations import OperationTracker, queued_operation
 from expbuild.scheduling.platforms import PlatformOffers
 from expbuild.scheduling.submission import Inline, inline_into, submit_action
 from expbuild.server.convert import operation, to_operation
@@ -54,12 +54,15 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         )
         principal = current_principal()
         metadata = request_metadata_of(context.invocation_metadata())
+        instance = self.instances.check(request.instance_name)
+        # Before the task is queued: its stream then learns every change from notifications.
+        mark = self.tracker.notifications.mark()
         submitted = await submit_action(
             self.pool,
             self.store,
             self.settings,
             principal,
-            instance=self.instances.check(request.instance_name),
+            instance=instance,
             digest=digest_field(request.action_digest, "action_digest"),
             skip_cache_lookup=request.skip_cache_lookup,
             priority=request.execution_policy.priority,
@@ -81,7 +84,14 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             return
         # Always report QUEUED, even if a worker leased the task before we read it back.
         yield operation(name, digest, Stage.QUEUED)
-        async for record in self.tracker.follow(principal, name, seen_stage=Stage.QUEUED):
+        queued = None
+        if submitted.outcome == "queued" and submitted.task_id is not None:
+            # A new task: queued when the enqueue committed, so nothing to read back.
+            record = queued_operation(name, instance, digest, submitted.task_id, principal)
+            queued = (record, mark)
+        async for record in self.tracker.follow(
+            principal, name, seen_stage=Stage.QUEUED, queued=queued
+        ):
             yield await self._inlined(to_operation(record), inline)
 
     @rpc

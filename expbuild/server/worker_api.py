@@ -59,6 +59,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_concurrent=request.max_concurrent_tasks,
             version=request.version,
         )
+        self.leases.forget_worker(worker_id)  # its platform may have changed
         return worker_pb2.RegisterWorkerResponse(
             worker_id=worker_id,
             heartbeat_interval=duration(self.settings.heartbeat_interval),
@@ -148,6 +149,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
     ):
         await workers.deregister(self.pool, current_principal(), request.worker_id)
+        self.leases.forget_worker(request.worker_id)
         return worker_pb2.DeregisterWorkerResponse()
 
 

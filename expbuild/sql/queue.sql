@@ -95,9 +95,13 @@ SELECT count(*) FROM (
 -- read, so the cost does not grow with the queue (bench/queue_throughput.py --scale).
 -- Ranks of two platforms' queues are not comparable (each has its own virtual time), so
 -- the queues are merged by each task's distance from its queue's head.
+-- Only an online worker (not draining, offline or unknown) whose registered platform still
+-- offers $2 leases anything: the poll need not read the worker first (it caches $2).
 -- $1 worker_id, $2 worker platform, $3 limit, $4 lease duration
-WITH offered AS (
-    SELECT id FROM task_platforms WHERE platform <@ $2::jsonb
+WITH worker AS (
+    SELECT name FROM workers WHERE id = $1 AND state = 'online' AND platform @> $2::jsonb
+), offered AS (
+    SELECT id FROM task_platforms WHERE platform <@ $2::jsonb AND EXISTS (SELECT 1 FROM worker)
 ), candidates AS (
     SELECT c.id, c.priority,
            c.fair_rank - min(c.fair_rank) OVER (PARTITION BY offered.id, c.priority) AS behind
@@ -127,10 +131,14 @@ WITH offered AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
 )
--- The NOTIFY tells clients streaming the task that it is now EXECUTING (they do not poll).
-SELECT id, lease_token, instance_name, action_digest, attempts, queued_at, timeout,
-       do_not_cache, priority, pg_notify('expbuild_task_done', id::text) AS notified
-FROM leased ORDER BY turn;
+-- The NOTIFY tells clients streaming the task that it is now EXECUTING, with what that
+-- stage shows (db/notifications.py), so that they need not read the task.
+SELECT l.id, l.lease_token, l.instance_name, l.action_digest, l.attempts, l.queued_at,
+       l.timeout, l.do_not_cache, l.priority,
+       pg_notify('expbuild_task_done', concat_ws(' ', l.id, 'leased',
+           (extract(epoch FROM l.queued_at) * 1000000)::bigint,
+           (extract(epoch FROM now()) * 1000000)::bigint, w.name)) AS notified
+FROM leased l CROSS JOIN worker w ORDER BY l.turn;
 
 -- name: complete_task
 -- Accept a worker's result only under the current lease. No row back means the token is

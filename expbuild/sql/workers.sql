@@ -113,7 +113,7 @@ RETURNING id, name, last_heartbeat_at;
 
 -- name: get_worker
 SELECT id, name, hostname, platform, max_concurrent, state, version,
-       registered_at, last_heartbeat_at
+       registered_at, last_heartbeat_at, principal
 FROM workers WHERE id = $1;
 
 -- name: list_workers
