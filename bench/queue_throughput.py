@@ -271,7 +271,7 @@ async def main() -> None:
             transaction = conn.transaction()
             await transaction.start()
             plan = await conn.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + sql("lease_tasks"), worker_id, LINUX, 32, LEASE
+                "EXPLAIN (ANALYZE, BUFFERS) " + queue.lease_statement(32), worker_id, LINUX, LEASE
             )
             await transaction.rollback()  # EXPLAIN ANALYZE really leases; keep the queue intact
         print("\nEXPLAIN ANALYZE lease_tasks (32 of a full queue):")

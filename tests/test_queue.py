@@ -11,7 +11,6 @@ import pytest
 
 from expbuild.db import operations as db_operations
 from expbuild.db import queue, workers
-from expbuild.db.queries import sql
 from expbuild.digest import digest_of
 from expbuild.errors import Aborted, InvalidArgument
 
@@ -155,7 +154,10 @@ async def test_lease_reads_no_queue_of_a_platform_the_worker_lacks(pool):
             transaction = conn.transaction()
             await transaction.start()
             plan = await conn.fetchval(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql("lease_tasks"), w, LINUX, 8, LEASE
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queue.lease_statement(8),
+                w,
+                LINUX,
+                LEASE,
             )
             await transaction.rollback()  # EXPLAIN ANALYZE really leases; undo it
         tx_plan = json.loads(plan)[0]["Plan"]
@@ -169,6 +171,46 @@ async def test_lease_reads_no_queue_of_a_platform_the_worker_lacks(pool):
     )
     crowded = await pages_read_by_one_lease()
     assert crowded < alone + 50, (alone, crowded)
+
+
+async def test_lease_runs_a_cached_plan_that_walks_only_its_queue(pool):
+    """After a few leases PostgreSQL runs lease_tasks from its cached generic plan instead
+    of planning each call (a fixed ~0.2 ms of CPU per lease), and that plan too reads only
+    the worker's own queue: 2,000 tasks of another platform queued ahead cost it nothing."""
+    w = await worker(pool)
+    await pool.execute(
+        """INSERT INTO tasks (instance_name, action_digest, platform, platform_id)
+           SELECT '', 'other-' || n, '{"OSFamily": ["Darwin"]}', 999999
+           FROM generate_series(1, 2000) n"""
+    )
+    for n in range(40):
+        await queue.enqueue(pool, task(f"mine {n}"), f"op-{n}")
+    await pool.execute("ANALYZE tasks")
+    async with pool.acquire() as conn:
+        for _ in range(8):
+            await queue.lease_tasks(conn, w, LINUX, 2, LEASE)
+        plans = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+            queue.lease_statement(2),
+        )
+        assert plans["generic_plans"] >= 1, dict(plans)
+
+        # The generic plan itself, as EXECUTE runs it: a few pages, not one per task.
+        await conn.execute(
+            f"PREPARE lease_generic (text, jsonb, interval) AS {queue.lease_statement(2)}"
+        )
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        plan = await conn.fetchval(  # EXPLAIN EXECUTE takes literals only
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
+            f"EXECUTE lease_generic('{w}', '{json.dumps(LINUX)}', '5 minutes')"
+        )
+        await transaction.rollback()
+        await conn.execute("DEALLOCATE lease_generic")
+    root = json.loads(plan)[0]["Plan"]
+    assert root["Actual Rows"] == 2
+    assert root["Shared Hit Blocks"] + root.get("Shared Read Blocks", 0) < 100, root
 
 
 async def test_completions_of_one_worker_in_one_statement(pool):

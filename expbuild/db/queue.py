@@ -7,6 +7,7 @@ any other token changes nothing and raises `Aborted`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -133,6 +134,15 @@ async def count_queued(db: Database, instance_name: str, up_to: int) -> int:
     return await db.fetchval(sql("count_queued_tasks"), instance_name, up_to)
 
 
+@functools.cache
+def lease_statement(limit: int) -> str:
+    """lease_tasks with `limit` written in (see queue.sql): $1 worker_id, $2 platform,
+    $3 lease duration."""
+    if not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"lease limit must be a positive integer, not {limit!r}")
+    return sql("lease_tasks").replace("{limit}", str(limit))
+
+
 async def lease_tasks(
     db: Database, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
 ) -> list[LeasedTask]:
@@ -140,7 +150,7 @@ async def lease_tasks(
     if limit <= 0:
         return []
     rows = await db.fetch(
-        sql("lease_tasks"), worker_id, normalize_platform(platform), limit, lease_duration
+        lease_statement(limit), worker_id, normalize_platform(platform), lease_duration
     )
     return [
         LeasedTask(

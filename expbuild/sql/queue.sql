@@ -87,15 +87,19 @@ SELECT count(*) FROM (
 ) AS queued;
 
 -- name: lease_tasks
--- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1: the most
+-- Hand up to {limit} queued tasks whose platform the worker satisfies to worker $1: the most
 -- urgent priority first, then in fair_rank order (invocations take turns, see
 -- enqueue_task), then oldest first. SKIP LOCKED lets any number of pollers run this at
 -- once. Each platform the worker satisfies is its own range of tasks_queue_idx, walked in
--- (priority, fair_rank, id) order for at most $3 rows; queues of other platforms are never
+-- (priority, fair_rank, id) order for at most {limit} rows; queues of other platforms are never
 -- read, so the cost does not grow with the queue (bench/queue_throughput.py --scale).
 -- Ranks of two platforms' queues are not comparable (each has its own virtual time), so
 -- the queues are merged by each task's distance from its queue's head.
--- $1 worker_id, $2 worker platform, $3 limit, $4 lease duration
+-- {limit} is not a parameter: db/queue.py lease_statement writes the number into the text
+-- (one prepared statement per limit). With LIMIT $n PostgreSQL costs a generic plan as
+-- if 10 % of the queue were leased, never picks it, and plans every call afresh: ~0.2 ms
+-- of CPU per lease, at batch 1 a third of the lease's cost (docs/performance.md).
+-- $1 worker_id, $2 worker platform, $3 lease duration
 WITH offered AS (
     SELECT id FROM task_platforms WHERE platform <@ $2::jsonb
 ), candidates AS (
@@ -106,18 +110,18 @@ WITH offered AS (
         SELECT t.id, t.priority, t.fair_rank FROM tasks t
         WHERE t.state = 'queued' AND t.platform_id = offered.id
         ORDER BY t.priority, t.fair_rank, t.id
-        LIMIT $3
+        LIMIT {limit}
         FOR UPDATE SKIP LOCKED
     ) c
 ), picked AS (
     SELECT id, row_number() OVER (ORDER BY priority, behind, id) AS turn
     FROM candidates
     ORDER BY turn
-    LIMIT $3
+    LIMIT {limit}
 ), leased AS (
     UPDATE tasks t
     SET state = 'leased', worker_id = $1, lease_token = gen_random_uuid(),
-        lease_expires_at = now() + $4::interval, leased_at = now(),
+        lease_expires_at = now() + $3::interval, leased_at = now(),
         attempts = t.attempts + 1
     FROM picked
     WHERE t.id = picked.id
