@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from expbuild.db import operations as db_operations
 from expbuild.db import queue, workers
+from expbuild.db.notifications import DONE_CHANNEL, Notifications
 from expbuild.digest import digest_of
 from expbuild.errors import Aborted, InvalidArgument
 
@@ -243,6 +246,50 @@ async def test_completions_of_one_worker_in_one_statement(pool):
     assert await events(pool, ids[0]) == ["queued", "leased", "completed"]
     assert await events(pool, ids[1]) == ["queued", "leased", "failed"]
     assert await events(pool, ids[3]) == ["queued", "leased", "released"]
+
+
+async def test_a_batch_is_one_notification_and_wakes_every_stream_of_it(pool, database_url):
+    """Leasing or completing several tasks in one statement sends one NOTIFY naming all of
+    them, and the replica's listener wakes the clients streaming each one."""
+    w = await worker(pool)
+    ids = [(await queue.enqueue(pool, task(n), f"op-{n}")).task_id for n in range(3)]
+    heard: list[str] = []
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener(
+        DONE_CHANNEL,
+        lambda _conn, _pid, _channel, payload: heard.append(payload),
+    )
+    notifications = Notifications(database_url)
+    await notifications.start()
+    try:
+
+        async def hear(count: int) -> list[set[int]]:
+            async with asyncio.timeout(10):
+                while len(heard) < count:
+                    await asyncio.sleep(0.02)
+            return [{int(i) for i in payload.split(",")} for payload in heard]
+
+        with contextlib.ExitStack() as stack:
+            streams = [stack.enter_context(notifications.watching_task(i)) for i in ids]
+            leased = await queue.lease_tasks(pool, w, LINUX, 4, LEASE)
+            assert await hear(1) == [set(ids)]
+            async with asyncio.timeout(10):
+                for stream in streams:
+                    await stream.wait()
+                    stream.clear()
+            await queue.complete_tasks(
+                pool, w, [queue.Completion(t.task_id, t.lease_token, True, b"") for t in leased]
+            )
+            assert (await hear(2))[1] == set(ids)
+            async with asyncio.timeout(10):
+                for stream in streams:
+                    await stream.wait()
+        assert await queue.lease_tasks(pool, w, LINUX, 4, LEASE) == []
+        await listener.execute("SELECT 1")  # a notification of that lease would be here now
+        assert len(heard) == 2, heard
+    finally:
+        await notifications.stop()
+        await listener.close()
 
 
 async def test_completion_with_current_token_caches_and_records(pool):

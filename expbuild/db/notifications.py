@@ -7,8 +7,9 @@ One dedicated connection per replica listens on two channels and wakes local wai
   passes the wake on (`pass_work_on`) when it found nothing it could run (another
   platform's task), at most once around the pollers that were waiting when the
   notification came. Every queued task sends its own notification.
-- `expbuild_task_done` (payload: task id): the task's stage changed (leased, finished);
-  it wakes the clients streaming that task's operations.
+- `expbuild_task_done` (payload: task ids, comma-separated): those tasks' stage changed
+  (leased, finished); it wakes the clients streaming their operations. A statement that
+  leases or completes a batch sends one notification for all of it.
 
 While the listener is connected, waiters sleep until a notification (or their own
 deadline) and the database is not polled at all: a notification sent after a waiter
@@ -161,12 +162,13 @@ class Notifications:
         return False
 
     def _on_done(self, _conn, _pid, _channel, payload: str) -> None:
-        try:
-            task_id = int(payload)
-        except ValueError:
-            return
-        for event in self._done_waiters.get(task_id, ()):
-            event.set()
+        for item in payload.split(","):
+            try:
+                task_id = int(item)
+            except ValueError:
+                continue
+            for event in self._done_waiters.get(task_id, ()):
+                event.set()
 
     def _wake_all(self) -> None:
         while self._pollers:

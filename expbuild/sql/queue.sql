@@ -130,10 +130,15 @@ WITH offered AS (
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
+), notified AS (
+    -- Tells clients streaming these tasks that they are now EXECUTING (they do not poll):
+    -- one NOTIFY for the batch, its payload the ids (as in complete_tasks).
+    SELECT pg_notify('expbuild_task_done', string_agg(id::text, ',')) FROM (
+        SELECT id, (row_number() OVER () - 1) / 500 AS chunk FROM leased
+    ) ids GROUP BY chunk
 )
--- The NOTIFY tells clients streaming the task that it is now EXECUTING (they do not poll).
 SELECT id, lease_token, instance_name, action_digest, attempts, queued_at, timeout,
-       do_not_cache, priority, pg_notify('expbuild_task_done', id::text) AS notified
+       do_not_cache, priority, (SELECT count(*) FROM notified) AS notifications
 FROM leased ORDER BY turn;
 
 -- name: complete_task
@@ -194,9 +199,18 @@ WITH input AS (
     ORDER BY instance_name, action_digest, id DESC
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
+), notified AS (
+    -- One NOTIFY per statement, not per task: its payload is the ids, comma-separated,
+    -- at most 500 of them (a payload must stay under 8,000 bytes); the listener
+    -- (db/notifications.py) wakes the streams of each. A NOTIFY per task cost each
+    -- statement as many entries in the notification queue.
+    SELECT pg_notify('expbuild_task_done', string_agg(id::text, ',')) FROM (
+        SELECT id, (row_number() OVER () - 1) / 500 AS chunk FROM done
+    ) ids GROUP BY chunk
 )
+-- The scalar subquery makes the notified CTE run (a SELECT CTE runs only when read).
 SELECT id, n, instance_name, platform, queued_at, leased_at, completed_at,
-       pg_notify('expbuild_task_done', id::text) AS notified
+       (SELECT count(*) FROM notified) AS notifications
 FROM done;
 
 -- name: release_task
