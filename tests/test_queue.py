@@ -246,6 +246,10 @@ async def test_completions_of_one_worker_in_one_statement(pool):
     assert await events(pool, ids[0]) == ["queued", "leased", "completed"]
     assert await events(pool, ids[1]) == ["queued", "leased", "failed"]
     assert await events(pool, ids[3]) == ["queued", "leased", "released"]
+    details = await pool.fetch(
+        "SELECT detail FROM task_events WHERE event IN ('completed', 'failed') ORDER BY id"
+    )
+    assert [r["detail"] for r in details] == [{}, {}, {}]  # no detail given: an empty one
 
 
 async def test_a_batch_is_one_notification_and_wakes_every_stream_of_it(pool, database_url):

@@ -146,7 +146,7 @@ FROM leased ORDER BY turn;
 -- stale (re-leased, reaped, cancelled or already completed) and nothing was changed.
 -- $1 task_id, $2 lease_token, $3 worker_id, $4 final state, $5 ExecuteResponse bytes,
 -- $6 ActionResult bytes to cache (NULL: do not cache; ignored for do_not_cache tasks),
--- $7 event detail
+-- $7 event detail (NULL: none)
 WITH done AS (
     UPDATE tasks
     SET state = $4, result = $5, completed_at = now(), lease_expires_at = NULL
@@ -155,7 +155,7 @@ WITH done AS (
               queued_at, leased_at, completed_at
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
-    SELECT id, $4, worker_id, attempts, $7::jsonb FROM done
+    SELECT id, $4, worker_id, attempts, coalesce($7::jsonb, '{}') FROM done
 ), cached AS (
     INSERT INTO action_cache (instance_name, action_digest, result)
     SELECT instance_name, action_digest, $6 FROM done
@@ -174,7 +174,8 @@ FROM done;
 -- and their position n in the arrays (1-based), the rest changed nothing. Of two elements
 -- for one task at most one is applied.
 -- $1 task ids, $2 lease tokens, $3 worker ids, $4 final states, $5 ExecuteResponse bytes,
--- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details
+-- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details (NULL
+-- elements: none; spares the client encoding an empty object per task)
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bytea[],
                          $6::bytea[], $7::jsonb[])
@@ -190,7 +191,7 @@ WITH input AS (
               i.state AS final_state, i.cache_result, i.detail, i.n
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
-    SELECT id, final_state, worker_id, attempts, detail FROM done ORDER BY id
+    SELECT id, final_state, worker_id, attempts, coalesce(detail, '{}') FROM done ORDER BY id
 ), cached AS (
     INSERT INTO action_cache (instance_name, action_digest, result)
     SELECT DISTINCT ON (instance_name, action_digest) instance_name, action_digest, cache_result
