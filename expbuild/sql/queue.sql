@@ -98,7 +98,8 @@ SELECT count(*) FROM (
 -- {limit} is not a parameter: db/queue.py lease_statement writes the number into the text
 -- (one prepared statement per limit). With LIMIT $n PostgreSQL costs a generic plan as
 -- if 10 % of the queue were leased, never picks it, and plans every call afresh: ~0.2 ms
--- of CPU per lease, at batch 1 a third of the lease's cost (docs/performance.md).
+-- of CPU per lease, a quarter of what leasing and completing one task cost PostgreSQL
+-- (docs/performance.md).
 -- $1 worker_id, $2 worker platform, $3 lease duration
 WITH offered AS (
     SELECT id FROM task_platforms WHERE platform <@ $2::jsonb
