@@ -14,7 +14,6 @@ import pytest
 from expbuild.db import operations as db_operations
 from expbuild.db import queue, workers
 from expbuild.db.notifications import DONE_CHANNEL, Notifications
-from expbuild.db.queries import sql
 from expbuild.digest import digest_of
 from expbuild.errors import Aborted, InvalidArgument
 
@@ -295,43 +294,6 @@ async def test_a_batch_is_one_notification_and_wakes_every_stream_of_it(pool, da
     finally:
         await notifications.stop()
         await listener.close()
-
-
-async def test_a_batch_of_completions_reads_its_tasks_by_primary_key(pool):
-    """complete_tasks looks its rows up by id, not through tasks_leased_idx: that would
-    read every lease of every worker (and entries of finished tasks not yet vacuumed)."""
-    w = await worker(pool, slots=8)
-    for n in range(20):
-        await queue.enqueue(pool, task(n), f"op-{n}")
-    await pool.execute(  # a table of some size, where reading it whole is not cheap
-        """INSERT INTO tasks (instance_name, action_digest, state, completed_at)
-           SELECT '', 'done-' || n, 'completed', now() FROM generate_series(1, 5000) n"""
-    )
-    leased = await queue.lease_tasks(pool, w, LINUX, 8, LEASE)
-    await pool.execute("ANALYZE tasks")  # statistics that see few leases, as at start-up
-    async with pool.acquire() as conn:
-        transaction = conn.transaction()
-        await transaction.start()
-        plan = await conn.fetchval(
-            "EXPLAIN (FORMAT JSON) " + sql("complete_tasks"),
-            [t.task_id for t in leased],
-            [uuid.UUID(t.lease_token) for t in leased],
-            [w] * len(leased),
-            ["completed"] * len(leased),
-            [b""] * len(leased),
-            [None] * len(leased),
-            [None] * len(leased),
-        )
-        await transaction.rollback()
-
-    def indexes(node: dict) -> set[str]:
-        found = {node["Index Name"]} if "Index Name" in node else set()
-        for child in node.get("Plans", []):
-            found |= indexes(child)
-        return found
-
-    used = indexes(json.loads(plan)[0]["Plan"])
-    assert "tasks_pkey" in used and "tasks_leased_idx" not in used, used
 
 
 async def test_completion_with_current_token_caches_and_records(pool):

@@ -185,13 +185,8 @@ WITH input AS (
     UPDATE tasks t
     SET state = i.state, result = i.result, completed_at = now(), lease_expires_at = NULL
     FROM input i
-    -- `state || ''` is `state` in a form no index answers: a plain `state = 'leased'`
-    -- offers the planner tasks_leased_idx, and it read every lease of every worker (and
-    -- the not yet vacuumed entries of finished ones) where a primary key lookup per
-    -- element does (docs/performance.md). (`id = ANY($1)` instead made it rescan the
-    -- elements once per row.)
     WHERE t.id = i.id AND t.lease_token = i.token AND t.worker_id = i.worker_id
-      AND t.state || '' = 'leased'
+      AND t.state = 'leased'
     RETURNING t.id, t.instance_name, t.action_digest, t.attempts, t.worker_id, t.do_not_cache,
               t.platform, t.queued_at, t.leased_at, t.completed_at,
               i.state AS final_state, i.cache_result, i.detail, i.n
