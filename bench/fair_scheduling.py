@@ -159,7 +159,7 @@ async def crowded_queue(pool, queued: int) -> None:
 
     async with pool.acquire() as conn:
         for title, statement, args in (
-            ("lease_tasks (8)", sql("lease_tasks"), (worker_id, LINUX, 8, LEASE)),
+            ("lease_tasks (8)", queue.lease_statement(8), (worker_id, LINUX, LEASE)),
             (
                 "enqueue_task (invocation inv-7)",
                 sql("enqueue_task"),

@@ -3,10 +3,11 @@
 Prints jobs/s for several shapes next to the bare SKIP LOCKED loop measured in the same
 run on the same database (a table of ids and states: claim with `FOR UPDATE SKIP
 LOCKED`, mark done; no events, no operations, no NOTIFY, no fencing token). Machines are
-noisy; compare ratios, not absolute numbers. Also prints the EXPLAIN ANALYZE of the
-lease statement with a full queue.
+noisy; compare ratios, not absolute numbers. Each shape also prints the WAL it wrote per
+task and how many of its row updates were HOT. Ends with the EXPLAIN ANALYZE of the
+lease and complete statements with a full queue.
 
-    .venv/bin/python bench/queue_throughput.py [--tasks 4000] [--consumers 4]
+    .venv/bin/python bench/queue_throughput.py [--tasks 4000] [--consumers 4] [--rounds 3]
 
 Uses EXPBUILD_TEST_DATABASE_URL if set, else starts a throwaway server the way the tests do.
 """
@@ -18,6 +19,7 @@ import asyncio
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -61,6 +63,10 @@ async def enqueue_all(pool, count: int, producers: int, tag: str) -> float:
     return count / (time.perf_counter() - started)
 
 
+def done(task: queue.LeasedTask) -> queue.Completion:
+    return queue.Completion(task.task_id, task.lease_token, True, b"")
+
+
 async def drain(pool, consumers: int, batch: int, *, batched: bool = False) -> tuple[int, float]:
     ids = [
         await workers.register_worker(
@@ -68,22 +74,18 @@ async def drain(pool, consumers: int, batch: int, *, batched: bool = False) -> t
         )
         for i in range(consumers)
     ]
-    done = 0
+    finished = 0
     started = time.perf_counter()
 
     async def consume(worker_id: str) -> None:
-        nonlocal done
+        nonlocal finished
         while True:
             leased = await queue.lease_tasks(pool, worker_id, LINUX, batch, LEASE)
             if not leased:
                 return
             if batched:
-                await queue.complete_tasks(
-                    pool,
-                    worker_id,
-                    [queue.Completion(t.task_id, t.lease_token, True, b"") for t in leased],
-                )
-                done += len(leased)
+                await queue.complete_tasks(pool, worker_id, [done(t) for t in leased])
+                finished += len(leased)
                 continue
             for t in leased:
                 await queue.complete_task(
@@ -95,10 +97,52 @@ async def drain(pool, consumers: int, batch: int, *, batched: bool = False) -> t
                     response=b"",
                     cache_result=None,
                 )
-            done += len(leased)
+            finished += len(leased)
 
     await asyncio.gather(*(consume(w) for w in ids))
-    return done, done / (time.perf_counter() - started)
+    return finished, finished / (time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Writes:
+    """WAL written and row updates (HOT or not) of one table: what a run wrote."""
+
+    wal_bytes: int
+    updates: int
+    hot_updates: int
+
+    @staticmethod
+    async def now(pool, table: str) -> Writes:
+        # Backends report their table statistics at most once a second: make each of the
+        # pool's connections report now.
+        connections = [await pool.acquire() for _ in range(pool.get_max_size())]
+        for conn in connections:
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+            await conn.execute("SELECT 1")
+            await pool.release(conn)
+        row = await pool.fetchrow(
+            """SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint AS wal,
+                      coalesce((SELECT n_tup_upd FROM pg_stat_user_tables
+                                WHERE relname = $1), 0) AS upd,
+                      coalesce((SELECT n_tup_hot_upd FROM pg_stat_user_tables
+                                WHERE relname = $1), 0) AS hot""",
+            table,
+        )
+        return Writes(row["wal"], row["upd"], row["hot"])
+
+    def __sub__(self, other: Writes) -> Writes:
+        return Writes(
+            self.wal_bytes - other.wal_bytes,
+            self.updates - other.updates,
+            self.hot_updates - other.hot_updates,
+        )
+
+    def per_task(self, tasks: int) -> str:
+        hot = f"{100 * self.hot_updates / self.updates:.0f}" if self.updates else "-"
+        return (
+            f"{self.wal_bytes / tasks:6.0f} B of WAL per task; "
+            f"{self.updates / tasks:4.1f} row updates per task, {hot} % HOT"
+        )
 
 
 BARE_SCHEMA = """
@@ -116,13 +160,14 @@ RETURNING id
 BARE_COMPLETE = "UPDATE bare_jobs SET state = 'done' WHERE id = ANY($1::bigint[])"
 
 
-async def bare_loop(pool, count: int, consumers: int, batch: int) -> float:
+async def bare_loop(pool, count: int, consumers: int, batch: int) -> tuple[float, Writes]:
     """The bare claim/complete loop: the same consumers and batch, nothing else."""
     await pool.execute(BARE_SCHEMA)
     await pool.execute(
         "INSERT INTO bare_jobs (state) SELECT 'queued' FROM generate_series(1, $1)", count
     )
     await pool.execute("ANALYZE bare_jobs")
+    before = await Writes.now(pool, "bare_jobs")
     started = time.perf_counter()
 
     async def consume() -> None:
@@ -133,7 +178,8 @@ async def bare_loop(pool, count: int, consumers: int, batch: int) -> float:
             await pool.execute(BARE_COMPLETE, ids)
 
     await asyncio.gather(*(consume() for _ in range(consumers)))
-    return count / (time.perf_counter() - started)
+    rate = count / (time.perf_counter() - started)
+    return rate, await Writes.now(pool, "bare_jobs") - before
 
 
 async def lease_latency_by_queue_size(pool, largest: int) -> None:
@@ -224,6 +270,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=4000)
     parser.add_argument("--consumers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds per shape (medians)")
     parser.add_argument(
         "--scale",
         type=int,
@@ -245,18 +292,31 @@ async def main() -> None:
 
         print(
             "lease + complete vs the bare SKIP LOCKED loop, by lease batch size "
-            "(completions one by one, as CompleteTask sends them, and in one complete_tasks):"
+            "(completions one by one, as CompleteTask sends them, and in one complete_tasks); "
+            f"median of {args.rounds} interleaved round(s), and what each task wrote:"
         )
         for batch in (1, 8, 32):
-            await enqueue_all(pool, args.tasks, args.consumers, f"b{batch}")
-            done, single = await drain(pool, args.consumers, batch)
-            await enqueue_all(pool, args.tasks, args.consumers, f"bb{batch}")
-            done, batched = await drain(pool, args.consumers, batch, batched=True)
-            bare = await bare_loop(pool, args.tasks, args.consumers, batch)
+            rates: dict[str, list[float]] = {"single": [], "batched": [], "bare": []}
+            ratios: dict[str, list[float]] = {"single": [], "batched": []}
+            writes: dict[str, Writes] = {}
+            for round_ in range(args.rounds):
+                bare, writes["bare"] = await bare_loop(pool, args.tasks, args.consumers, batch)
+                rates["bare"].append(bare)
+                for shape in ("single", "batched"):
+                    await enqueue_all(pool, args.tasks, args.consumers, f"{shape}{batch}-{round_}")
+                    before = await Writes.now(pool, "tasks")
+                    _, rate = await drain(pool, args.consumers, batch, batched=shape == "batched")
+                    writes[shape] = await Writes.now(pool, "tasks") - before
+                    rates[shape].append(rate)
+                    ratios[shape].append(rate / rates["bare"][-1])
+            single, batched, bare = (statistics.median(rates[k]) for k in rates)
             print(
-                f"  batch {batch:3d}: bare {bare:7.0f}/s; ours {single:7.0f}/s ({single / bare:4.2f}x), "
-                f"completions batched {batched:7.0f}/s ({batched / bare:4.2f}x)"
+                f"  batch {batch:3d}: bare {bare:7.0f}/s; ours {single:7.0f}/s "
+                f"({statistics.median(ratios['single']):4.2f}x), completions batched "
+                f"{batched:7.0f}/s ({statistics.median(ratios['batched']):4.2f}x)"
             )
+            for shape in ("bare", "single", "batched"):
+                print(f"             {shape:>7}: {writes[shape].per_task(args.tasks)}")
         if args.scale:
             await lease_latency_by_queue_size(pool, args.scale)
 
@@ -268,15 +328,37 @@ async def main() -> None:
             pool, worker_id="", name="explain", hostname="", platform=LINUX, max_concurrent=32
         )
         async with pool.acquire() as conn:
+            # Past the first five runs, as the server runs them: from the cached plans.
+            for _ in range(6):
+                leased = await queue.lease_tasks(conn, worker_id, LINUX, 32, LEASE)
+                await queue.complete_tasks(conn, worker_id, [done(t) for t in leased])
             transaction = conn.transaction()
             await transaction.start()
-            plan = await conn.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + sql("lease_tasks"), worker_id, LINUX, 32, LEASE
+            lease_plan = await conn.fetch(
+                "EXPLAIN (ANALYZE, BUFFERS) " + queue.lease_statement(32), worker_id, LINUX, LEASE
             )
-            await transaction.rollback()  # EXPLAIN ANALYZE really leases; keep the queue intact
-        print("\nEXPLAIN ANALYZE lease_tasks (32 of a full queue):")
-        for row in plan:
-            print("  " + row[0])
+            leased = await conn.fetch(
+                "SELECT id, lease_token FROM tasks WHERE worker_id = $1 AND state = 'leased'",
+                worker_id,
+            )
+            complete_plan = await conn.fetch(
+                "EXPLAIN (ANALYZE, BUFFERS) " + sql("complete_tasks"),
+                [r["id"] for r in leased],
+                [r["lease_token"] for r in leased],
+                [worker_id] * len(leased),
+                ["completed"] * len(leased),
+                [b""] * len(leased),
+                [None] * len(leased),
+                [None] * len(leased),
+            )
+            await transaction.rollback()  # EXPLAIN ANALYZE really runs them; keep the queue
+        for title, plan in (
+            ("lease_tasks (32 of a full queue)", lease_plan),
+            ("complete_tasks (those 32)", complete_plan),
+        ):
+            print(f"\nEXPLAIN ANALYZE {title}:")
+            for row in plan:
+                print("  " + row[0])
         await pool.close()
 
 

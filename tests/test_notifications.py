@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 
 from expbuild.db import notifications as notifications_module
-from expbuild.db.notifications import DONE_CHANNEL, Notifications, parse_task_change
+from expbuild.db.notifications import DONE_CHANNEL, Notifications, parse_task_changes
 from tests.waiting import wait_until
 
-LEASE = "7 leased 1733389201123456 1733389202000001 worker with spaces"
+LEASE = "leased 1733389202000001 7:1733389201123456 worker with spaces"
 
 
 @pytest.fixture
@@ -33,14 +33,20 @@ async def _notify(pool, listener: Notifications, *payloads: str) -> None:
 
 
 def test_a_lease_notification_says_what_the_executing_stage_shows():
-    task_id, lease = parse_task_change(LEASE)
+    [(task_id, lease)] = parse_task_changes(LEASE)
     assert task_id == 7 and lease is not None
     assert lease.worker_name == "worker with spaces"
     assert lease.queued_at.timestamp() * 1e6 == pytest.approx(1733389201123456, abs=1)
     assert (lease.leased_at - lease.queued_at).total_seconds() == pytest.approx(0.876545)
-    assert parse_task_change("7") == (7, None)
+    batch = parse_task_changes("leased 1733389202000001 7:1733389201123456,9:1 w,1")
+    assert [task_id for task_id, _ in batch] == [7, 9]
+    assert {lease.worker_name for _, lease in batch if lease} == {"w,1"}
+    assert parse_task_changes("7") == [(7, None)]
+    assert parse_task_changes("7,8") == [(7, None), (8, None)]
+    # Another version's words after an id: read the task.
+    assert parse_task_changes("7 moved 1 2") == [(7, None)]
     with pytest.raises(ValueError):
-        parse_task_change("seven")
+        parse_task_changes("seven")
 
 
 async def test_a_watch_from_a_mark_gets_what_was_notified_since(pool, notifications):
@@ -49,7 +55,7 @@ async def test_a_watch_from_a_mark_gets_what_was_notified_since(pool, notificati
     mark = notifications.mark()
     await _notify(pool, notifications, "8", LEASE)
     with notifications.watching_task(7, since=mark) as watch:
-        assert watch.take() == (False, parse_task_change(LEASE)[1])
+        assert watch.take() == (False, parse_task_changes(LEASE)[0][1])
     with notifications.watching_task(7, since=notifications.mark()) as watch:
         assert watch.take() == (False, None)  # nothing since
         await _notify(pool, notifications, "7")  # a completion: read the task

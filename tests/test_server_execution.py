@@ -586,7 +586,7 @@ async def test_an_execute_stream_takes_the_stage_from_notifications_not_reads(se
         )
         await server.pool.execute(
             "SELECT pg_notify('expbuild_task_done', $1)",
-            f"{task_id} leased 1733389201000000 1733389202000000 told-by-notify",
+            f"leased 1733389202000000 {task_id}:1733389201000000 told-by-notify",
         )
         executing = _executing(await asyncio.wait_for(stream.read(), 60))
         assert executing.worker == "told-by-notify"

@@ -7,10 +7,12 @@ One dedicated connection per replica listens on two channels and wakes local wai
   passes the wake on (`pass_work_on`) when it found nothing it could run (another
   platform's task), at most once around the pollers that were waiting when the
   notification came. Every queued task sends its own notification.
-- `expbuild_task_done`: the task's stage changed; it wakes the clients streaming that
-  task's operations. The payload is the task id ("what changed: read the task"), or for
-  a lease `<id> leased <queued_at> <leased_at> <worker name>` (times in microseconds
-  since the epoch), which says all an EXECUTING stage shows, so streams need not read.
+- `expbuild_task_done`: those tasks' stage changed; it wakes the clients streaming their
+  operations. The payload is task ids, comma-separated ("what changed: read the task"),
+  or for a lease `leased <leased_at> <id>:<queued_at>,… <worker name>` (times in
+  microseconds since the epoch), which says all an EXECUTING stage shows, so streams
+  need not read. A statement that leases or completes a batch sends one notification
+  for all of it.
 
 The last few thousand tasks' notifications are remembered, so a stream can start
 watching a task after it queued it (`mark` before, `watching_task(..., since=mark)`)
@@ -89,19 +91,21 @@ class TaskWatch:
         return taken
 
 
-def parse_task_change(payload: str) -> tuple[int, TaskLeased | None]:
-    """The task id of a `expbuild_task_done` payload and, for a lease, what it says.
+def parse_task_changes(payload: str) -> list[tuple[int, TaskLeased | None]]:
+    """The tasks of an `expbuild_task_done` payload and, for a lease, what it says of each.
     ValueError: not a payload this server sends."""
-    task_id, _, rest = payload.partition(" ")
-    kind, _, rest = rest.partition(" ")
-    if kind != "leased":
-        return int(task_id), None  # a bare id, or a kind this replica does not know: read
-    queued, leased, worker = rest.split(" ", 2)
-    return int(task_id), TaskLeased(
-        worker_name=worker,
-        queued_at=_EPOCH + timedelta(microseconds=int(queued)),
-        leased_at=_EPOCH + timedelta(microseconds=int(leased)),
-    )
+    if not payload.startswith("leased "):
+        # Ids: read the task. An id followed by words this replica does not know (another
+        # version's) counts as a bare id.
+        return [(int(item.partition(" ")[0]), None) for item in payload.split(",")]
+    _, leased, entries, worker = payload.split(" ", 3)
+    leased_at = _EPOCH + timedelta(microseconds=int(leased))
+    changes: list[tuple[int, TaskLeased | None]] = []
+    for entry in entries.split(","):
+        task_id, queued = entry.split(":")
+        queued_at = _EPOCH + timedelta(microseconds=int(queued))
+        changes.append((int(task_id), TaskLeased(worker, queued_at, leased_at)))
+    return changes
 
 
 class Notifications:
@@ -237,13 +241,14 @@ class Notifications:
 
     def _on_done(self, _conn, _pid, _channel, payload: str) -> None:
         try:
-            task_id, lease = parse_task_change(payload)
+            changes = parse_task_changes(payload)
         except ValueError:
             return
-        self._received += 1
-        self._remember(task_id, lease)
-        for watch in self._done_waiters.get(task_id, ()):
-            watch.note(lease)
+        for task_id, lease in changes:
+            self._received += 1
+            self._remember(task_id, lease)
+            for watch in self._done_waiters.get(task_id, ()):
+                watch.note(lease)
 
     def _remember(self, task_id: int, lease: TaskLeased | None) -> None:
         changes = self._recent.pop(task_id, None) or []

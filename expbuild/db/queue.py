@@ -7,10 +7,11 @@ any other token changes nothing and raises `Aborted`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -133,6 +134,15 @@ async def count_queued(db: Database, instance_name: str, up_to: int) -> int:
     return await db.fetchval(sql("count_queued_tasks"), instance_name, up_to)
 
 
+@functools.cache
+def lease_statement(limit: int) -> str:
+    """lease_tasks with `limit` written in (see queue.sql): $1 worker_id, $2 platform,
+    $3 lease duration."""
+    if not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"lease limit must be a positive integer, not {limit!r}")
+    return sql("lease_tasks").replace("{limit}", str(limit))
+
+
 async def lease_tasks(
     db: Database, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
 ) -> list[LeasedTask]:
@@ -140,7 +150,7 @@ async def lease_tasks(
     if limit <= 0:
         return []
     rows = await db.fetch(
-        sql("lease_tasks"), worker_id, normalize_platform(platform), limit, lease_duration
+        lease_statement(limit), worker_id, normalize_platform(platform), lease_duration
     )
     return [
         LeasedTask(
@@ -210,7 +220,7 @@ async def complete_task(
         "completed" if succeeded else "failed",
         response,
         cache_result,
-        detail or {},
+        detail or None,
     )
     if row is None:
         raise await _refusal(db, task_id, worker_id, "complete")
@@ -238,7 +248,7 @@ class Completion:
     response: bytes
     cache_result: bytes | None = None
     detail: dict[str, Any] | None = None
-    worker_id: str = ""  # the leaseholder (`complete_tasks` fills it in)
+    worker_id: str = ""  # the leaseholder (`complete_tasks` takes it as an argument)
 
 
 async def complete_tasks(
@@ -250,9 +260,8 @@ async def complete_tasks(
     applied, else the `Aborted` (or `NotFound`) it would have raised; a refused completion
     changes nothing.
     """
-    mine = [replace(c, worker_id=worker_id) for c in completions]
-    outcomes = await complete_each(db, mine)
-    return {c.task_id: outcome for c, outcome in zip(mine, outcomes, strict=True)}
+    outcomes = await _complete(db, completions, [worker_id] * len(completions))
+    return {c.task_id: outcome for c, outcome in zip(completions, outcomes, strict=True)}
 
 
 async def complete_each(
@@ -261,6 +270,12 @@ async def complete_each(
     """`complete_task` for several leases, each under its own worker, in one statement and
     commit; per completion, in order, what `complete_task` would have returned or raised
     (`InvalidArgument` for a token that is not a UUID, checked before anything runs)."""
+    return await _complete(db, completions, [c.worker_id for c in completions])
+
+
+async def _complete(
+    db: Database, completions: Sequence[Completion], worker_ids: list[str]
+) -> list[CompletedTask | Exception]:
     if not completions:
         return []
     tokens = [_uuid(c.lease_token, c.task_id) for c in completions]
@@ -268,15 +283,15 @@ async def complete_each(
         sql("complete_tasks"),
         [c.task_id for c in completions],
         tokens,
-        [c.worker_id for c in completions],
+        worker_ids,
         ["completed" if c.succeeded else "failed" for c in completions],
         [c.response for c in completions],
         [c.cache_result for c in completions],
-        [c.detail or {} for c in completions],
+        [c.detail or None for c in completions],
     )
     applied = {r["n"] - 1: _completed(r) for r in rows}
     return [
-        applied.get(n) or await _refusal(db, c.task_id, c.worker_id, "complete")
+        applied.get(n) or await _refusal(db, c.task_id, worker_ids[n], "complete")
         for n, c in enumerate(completions)
     ]
 

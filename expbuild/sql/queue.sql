@@ -87,17 +87,22 @@ SELECT count(*) FROM (
 ) AS queued;
 
 -- name: lease_tasks
--- Hand up to $3 queued tasks whose platform the worker satisfies to worker $1: the most
+-- Hand up to {limit} queued tasks whose platform the worker satisfies to worker $1: the most
 -- urgent priority first, then in fair_rank order (invocations take turns, see
 -- enqueue_task), then oldest first. SKIP LOCKED lets any number of pollers run this at
 -- once. Each platform the worker satisfies is its own range of tasks_queue_idx, walked in
--- (priority, fair_rank, id) order for at most $3 rows; queues of other platforms are never
+-- (priority, fair_rank, id) order for at most {limit} rows; queues of other platforms are never
 -- read, so the cost does not grow with the queue (bench/queue_throughput.py --scale).
 -- Ranks of two platforms' queues are not comparable (each has its own virtual time), so
 -- the queues are merged by each task's distance from its queue's head.
+-- {limit} is not a parameter: db/queue.py lease_statement writes the number into the text
+-- (one prepared statement per limit). With LIMIT $n PostgreSQL costs a generic plan as
+-- if 10 % of the queue were leased, never picks it, and plans every call afresh: ~0.2 ms
+-- of CPU per lease, a quarter of what leasing and completing one task cost PostgreSQL
+-- (docs/performance.md).
 -- Only an online worker (not draining, offline or unknown) whose registered platform still
 -- offers $2 leases anything: the poll need not read the worker first (it caches $2).
--- $1 worker_id, $2 worker platform, $3 limit, $4 lease duration
+-- $1 worker_id, $2 worker platform, $3 lease duration
 WITH worker AS (
     SELECT name FROM workers WHERE id = $1 AND state = 'online' AND platform @> $2::jsonb
 ), offered AS (
@@ -110,18 +115,18 @@ WITH worker AS (
         SELECT t.id, t.priority, t.fair_rank FROM tasks t
         WHERE t.state = 'queued' AND t.platform_id = offered.id
         ORDER BY t.priority, t.fair_rank, t.id
-        LIMIT $3
+        LIMIT {limit}
         FOR UPDATE SKIP LOCKED
     ) c
 ), picked AS (
     SELECT id, row_number() OVER (ORDER BY priority, behind, id) AS turn
     FROM candidates
     ORDER BY turn
-    LIMIT $3
+    LIMIT {limit}
 ), leased AS (
     UPDATE tasks t
     SET state = 'leased', worker_id = $1, lease_token = gen_random_uuid(),
-        lease_expires_at = now() + $4::interval, leased_at = now(),
+        lease_expires_at = now() + $3::interval, leased_at = now(),
         attempts = t.attempts + 1
     FROM picked
     WHERE t.id = picked.id
@@ -130,22 +135,30 @@ WITH worker AS (
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
+), notified AS (
+    -- Tells clients streaming these tasks that they are now EXECUTING, with what that
+    -- stage shows, so that they need not read the task (db/notifications.py): one NOTIFY
+    -- for the batch, `leased <leased_at> <id>:<queued_at>,… <worker name>` (times in
+    -- microseconds since the epoch), at most 100 tasks in one (a payload stays under
+    -- 8,000 bytes; a worker name is at most 255 characters).
+    SELECT pg_notify('expbuild_task_done', concat_ws(' ', 'leased',
+               (extract(epoch FROM now()) * 1000000)::bigint,
+               string_agg(id || ':' || (extract(epoch FROM queued_at) * 1000000)::bigint, ','),
+               (SELECT name FROM worker)))
+    FROM (SELECT id, queued_at, (row_number() OVER () - 1) / 100 AS chunk FROM leased) ids
+    GROUP BY chunk
 )
--- The NOTIFY tells clients streaming the task that it is now EXECUTING, with what that
--- stage shows (db/notifications.py), so that they need not read the task.
-SELECT l.id, l.lease_token, l.instance_name, l.action_digest, l.attempts, l.queued_at,
-       l.timeout, l.do_not_cache, l.priority,
-       pg_notify('expbuild_task_done', concat_ws(' ', l.id, 'leased',
-           (extract(epoch FROM l.queued_at) * 1000000)::bigint,
-           (extract(epoch FROM now()) * 1000000)::bigint, w.name)) AS notified
-FROM leased l CROSS JOIN worker w ORDER BY l.turn;
+-- The scalar subquery makes the notified CTE run (a SELECT CTE runs only when read).
+SELECT id, lease_token, instance_name, action_digest, attempts, queued_at, timeout,
+       do_not_cache, priority, (SELECT count(*) FROM notified) AS notifications
+FROM leased ORDER BY turn;
 
 -- name: complete_task
 -- Accept a worker's result only under the current lease. No row back means the token is
 -- stale (re-leased, reaped, cancelled or already completed) and nothing was changed.
 -- $1 task_id, $2 lease_token, $3 worker_id, $4 final state, $5 ExecuteResponse bytes,
 -- $6 ActionResult bytes to cache (NULL: do not cache; ignored for do_not_cache tasks),
--- $7 event detail
+-- $7 event detail (NULL: none)
 WITH done AS (
     UPDATE tasks
     SET state = $4, result = $5, completed_at = now(), lease_expires_at = NULL
@@ -154,7 +167,7 @@ WITH done AS (
               queued_at, leased_at, completed_at
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
-    SELECT id, $4, worker_id, attempts, $7::jsonb FROM done
+    SELECT id, $4, worker_id, attempts, coalesce($7::jsonb, '{}') FROM done
 ), cached AS (
     INSERT INTO action_cache (instance_name, action_digest, result)
     SELECT instance_name, action_digest, $6 FROM done
@@ -173,7 +186,8 @@ FROM done;
 -- and their position n in the arrays (1-based), the rest changed nothing. Of two elements
 -- for one task at most one is applied.
 -- $1 task ids, $2 lease tokens, $3 worker ids, $4 final states, $5 ExecuteResponse bytes,
--- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details
+-- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details (NULL
+-- elements: none; spares the client encoding an empty object per task)
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bytea[],
                          $6::bytea[], $7::jsonb[])
@@ -189,7 +203,7 @@ WITH input AS (
               i.state AS final_state, i.cache_result, i.detail, i.n
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt, detail)
-    SELECT id, final_state, worker_id, attempts, detail FROM done ORDER BY id
+    SELECT id, final_state, worker_id, attempts, coalesce(detail, '{}') FROM done ORDER BY id
 ), cached AS (
     INSERT INTO action_cache (instance_name, action_digest, result)
     SELECT DISTINCT ON (instance_name, action_digest) instance_name, action_digest, cache_result
@@ -198,9 +212,18 @@ WITH input AS (
     ORDER BY instance_name, action_digest, id DESC
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
+), notified AS (
+    -- One NOTIFY per statement, not per task: its payload is the ids, comma-separated,
+    -- at most 300 of them (a payload must stay under 8,000 bytes); the listener
+    -- (db/notifications.py) wakes the streams of each. A NOTIFY per task cost each
+    -- statement as many entries in the notification queue.
+    SELECT pg_notify('expbuild_task_done', string_agg(id::text, ',')) FROM (
+        SELECT id, (row_number() OVER () - 1) / 300 AS chunk FROM done
+    ) ids GROUP BY chunk
 )
+-- The scalar subquery makes the notified CTE run (a SELECT CTE runs only when read).
 SELECT id, n, instance_name, platform, queued_at, leased_at, completed_at,
-       pg_notify('expbuild_task_done', id::text) AS notified
+       (SELECT count(*) FROM notified) AS notifications
 FROM done;
 
 -- name: release_task
