@@ -17,6 +17,7 @@ from expbuild.db.notifications import DONE_CHANNEL, Notifications, parse_task_ch
 from expbuild.db.queries import sql
 from expbuild.digest import digest_of
 from expbuild.errors import Aborted, InvalidArgument
+from tests.waiting import wait_until
 
 LINUX = {"OSFamily": ["Linux"], "Arch": ["x86_64"]}
 LEASE = timedelta(minutes=5)
@@ -293,9 +294,7 @@ async def test_a_batch_is_one_notification_and_wakes_every_stream_of_it(pool, da
     try:
 
         async def hear(count: int) -> list[set[int]]:
-            async with asyncio.timeout(10):
-                while len(heard) < count:
-                    await asyncio.sleep(0.02)
+            await wait_until(lambda: len(heard) >= count, what=f"{count} notification(s)")
             return [{task_id for task_id, _ in parse_task_changes(p)} for p in heard]
 
         with contextlib.ExitStack() as stack:

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 from expbuild.config import LimitsSettings
 from expbuild.worker.cgroups import POOL_PREFIX, CgroupSupport, pool_key
 from expbuild.worker.supervisor import Command, Finished, Supervisor
+from tests.waiting import wait_until
 
 MiB = 1024 * 1024
 CGROUPS = CgroupSupport.detect()
@@ -92,7 +92,9 @@ async def test_a_leftover_process_is_killed_before_the_cgroup_is_reused(tmp_path
         action = asyncio.create_task(
             run(supervisor, tmp_path, "/bin/sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done")
         )
-        directories = await wait_for(lambda: pool_directories(key))
+        directories = await wait_until(
+            lambda: pool_directories(key), what="the pool's cgroup directories"
+        )
         for directory in directories:
             (directory / "cgroup.procs").write_text(str(stranger.pid))
         go.touch()
@@ -216,12 +218,3 @@ async def test_an_action_that_made_cgroups_of_its_own_gets_no_reuse(tmp_path):
         assert (supervisor.pool.created, supervisor.pool.reused) == (2, 0)
     finally:
         await supervisor.close()
-
-
-async def wait_for(probe, seconds: float = 10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if found := probe():
-            return found
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
