@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from expbuild.cas.store import INLINE_LOOKUPS, INLINE_READ_BYTES, FileStore
+from expbuild.cas.store import INLINE_LOOKUPS, INLINE_BYTES, FileStore
 from expbuild.digest import EMPTY, Digest, digest_of
 from expbuild.errors import InvalidArgument, NotFound, OutOfRange
 
@@ -385,7 +385,7 @@ async def test_put_many_mixed_results(store):
 async def test_small_lookups_and_reads_need_no_thread_but_large_ones_do(store):
     """A thread hop costs more than a stat or a small read: those run on the loop. With
     the loop's thread pool shut they still work, and anything larger is refused."""
-    small, large = b"s" * 100, b"L" * (INLINE_READ_BYTES + 1)
+    small, large = b"s" * 100, b"L" * (INLINE_BYTES + 1)
     await store.put_many([(digest_of(small), small), (digest_of(large), large)])
     absent = [digest_of(f"absent {n}".encode()) for n in range(INLINE_LOOKUPS + 1)]
     closed = ThreadPoolExecutor(max_workers=1)
@@ -405,3 +405,31 @@ async def test_small_lookups_and_reads_need_no_thread_but_large_ones_do(store):
     ):
         with pytest.raises(RuntimeError, match="after shutdown"):
             await large_work
+
+
+async def test_small_writes_need_no_thread_unless_each_blob_is_fsynced(tmp_path):
+    """Without an fsync per blob a small write is a few syscalls, cheaper than a thread
+    hop: it runs on the loop. A large one, a compressed one, or any write that is fsynced
+    takes a thread (the executor is shut here, so a hop fails)."""
+    closed = ThreadPoolExecutor(max_workers=1)
+    closed.shutdown()
+    asyncio.get_running_loop().set_default_executor(closed)
+    batched, synced = (
+        FileStore(tmp_path / "b", fsync="batch"),
+        FileStore(tmp_path / "s", fsync="always"),
+    )
+    small, other, large = b"s" * 100, b"o" * 200, b"L" * (INLINE_BYTES + 1)
+
+    await batched.put(digest_of(small), small)
+    assert await batched.put_many([(digest_of(other), other, "identity")]) == [None]
+    assert await batched.get_many([digest_of(small), digest_of(other)]) == [small, other]
+    for thread_work in (
+        batched.put(digest_of(large), large),
+        batched.put_many([(digest_of(small), small), (digest_of(large), large)]),
+        batched.put_many([(digest_of(small), small, "zstd")]),
+        synced.put(digest_of(small), small),
+        synced.put_many([(digest_of(small), small)]),
+    ):
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            await thread_work
+    assert not await synced.has(digest_of(small))

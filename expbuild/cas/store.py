@@ -19,12 +19,14 @@ What callers may rely on:
 * The empty blob (`EMPTY`) is always present; no file backs it.
 * Blob files are read-only (mode 0444); nothing may modify them in place.
 * A file whose size differs from its digest's size counts as absent.
-* No coroutine here blocks the event loop on disk I/O beyond a few stat calls
-  or one small read: writes and large work run in worker threads via
-  `asyncio.to_thread`, batched so a small blob or a batch of digests costs one
-  thread hop. Lookups of up to `INLINE_LOOKUPS` digests and reads of up to
-  `INLINE_READ_BYTES` run on the loop: a hop costs ~55 µs of CPU here, a stat
-  ~7 µs (docs/performance.md), and a no-op action makes several of each.
+* No coroutine here blocks the event loop on disk I/O beyond a few stat calls,
+  one small read or a few small writes: large work, and every write when each
+  blob is fsynced (`[cas] fsync = "always"`), runs in worker threads via
+  `asyncio.to_thread`, batched so a batch of blobs costs one thread hop. Lookups
+  of up to `INLINE_LOOKUPS` digests, and reads and writes of up to
+  `INLINE_BYTES` in all, run on the loop: a hop costs ~55 µs of CPU here, a stat
+  ~7 µs and a small write without fsync ~30 µs (docs/performance.md), and a
+  no-op action makes several of each.
 * Blobs are stored uncompressed. Data may arrive or leave zstd-compressed (the
   REAPI `compressed-blobs` forms); compressed input is decompressed with bounded
   memory and verified against the digest of the uncompressed content.
@@ -65,7 +67,7 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 
 # What runs on the event loop rather than in a thread (see the module docstring).
 INLINE_LOOKUPS = 16
-INLINE_READ_BYTES = 64 * 1024
+INLINE_BYTES = 64 * 1024
 
 
 class FileStore:
@@ -112,6 +114,13 @@ class FileStore:
         """Where the blob's file lives (whether or not it exists). Never write to it."""
         return self.layout.path_of(digest)
 
+    def on_loop(self, count: int, nbytes: int, *, writes: bool = False) -> bool:
+        """Whether work on `count` blobs of `nbytes` in all is cheaper on the event loop
+        than a thread hop (a write only when it is not fsynced there and then)."""
+        if writes and self.layout.fsync:
+            return False
+        return count <= INLINE_LOOKUPS and nbytes <= INLINE_BYTES
+
     # --------------------------------------------------------------- presence
 
     async def has(self, digest: Digest) -> bool:
@@ -133,7 +142,7 @@ class FileStore:
         def scan() -> list[Digest]:
             return [d for d in unique if not self.layout.present(d, touch=touch)]
 
-        if len(unique) <= INLINE_LOOKUPS:
+        if self.on_loop(len(unique), 0):
             return scan()
         return await asyncio.to_thread(scan)
 
@@ -196,12 +205,15 @@ class FileStore:
         """
         if len(data) != digest.size_bytes:
             raise size_error(digest, len(data))
-        await asyncio.to_thread(self._ingest, digest, (data,))
+        if self.on_loop(1, len(data), writes=True):
+            self._ingest(digest, (data,))
+        else:
+            await asyncio.to_thread(self._ingest, digest, (data,))
 
     async def put_many(
         self, items: list[tuple[Digest, bytes] | tuple[Digest, bytes, str | None]]
     ) -> list[Exception | None]:
-        """Store several small blobs in one thread hop (for BatchUpdateBlobs).
+        """Store several small blobs in one thread hop, or none (for BatchUpdateBlobs).
 
         An item may carry a third element, the compressor its data is encoded with
         (None or "identity": uncompressed; "zstd"); the data is then decompressed and
@@ -228,6 +240,9 @@ class FileStore:
 
         if not items:
             return []
+        plain = all(len(item) < 3 or item[2] in (None, "", "identity") for item in items)
+        if plain and self.on_loop(len(items), sum(len(item[1]) for item in items), writes=True):
+            return run()
         return await asyncio.to_thread(run)
 
     # ---------------------------------------------------------------- reading
@@ -249,7 +264,7 @@ class FileStore:
         """The blob's whole content; `NotFound` if absent. Reads it all into memory."""
         if digest == EMPTY:
             return b""
-        if digest.size_bytes <= INLINE_READ_BYTES:
+        if self.on_loop(1, digest.size_bytes):
             return self._read_whole(digest)
         return await asyncio.to_thread(self._read_whole, digest)
 
@@ -279,8 +294,7 @@ class FileStore:
                     results.append(cctx.compress(data) if cctx is not None else data)
             return results
 
-        small = sum(d.size_bytes for d in digests) <= INLINE_READ_BYTES
-        if compressor is None and small and len(digests) <= INLINE_LOOKUPS:
+        if compressor is None and self.on_loop(len(digests), sum(d.size_bytes for d in digests)):
             return run()
         return await asyncio.to_thread(run)
 

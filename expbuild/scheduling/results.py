@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,8 +78,12 @@ async def accept_result(
         for name, entry in sorted(response.server_logs.items())
         if entry.digest.hash
     ]
-    # Hashing, checking and writing: one thread hop for the whole report.
-    missing = await asyncio.to_thread(store_reported_blobs, store, response.result, logs, blobs)
+    # Hashing, checking and writing: on the loop when small, else one thread hop for all.
+    named = len(blobs) + len(logs) + _named_outputs(response.result)
+    if store.on_loop(named, sum(len(data) for _, data in blobs), writes=True):
+        missing = store_reported_blobs(store, response.result, logs, blobs)
+    else:
+        missing = await asyncio.to_thread(store_reported_blobs, store, response.result, logs, blobs)
     if missing:
         raise FailedPrecondition(
             f"the result of task {task_name(task_id)} names {len(missing)} blob(s) that are "
@@ -152,3 +157,11 @@ async def release_lease(
     reason = check_no_nul(reason, "reason") or "released by worker"
     await queue.release_task(pool, task_id, lease_token, worker_id, reason)
     log.info("Task %s handed back by worker %s: %s", task_name(task_id), worker_id, shorten(reason))
+
+
+def _named_outputs(result: re_pb2.ActionResult) -> int:
+    """How many blobs checking `result` looks at; unbounded (a thread's work) when it
+    names output directories, whose trees are read and walked."""
+    if result.output_directories:
+        return sys.maxsize
+    return 2 + len(result.output_files)
