@@ -54,10 +54,13 @@ lint: venv
 	$(VENV)/bin/ruff format --check expbuild tests bench
 	$(VENV)/bin/mypy
 
-## bench: issue #10's figures, today's (BASELINE: main before #10) and this tree's side by side
+## bench: issue #10's figures: its own "today" and goal, then today's code (BASELINE: main
+## before #10) and this tree's measured side by side in this run; then the queue against
+## the bare SKIP LOCKED loop
 BASELINE ?= 783a216
 bench: venv
 	$(PY) bench/noop_load.py --baseline $(BASELINE) --code . --server-processes 1 --server-processes 2
+	$(PY) bench/queue_throughput.py --rounds 3
 	$(PY) bench/round_trips.py --baseline $(BASELINE) --code .
 	$(PY) bench/round_trips.py --baseline $(BASELINE) --code . --clients 8 --actions 200
 	$(PY) bench/queue_throughput.py
