@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from expbuild.cas.store import INLINE_LOOKUPS, INLINE_BYTES, FileStore
+from expbuild.cas.store import INLINE_BYTES, INLINE_LOOKUPS, FileStore
 from expbuild.digest import EMPTY, Digest, digest_of
 from expbuild.errors import InvalidArgument, NotFound, OutOfRange
 
