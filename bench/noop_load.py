@@ -13,6 +13,8 @@ tree, side by side:
   ExecutedActionMetadata, the client's clock);
 - cached replay through Execute at 1 client (actions/s, p50) and at 8 (actions/s: the
   server's own throughput, no worker involved);
+- server CPU per FindMissingBlobs call (8 clients): about the least any RPC costs, to
+  read the per-action figures against (a no-op action is ~5 RPCs);
 - a 64 MiB ByteStream write and read (MB/s).
 
 With `--server-processes N` (repeatable), each tree is measured once per N with
@@ -213,6 +215,7 @@ class Figures:
     transactions: float = 0.0
     write_mbs: float = 0.0
     read_mbs: float = 0.0
+    rpc_cpu_ms: float = 0.0
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -414,6 +417,7 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
                     tree_cpu_seconds(deployment.server.pid) - server_before
                 ) / wall
 
+                figures.rpc_cpu_ms = await server_cpu_per_call(cas, deployment, args.clients)
                 figures.write_mbs, figures.read_mbs = await bytestream(deployment.address, 64 * MiB)
         finally:
             deployment.stop()
@@ -422,6 +426,22 @@ async def measure(deployment: Deployment, admin_url: str, args) -> Figures:
             await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             await conn.close()
     return figures
+
+
+async def server_cpu_per_call(cas: CasClient, deployment: Deployment, clients: int) -> float:
+    """Server CPU (ms) per FindMissingBlobs of two present blobs, `clients` at a time: about
+    the least one RPC costs (gRPC, the event loop, the servicer's wrapping; two stats)."""
+    blobs = {digest_of(b"bench rpc %d" % n): b"bench rpc %d" % n for n in range(2)}
+    await cas.upload(blobs)
+    calls, gate = 2000, asyncio.Semaphore(clients)
+
+    async def one() -> None:
+        async with gate:
+            assert not await cas.find_missing(list(blobs))
+
+    before = tree_cpu_seconds(deployment.server.pid)
+    await asyncio.gather(*(one() for _ in range(calls)))
+    return (tree_cpu_seconds(deployment.server.pid) - before) * 1000 / calls
 
 
 def start_profilers(folder: str | None, deployment: Deployment, pids: dict) -> list:
@@ -498,6 +518,7 @@ def median_figures(runs: list[Figures]) -> Figures:
         cached_p50=mid([r.cached_p50 for r in runs]),
         cached_rate_8=mid([r.cached_rate_8 for r in runs]),
         cached_server_cores=mid([r.cached_server_cores for r in runs]),
+        rpc_cpu_ms=mid([r.rpc_cpu_ms for r in runs]),
         transactions=mid([r.transactions for r in runs]),
         write_mbs=mid([r.write_mbs for r in runs]),
         read_mbs=mid([r.read_mbs for r in runs]),
@@ -575,6 +596,11 @@ def table(columns: dict[str, Figures], args) -> str:
         "  the server's CPU over it (cores busy)",
         "{:.2f}".format,
         lambda f: f.cached_server_cores,
+    )
+    row(
+        "server CPU per FindMissingBlobs call, the least an RPC costs (ms)",
+        "{:.2f}".format,
+        lambda f: f.rpc_cpu_ms,
     )
     row(
         "ByteStream 64 MiB write / read (MB/s)",

@@ -65,22 +65,26 @@ def test_large_or_many_outputs_go_to_a_thread(tmp_path, case):
     assert not _outputs_are_small(command, directory)
 
 
+async def shell(executor: HostExecutor, tmp_path: Path, script: str) -> str:
+    """`script`'s stdout, run by `executor` as an action (its parent is its launcher)."""
+    outcome = await executor.execute(
+        ExecutionRequest(
+            arguments=["/bin/sh", "-c", script],
+            environment={},
+            working_directory=tmp_path,
+            stdout_path=tmp_path / "stdout",
+            stderr_path=tmp_path / "stderr",
+            timeout=30,
+        )
+    )
+    assert outcome.exit_code == 0, (tmp_path / "stderr").read_text()
+    return (tmp_path / "stdout").read_text()
+
+
 async def test_the_zygote_and_launchers_name_themselves(tmp_path):
     executor = HostExecutor(limits=LimitsSettings(cgroups=False))
     try:
-        script = "cat /proc/$PPID/comm"  # the command's parent is its launcher
-        outcome = await executor.execute(
-            ExecutionRequest(
-                arguments=["/bin/sh", "-c", script],
-                environment={},
-                working_directory=tmp_path,
-                stdout_path=tmp_path / "stdout",
-                stderr_path=tmp_path / "stderr",
-                timeout=30,
-            )
-        )
-        assert outcome.exit_code == 0
-        assert (tmp_path / "stdout").read_text() == "expbuild-launch\n"
+        assert await shell(executor, tmp_path, "cat /proc/$PPID/comm") == "expbuild-launch\n"
         zygote = executor.supervisor.zygote.pid
         assert Path(f"/proc/{zygote}/comm").read_text() == "expbuild-zygote\n"
     finally:
@@ -117,21 +121,8 @@ async def test_the_zygote_and_launchers_ask_for_a_short_slice_and_the_command_do
         limits=LimitsSettings(cgroups=False), control_slice=timedelta(microseconds=250)
     )
     try:
-        script = "grep se.slice /proc/$PPID/sched /proc/$$/sched"
-        outcome = await executor.execute(
-            ExecutionRequest(
-                arguments=["/bin/sh", "-c", script],
-                environment={},
-                working_directory=tmp_path,
-                stdout_path=tmp_path / "stdout",
-                stderr_path=tmp_path / "stderr",
-                timeout=30,
-            )
-        )
-        assert outcome.exit_code == 0, (tmp_path / "stderr").read_text()
-        launcher, command = (
-            int(line.rsplit(":", 1)[1]) for line in (tmp_path / "stdout").read_text().splitlines()
-        )
+        listing = await shell(executor, tmp_path, "grep se.slice /proc/$PPID/sched /proc/$$/sched")
+        launcher, command = (int(line.rsplit(":", 1)[1]) for line in listing.splitlines())
         assert (launcher, command) == (250_000, default)
         assert sched_slice(executor.supervisor.zygote.pid) == 250_000
     finally:
