@@ -78,6 +78,8 @@ class ServerSettings:
     fair_scheduling: bool = True
     # Finished tasks (and their operations) are deleted after this; task_events keep history.
     task_retention: timedelta = timedelta(days=7)
+    # The history (task_events, asset_fetches) is deleted after this; None: kept forever.
+    history_retention: timedelta | None = timedelta(days=90)
     # The Worker API's own listener; empty: it shares `address` with the clients' services.
     worker_address: str = ""
     # Serve with [auth] mode = "none" on a non-loopback address anyway (warns at each start).
@@ -338,6 +340,13 @@ def _url_list(value: Any, key: str) -> str:
     text = str(value)
     grpc_targets(text, key)
     return text
+
+
+def _retention(value: Any, key: str) -> timedelta | None:
+    """A duration, or None for "forever"."""
+    if value is None or value == "forever":
+        return None
+    return parse_duration(value, key)
 
 
 def _time_slice(value: Any, key: str) -> timedelta | None:
@@ -611,6 +620,7 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         max_action_timeout=srv("max_action_timeout", parse_duration, defaults_server),
         reject_unmatched_platforms=srv("reject_unmatched_platforms", _bool, defaults_server),
         task_retention=srv("task_retention", parse_duration, defaults_server),
+        history_retention=srv("history_retention", _retention, defaults_server),
         worker_address=str(_get(s, "worker_address", "")),
         allow_insecure_public=srv("allow_insecure_public", _bool, defaults_server),
         fair_scheduling=srv("fair_scheduling", _bool, defaults_server),

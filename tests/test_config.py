@@ -71,6 +71,14 @@ def test_the_workers_time_slice_is_within_what_linux_takes_or_the_default():
             settings_from_mapping({"worker": {"control_slice": wrong}})
 
 
+def test_history_is_kept_90_days_or_forever():
+    assert settings_from_mapping({}).server.history_retention == timedelta(days=90)
+    forever = settings_from_mapping({"server": {"history_retention": "forever"}})
+    assert forever.server.history_retention is None
+    with pytest.raises(ConfigError, match="server.history_retention"):
+        settings_from_mapping({"server": {"history_retention": "sometimes"}})
+
+
 def test_several_values_per_platform_key():
     settings = settings_from_mapping({"worker": {"platform": {"ISA": ["x86-64", "x86-64-v3"]}}})
     assert settings.worker.platform == {"ISA": ("x86-64", "x86-64-v3")}

@@ -11,8 +11,8 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from expbuild.db import assets, queue, workers
 from expbuild.db import operations as db_operations
-from expbuild.db import queue, workers
 from expbuild.db.notifications import DONE_CHANNEL, Notifications, parse_task_changes
 from expbuild.db.queries import sql
 from expbuild.digest import digest_of
@@ -501,3 +501,40 @@ async def test_finished_tasks_past_retention_are_purged_but_their_history_stays(
     assert await events(pool, queued.task_id) == ["queued", "leased", "completed"]
     assert await pool.fetchval("SELECT count(*) FROM action_cache") == 1
     assert (await queue.get_task(pool, fresh.task_id)).state == "queued"
+
+
+async def test_history_past_its_retention_is_purged_oldest_first(pool):
+    old = await queue.enqueue(pool, task(1), "op-1")
+    recent = await queue.enqueue(pool, task(2), "op-2")
+    await pool.execute(
+        "UPDATE task_events SET at = now() - interval '91 days' WHERE task_id = $1", old.task_id
+    )
+    fetch = assets.FetchRecord("", "blob", ["https://example.com/a"], {}, "failed", "tester")
+    await assets.record_fetch(pool, fetch)
+    await assets.record_fetch(pool, fetch)
+    await pool.execute(
+        "UPDATE asset_fetches SET fetched_at = now() - interval '91 days' "
+        "WHERE id = (SELECT min(id) FROM asset_fetches)"
+    )
+
+    assert await queue.purge_task_events(pool, timedelta(days=90)) == 1
+    assert await events(pool, old.task_id) == []
+    assert await events(pool, recent.task_id) == ["queued"]
+    assert await queue.purge_task_events(pool, timedelta(days=90)) == 0
+    assert await assets.purge_asset_fetches(pool, timedelta(days=90)) == 1
+    assert await pool.fetchval("SELECT count(*) FROM asset_fetches") == 1
+
+
+async def test_a_history_purge_reads_only_the_oldest_events(pool):
+    """Each pass looks at the first `batch_size` events by id, so a table that is all within
+    its retention costs one short index walk, and a purge never reaches past an event that
+    is still kept."""
+    kept = await queue.enqueue(pool, task(1), "op-1")
+    later = await queue.enqueue(pool, task(2), "op-2")
+    await pool.execute(
+        "UPDATE task_events SET at = now() - interval '91 days' WHERE task_id = $1", later.task_id
+    )
+    assert await queue.purge_task_events(pool, timedelta(days=90), batch_size=1) == 0
+    assert await events(pool, later.task_id) == ["queued"]
+    assert await queue.purge_task_events(pool, timedelta(days=90)) == 1
+    assert await events(pool, kept.task_id) == ["queued"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from expbuild.db.pool import Database
 from expbuild.db.queries import sql
@@ -93,3 +93,8 @@ async def record_fetch(db: Database, record: FetchRecord) -> None:
         record.tool_invocation_id,
         record.error,
     )
+
+
+async def purge_asset_fetches(db: Database, retention: timedelta, batch_size: int = 5000) -> int:
+    """Delete up to `batch_size` fetch records older than `retention`; returns how many."""
+    return len(await db.fetch(sql("purge_asset_fetches"), retention, batch_size))

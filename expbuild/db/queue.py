@@ -324,6 +324,11 @@ async def purge_finished_tasks(db: Database, retention: timedelta, batch_size: i
     return len(await db.fetch(sql("purge_finished_tasks"), retention, batch_size))
 
 
+async def purge_task_events(db: Database, retention: timedelta, batch_size: int = 5000) -> int:
+    """Delete the oldest task events older than `retention`, up to `batch_size`."""
+    return len(await db.fetch(sql("purge_task_events"), retention, batch_size))
+
+
 async def get_task(db: Database, task_id: int) -> TaskRecord:
     r = await db.fetchrow(sql("get_task"), task_id)
     if r is None:

@@ -29,7 +29,7 @@ from expbuild.auth.verifier import TokenVerifier
 from expbuild.cas.eviction import EvictionReport, evict_to_size, measure_usage
 from expbuild.cas.store import FileStore
 from expbuild.config import ConfigError, Settings, parse_address
-from expbuild.db import queue, workers
+from expbuild.db import assets, queue, workers
 from expbuild.db.locks import CAS_EVICTION_LOCK, try_advisory_lock
 from expbuild.db.migrate import migrate
 from expbuild.db.notifications import Notifications
@@ -366,6 +366,16 @@ class ServerApp:
         purged = await queue.purge_finished_tasks(self.pool, s.task_retention)
         if purged:
             log.info("Purged %d finished task(s) older than %s", purged, s.task_retention)
+        if s.history_retention is not None:
+            events = await queue.purge_task_events(self.pool, s.history_retention)
+            fetches = await assets.purge_asset_fetches(self.pool, s.history_retention)
+            if events or fetches:
+                log.info(
+                    "Purged %d task event(s) and %d asset fetch record(s) older than %s",
+                    events,
+                    fetches,
+                    s.history_retention,
+                )
 
     async def measure_cas_once(self) -> None:
         usage = await measure_usage(self.store)

@@ -32,3 +32,15 @@ INSERT INTO asset_fetches (
     instance_name, kind, uris, qualifiers, outcome, uri, digest, bytes_downloaded,
     requested_by, tool, tool_invocation_id, error
 ) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, $12);
+
+-- name: purge_asset_fetches
+-- $1 retention, $2 batch size
+DELETE FROM asset_fetches
+WHERE id IN (
+    SELECT id FROM asset_fetches
+    WHERE fetched_at < now() - $1::interval
+    ORDER BY fetched_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id;

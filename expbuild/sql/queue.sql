@@ -350,3 +350,14 @@ WITH old AS (
 )
 DELETE FROM tasks t USING old WHERE t.id = old.id
 RETURNING t.id;
+
+-- name: purge_task_events
+-- The history goes oldest first: the first $2 events by id (ids grow with time), those of
+-- them older than the retention $1: a walk of the primary key's first entries, whatever
+-- the table's size. Replicas purging at once skip each other's rows.
+WITH oldest AS (
+    SELECT id FROM task_events ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM task_events e USING oldest
+WHERE e.id = oldest.id AND e.at < now() - $1::interval
+RETURNING e.id;
