@@ -264,3 +264,19 @@ async def _last_operation(stream):
     while not last.done:
         last = await stream.read()
     return last
+
+
+async def test_the_reaper_purges_history_past_its_retention(database_url, tmp_path):
+    settings = server_settings(tmp_path / "cas", history_retention=timedelta(days=1))
+    async with running_server(settings, database_url) as app:
+        digest = await put_action(app.store, do_not_cache=True)
+        async with channel_to(app) as channel:
+            stub = re_grpc.ExecutionStub(channel)
+            await stub.Execute(re_pb2.ExecuteRequest(action_digest=digest.to_proto())).read()
+        count = "SELECT count(*) FROM task_events"
+        assert await app.pool.fetchval(count) == 1
+        await app.reap_once()
+        assert await app.pool.fetchval(count) == 1  # within the retention
+        await app.pool.execute("UPDATE task_events SET at = now() - interval '2 days'")
+        await app.reap_once()
+        assert await app.pool.fetchval(count) == 0
