@@ -26,6 +26,7 @@ from expbuild.digest import Digest, digest_of
 from expbuild.proto import remote_execution_pb2 as re_pb2
 from expbuild.proto import remote_execution_pb2_grpc as re_grpc
 from expbuild.server import app as server_app
+from expbuild.server.app import SCAN_PACE, pause_after
 from tests.serving import running_server, server_settings
 from tests.waiting import wait_until
 
@@ -409,3 +410,12 @@ async def test_an_action_cache_hit_keeps_every_blob_it_names_through_eviction(
 
 def store_has(store: FileStore, digest: Digest) -> bool:
     return store.path_of(digest).exists()
+
+
+def test_a_scan_is_followed_by_a_pause_twenty_times_as_long_as_itself():
+    """On a store of millions of blobs a scan takes seconds; its loop then waits in
+    proportion, so scanning never takes more than ~5 % of the time."""
+    assert pause_after(30.0, 0.2, SCAN_PACE) == 30.0  # a small store: the clock decides
+    assert pause_after(30.0, 3.0, SCAN_PACE) == 60.0
+    assert pause_after(60.0, 10.0, SCAN_PACE) == 200.0
+    assert pause_after(5.0, 10.0, 0.0) == 5.0  # loops without a pace keep their interval

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -245,20 +246,24 @@ class ServerApp:
 
     def _start_housekeeping(self) -> None:
         s, cas = self.settings.server, self.settings.cas
-        loops = [
-            (s.reap_interval.total_seconds(), self.reap_once, "reaper"),
+        # The CAS passes scan every blob file: on a store of millions they take seconds of a
+        # thread (and of the GIL), so they are spaced by what they cost, not only by the clock.
+        loops: list[tuple[float, Callable[[], Awaitable[object]], str, float]] = [
+            (s.reap_interval.total_seconds(), self.reap_once, "reaper", 0.0),
             (
                 metrics.REFRESH_SECONDS,
                 functools.partial(metrics.refresh_gauges, self.pool),
                 "metrics refresh",
+                0.0,
             ),
-            (self.cas_usage_interval, self.measure_cas_once, "CAS usage"),
+            (self.cas_usage_interval, self.measure_cas_once, "CAS usage", SCAN_PACE),
         ]
         if cas.max_size > 0:
-            loops.append((cas.eviction_interval.total_seconds(), self.evict_once, "CAS eviction"))
-        for seconds, one_pass, what in loops:
+            seconds = cas.eviction_interval.total_seconds()
+            loops.append((seconds, self.evict_once, "CAS eviction", SCAN_PACE))
+        for seconds, one_pass, what, pace in loops:
             self._background.append(
-                asyncio.create_task(self._every(seconds, one_pass, what), name=what)
+                asyncio.create_task(self._every(seconds, one_pass, what, pace=pace), name=what)
             )
 
     def _new_server(self, client_ca: str) -> grpc.aio.Server:
@@ -322,10 +327,13 @@ class ServerApp:
             section, _, key = prefix.partition(".")
             raise ConfigError(f"[{section}] {key}address {bind} is already in use") from None
 
-    async def _every(self, seconds: float, one_pass, what: str) -> None:
+    async def _every(self, seconds: float, one_pass, what: str, *, pace: float = 0.0) -> None:
         """Run `one_pass` forever, `seconds` apart; a failed pass is logged, not fatal
-        (the database may be restarting)."""
+        (the database may be restarting). With `pace`, the pause after a pass is also at
+        least `pace` times as long as the pass took (see `pause_after`)."""
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 await one_pass()
             except asyncio.CancelledError:
@@ -335,7 +343,7 @@ class ServerApp:
                     log.warning("%s pass skipped: the database is unavailable (%s)", what, exc)
                 else:
                     log.exception("%s pass failed", what)
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(pause_after(seconds, loop.time() - started, pace))
 
     async def reap_once(self) -> None:
         s = self.settings.server
@@ -429,3 +437,14 @@ class ServerApp:
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+# A CAS scan that took d seconds is followed by at least SCAN_PACE * d seconds without one:
+# scanning a large store then takes at most ~1/SCAN_PACE of a core, however large it grows.
+SCAN_PACE = 20.0
+
+
+def pause_after(interval: float, elapsed: float, pace: float) -> float:
+    """How long to wait before the next pass of a loop that runs every `interval` seconds,
+    after a pass that took `elapsed`: at least `pace` times the pass's own duration."""
+    return max(interval, pace * elapsed)

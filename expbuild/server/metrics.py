@@ -91,12 +91,12 @@ CAS_BLOBS_READ = Counter("expbuild_cas_blobs_read", "Blobs served by the CAS", [
 CAS_BYTES_READ = Counter("expbuild_cas_bytes_read", "Blob bytes served by the CAS", ["method"])
 CAS_STORE_BYTES = Gauge(
     "expbuild_cas_store_bytes",
-    "Bytes of blobs in the CAS (measured every 30 s and by eviction)",
+    "Bytes of blobs in the CAS (measured every 30 s or more and by eviction)",
     multiprocess_mode=SHARED,
 )
 CAS_STORE_BLOBS = Gauge(
     "expbuild_cas_store_blobs",
-    "Blobs in the CAS (measured every 30 s and by eviction)",
+    "Blobs in the CAS (measured every 30 s or more and by eviction)",
     multiprocess_mode=SHARED,
 )
 CAS_MAX_BYTES = Gauge(
