@@ -222,10 +222,6 @@ class WorkerSettings:
     tls_key: str = ""
     # File holding the bearer token (scope "worker") sent with every call.
     token_file: str = ""
-    # CPU time slice the worker's own processes (daemon, zygote, launchers) ask for, so
-    # that they run as soon as they wake rather than after a busy action's slice; None:
-    # the kernel's default (see expbuild.worker.launcher.set_time_slice).
-    control_slice: timedelta | None = timedelta(microseconds=100)
 
     @property
     def cache_dir(self) -> Path:
@@ -347,16 +343,6 @@ def _retention(value: Any, key: str) -> timedelta | None:
     if value is None or value == "forever":
         return None
     return parse_duration(value, key)
-
-
-def _time_slice(value: Any, key: str) -> timedelta | None:
-    """A scheduler time slice within what Linux accepts, or None for "default"."""
-    if value is None or value == "default":
-        return None
-    slice_ = parse_duration(value, key)
-    if not timedelta(microseconds=100) <= slice_ <= timedelta(milliseconds=100):
-        raise ConfigError(f'{key} = {value!r}: must be between "0.1ms" and "100ms", or "default"')
-    return slice_
 
 
 def parse_duration(value: Any, key: str) -> timedelta:
@@ -728,9 +714,6 @@ def settings_from_mapping(raw: dict, source: str = "mapping", origin: str = "") 
         tls_cert=str(_get(w, "tls_cert", "")),
         tls_key=str(_get(w, "tls_key", "")),
         token_file=str(_get(w, "token_file", "")),
-        control_slice=_time_slice(
-            _get(w, "control_slice", WorkerSettings.control_slice), "worker.control_slice"
-        ),
     )
     _check_tls_pair(worker.tls_cert, worker.tls_key, "worker.tls_cert", "worker.tls_key")
     return Settings(

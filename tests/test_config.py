@@ -59,18 +59,6 @@ def test_durations_accept_numbers_and_units():
     assert settings.server.poll_timeout == timedelta(milliseconds=500)
 
 
-def test_the_workers_time_slice_is_within_what_linux_takes_or_the_default():
-    assert settings_from_mapping({}).worker.control_slice == timedelta(microseconds=100)
-    slice_ = settings_from_mapping({"worker": {"control_slice": "2ms"}}).worker.control_slice
-    assert slice_ == timedelta(milliseconds=2)
-    assert (
-        settings_from_mapping({"worker": {"control_slice": "default"}}).worker.control_slice is None
-    )
-    for wrong in ("0.05ms", "1s", "soon"):
-        with pytest.raises(ConfigError, match="worker.control_slice"):
-            settings_from_mapping({"worker": {"control_slice": wrong}})
-
-
 def test_history_is_kept_90_days_or_forever():
     assert settings_from_mapping({}).server.history_retention == timedelta(days=90)
     forever = settings_from_mapping({"server": {"history_retention": "forever"}})

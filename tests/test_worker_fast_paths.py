@@ -2,7 +2,6 @@
 
 - Outputs and logs that are few and small are gathered on the event loop, not in a thread.
 - The zygote and each launcher name themselves, so `ps` and profiles tell them apart.
-- They ask for a short CPU time slice (`[worker] control_slice`); the command does not.
 - An action directory its action left bare is emptied and kept for the next action.
 """
 
@@ -10,9 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -87,44 +83,6 @@ async def test_the_zygote_and_launchers_name_themselves(tmp_path):
         assert await shell(executor, tmp_path, "cat /proc/$PPID/comm") == "expbuild-launch\n"
         zygote = executor.supervisor.zygote.pid
         assert Path(f"/proc/{zygote}/comm").read_text() == "expbuild-zygote\n"
-    finally:
-        await executor.close()
-
-
-def sched_slice(pid: str | int = "self") -> int | None:
-    """The fair scheduler's slice of a process in ns (None where /proc does not show it)."""
-    for line in Path(f"/proc/{pid}/sched").read_text().splitlines():
-        if line.startswith("se.slice"):
-            return int(line.split(":")[1])
-    return None
-
-
-def custom_slices_supported() -> bool:
-    """Linux 6.12+: a slice asked for shows in /proc/<pid>/sched (checked in a child)."""
-    code = (
-        "from expbuild.worker.launcher import set_time_slice;"
-        "from pathlib import Path;"
-        "set_time_slice(123000);"
-        "print('se.slice' in Path('/proc/self/sched').read_text() and "
-        "' 123000' in Path('/proc/self/sched').read_text())"
-    )
-    return (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
-        == "True\n"
-    )
-
-
-@pytest.mark.skipif(not custom_slices_supported(), reason="the kernel has no custom time slices")
-async def test_the_zygote_and_launchers_ask_for_a_short_slice_and_the_command_does_not(tmp_path):
-    default = sched_slice()
-    executor = HostExecutor(
-        limits=LimitsSettings(cgroups=False), control_slice=timedelta(microseconds=250)
-    )
-    try:
-        listing = await shell(executor, tmp_path, "grep se.slice /proc/$PPID/sched /proc/$$/sched")
-        launcher, command = (int(line.rsplit(":", 1)[1]) for line in listing.splitlines())
-        assert (launcher, command) == (250_000, default)
-        assert sched_slice(executor.supervisor.zygote.pid) == 250_000
     finally:
         await executor.close()
 

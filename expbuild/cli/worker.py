@@ -58,11 +58,6 @@ def daemon_command(
         worker = replace(worker, server_url=server_url, cas_url="")
     if max_concurrent_tasks:
         worker = replace(worker, max_concurrent_tasks=max_concurrent_tasks)
-    if worker.control_slice is not None:
-        from expbuild.worker.launcher import set_time_slice
-
-        # Before any thread exists: threads inherit it from this one.
-        set_time_slice(round(worker.control_slice.total_seconds() * 1e9))
     try:
         aio.run(_run_agent(worker))
     except (ConfigError, ChannelSecurityError) as exc:  # e.g. the backend cannot work here

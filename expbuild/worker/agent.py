@@ -111,9 +111,7 @@ class WorkerAgent:
         self.name = settings.name or socket.gethostname()
         # Closed by run() when made here; a caller passing its own executor closes it.
         self._owns_executor = executor is None
-        self._executor = executor or make_executor(
-            settings.backend, settings.limits, control_slice=settings.control_slice
-        )
+        self._executor = executor or make_executor(settings.backend, settings.limits)
         self._registration = _Registration()
         self._heartbeat_interval = settings.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
         self._lease_duration = DEFAULT_LEASE_DURATION

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import timedelta
 from pathlib import Path
 
 from expbuild.config import BackendSettings, LimitsSettings
@@ -17,29 +16,18 @@ from expbuild.worker.sandbox import SandboxExecutor
 log = logging.getLogger(__name__)
 
 
-def make_executor(
-    settings: BackendSettings,
-    limits: LimitsSettings | None = None,
-    *,
-    control_slice: timedelta | None = None,
-) -> Executor:
+def make_executor(settings: BackendSettings, limits: LimitsSettings | None = None) -> Executor:
     """The configured backend, running actions as `run_as` says; raises ConfigError when
-    it cannot work on this host. `control_slice`: `[worker] control_slice`, the time
-    slice of the launchers (the actions themselves get the kernel's default)."""
+    it cannot work on this host."""
     limits = limits or LimitsSettings()
     user = resolve_action_user(settings.run_as)
     if user is not None:
         check_reachable(Path(settings.work_dir), user)
         log.info("Actions run as %s", user)
     if settings.type == "host":
-        return HostExecutor(
-            limits=limits,
-            user=user,
-            pool_key=os.path.abspath(settings.work_dir),
-            control_slice=control_slice,
-        )
+        return HostExecutor(limits=limits, user=user, pool_key=os.path.abspath(settings.work_dir))
     if settings.type == "sandbox":
-        return SandboxExecutor(settings, limits=limits, user=user, control_slice=control_slice)
+        return SandboxExecutor(settings, limits=limits, user=user)
     if settings.type == "docker":
         return DockerExecutor(limits=limits, user=user)
     raise ValueError(

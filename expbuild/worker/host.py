@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from expbuild.config import LimitsSettings
@@ -44,7 +44,6 @@ class HostExecutor:
         limits: LimitsSettings | None = None,
         user: ActionUser | None = None,
         pool_key: str = "",
-        control_slice: timedelta | None = None,
     ):
         # terminate_grace: how long the command gets between SIGTERM and SIGKILL.
         # pool_key: what names this worker's pooled cgroups (its work_dir).
@@ -54,7 +53,6 @@ class HostExecutor:
             terminate_grace=terminate_grace,
             user=user,
             pool_key=pool_key,
-            control_slice=control_slice,
         )
 
     async def close(self) -> None:

@@ -3,9 +3,8 @@
     python -I -S launcher.py SPEC_JSON ENV_COUNT NAME=VALUE... ARGUMENT...
 
 SPEC_JSON: {"executable", "cwd", "rlimits": {"CPU": [soft, hard], ...},
-"cgroup_procs": [cgroup.procs paths], "status_fd", "grace", "parent", and, optional,
-"user": [uid, gid] to run the command as and "default_slice": true to give the command
-the kernel's default time slice back (see `set_time_slice`)}. The environment
+"cgroup_procs": [cgroup.procs paths], "status_fd", "grace", "parent", and "user":
+[uid, gid] to run the command as (optional)}. The environment
 and the arguments travel as separate strings so that nothing is re-encoded or joined and
 the kernel's per-string limit is the same as for a direct exec.
 
@@ -46,39 +45,6 @@ def _prctl(option: int, value: int | bytes) -> None:
     if _libc.prctl(option, value, 0, 0, 0) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
-
-
-class _SchedAttr(ctypes.Structure):
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("sched_policy", ctypes.c_uint32),
-        ("sched_flags", ctypes.c_uint64),
-        ("sched_nice", ctypes.c_int32),
-        ("sched_priority", ctypes.c_uint32),
-        ("sched_runtime", ctypes.c_uint64),  # SCHED_OTHER: the time slice (Linux 6.12+)
-        ("sched_deadline", ctypes.c_uint64),
-        ("sched_period", ctypes.c_uint64),
-    ]
-
-
-_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "riscv64": 274}.get(os.uname().machine)
-
-
-def set_time_slice(nanoseconds: int) -> bool:
-    """Ask the fair scheduler for this thread's time slice: `nanoseconds` (0.1-100 ms), or
-    0 for the kernel's default. With a short slice a process that wakes up (a message, a
-    child's exit) runs at once instead of after a busy neighbour's slice (EEVDF, Linux
-    6.12+; older kernels accept and ignore it). False if the call failed; the process
-    then keeps what it had. Processes forked afterwards inherit the slice."""
-    if _SCHED_SETATTR is None or os.sched_getscheduler(0) != os.SCHED_OTHER:
-        return False  # a real-time or batch policy chosen by someone else stays
-    attr = _SchedAttr(
-        size=ctypes.sizeof(_SchedAttr),
-        sched_policy=os.SCHED_OTHER,
-        sched_nice=os.getpriority(os.PRIO_PROCESS, 0),
-        sched_runtime=nanoseconds,
-    )
-    return _libc.syscall(_SCHED_SETATTR, 0, ctypes.byref(attr), 0) == 0
 
 
 class Launcher:
@@ -182,8 +148,6 @@ class Launcher:
                 with open(path, "w") as procs:
                     procs.write(str(os.getpid()))
             filename = None
-            if self.spec.get("default_slice"):
-                set_time_slice(0)  # the short slice is the worker's own, not the command's
             stage = "session"
             os.setsid()
             stage = "rlimit"
@@ -283,7 +247,7 @@ def _read_all(fd: int) -> bytes:
 
 # -- the zygote: one long-lived launcher that forks a fresh one per action -------------
 #
-#     python -I -S launcher.py --zygote CONTROL_FD WORKER_PID [TIME_SLICE_NS]
+#     python -I -S launcher.py --zygote CONTROL_FD WORKER_PID
 #
 # Starting this interpreter costs tens of milliseconds, most of a no-op action's time. The
 # worker starts one zygote (it is multi-threaded, so it must not fork itself) and sends
@@ -302,13 +266,10 @@ ZYGOTE_MAX_MESSAGE = 65536
 ZYGOTE_FDS = 4  # stdout, stderr, status, reply
 
 
-def zygote_main(control_fd: int, worker: int, time_slice: int = 0) -> int:
+def zygote_main(control_fd: int, worker: int) -> int:
     import gc
     import select
     import socket
-
-    if time_slice:
-        set_time_slice(time_slice)  # and so every launcher forked from here
 
     # Whatever exists now is never collected: a collection in a forked launcher would
     # write to every object's header and copy each page it shares with the zygote.
@@ -461,7 +422,7 @@ def _fd_ceiling() -> int:
 
 def main(argv: list[str]) -> int:
     if argv[1] == "--zygote":
-        return zygote_main(*(int(arg) for arg in argv[2:5]))
+        return zygote_main(int(argv[2]), int(argv[3]))
     spec = marshal.loads(bytes.fromhex(argv[1]))
     count = int(argv[2])
     environment = dict(item.split("=", 1) for item in argv[3 : 3 + count])

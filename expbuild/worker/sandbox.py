@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import subprocess
-from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -67,7 +66,6 @@ class SandboxExecutor:
         limits: LimitsSettings | None = None,
         terminate_grace: float = 1.0,
         user: ActionUser | None = None,
-        control_slice: timedelta | None = None,
     ):
         settings = settings or BackendSettings(type="sandbox")
         self.user = user
@@ -79,7 +77,6 @@ class SandboxExecutor:
             terminate_grace=terminate_grace,
             user=user,
             pool_key=os.path.abspath(settings.work_dir),
-            control_slice=control_slice,
         )
         self._self_test()
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -92,11 +92,9 @@ class Supervisor:
         terminate_grace: float = 1.0,
         user: ActionUser | None = None,
         pool_key: str = "",
-        control_slice: timedelta | None = None,
     ):
         # pool_key: names this worker's pooled cgroups (its work_dir), so that a restart
         # removes the ones a crashed run left and no other worker's.
-        # control_slice: the zygote's and launchers' time slice; commands get the default.
         self.limits = limits
         self.user = user  # None: commands run as the worker's own user
         self.terminate_grace = terminate_grace
@@ -112,10 +110,7 @@ class Supervisor:
             if self.cgroups is not None
             else None
         )
-        self.control_slice = control_slice
-        self.zygote = Zygote(
-            LAUNCHER, time_slice=round(control_slice.total_seconds() * 1e9) if control_slice else 0
-        )
+        self.zygote = Zygote(LAUNCHER)
         if self.cgroups is not None:
             log.info("Actions run in their own cgroups (%s)", self.cgroups.describe())
         else:
@@ -179,8 +174,6 @@ class Supervisor:
         }
         if self.user is not None:
             spec["user"] = (self.user.uid, self.user.gid)
-        if self.control_slice is not None:
-            spec["default_slice"] = True
         started_at = _now()
         try:
             try:

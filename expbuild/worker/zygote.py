@@ -66,10 +66,8 @@ class Zygote:
     pidfds are unavailable), it is not tried again.
     """
 
-    def __init__(self, launcher: Path, *, time_slice: int = 0) -> None:
-        # time_slice: nanoseconds the zygote, and so each launcher, asks for (0: default).
+    def __init__(self, launcher: Path) -> None:
         self.launcher = launcher
-        self.time_slice = time_slice
         self.usable = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
         self.process: subprocess.Popen | None = None
         self.control: socket.socket | None = None
@@ -108,7 +106,6 @@ class Zygote:
                         "--zygote",
                         str(theirs.fileno()),
                         str(os.getpid()),
-                        str(self.time_slice),
                     ],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
