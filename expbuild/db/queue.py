@@ -143,6 +143,15 @@ def lease_statement(limit: int) -> str:
     return sql("lease_tasks").replace("{limit}", str(limit))
 
 
+@functools.cache
+def complete_statement(count: int) -> str:
+    """complete_tasks for up to `count` elements (see queue.sql): the limit written in is
+    `count` rounded up to a power of two."""
+    if not isinstance(count, int) or count <= 0:
+        raise ValueError(f"completion count must be a positive integer, not {count!r}")
+    return sql("complete_tasks").replace("{limit}", str(1 << (count - 1).bit_length()))
+
+
 async def lease_tasks(
     db: Database, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
 ) -> list[LeasedTask]:
@@ -280,7 +289,7 @@ async def _complete(
         return []
     tokens = [_uuid(c.lease_token, c.task_id) for c in completions]
     rows = await db.fetch(
-        sql("complete_tasks"),
+        complete_statement(len(completions)),
         [c.task_id for c in completions],
         tokens,
         worker_ids,

@@ -188,16 +188,23 @@ FROM done;
 -- $1 task ids, $2 lease tokens, $3 worker ids, $4 final states, $5 ExecuteResponse bytes,
 -- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details (NULL
 -- elements: none; spares the client encoding an empty object per task)
+-- Each task is found by its primary key. `state || ''` keeps tasks_leased_idx out: with
+-- statistics taken while few tasks were leased the planner walked every lease of every
+-- worker for each element (O(elements x leases)). {limit} (db/queue.py complete_statement:
+-- the element count rounded up to a power of two) caps the generic plan's estimate of the
+-- input, 10 rows otherwise: a completion of one task then costs the same in the generic
+-- plan as in a custom one, and runs from the cached plan instead of being planned afresh.
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bytea[],
                          $6::bytea[], $7::jsonb[])
         WITH ORDINALITY AS i(id, token, worker_id, state, result, cache_result, detail, n)
+    LIMIT {limit}
 ), done AS (
     UPDATE tasks t
     SET state = i.state, result = i.result, completed_at = now(), lease_expires_at = NULL
     FROM input i
     WHERE t.id = i.id AND t.lease_token = i.token AND t.worker_id = i.worker_id
-      AND t.state = 'leased'
+      AND t.state || '' = 'leased'
     RETURNING t.id, t.instance_name, t.action_digest, t.attempts, t.worker_id, t.do_not_cache,
               t.platform, t.queued_at, t.leased_at, t.completed_at,
               i.state AS final_state, i.cache_result, i.detail, i.n
