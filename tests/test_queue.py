@@ -14,7 +14,6 @@ import pytest
 from expbuild.db import operations as db_operations
 from expbuild.db import queue, workers
 from expbuild.db.notifications import DONE_CHANNEL, Notifications, parse_task_changes
-from expbuild.db.queries import sql
 from expbuild.digest import digest_of
 from expbuild.errors import Aborted, InvalidArgument
 from tests.waiting import wait_until
