@@ -306,9 +306,9 @@ async def test_completions_of_one_worker_in_one_statement(pool):
         ],
     )
     applied = [results[t.task_id] for t in leased[:3]]
-    for done in applied:  # complete_task's timestamps, for the metrics histograms
+    for done in applied:  # complete_task's durations, for the metrics histograms
         assert isinstance(done, queue.CompletedTask)
-        assert done.queued_at <= done.leased_at <= done.completed_at
+        assert done.waited_seconds >= 0 and done.ran_seconds >= 0
         assert done.platform == {"OSFamily": ["Linux"]}
     assert isinstance(results[stale.task_id], Aborted)
     states = [(await queue.get_task(pool, i)).state for i in ids]
