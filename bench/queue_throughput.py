@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from expbuild.db import queue, workers  # noqa: E402
 from expbuild.db.migrate import migrate  # noqa: E402
 from expbuild.db.pool import create_pool  # noqa: E402
-from expbuild.db.queries import sql  # noqa: E402
 from expbuild.digest import digest_of  # noqa: E402
 from tests.postgres import find_postgres  # noqa: E402
 
@@ -342,7 +341,7 @@ async def main() -> None:
                 worker_id,
             )
             complete_plan = await conn.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + sql("complete_tasks"),
+                "EXPLAIN (ANALYZE, BUFFERS) " + queue.complete_statement(len(leased)),
                 [r["id"] for r in leased],
                 [r["lease_token"] for r in leased],
                 [worker_id] * len(leased),

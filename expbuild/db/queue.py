@@ -8,6 +8,7 @@ any other token changes nothing and raises `Aborted`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -60,19 +61,21 @@ class LeasedTask:
     queued_at: datetime
     timeout: timedelta | None
     do_not_cache: bool
-    priority: int
 
 
 @dataclass(frozen=True)
 class CompletedTask:
-    """When a task that just finished was queued, leased (last) and completed."""
+    """A task that just finished: how long it waited for its (last) lease and ran."""
 
     task_id: int
     instance_name: str
-    platform: PlatformSpec
-    queued_at: datetime
-    leased_at: datetime
-    completed_at: datetime
+    platform_json: str  # its platform requirement as JSON (decoded only if wanted)
+    waited_seconds: float  # queued -> leased
+    ran_seconds: float  # leased -> completed
+
+    @property
+    def platform(self) -> PlatformSpec:
+        return json.loads(self.platform_json)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,15 @@ def lease_statement(limit: int) -> str:
     return sql("lease_tasks").replace("{limit}", str(limit))
 
 
+@functools.cache
+def complete_statement(count: int) -> str:
+    """complete_tasks for up to `count` elements (see queue.sql): the limit written in is
+    `count` rounded up to a power of two."""
+    if not isinstance(count, int) or count <= 0:
+        raise ValueError(f"completion count must be a positive integer, not {count!r}")
+    return sql("complete_tasks").replace("{limit}", str(1 << (count - 1).bit_length()))
+
+
 async def lease_tasks(
     db: Database, worker_id: str, platform: PlatformSpec, limit: int, lease_duration: timedelta
 ) -> list[LeasedTask]:
@@ -155,14 +167,13 @@ async def lease_tasks(
     return [
         LeasedTask(
             task_id=r["id"],
-            lease_token=str(r["lease_token"]),
+            lease_token=r["lease_token"],
             instance_name=r["instance_name"],
             action_digest=Digest.parse(r["action_digest"]),
             attempt=r["attempts"],
             queued_at=r["queued_at"],
             timeout=r["timeout"],
             do_not_cache=r["do_not_cache"],
-            priority=r["priority"],
         )
         for r in rows
     ]
@@ -231,10 +242,9 @@ def _completed(row: asyncpg.Record) -> CompletedTask:
     return CompletedTask(
         task_id=row["id"],
         instance_name=row["instance_name"],
-        platform=row["platform"],
-        queued_at=row["queued_at"],
-        leased_at=row["leased_at"],
-        completed_at=row["completed_at"],
+        platform_json=row["platform"],
+        waited_seconds=row["waited"],
+        ran_seconds=row["ran"],
     )
 
 
@@ -280,7 +290,7 @@ async def _complete(
         return []
     tokens = [_uuid(c.lease_token, c.task_id) for c in completions]
     rows = await db.fetch(
-        sql("complete_tasks"),
+        complete_statement(len(completions)),
         [c.task_id for c in completions],
         tokens,
         worker_ids,

@@ -13,9 +13,9 @@ as its most recent value ("livemostrecent": a dead process's values go with it).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Final
 
 import asyncpg
@@ -154,23 +154,25 @@ class ProcessRpcCounter(grpc.aio.ServerInterceptor):
 
 def platform_label(platform: Mapping[str, Sequence[str]] | str) -> str:
     """A platform requirement as one label value: `Arch=x86_64,OSFamily=linux`."""
-    spec: Mapping[str, Sequence[str]] = (
-        json.loads(platform) if isinstance(platform, str) else platform
-    )
-    return platform_text(spec, separator=",")
+    if isinstance(platform, str):
+        return _platform_label_of_json(platform)
+    return platform_text(platform, separator=",")
 
 
-def observe_finished_task(
-    platform: Mapping[str, Sequence[str]] | str,
-    instance: str,
-    queued_at: datetime,
-    leased_at: datetime,
-    completed_at: datetime,
-) -> None:
+@functools.lru_cache(maxsize=1024)
+def _platform_label_of_json(platform: str) -> str:
+    # A handful of platforms, each finished task naming one: decode each JSON text once.
+    return platform_text(json.loads(platform), separator=",")
+
+
+def observe_finished_task(platform: str, instance: str, waited: float, ran: float) -> None:
+    """Record a finished task: its platform (JSON), instance and the seconds it waited for
+    its lease and ran."""
     labels = (platform_label(platform), instance)
-    TASK_QUEUE_WAIT.labels(*labels).observe(max((leased_at - queued_at).total_seconds(), 0))
-    TASK_EXECUTION.labels(*labels).observe(max((completed_at - leased_at).total_seconds(), 0))
-    TASK_TOTAL.labels(*labels).observe(max((completed_at - queued_at).total_seconds(), 0))
+    waited, ran = max(waited, 0.0), max(ran, 0.0)
+    TASK_QUEUE_WAIT.labels(*labels).observe(waited)
+    TASK_EXECUTION.labels(*labels).observe(ran)
+    TASK_TOTAL.labels(*labels).observe(waited + ran)
 
 
 def set_cas_usage(blobs: int, size_bytes: int) -> None:

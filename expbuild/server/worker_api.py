@@ -117,7 +117,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         TASK_COMPLETIONS.labels("succeeded" if accepted.succeeded else "failed").inc()
         done = accepted.task
         metrics.observe_finished_task(
-            done.platform, done.instance_name, done.queued_at, done.leased_at, done.completed_at
+            done.platform_json, done.instance_name, done.waited_seconds, done.ran_seconds
         )
         return worker_pb2.CompleteTaskResponse()
 

@@ -131,7 +131,7 @@ WITH worker AS (
     FROM picked
     WHERE t.id = picked.id
     RETURNING t.id, t.lease_token, t.instance_name, t.action_digest, t.attempts,
-              t.queued_at, t.timeout, t.do_not_cache, t.priority, picked.turn
+              t.queued_at, t.timeout, t.do_not_cache, picked.turn
 ), event AS (
     INSERT INTO task_events (task_id, event, worker_id, attempt)
     SELECT id, 'leased', $1, attempts FROM leased
@@ -149,13 +149,16 @@ WITH worker AS (
     GROUP BY chunk
 )
 -- The scalar subquery makes the notified CTE run (a SELECT CTE runs only when read).
-SELECT id, lease_token, instance_name, action_digest, attempts, queued_at, timeout,
-       do_not_cache, priority, (SELECT count(*) FROM notified) AS notifications
+SELECT id, lease_token::text AS lease_token, instance_name, action_digest, attempts,
+       queued_at, timeout, do_not_cache, (SELECT count(*) FROM notified) AS notifications
 FROM leased ORDER BY turn;
 
 -- name: complete_task
 -- Accept a worker's result only under the current lease. No row back means the token is
 -- stale (re-leased, reaped, cancelled or already completed) and nothing was changed.
+-- For the metrics it returns the platform as JSON text and the seconds the task waited
+-- and ran: decoding a jsonb and three timestamps per row cost the client ~3 us a task,
+-- a tenth of what completing one costs in a batch of 32 (docs/performance.md).
 -- $1 task_id, $2 lease_token, $3 worker_id, $4 final state, $5 ExecuteResponse bytes,
 -- $6 ActionResult bytes to cache (NULL: do not cache; ignored for do_not_cache tasks),
 -- $7 event detail (NULL: none)
@@ -175,29 +178,38 @@ WITH done AS (
     ON CONFLICT (instance_name, action_digest)
         DO UPDATE SET result = excluded.result, created_at = now()
 )
-SELECT id, instance_name, platform, queued_at, leased_at, completed_at,
+SELECT id, instance_name, platform::text AS platform,
+       extract(epoch FROM leased_at - queued_at)::float8 AS waited,
+       extract(epoch FROM completed_at - leased_at)::float8 AS ran,
        pg_notify('expbuild_task_done', id::text) AS notified
 FROM done;
 
 -- name: complete_tasks
 -- complete_task for several leases, of one worker or many, in one statement (and one
 -- commit): each element is applied only under its own current lease and worker; the
--- elements applied come back with complete_task's columns (timestamps for the metrics)
--- and their position n in the arrays (1-based), the rest changed nothing. Of two elements
+-- elements applied come back with complete_task's columns (for the metrics) and their
+-- position n in the arrays (1-based), the rest changed nothing. Of two elements
 -- for one task at most one is applied.
 -- $1 task ids, $2 lease tokens, $3 worker ids, $4 final states, $5 ExecuteResponse bytes,
 -- $6 ActionResult bytes to cache (NULL elements: do not cache), $7 event details (NULL
 -- elements: none; spares the client encoding an empty object per task)
+-- Each task is found by its primary key. `state || ''` keeps tasks_leased_idx out: with
+-- statistics taken while few tasks were leased the planner walked every lease of every
+-- worker for each element (O(elements x leases)). {limit} (db/queue.py complete_statement:
+-- the element count rounded up to a power of two) caps the generic plan's estimate of the
+-- input, 10 rows otherwise: a completion of one task then costs the same in the generic
+-- plan as in a custom one, and runs from the cached plan instead of being planned afresh.
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::bytea[],
                          $6::bytea[], $7::jsonb[])
         WITH ORDINALITY AS i(id, token, worker_id, state, result, cache_result, detail, n)
+    LIMIT {limit}
 ), done AS (
     UPDATE tasks t
     SET state = i.state, result = i.result, completed_at = now(), lease_expires_at = NULL
     FROM input i
     WHERE t.id = i.id AND t.lease_token = i.token AND t.worker_id = i.worker_id
-      AND t.state = 'leased'
+      AND t.state || '' = 'leased'
     RETURNING t.id, t.instance_name, t.action_digest, t.attempts, t.worker_id, t.do_not_cache,
               t.platform, t.queued_at, t.leased_at, t.completed_at,
               i.state AS final_state, i.cache_result, i.detail, i.n
@@ -222,7 +234,9 @@ WITH input AS (
     ) ids GROUP BY chunk
 )
 -- The scalar subquery makes the notified CTE run (a SELECT CTE runs only when read).
-SELECT id, n, instance_name, platform, queued_at, leased_at, completed_at,
+SELECT id, n, instance_name, platform::text AS platform,
+       extract(epoch FROM leased_at - queued_at)::float8 AS waited,
+       extract(epoch FROM completed_at - leased_at)::float8 AS ran,
        (SELECT count(*) FROM notified) AS notifications
 FROM done;
 
