@@ -38,6 +38,8 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from expbuild.worker import owners
+
 log = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpu")
@@ -389,7 +391,7 @@ class CgroupPool:
         self.support = support
         self.key = pool_key(key)
         self.limits = (memory, max_processes, cpus)
-        self.owner = f"{os.getpid()}.{_start_time(os.getpid())}"
+        self.owner = owners.this_process()
         self.prefix = f"{POOL_PREFIX}{self.key}-"
         self.idle: list[ActionCgroup] = []
         self.stuck: list[ActionCgroup] = []  # could not be emptied: removed at close
@@ -470,7 +472,7 @@ def sweep_stale(support: CgroupSupport, key: str) -> int:
             continue
         for entry in entries:
             match = pattern.match(entry.name)
-            if match and entry.is_dir() and not _alive(int(match[1]), int(match[2])):
+            if match and entry.is_dir() and not owners.is_alive(int(match[1]), int(match[2])):
                 stale.append(Path(entry.path))
     return _remove_trees(stale)
 
@@ -506,20 +508,6 @@ def _remove_trees(directories: list[Path]) -> int:
 def _remove_all(groups: list[ActionCgroup]) -> None:
     while groups:
         groups.pop().remove_now()
-
-
-def _alive(pid: int, start_time: int) -> bool:
-    """Is process `pid` the one that started at `start_time` (not a later reuse of its id)?"""
-    return _start_time(pid) == start_time
-
-
-def _start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot; -1 when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def _procs(directory: Path) -> list[int]:

@@ -29,6 +29,7 @@ from expbuild.config import BackendSettings
 from expbuild.digest import EMPTY, Digest
 from expbuild.errors import InvalidArgument
 from expbuild.proto import worker_pb2
+from expbuild.worker import owners
 from expbuild.worker.action_user import ActionUser, hand_over
 from expbuild.worker.blob_cache import BlobCache
 from expbuild.worker.limits import format_size
@@ -90,7 +91,7 @@ class ActionDirectories:
         self.work_dir = work_dir
         self.keep = keep
         self.spares: list[Path] = []
-        self.owner = f"{os.getpid()}.{_start_time(os.getpid())}"
+        self.owner = owners.this_process()
         self._serial = 0
         self._root_mode: int | None = None  # as mkdir makes an input root here
         _remove_dead_spares(work_dir)
@@ -176,17 +177,8 @@ def _remove_dead_spares(work_dir: Path) -> None:
         pid, _, started = owner.partition(".")
         if not (pid.isdigit() and started.lstrip("-").isdigit()):
             continue
-        if _start_time(int(pid)) != int(started):
+        if not owners.is_alive(int(pid), int(started)):
             _remove_tree(Path(entry.path))
-
-
-def _start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot; -1 when there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as status:
-            return int(status.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 async def prepare_inputs(
