@@ -137,22 +137,29 @@ async def count_queued(db: Database, instance_name: str, up_to: int) -> int:
     return await db.fetchval(sql("count_queued_tasks"), instance_name, up_to)
 
 
-@functools.cache
 def lease_statement(limit: int) -> str:
     """lease_tasks with `limit` written in (see queue.sql): $1 worker_id, $2 platform,
     $3 lease duration."""
-    if not isinstance(limit, int) or limit <= 0:
-        raise ValueError(f"lease limit must be a positive integer, not {limit!r}")
-    return sql("lease_tasks").replace("{limit}", str(limit))
+    return _with_limit("lease_tasks", limit)
 
 
-@functools.cache
 def complete_statement(count: int) -> str:
     """complete_tasks for up to `count` elements (see queue.sql): the limit written in is
     `count` rounded up to a power of two."""
-    if not isinstance(count, int) or count <= 0:
-        raise ValueError(f"completion count must be a positive integer, not {count!r}")
-    return sql("complete_tasks").replace("{limit}", str(1 << (count - 1).bit_length()))
+    return _with_limit("complete_tasks", 1 << (_positive(count) - 1).bit_length())
+
+
+@functools.cache
+def _with_limit(name: str, limit: int) -> str:
+    """Statement `name` with its `{limit}` written in: one prepared statement per limit,
+    each with a cached plan that knows it."""
+    return sql(name).replace("{limit}", str(_positive(limit)))
+
+
+def _positive(limit: int) -> int:
+    if not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"a statement's limit must be a positive integer, not {limit!r}")
+    return limit
 
 
 async def lease_tasks(
