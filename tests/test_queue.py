@@ -583,5 +583,7 @@ async def test_a_history_purge_reads_only_the_oldest_events(pool):
     )
     assert await queue.purge_task_events(pool, timedelta(days=90), batch_size=1) == 0
     assert await events(pool, later.task_id) == ["queued"]
+    # A pass that deletes nothing locks nothing either: no row got a locker's xmax.
+    assert await pool.fetchval("SELECT count(*) FROM task_events WHERE xmax <> '0'") == 0
     assert await queue.purge_task_events(pool, timedelta(days=90)) == 1
     assert await events(pool, kept.task_id) == ["queued"]

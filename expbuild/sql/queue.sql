@@ -368,10 +368,16 @@ RETURNING t.id;
 -- name: purge_task_events
 -- The history goes oldest first: the first $2 events by id (ids grow with time), those of
 -- them older than the retention $1: a walk of the primary key's first entries, whatever
--- the table's size. Replicas purging at once skip each other's rows.
-WITH oldest AS (
-    SELECT id FROM task_events ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+-- the table's size. Only those rows are locked (a pass with nothing to delete writes
+-- nothing); replicas purging at once skip each other's.
+-- $1 retention, $2 batch size
+WITH oldest AS MATERIALIZED (
+    SELECT id, at FROM task_events ORDER BY id LIMIT $2
+), doomed AS (
+    SELECT e.id FROM oldest JOIN task_events e ON e.id = oldest.id
+    WHERE oldest.at < now() - $1::interval
+    FOR UPDATE OF e SKIP LOCKED
 )
-DELETE FROM task_events e USING oldest
-WHERE e.id = oldest.id AND e.at < now() - $1::interval
+DELETE FROM task_events e USING doomed
+WHERE e.id = doomed.id
 RETURNING e.id;
